@@ -1,0 +1,42 @@
+"""The one small interface every memory backend implements.
+
+The arbiter decides (how much, where, for whom); a backend only makes and
+destroys the memory behind a lease and describes it as a handle the tenant
+can open. The same handle dict goes on the wire, so the client dispatches on
+its `kind` and nothing above this layer branches on the backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..core.topology import Topology
+from ..core.tenants import Peer
+
+
+class BackendError(Exception):
+    """Backing memory could not be made; the lease is refused, state unchanged."""
+
+
+class Segment(Protocol):
+    nbytes: int
+
+    @property
+    def handle(self) -> dict[str, Any]: ...
+
+
+class Backend(Protocol):
+    name: str
+    granule: int
+
+    def topology(self) -> Topology: ...
+
+    def check_owner(self, peer: Peer) -> str | None:
+        """None if leases can be made for this peer, else why not."""
+
+    def create(self, device: int, nbytes: int, owner: Peer) -> Segment: ...
+
+    def destroy(self, segment: Segment) -> None: ...
+
+    def close(self) -> None:
+        """Destroy everything still alive (daemon shutdown)."""

@@ -1,0 +1,118 @@
+"""Host backend: leases in POSIX shared memory, one segment per lease.
+
+A virtual device is a capacity budget; each lease is its own file under
+/dev/shm, created 0600 and owned by the tenant's uid (from SO_PEERCRED), so
+only that user can map it. The tenant opens it by name and maps it; its bytes
+never pass through the daemon. Pages are not touched here: tmpfs allocates
+them on first write, and startup checks that /dev/shm can hold the capacity
+aquad promises, so a tenant does not meet SIGBUS halfway through an offload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.tenants import Peer
+from ..core.topology import Device, Topology
+from .base import BackendError
+
+SHM_DIR = "/dev/shm"
+
+
+@dataclass
+class ShmSegment:
+    name: str  # file name under SHM_DIR
+    nbytes: int
+
+    @property
+    def handle(self) -> dict[str, Any]:
+        return {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes}
+
+
+def segment_prefix(socket_path: str) -> str:
+    """Per-daemon name prefix, so a restarted daemon finds its own leftovers
+    and two daemons on one host never collide."""
+    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:10]
+    return f"aqua-{digest}-"
+
+
+class HostBackend:
+    name = "host"
+
+    def __init__(self, count: int, capacity: int, *, prefix: str,
+                 granule: int = 64 * 1024, shm_dir: str = SHM_DIR) -> None:
+        if count < 1 or capacity < granule:
+            raise ValueError("host backend needs at least one device of one granule")
+        self.granule = granule
+        self._devices = [Device(i, "host", capacity, f"host{i}") for i in range(count)]
+        self._prefix = prefix
+        self._dir = shm_dir
+        self._live: dict[str, ShmSegment] = {}
+        self._euid = os.geteuid()
+
+    def topology(self) -> Topology:
+        # Virtual devices share the host's memory: no links between them.
+        return Topology(list(self._devices))
+
+    def remove_stale(self) -> int:
+        """Delete segments a crashed predecessor on the same socket left."""
+        removed = 0
+        for entry in os.listdir(self._dir):
+            if entry.startswith(self._prefix) and entry not in self._live:
+                try:
+                    os.unlink(os.path.join(self._dir, entry))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def check_capacity(self) -> str | None:
+        st = os.statvfs(self._dir)
+        room = st.f_bavail * st.f_frsize
+        want = sum(d.capacity for d in self._devices)
+        if want > room:
+            return (f"{self._dir} has {room} bytes available but the host devices "
+                    f"promise {want}; shrink --host-devices or enlarge {self._dir}")
+        return None
+
+    def check_owner(self, peer: Peer) -> str | None:
+        if self._euid == 0 or peer.uid == self._euid:
+            return None
+        return (f"aquad runs as uid {self._euid} and cannot create memory owned by "
+                f"uid {peer.uid}; run aquad as root to serve other users")
+
+    def create(self, device: int, nbytes: int, owner: Peer) -> ShmSegment:
+        name = f"{self._prefix}{secrets.token_hex(12)}"
+        path = os.path.join(self._dir, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise BackendError(f"cannot create shared memory: {exc.strerror}") from None
+        try:
+            if self._euid == 0 and (owner.uid, owner.gid) != (0, 0):
+                os.fchown(fd, owner.uid, owner.gid)
+            os.fchmod(fd, 0o600)  # whatever the umask was
+            os.ftruncate(fd, nbytes)
+        except OSError as exc:
+            os.unlink(path)
+            raise BackendError(f"cannot size shared memory: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        seg = ShmSegment(name, nbytes)
+        self._live[name] = seg
+        return seg
+
+    def destroy(self, segment: ShmSegment) -> None:
+        self._live.pop(segment.name, None)
+        try:
+            os.unlink(os.path.join(self._dir, segment.name))
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        for seg in list(self._live.values()):
+            self.destroy(seg)

@@ -1,0 +1,125 @@
+"""aquad configuration: TOML file, then command-line flags on top."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from dataclasses import dataclass, fields
+
+from aqua.paths import resolve_socket
+
+_UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+class ConfigError(ValueError):
+    """A configuration value aquad refuses; the message says which and why."""
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648. Binary units only: a GB/GiB mix-up is 7%."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ConfigError(f"size must be positive, got {text}")
+        return text
+    match = _SIZE_RE.fullmatch(str(text))
+    if not match or match.group(2) not in _UNITS:
+        raise ConfigError(
+            f"cannot read size {text!r}: write a number with a binary unit "
+            f"(B, KiB, MiB, GiB, TiB), e.g. 512MiB or 2GiB")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value < 1 or value != int(value):
+        raise ConfigError(f"size {text!r} is not a positive whole number of bytes")
+    return int(value)
+
+
+def parse_host_devices(text: str) -> tuple[int, int]:
+    """'4x2GiB' -> (4, 2 GiB)."""
+    count, sep, size = str(text).partition("x")
+    if not sep or not count.strip().isdigit():
+        raise ConfigError(
+            f"cannot read host devices {text!r}: write COUNTxSIZE, e.g. 4x2GiB")
+    n = int(count)
+    if not 1 <= n <= 64:
+        raise ConfigError(f"host device count must be 1..64, got {n}")
+    return n, parse_size(size)
+
+
+@dataclass
+class Config:
+    socket: str = ""
+    socket_group: str = ""
+    backend: str = "auto"
+    host_devices: str = "4x1GiB"
+    heartbeat_timeout_s: float = 5.0
+    max_tenants: int = 1024
+    max_leases_per_tenant: int = 4096
+    log_level: str = "info"
+
+    def validate(self) -> Config:
+        self.socket = resolve_socket(self.socket or None)
+        if self.backend not in ("auto", "host", "cuda"):
+            raise ConfigError(f"backend must be auto, host or cuda, got {self.backend!r}")
+        parse_host_devices(self.host_devices)
+        if not 0.1 <= self.heartbeat_timeout_s <= 3600:
+            raise ConfigError("heartbeat_timeout_s must be within 0.1..3600 seconds")
+        if self.max_tenants < 1 or self.max_leases_per_tenant < 1:
+            raise ConfigError("max_tenants and max_leases_per_tenant must be >= 1")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level must be debug, info, warning or error")
+        return self
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    section = data.get("aquad", data)
+    known = {f.name: f.type for f in fields(Config)}
+    unknown = set(section) - set(known)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return section
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aquad", description="aqua daemon: leases spare GPU/host memory to tenants.")
+    p.add_argument("--config", metavar="FILE", help="TOML file (keys as the long flags, "
+                   "with underscores, optionally under an [aquad] table)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="socket path (default: $AQUA_SOCKET, else /run/aqua/aquad.sock as "
+                        "root or $XDG_RUNTIME_DIR/aqua/aquad.sock)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group owning the socket (members may connect; mode is 0660)")
+    p.add_argument("--backend", choices=("auto", "host", "cuda"))
+    p.add_argument("--host-devices", metavar="COUNTxSIZE",
+                   help="virtual devices of the host backend, e.g. 4x2GiB (default 4x1GiB)")
+    p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float,
+                   metavar="SECONDS", help="drop a silent tenant after this long (default 5)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    values: dict = {}
+    if args.config:
+        values.update(load_toml(args.config))
+    for key, value in vars(args).items():
+        if key != "config" and value is not None:
+            values[key] = value
+    config = Config()
+    for key, value in values.items():
+        expected = type(getattr(config, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be {expected.__name__}, got {value!r}")
+        setattr(config, key, value)
+    return config.validate()

@@ -1,0 +1,264 @@
+"""The arbiter: aquad's decisions as one deterministic object.
+
+No sockets, no tasks, no wall clock. The server shell feeds it decoded
+requests with the connection's kernel-reported credentials and sends back what
+it returns; timers and process-death watchers call `expire` and
+`drop_tenant`. Tests and the simulator drive the very same object with a fake
+clock. Every handler either completes or raises ProtocolError before it
+changes anything, so a refused request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aqua.protocol import ErrorCode, ProtocolError
+from aqua.protocol import messages as m
+
+from ..backends.base import Backend, BackendError
+from .allocator import GranuleAllocator
+from .leases import LeaseRecord, LeaseTable
+from .placer import place, tier_of
+from .tenants import Peer, Tenant, TenantRegistry
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tenants: int = 1024
+    max_leases_per_tenant: int = 4096
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+
+
+def new_lease_id() -> str:
+    # 128 random bits: a lease id is a capability-like name; guessing one is
+    # hopeless, and ownership is checked on top of that.
+    return "L" + secrets.token_urlsafe(16)
+
+
+class Arbiter:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        clock: Callable[[], float],
+        limits: Limits = Limits(),
+        new_id: Callable[[], str] = new_lease_id,
+    ) -> None:
+        self.backend = backend
+        self.topology = backend.topology()
+        self.pools = {
+            d.id: GranuleAllocator(d.capacity, backend.granule) for d in self.topology.devices
+        }
+        self.tenants = TenantRegistry()
+        self.leases = LeaseTable()
+        self.limits = limits
+        self._clock = clock
+        self._new_id = new_id
+        self.started_at = clock()
+        self.closing = False
+        self._handlers: dict[type, Callable[[bytes, Peer, Any], dict]] = {
+            m.Hello: self._hello,
+            m.Heartbeat: self._heartbeat,
+            m.Bye: self._bye,
+            m.Lease: self._lease,
+            m.Release: self._release,
+            m.LeaseInfo: self._lease_info,
+            m.Status: self._status,
+        }
+
+    # --- entry points from the shell ---------------------------------------
+
+    def handle(self, conn: bytes, peer: Peer, request: m.Request) -> dict:
+        """Run one validated request; returns the result or raises ProtocolError."""
+        try:
+            if self.closing:
+                raise ProtocolError(ErrorCode.SHUTTING_DOWN, "aquad is shutting down")
+            tenant = self.tenants.by_conn(conn)
+            if tenant is not None:
+                if tenant.peer.pid != peer.pid:
+                    # A routing id reused by another process: never serve it.
+                    raise ProtocolError(ErrorCode.PERMISSION_DENIED,
+                                        "connection does not belong to this tenant")
+                tenant.last_seen = self._clock()
+            elif request.args.needs_tenant:
+                raise ProtocolError(ErrorCode.NOT_REGISTERED,
+                                    f"send hello before {request.op!r}")
+            return self._handlers[type(request.args)](conn, peer, request.args)
+        except ProtocolError as exc:
+            exc.request_id = request.id
+            raise
+
+    def drop_tenant(self, tenant_id: str) -> Tenant | None:
+        """Forget a tenant (it left, died or went silent) and free its leases."""
+        tenant = self.tenants.remove(tenant_id)
+        if tenant is not None:
+            for lease_id in list(tenant.leases):
+                self._free(tenant, lease_id)
+        return tenant
+
+    def expire(self) -> list[Tenant]:
+        """Drop tenants whose heartbeats stopped; returns who was dropped."""
+        stale = self.tenants.stale(self._clock(), self.limits.heartbeat_timeout_s)
+        for tenant in stale:
+            self.drop_tenant(tenant.id)
+        return stale
+
+    def shutdown(self) -> list[bytes]:
+        """Refuse further work, free everything; returns connections to tell."""
+        self.closing = True
+        conns = [t.conn for t in self.tenants]
+        for tenant in self.tenants:
+            self.drop_tenant(tenant.id)
+        self.backend.close()
+        return conns
+
+    # --- handlers -----------------------------------------------------------
+
+    def _hello(self, conn: bytes, peer: Peer, args: m.Hello) -> dict:
+        if self.tenants.by_conn(conn) is not None:
+            raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
+                                "this connection is already registered")
+        for dev in args.devices:
+            self._device(dev)
+        if len(set(args.devices)) != len(args.devices):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "hello: duplicate device ids")
+        if len(self.tenants) >= self.limits.max_tenants:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                f"aquad serves at most {self.limits.max_tenants} tenants")
+        why = self.backend.check_owner(peer)
+        if why:
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, why)
+        tenant = self.tenants.add(args.tenant, conn, peer, tuple(args.devices),
+                                  args.weight, self._clock())
+        return {
+            "tenant_id": tenant.id,
+            "protocol": m.PROTOCOL_VERSION,
+            "backend": self.backend.name,
+            "heartbeat_interval_s": self.limits.heartbeat_interval_s,
+            "heartbeat_timeout_s": self.limits.heartbeat_timeout_s,
+            "devices": [self._device_status(d.id) for d in self.topology.devices],
+        }
+
+    def _heartbeat(self, conn: bytes, peer: Peer, args: m.Heartbeat) -> dict:
+        return {}
+
+    def _bye(self, conn: bytes, peer: Peer, args: m.Bye) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        assert tenant is not None
+        freed = sum(self.leases.owned(l, tenant.id).nbytes for l in tenant.leases)
+        self.drop_tenant(tenant.id)
+        return {"released_bytes": freed}
+
+    def _lease(self, conn: bytes, peer: Peer, args: m.Lease) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        assert tenant is not None
+        near = tenant.devices[0] if args.near is None else args.near
+        self._device(near)
+        if len(tenant.leases) >= self.limits.max_leases_per_tenant:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"tenant holds {len(tenant.leases)} leases; the limit is "
+                f"{self.limits.max_leases_per_tenant}")
+        device = place(self.topology, self.pools, args.nbytes, near, tenant.devices)
+        if device is None:
+            largest = max((p.free for p in self.pools.values()), default=0)
+            total = sum(p.free for p in self.pools.values())
+            raise ProtocolError(
+                ErrorCode.OUT_OF_MEMORY,
+                f"no device can hold {args.nbytes} bytes: largest free is {largest} "
+                f"bytes on one device, {total} bytes free in all",
+                details={"requested_bytes": args.nbytes, "largest_free_bytes": largest,
+                         "total_free_bytes": total})
+        pool = self.pools[device]
+        try:
+            segment = self.backend.create(device, args.nbytes, tenant.peer)
+        except BackendError as exc:
+            raise ProtocolError(ErrorCode.OUT_OF_MEMORY, str(exc)) from None
+        charged = pool.allocate(args.nbytes)
+        lease = LeaseRecord(self._new_id(), tenant.id, device, args.nbytes, charged,
+                            tier_of(self.topology, near, device), segment, self._clock())
+        self.leases.add(lease)
+        tenant.leases.add(lease.id)
+        return self._lease_reply(lease)
+
+    def _release(self, conn: bytes, peer: Peer, args: m.Release) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        assert tenant is not None
+        lease = self._owned(args.lease, tenant)
+        self._free(tenant, lease.id)
+        return {"released_bytes": lease.nbytes}
+
+    def _lease_info(self, conn: bytes, peer: Peer, args: m.LeaseInfo) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        assert tenant is not None
+        return self._lease_reply(self._owned(args.lease, tenant))
+
+    def _status(self, conn: bytes, peer: Peer, args: m.Status) -> dict:
+        return self.status()
+
+    # --- helpers -------------------------------------------------------------
+
+    def _device(self, device: int) -> None:
+        if device not in self.pools:
+            raise ProtocolError(
+                ErrorCode.NO_SUCH_DEVICE,
+                f"no device {device}; devices are {sorted(self.pools)}")
+
+    def _owned(self, lease_id: str, tenant: Tenant) -> LeaseRecord:
+        lease = self.leases.owned(lease_id, tenant.id)
+        if lease is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_LEASE,
+                                f"tenant {tenant.id} holds no lease {lease_id}")
+        return lease
+
+    def _free(self, tenant: Tenant, lease_id: str) -> None:
+        lease = self.leases.pop(lease_id)
+        tenant.leases.discard(lease_id)
+        self.backend.destroy(lease.segment)
+        self.pools[lease.device].free_bytes(lease.charged)
+
+    @staticmethod
+    def _lease_reply(lease: LeaseRecord) -> dict:
+        return {"lease": lease.id, "device": lease.device, "nbytes": lease.nbytes,
+                "tier": lease.tier.label, "handle": lease.segment.handle}
+
+    def _device_status(self, device: int) -> dict:
+        dev = self.topology.device(device)
+        pool = self.pools[device]
+        return {"id": dev.id, "name": dev.name, "backend": dev.backend,
+                "capacity_bytes": pool.capacity, "leased_bytes": pool.used,
+                "free_bytes": pool.free, "granule_bytes": pool.granule}
+
+    def status(self) -> dict:
+        """The `status` reply; its schema is documented in docs/status-schema.md."""
+        now = self._clock()
+        leases = sorted(self.leases, key=lambda l: (l.created_at, l.id))
+        per_tenant: dict[str, int] = {}
+        per_device: dict[int, int] = {}
+        for lease in leases:
+            per_tenant[lease.tenant] = per_tenant.get(lease.tenant, 0) + lease.charged
+            per_device[lease.device] = per_device.get(lease.device, 0) + 1
+        return {
+            "schema": 1,
+            "daemon": {"protocol": m.PROTOCOL_VERSION, "backend": self.backend.name,
+                       "uptime_s": round(now - self.started_at, 3)},
+            "devices": [dict(self._device_status(d.id), leases=per_device.get(d.id, 0))
+                        for d in self.topology.devices],
+            "tenants": [
+                {"id": t.id, "name": t.name, "pid": t.peer.pid, "uid": t.peer.uid,
+                 "devices": list(t.devices), "weight": t.weight,
+                 "leased_bytes": per_tenant.get(t.id, 0), "leases": len(t.leases),
+                 "idle_s": round(now - t.last_seen, 3)}
+                for t in sorted(self.tenants, key=lambda t: int(t.id[1:]))
+            ],
+            "leases": [
+                {"id": l.id, "tenant": l.tenant, "device": l.device, "nbytes": l.nbytes,
+                 "charged_bytes": l.charged, "tier": l.tier.label,
+                 "age_s": round(now - l.created_at, 3)}
+                for l in leases
+            ],
+        }

@@ -1,0 +1,77 @@
+"""`aquad`: the command line of the daemon."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import trio
+
+from . import __version__
+from .backends import BackendError, HostBackend, make_backend
+from .config import Config, ConfigError, load_config, parse_host_devices
+from .core.arbiter import Arbiter, Limits
+from .server import Server, StartupError
+
+log = logging.getLogger("aquad")
+
+
+def build(config: Config) -> Server:
+    backend = make_backend(config.backend, socket_path=config.socket,
+                           host_devices=parse_host_devices(config.host_devices))
+    if isinstance(backend, HostBackend):
+        problem = backend.check_capacity()
+        if problem:
+            raise StartupError(problem)
+    limits = Limits(
+        max_tenants=config.max_tenants,
+        max_leases_per_tenant=config.max_leases_per_tenant,
+        heartbeat_interval_s=config.heartbeat_timeout_s / 5,
+        heartbeat_timeout_s=config.heartbeat_timeout_s,
+    )
+    arbiter = Arbiter(backend, clock=time.monotonic, limits=limits)
+    server = Server(arbiter, config.socket, socket_group=config.socket_group,
+                    heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4))
+    server.open()
+    if isinstance(backend, HostBackend):
+        stale = backend.remove_stale()  # only after the lock: they are ours
+        if stale:
+            log.warning("removed %d shared-memory segment(s) left by a previous aquad", stale)
+    return server
+
+
+async def run(server: Server) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            devices = server.arbiter.topology.devices
+            log.info("aquad %s serving %s: backend %s, %d device(s) of %s bytes",
+                     __version__, server.socket_path, server.arbiter.backend.name,
+                     len(devices), ", ".join(str(d.capacity) for d in devices))
+            async for signum in signals:
+                log.info("%s received; stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"aquad: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s aquad %(levelname)s %(message)s")
+    try:
+        server = build(config)
+    except (StartupError, BackendError, ConfigError, ValueError) as exc:
+        print(f"aquad: {exc}", file=sys.stderr)
+        return 1
+    trio.run(run, server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

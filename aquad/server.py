@@ -1,0 +1,290 @@
+"""The trio + ZeroMQ shell around the arbiter.
+
+One task owns the ROUTER socket and does every receive and send on it:
+ZeroMQ's FD is edge-triggered and any call on the socket can consume the
+edge, so a second task touching the socket would lose wake-ups. That task
+drains with NOBLOCK and only waits on the fd when ZMQ_EVENTS shows nothing
+pending (waiting first can sleep on a message already queued). Other tasks
+(process-death watchers, the heartbeat reaper) never touch the socket: they
+queue frames in the outbox and cancel the socket task's wait.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+from collections import deque
+
+import trio
+import zmq
+
+from aqua.paths import endpoint
+from aqua.protocol import ErrorCode, ProtocolError
+from aqua.protocol import messages as m
+
+from .core.arbiter import Arbiter
+from .core.tenants import Peer
+
+log = logging.getLogger("aquad")
+
+
+class StartupError(Exception):
+    """aquad cannot start; the message tells the operator what to do."""
+
+
+def parse_peer(address: str | None) -> Peer | None:
+    """libzmq reports SO_PEERCRED of an ipc peer as 'host:uid:gid:pid'."""
+    if not address:
+        return None
+    try:
+        _, uid, gid, pid = address.rsplit(":", 3)
+        return Peer(pid=int(pid), uid=int(uid), gid=int(gid))
+    except ValueError:
+        return None
+
+
+class SocketLock:
+    """An flock next to the socket: bind() silently replaces an existing
+    socket file, so without it a second daemon would steal the first's clients."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.path = socket_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(
+                f"another aquad (pid {holder}) is already serving this socket; "
+                f"stop it first or pass a different --socket") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        # The lock file stays: unlinking it would let a newcomer lock a fresh
+        # inode while a slow starter still holds the old one.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Server:
+    def __init__(self, arbiter: Arbiter, socket_path: str, *, socket_group: str = "",
+                 heartbeat_check_s: float = 0.5) -> None:
+        self.arbiter = arbiter
+        self.socket_path = socket_path
+        self.socket_group = socket_group
+        self.heartbeat_check_s = heartbeat_check_s
+        self.ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+        self._lock = SocketLock(socket_path)
+        self._outbox: deque[tuple[bytes, bytes]] = deque()
+        self._wake: trio.CancelScope | None = None
+        self._watchers: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self.requests_served = 0
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock, bind and set permissions. Synchronous: fails before serving."""
+        directory = os.path.dirname(self.socket_path)
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+        try:
+            self._lock.acquire()
+        except PermissionError:
+            raise StartupError(f"no permission to create {self._lock.path}") from None
+        if os.path.lexists(self.socket_path):
+            os.unlink(self.socket_path)  # a dead predecessor's; we hold the lock
+        gid = -1
+        if self.socket_group:
+            try:
+                gid = grp.getgrnam(self.socket_group).gr_gid
+            except KeyError:
+                self._lock.release()
+                raise StartupError(f"no such group {self.socket_group!r}") from None
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # know when a peer is gone
+        sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_FRAME_BYTES)
+        # ROUTER_HANDOVER stays off: a second connection claiming a routing id
+        # must not take over the first one's tenant.
+        old = os.umask(0o117)  # the socket file is born 0660, no window
+        try:
+            sock.bind(endpoint(self.socket_path))
+        except zmq.ZMQError as exc:
+            sock.close()
+            self._lock.release()
+            raise StartupError(f"cannot bind {self.socket_path}: {exc}") from None
+        finally:
+            os.umask(old)
+        if gid != -1:
+            os.chown(self.socket_path, -1, gid)
+        os.chmod(self.socket_path, 0o660)
+        self.sock = sock
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; then say goodbye and release everything."""
+        assert self.sock is not None, "call open() first"
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._socket_loop)
+                nursery.start_soon(self._reaper)
+                task_status.started()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        conns = self.arbiter.shutdown()
+        sock = self.sock
+        if sock is not None:
+            farewell = m.encode_event("shutdown", {"reason": "aquad is stopping"})
+            for conn in conns:
+                self._send(conn, farewell)
+            # Bounded linger: long enough for the farewells to leave, never a hang.
+            sock.close(linger=250)
+            self.sock = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        self._lock.release()
+        log.info("stopped; all leases released")
+
+    # --- the socket task ------------------------------------------------------
+
+    async def _socket_loop(self) -> None:
+        sock = self.sock
+        fd = sock.getsockopt(zmq.FD)
+        recv = sock.recv_multipart
+        while True:
+            while True:
+                try:
+                    frames = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_message(frames)
+            while self._outbox:
+                self._send(*self._outbox.popleft())
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                # Let other tasks run under a steady stream of requests.
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.CancelScope() as self._wake:
+                await trio.lowlevel.wait_readable(fd)
+            self._wake = None
+
+    def post(self, conn: bytes, frame: bytes) -> None:
+        """Queue a frame for a connection from any task; wakes the socket task."""
+        self._outbox.append((conn, frame))
+        if self._wake is not None:
+            self._wake.cancel()
+
+    def _send(self, conn: bytes, frame: bytes) -> None:
+        try:
+            self.sock.send_multipart([conn, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading.
+            # Either way the daemon must not block or die for it.
+            log.debug("dropped a frame for a peer (%s)", exc)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        conn = frames[0].bytes
+        self.requests_served += 1
+        if len(frames) != 2:
+            reply = m.encode_error(ProtocolError(
+                ErrorCode.BAD_REQUEST, "a request is exactly one frame"))
+            self._send(conn, reply)
+            return
+        payload = frames[1]
+        rid = None
+        try:
+            peer = parse_peer(payload.get("Peer-Address"))
+            request = m.decode_request(payload.bytes)
+            rid = request.id
+            if peer is None:
+                raise ProtocolError(ErrorCode.PERMISSION_DENIED,
+                                    "peer credentials unavailable; connect over ipc://")
+            result = self.arbiter.handle(conn, peer, request)
+            reply = m.encode_result(request.id, result)
+            if isinstance(request.args, m.Hello):
+                self._on_registered(conn)
+            elif isinstance(request.args, m.Bye):
+                log.info("tenant left: %s", peer)
+                self._forget_watchers()
+        except ProtocolError as exc:
+            if exc.request_id is None:
+                exc.request_id = rid
+            reply = m.encode_error(exc)
+        except Exception:  # the daemon survives its own bugs too
+            log.exception("internal error handling a request")
+            reply = m.encode_error(ProtocolError(
+                ErrorCode.INTERNAL, "internal error; see the aquad log", request_id=rid))
+        self._send(conn, reply)
+
+    # --- tenant liveness ------------------------------------------------------
+
+    def _on_registered(self, conn: bytes) -> None:
+        tenant = self.arbiter.tenants.by_conn(conn)
+        log.info("tenant %s (%s) registered: pid %d uid %d devices %s",
+                 tenant.id, tenant.name, tenant.peer.pid, tenant.peer.uid,
+                 list(tenant.devices))
+        self._nursery.start_soon(self._watch_process, tenant.id, tenant.peer.pid)
+
+    def _forget_watchers(self) -> None:
+        """Stop watching processes of tenants that are no longer registered."""
+        for tid, scope in list(self._watchers.items()):
+            if self.arbiter.tenants.get(tid) is None:
+                scope.cancel()
+                del self._watchers[tid]
+
+    def _drop(self, tenant_id: str, why: str) -> None:
+        tenant = self.arbiter.drop_tenant(tenant_id)
+        if tenant is not None:
+            log.warning("tenant %s (%s, pid %d) %s; its leases are released",
+                        tenant.id, tenant.name, tenant.peer.pid, why)
+        self._forget_watchers()
+
+    async def _watch_process(self, tenant_id: str, pid: int) -> None:
+        """A pidfd becomes readable when the process exits: prompt cleanup for a
+        crashed tenant. Heartbeats remain the fallback (no pidfd support)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._drop(tenant_id, "exited before it was watched")
+            return
+        except (OSError, AttributeError) as exc:
+            log.debug("no pidfd for pid %d (%s); relying on heartbeats", pid, exc)
+            return
+        try:
+            with trio.CancelScope() as scope:
+                self._watchers[tenant_id] = scope
+                await trio.lowlevel.wait_readable(pidfd)
+                self._drop(tenant_id, "exited")
+        finally:
+            self._watchers.pop(tenant_id, None)
+            os.close(pidfd)
+
+    async def _reaper(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_check_s)
+            for tenant in self.arbiter.expire():
+                log.warning("tenant %s (%s, pid %d) missed its heartbeats; its leases "
+                            "are released", tenant.id, tenant.name, tenant.peer.pid)
+                self._forget_watchers()
+

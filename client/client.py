@@ -1,0 +1,293 @@
+"""The tenant's connection to aquad: synchronous, thread-safe, with heartbeats.
+
+Calls run on the caller's thread straight on the DEALER socket, under a lock
+the heartbeat thread also takes, so a request costs one round trip and no
+thread hand-off. Events the daemon pushes (its goodbye) are read by whichever
+thread is reading at the time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket as pysocket
+import stat
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+
+from . import protocol as p
+from .errors import (
+    AquaError,
+    DaemonGone,
+    DaemonNotResponding,
+    DaemonNotRunning,
+    PermissionDenied,
+    ShuttingDown,
+    error_for,
+)
+from .memory import open_handle
+from .paths import endpoint, resolve_socket
+
+log = logging.getLogger("aqua")
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def check_socket(path: str) -> None:
+    """Say what is wrong before ZeroMQ can hide it: a connect refused by file
+    permissions or a socket with no listener fails silently in ZeroMQ."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DaemonNotRunning(
+            f"aquad is not running: no socket at {path} (start aquad, or point "
+            f"AQUA_SOCKET / --socket at the right path)") from None
+    except PermissionError:
+        raise PermissionDenied(
+            f"no permission to reach {path}: ask for membership in the socket's group",
+            code="permission_denied") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DaemonNotRunning(f"{path} exists but is not a socket")
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except PermissionError:
+        raise PermissionDenied(
+            f"no permission to connect to {path} (mode {stat.S_IMODE(st.st_mode):o}, "
+            f"group {st.st_gid}): ask for membership in the socket's group",
+            code="permission_denied") from None
+    except ConnectionRefusedError:
+        raise DaemonNotRunning(
+            f"aquad is not running: {path} is a stale socket nobody listens on") from None
+    finally:
+        probe.close()
+
+
+class Connection:
+    """One DEALER socket speaking protocol v1, safe to share between threads."""
+
+    def __init__(self, socket: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.socket_path = resolve_socket(socket)
+        self.timeout = timeout
+        check_socket(self.socket_path)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.connect(endpoint(self.socket_path))
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.gone: str | None = None  # why the daemon is unusable, once it is
+
+    def request(self, op: p.Op, *, timeout: float | None = None) -> dict[str, Any]:
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            if self.gone:
+                raise DaemonGone(self.gone)
+            rid = next(self._ids)
+            self._sock.send(p.encode_request(rid, op))
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    raise DaemonNotResponding(
+                        f"aquad did not answer {op.op!r} within {timeout:g} s "
+                        f"({self.socket_path})")
+                msg = self._read()
+                if isinstance(msg, p.Event):
+                    self._on_event(msg)
+                    continue
+                if msg.id != rid:
+                    continue  # the late answer to a request that timed out
+                if msg.ok:
+                    return msg.result
+                raise error_for(msg.code, msg.message, msg.details)
+
+    def _on_event(self, event: p.Event) -> None:
+        if event.event == "shutdown":
+            self.gone = "aquad shut down: " + str(event.data.get("reason", "no reason given"))
+            raise ShuttingDown(self.gone)
+        log.debug("ignoring unknown event %r", event.event)
+
+    def poll_events(self) -> None:
+        """Read pushed events without sending anything (non-blocking)."""
+        with self._lock:
+            while not self.gone and self._sock.poll(0, zmq.POLLIN):
+                msg = self._read()
+                if isinstance(msg, p.Event):
+                    self._on_event(msg)
+
+    def _read(self) -> p.Reply | p.Event:
+        try:
+            return p.decode_reply(self._sock.recv())
+        except p.ProtocolError as exc:
+            raise AquaError(f"unreadable frame from aquad: {exc.message}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self.gone is None:
+                self.gone = "connection closed"
+            self._sock.close(linger=0)
+
+
+class Client:
+    """A registered tenant. Make one with `aqua.connect()`."""
+
+    def __init__(self, tenant: str, devices: Iterable[int], *, socket: str | None = None,
+                 weight: float = 1.0, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._conn = Connection(socket, timeout=timeout)
+        try:
+            hello = self._conn.request(p.Hello(tenant=tenant, devices=list(devices),
+                                               weight=float(weight)))
+        except BaseException:
+            self._conn.close()
+            raise
+        self.name = tenant
+        self.id: str = hello["tenant_id"]
+        self.devices: tuple[int, ...] = tuple(devices)
+        self.backend: str = hello["backend"]
+        self.daemon_devices: list[dict] = hello["devices"]
+        self._leases: dict[str, Lease] = {}
+        self._leases_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._beat, args=(hello["heartbeat_interval_s"],),
+            name=f"aqua-heartbeat-{self.id}", daemon=True)
+        self._heartbeat.start()
+
+    # --- leases -----------------------------------------------------------------
+
+    def lease(self, nbytes: int, near: int | None = None, *, populate: bool = True) -> Lease:
+        """Lease `nbytes` of offload memory placed for a tenant computing on
+        `near` (default: the first home device), mapped into this process."""
+        reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
+        try:
+            lease = Lease(self, reply, populate=populate)
+        except BaseException:
+            self._conn.request(p.Release(lease=reply["lease"]))
+            raise
+        with self._leases_lock:
+            self._leases[lease.id] = lease
+        return lease
+
+    @property
+    def leases(self) -> list[Lease]:
+        with self._leases_lock:
+            return list(self._leases.values())
+
+    def status(self) -> dict[str, Any]:
+        return self._conn.request(p.Status())
+
+    def offload(self, tensor: Any, near: int | None = None) -> Any:
+        """Copy a torch tensor into a new lease; see aqua.tensors.offload."""
+        from .tensors import offload  # noqa: PLC0415 - keeps torch out of import aqua
+
+        return offload(self, tensor, near=near)
+
+    def _release(self, lease: Lease) -> None:
+        with self._leases_lock:
+            self._leases.pop(lease.id, None)
+        if not self._conn.gone:
+            self._conn.request(p.Release(lease=lease.id))
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self._conn.request(p.Heartbeat(), timeout=max(interval * 3, 1.0))
+            except DaemonGone:
+                return
+            except AquaError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn.gone is None
+
+    def close(self) -> None:
+        """Release every lease and unregister. Safe to call twice."""
+        self._stop.set()
+        for lease in self.leases:
+            lease._unmap()
+        with self._leases_lock:
+            self._leases.clear()
+        if self._conn.gone is None:
+            try:
+                self._conn.request(p.Bye(), timeout=min(self._conn.timeout, 2.0))
+            except AquaError as exc:
+                log.debug("bye failed: %s", exc)
+        self._conn.close()
+        if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<aqua.Client {self.id} {self.name!r} devices={list(self.devices)}>"
+
+
+class Lease:
+    """Offload memory granted by aquad and mapped into this process."""
+
+    def __init__(self, client: Client, reply: dict[str, Any], *, populate: bool) -> None:
+        self.id: str = reply["lease"]
+        self.device: int = reply["device"]
+        self.nbytes: int = reply["nbytes"]
+        self.tier: str = reply["tier"]
+        self._client = client
+        self._mapping = open_handle(reply["handle"], populate=populate)
+        self.released = False
+
+    def tensor(self, dtype: Any = None, shape: tuple[int, ...] | None = None):
+        """A torch tensor aliasing the leased memory (uint8 by default)."""
+        if self.released:
+            raise AquaError(f"lease {self.id} was released")
+        if dtype is None:
+            import torch  # noqa: PLC0415
+
+            dtype = torch.uint8
+        return self._mapping.tensor(dtype, shape)
+
+    def buffer(self) -> memoryview:
+        """The leased bytes as a writable memoryview (no torch needed)."""
+        if self.released:
+            raise AquaError(f"lease {self.id} was released")
+        return self._mapping.buffer()
+
+    def _unmap(self) -> None:
+        self.released = True
+        self._mapping.close()
+
+    def release(self) -> None:
+        """Give the memory back. Tensors still aliasing it stay readable to
+        this process only, until they are dropped. Safe to call twice."""
+        if self.released:
+            return
+        self._unmap()
+        self._client._release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"device {self.device} ({self.tier})"
+        return f"<aqua.Lease {self.id} {self.nbytes} bytes, {state}>"
+
+
+def connect(tenant: str, device: int | Iterable[int] = 0, *, socket: str | None = None,
+            weight: float = 1.0, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
+    """Register with aquad as `tenant` computing on `device` (an id or a list)."""
+    devices = [device] if isinstance(device, int) else list(device)
+    return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout)

@@ -1,0 +1,40 @@
+"""aqua wire protocol: msgpack maps over ZeroMQ, versioned and validated.
+
+Shared by the daemon (aquad) and the tenant library (aqua). See README.md in
+this package for every message, field and error code.
+"""
+
+from .errors import ErrorCode, ProtocolError
+from .messages import (
+    EVENTS,
+    HARD_MAX_FRAME_BYTES,
+    MAX_FRAME_BYTES,
+    OPS,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    Bye,
+    Event,
+    Heartbeat,
+    Hello,
+    Lease,
+    LeaseInfo,
+    Op,
+    Release,
+    Reply,
+    Request,
+    Status,
+    decode_reply,
+    decode_request,
+    encode_error,
+    encode_event,
+    encode_request,
+    encode_result,
+)
+
+__all__ = [
+    "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "OPS", "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS", "Bye", "ErrorCode", "Event", "Heartbeat", "Hello", "Lease",
+    "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status",
+    "decode_reply", "decode_request", "encode_error", "encode_event", "encode_request",
+    "encode_result",
+]

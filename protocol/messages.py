@@ -1,0 +1,347 @@
+"""Protocol v1: typed messages, defined once, with strict validation.
+
+Transport: ZeroMQ over an ``ipc://`` socket; the daemon binds a ROUTER, each
+tenant connects a DEALER. Every ZeroMQ message is one frame holding one
+msgpack map. Three kinds of map travel:
+
+request  (tenant -> daemon): {"v": 1, "id": <int>, "op": <str>, "args": {...}}
+reply    (daemon -> tenant): {"v": 1, "id": <int>, "ok": true, "result": {...}}
+                             {"v": 1, "id": <int|nil>, "ok": false,
+                              "error": {"code": <str>, "message": <str>,
+                                        "details": {...}}}
+event    (daemon -> tenant): {"v": 1, "event": <str>, "data": {...}}
+
+Each operation's arguments are a frozen dataclass below; its fields carry the
+checks the decoder applies, so the table in protocol/README.md, the validator
+and the handlers all read the same definition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import ErrorCode, ProtocolError
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+
+# Largest request the daemon answers; bigger ones get `frame_too_large`.
+MAX_FRAME_BYTES = 64 * 1024
+# Beyond this libzmq drops the connection before Python sees the frame
+# (ZMQ_MAXMSGSIZE): a guard for the daemon's memory, not an error path.
+HARD_MAX_FRAME_BYTES = 1024 * 1024
+
+MAX_REQUEST_ID = 2**63 - 1
+MAX_DEVICE_ID = 1023
+MAX_LEASE_BYTES = 2**50  # 1 PiB: far beyond any device, still a sane int
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LEASE_ID_RE = re.compile(r"L[A-Za-z0-9_-]{8,64}")
+
+
+# --- field checks -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """How one field is validated. `kind` is the accepted Python type."""
+
+    kind: type
+    min: float | None = None
+    max: float | None = None
+    max_len: int | None = None
+    min_len: int = 0
+    pattern: re.Pattern[str] | None = None
+    item: Check | None = None
+    exclusive_min: bool = False
+
+    def validate(self, name: str, value: Any) -> Any:
+        kind = self.kind
+        # bool is an int subclass; a boolean where a number belongs is a bug.
+        if isinstance(value, bool) and kind is not bool:
+            raise _bad(f"field {name!r} must be {_TYPE_NAMES[kind]}, got a boolean")
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise _bad(
+                f"field {name!r} must be {_TYPE_NAMES[kind]}, got {type(value).__name__}"
+            )
+        if kind in (int, float):
+            if value != value:  # NaN
+                raise _bad(f"field {name!r} must be a number, got NaN")
+            if self.min is not None and (
+                value < self.min or (self.exclusive_min and value == self.min)
+            ):
+                op = ">" if self.exclusive_min else ">="
+                raise _bad(f"field {name!r} must be {op} {self.min}, got {value}")
+            if self.max is not None and value > self.max:
+                raise _bad(f"field {name!r} must be <= {self.max}, got {value}")
+        if kind in (str, list):
+            if self.max_len is not None and len(value) > self.max_len:
+                raise _bad(f"field {name!r} is longer than {self.max_len}")
+            if len(value) < self.min_len:
+                raise _bad(f"field {name!r} needs at least {self.min_len} item(s)")
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise _bad(f"field {name!r} must match {self.pattern.pattern}")
+        if self.item is not None:
+            value = [self.item.validate(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+               list: "a list", dict: "a map"}
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+def arg(check: Check, *, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"check": check, "doc": doc})
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+def _int(lo: int, hi: int) -> Check:
+    return Check(int, min=lo, max=hi)
+
+
+DEVICE = _int(0, MAX_DEVICE_ID)
+LEASE_ID = Check(str, pattern=LEASE_ID_RE, max_len=65)
+
+
+# --- operations -------------------------------------------------------------
+
+
+class Op:
+    """Base of the argument dataclasses; `op` is the wire name."""
+
+    op: ClassVar[str]
+    needs_tenant: ClassVar[bool] = True
+    doc: ClassVar[str] = ""
+
+
+OPS: dict[str, type[Op]] = {}
+
+
+def operation(cls: type[Op]) -> type[Op]:
+    OPS[cls.op] = cls
+    return cls
+
+
+@operation
+@dataclass(frozen=True)
+class Hello(Op):
+    op = "hello"
+    needs_tenant = False
+    doc = "Register this connection as a tenant. Must be the first tenant request."
+    tenant: str = arg(Check(str, pattern=NAME_RE, max_len=64),
+                      doc="tenant name shown to operators (model name, say)")
+    devices: list = arg(Check(list, min_len=1, max_len=64, item=DEVICE),
+                        doc="home device ids the tenant computes on")
+    weight: float = arg(Check(float, min=0.0, max=1e6, exclusive_min=True), default=1.0,
+                        doc="share of GPU time relative to other tenants")
+
+
+@operation
+@dataclass(frozen=True)
+class Heartbeat(Op):
+    op = "heartbeat"
+    doc = "Proves the tenant is alive; any request does the same."
+
+
+@operation
+@dataclass(frozen=True)
+class Bye(Op):
+    op = "bye"
+    doc = "Unregister; every lease of the tenant is released."
+
+
+@operation
+@dataclass(frozen=True)
+class Lease(Op):
+    op = "lease"
+    doc = "Lease `nbytes` of offload memory placed for a tenant computing on `near`."
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes wanted (rounded up to the granule)")
+    near: int | None = arg(DEVICE, default=None,
+                           doc="device the data moves to and from (default: first home device)")
+
+
+@operation
+@dataclass(frozen=True)
+class Release(Op):
+    op = "release"
+    doc = "Release a lease; its memory returns to the pool."
+    lease: str = arg(LEASE_ID, doc="lease id from a `lease` reply")
+
+
+@operation
+@dataclass(frozen=True)
+class LeaseInfo(Op):
+    op = "lease_info"
+    doc = "Describe one of the tenant's own leases (with its handle, to map it again)."
+    lease: str = arg(LEASE_ID, doc="lease id from a `lease` reply")
+
+
+@operation
+@dataclass(frozen=True)
+class Status(Op):
+    op = "status"
+    needs_tenant = False
+    doc = "Devices, tenants and leases (schema in docs/status-schema.md). No HELLO needed."
+
+
+# --- envelope ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    args: Op
+
+    @property
+    def op(self) -> str:
+        return self.args.op
+
+
+_ENVELOPE_KEYS = frozenset({"v", "id", "op", "args"})
+
+
+def _unpack(frame: bytes) -> Any:
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise _bad(f"frame is not valid msgpack ({type(exc).__name__})") from None
+
+
+def decode_request(frame: bytes) -> Request:
+    """Parse and validate one request frame, or raise ProtocolError."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"request is {len(frame)} bytes; the limit is {MAX_FRAME_BYTES}",
+        )
+    obj = _unpack(frame)
+    if not isinstance(obj, dict):
+        raise _bad(f"request must be a msgpack map, got {type(obj).__name__}")
+    rid = obj.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_REQUEST_ID:
+        raise _bad(f"field 'id' must be an integer in [0, {MAX_REQUEST_ID}]")
+    try:
+        version = obj.get("v")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise _bad("field 'v' (protocol version) must be an integer")
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {version} is not supported; this daemon speaks "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+                details={"supported": list(SUPPORTED_VERSIONS)},
+            )
+        unknown = set(obj) - _ENVELOPE_KEYS
+        if unknown:
+            raise _bad(f"unknown envelope field(s): {', '.join(sorted(map(str, unknown)))}")
+        op = obj.get("op")
+        if not isinstance(op, str):
+            raise _bad("field 'op' must be a string")
+        cls = OPS.get(op)
+        if cls is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown operation {op[:64]!r}")
+        args = obj.get("args", {})
+        if not isinstance(args, dict):
+            raise _bad("field 'args' must be a map")
+        return Request(rid, _build(cls, args))
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _build(cls: type[Op], args: dict) -> Op:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(args) - set(fields)
+    if unknown:
+        raise _bad(f"{cls.op}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    values = {}
+    for name, f in fields.items():
+        if name not in args or (args[name] is None and f.default is None):
+            if f.default is dataclasses.MISSING:
+                raise _bad(f"{cls.op}: missing field {name!r}")
+            continue
+        values[name] = f.metadata["check"].validate(name, args[name])
+    return cls(**values)
+
+
+def encode_request(rid: int, op: Op) -> bytes:
+    args = {k: v for k, v in dataclasses.asdict(op).items() if v is not None}
+    return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": args})
+
+
+def encode_result(rid: int, result: dict) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
+
+
+def encode_error(err: ProtocolError) -> bytes:
+    body = {"code": err.code.value, "message": err.message}
+    if err.details:
+        body["details"] = err.details
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "id": err.request_id, "ok": False, "error": body}
+    )
+
+
+def encode_event(event: str, data: dict | None = None) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "event": event, "data": data or {}})
+
+
+# --- what the tenant side reads ---------------------------------------------
+
+EVENTS = {
+    "shutdown": "The daemon is stopping; every lease is gone. Pending and later "
+                "requests fail with `shutting_down`.",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int | None
+    ok: bool
+    result: dict
+    code: str = ""
+    message: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    event: str
+    data: dict
+
+
+def decode_reply(frame: bytes) -> Reply | Event:
+    """Parse a daemon->tenant frame. Raises ProtocolError on anything odd."""
+    obj = _unpack(frame)
+    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
+        raise _bad("daemon sent a frame that is not a protocol v1 map")
+    if "event" in obj:
+        event, data = obj.get("event"), obj.get("data", {})
+        if not isinstance(event, str) or not isinstance(data, dict):
+            raise _bad("malformed event from daemon")
+        return Event(event, data)
+    rid, ok = obj.get("id"), obj.get("ok")
+    if not (rid is None or isinstance(rid, int)) or not isinstance(ok, bool):
+        raise _bad("malformed reply from daemon")
+    if ok:
+        result = obj.get("result")
+        if not isinstance(result, dict):
+            raise _bad("malformed reply from daemon: result is not a map")
+        return Reply(rid, True, result)
+    err = obj.get("error")
+    if not isinstance(err, dict):
+        raise _bad("malformed error reply from daemon")
+    return Reply(rid, False, {}, str(err.get("code", "internal")),
+                 str(err.get("message", "")), dict(err.get("details") or {}))
