@@ -1,0 +1,119 @@
+"""`aquactl`: what aquad holds, for operators (think nvidia-smi)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import protocol as p
+from .client import Connection
+from .errors import AquaError, DaemonUnavailable
+
+EXIT_UNAVAILABLE = 2
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def devices_table(status: dict) -> str:
+    rows = []
+    for d in status["devices"]:
+        used = d["leased_bytes"] / d["capacity_bytes"] if d["capacity_bytes"] else 0.0
+        rows.append([d["id"], d["name"], d["backend"], human_bytes(d["capacity_bytes"]),
+                     human_bytes(d["leased_bytes"]), human_bytes(d["free_bytes"]),
+                     f"{used:.0%}", d["leases"]])
+    return table(["DEV", "NAME", "BACKEND", "CAPACITY", "LEASED", "FREE", "USE", "LEASES"], rows)
+
+
+def tenants_table(status: dict) -> str:
+    if not status["tenants"]:
+        return "no tenants"
+    rows = [[t["id"], t["name"], t["pid"], t["uid"], ",".join(map(str, t["devices"])),
+             f"{t['weight']:g}", t["leases"], human_bytes(t["leased_bytes"]),
+             f"{t['idle_s']:.1f}s"] for t in status["tenants"]]
+    return table(["TENANT", "NAME", "PID", "UID", "DEVICES", "WEIGHT", "LEASES", "LEASED",
+                  "IDLE"], rows)
+
+
+def leases_table(status: dict) -> str:
+    if not status["leases"]:
+        return "no leases"
+    names = {t["id"]: t["name"] for t in status["tenants"]}
+    rows = [[l["id"], f"{l['tenant']} ({names.get(l['tenant'], '?')})", l["device"],
+             l["tier"], human_bytes(l["nbytes"]), f"{l['age_s']:.1f}s"]
+            for l in status["leases"]]
+    return table(["LEASE", "TENANT", "DEV", "TIER", "SIZE", "AGE"], rows)
+
+
+def render_status(status: dict) -> str:
+    d = status["daemon"]
+    head = (f"aquad: protocol {d['protocol']}, backend {d['backend']}, "
+            f"up {d['uptime_s']:.0f}s, {len(status['tenants'])} tenant(s), "
+            f"{len(status['leases'])} lease(s)")
+    return "\n\n".join([head, devices_table(status), tenants_table(status),
+                        leases_table(status)])
+
+
+VIEWS = {
+    "status": (render_status, None),
+    "tenants": (tenants_table, "tenants"),
+    "leases": (leases_table, "leases"),
+    "devices": (devices_table, "devices"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aquactl", description="Inspect a running aquad.")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="aquad socket (default: $AQUA_SOCKET, then the system default)")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for aquad (default 5)")
+    parser.add_argument("command", nargs="?", default="status", choices=sorted(VIEWS),
+                        help="what to show (default: status)")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output (schema: docs/status-schema.md)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        conn = Connection(args.socket, timeout=args.timeout)
+    except AquaError as exc:  # not running, stale socket, no permission
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        status = conn.request(p.Status())
+    except DaemonUnavailable as exc:
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except AquaError as exc:
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    render, key = VIEWS[args.command]
+    if args.json:
+        json.dump(status if key is None else status[key], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render(status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`aqua-demo`: aquad on the embedded host backend with real tenant processes.
+
+Starts a private aquad, then two tenant processes that each build a KV-cache
+sized tensor, offload it into leases (one per layer), drop their own copy,
+and wait. While they hold leases the demo prints `aquactl status`; then the
+tenants restore their tensors, check them bit for bit, and leave. Finally the
+daemon is stopped and the demo checks that it left no shared memory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+from .ctl import human_bytes
+
+TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
+
+
+def tenant_main(name: str, device: int, layers: int, layer_mib: int) -> int:
+    """One tenant: offload a fake KV cache, wait for 'go', restore, verify."""
+    import torch  # noqa: PLC0415
+
+    import aqua  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    per_layer = layer_mib * 2**20 // 2  # fp16 elements
+    kv = [torch.randn(per_layer, generator=gen).to(torch.float16) for _ in range(layers)]
+    reference = [t.clone() for t in kv]
+    with aqua.connect(tenant=name, device=device) as client:
+        t0 = time.perf_counter()
+        saved = [client.offload(t) for t in kv]
+        t_off = time.perf_counter() - t0
+        total = sum(s.nbytes for s in saved)
+        del kv  # the tenant's own copy is gone; only the leases hold the data
+        devices = sorted({s.lease.device for s in saved})
+        print(f"[{name}] offloaded {human_bytes(total)} into {len(saved)} leases on "
+              f"device(s) {devices} in {t_off * 1e3:.0f} ms "
+              f"({total / t_off / 1e9:.1f} GB/s)", flush=True)
+        print("HOLDING", flush=True)
+        sys.stdin.readline()
+        t0 = time.perf_counter()
+        restored = [s.restore() for s in saved]
+        t_res = time.perf_counter() - t0
+        same = all(torch.equal(a, b) for a, b in zip(restored, reference))
+        print(f"[{name}] restored {human_bytes(total)} in {t_res * 1e3:.0f} ms "
+              f"({total / t_res / 1e9:.1f} GB/s): "
+              f"{'bit-exact' if same else 'MISMATCH'}", flush=True)
+    return 0 if same else 1
+
+
+def _wait_for_socket(path: str, daemon: subprocess.Popen, timeout: float = 15.0) -> None:
+    from .client import check_socket  # noqa: PLC0415
+    from .errors import AquaError  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if daemon.poll() is not None:
+            raise SystemExit(f"aqua-demo: aquad exited with code {daemon.returncode}")
+        try:
+            check_socket(path)
+            return
+        except AquaError:
+            if time.monotonic() > deadline:
+                raise SystemExit("aqua-demo: aquad did not come up") from None
+            time.sleep(0.05)
+
+
+def _aquactl(socket: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "aqua.ctl", "--socket", socket, "status"],
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout if out.returncode == 0 else out.stderr
+
+
+def _expect(proc: subprocess.Popen, token: str) -> None:
+    for line in proc.stdout:
+        if line.strip() == token:
+            return
+        print("   " + line.rstrip(), flush=True)
+    raise SystemExit(f"aqua-demo: a tenant exited early (code {proc.wait()})")
+
+
+def run_demo(layers: int, layer_mib: int, devices: str) -> int:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryDirectory(prefix="aqua-demo-") as tmp:
+        socket = os.path.join(tmp, "aquad.sock")
+        print(f"== starting aquad (host backend, {devices}) on {socket}", flush=True)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "aquad", "--socket", socket, "--backend", "host",
+             "--host-devices", devices, "--log-level", "warning"], env=env)
+        tenants: list[subprocess.Popen] = []
+        try:
+            _wait_for_socket(socket, daemon)
+            print(f"== starting {len(TENANTS)} tenant processes", flush=True)
+            for name, device in TENANTS:
+                tenants.append(subprocess.Popen(
+                    [sys.executable, "-m", "aqua.demo", "--tenant", name,
+                     "--device", str(device), "--layers", str(layers),
+                     "--layer-mib", str(layer_mib), "--socket", socket],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+            for proc in tenants:
+                _expect(proc, "HOLDING")
+            print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
+            print(_aquactl(socket), flush=True)
+            print("== tenants restore and verify", flush=True)
+            for proc in tenants:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            failures = 0
+            for proc in tenants:
+                out, _ = proc.communicate(timeout=120)
+                for line in out.splitlines():
+                    print("   " + line, flush=True)
+                failures += proc.returncode != 0
+            print("\n== aquactl status, after the tenants left\n", flush=True)
+            print(_aquactl(socket), flush=True)
+        finally:
+            for proc in tenants:
+                if proc.poll() is None:
+                    proc.kill()
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+        from aquad.backends.host import SHM_DIR, segment_prefix  # noqa: PLC0415
+
+        prefix = segment_prefix(socket)
+        left = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+        print(f"== aquad stopped (exit {daemon.returncode}); shared-memory segments left "
+              f"behind: {len(left)}", flush=True)
+        ok = failures == 0 and daemon.returncode == 0 and not left
+        print("== demo " + ("passed" if ok else "FAILED"), flush=True)
+        return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aqua-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8, help="leases per tenant (default 8)")
+    parser.add_argument("--layer-mib", type=int, default=32,
+                        help="MiB per layer of fake KV cache (default 32)")
+    parser.add_argument("--host-devices", default="4x512MiB",
+                        help="aquad's virtual devices (default 4x512MiB)")
+    # The tenant role, run by the demo itself in child processes.
+    parser.add_argument("--tenant", help=argparse.SUPPRESS)
+    parser.add_argument("--device", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--socket", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tenant:
+        if args.socket:
+            os.environ["AQUA_SOCKET"] = args.socket
+        return tenant_main(args.tenant, args.device, args.layers, args.layer_mib)
+    return run_demo(args.layers, args.layer_mib, args.host_devices)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Fixtures that run the real daemon and real tenant processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from aqua import protocol as p
+from aqua.client import Connection, check_socket
+from aqua.errors import AquaError
+from aquad.backends.host import SHM_DIR, segment_prefix
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class Daemon:
+    """A real aquad subprocess on a private socket."""
+
+    def __init__(self, socket: str, args: list[str]) -> None:
+        self.socket = socket
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.log_path = socket + ".log"
+
+    def start(self) -> Daemon:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aquad", "--socket", self.socket, *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"aquad exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                check_socket(self.socket)
+                return True
+            except AquaError:
+                return False
+
+        assert wait_until(up, 20), f"aquad did not start:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def request(self, op: p.Op, timeout: float = 5.0) -> dict:
+        conn = Connection(self.socket, timeout=timeout)
+        try:
+            return conn.request(op)
+        finally:
+            conn.close()
+
+    def status(self) -> dict:
+        return self.request(p.Status())
+
+    def segments(self) -> list[str]:
+        prefix = segment_prefix(self.socket)
+        return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=15)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    # World-traversable, so tests can run tenants as another user.
+    path = tempfile.mkdtemp(prefix="aqua-test-")
+    os.chmod(path, 0o755)
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.fixture
+def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(*args: str, name: str = "aquad.sock", defaults: bool = True) -> Daemon:
+        base = ["--host-devices", "2x64MiB", "--heartbeat-timeout", "2"] if defaults else []
+        daemon = Daemon(os.path.join(sockdir, name), [*base, *args]).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+        leftover = daemon.segments()
+        assert not leftover, f"aquad left shared memory behind: {leftover}"
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon()
+
+
+class Tenant:
+    """A tenant process running a snippet; talks to the test over lines."""
+
+    def __init__(self, daemon: Daemon, code: str, *, user: tuple[int, int] | None = None):
+        env = dict(os.environ, AQUA_SOCKET=daemon.socket, PYTHONUNBUFFERED="1",
+                   PYTHONDONTWRITEBYTECODE="1")
+        code = textwrap.dedent(code)
+        if user is not None:
+            # Drop privileges after the imports (the interpreter may live where
+            # that user cannot read) and before connecting: SO_PEERCRED records
+            # the credentials at connect time.
+            code = (f"import os, aqua, torch\nos.setgroups([])\nos.setgid({user[1]})\n"
+                    f"os.setuid({user[0]})\n" + code)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
+
+    def readline(self, timeout: float = 20.0) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.proc.kill()
+            raise AssertionError(f"tenant said nothing in {timeout}s: {self.proc.stderr.read()}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"tenant exited {self.proc.wait()}: {self.proc.stderr.read()}")
+        return line.strip()
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def tenants() -> Iterator[Callable[..., Tenant]]:
+    made: list[Tenant] = []
+
+    def make(daemon: Daemon, code: str, **kw) -> Tenant:
+        t = Tenant(daemon, code, **kw)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.kill()
