@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 
@@ -16,6 +18,20 @@ from .core.arbiter import Arbiter, Limits
 from .server import Server, StartupError
 
 log = logging.getLogger("aquad")
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
 
 
 def build(config: Config) -> Server:
@@ -50,8 +66,10 @@ async def run(server: Server) -> None:
             log.info("aquad %s serving %s: backend %s, %d device(s) of %s bytes",
                      __version__, server.socket_path, server.arbiter.backend.name,
                      len(devices), ", ".join(str(d.capacity) for d in devices))
+            notify_systemd("READY=1")
             async for signum in signals:
                 log.info("%s received; stopping", signal.Signals(signum).name)
+                notify_systemd("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
 
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s aquad %(levelname)s %(message)s")
+    # Everything aquad creates is private unless it says otherwise (the socket).
+    os.umask(0o077)
     try:
         server = build(config)
     except (StartupError, BackendError, ConfigError, ValueError) as exc:

@@ -97,7 +97,9 @@ class Server:
         """Lock, bind and set permissions. Synchronous: fails before serving."""
         directory = os.path.dirname(self.socket_path)
         try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+                os.chmod(directory, 0o755)  # tenants of other users must reach the socket
         except OSError as exc:
             raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
         try:

@@ -95,7 +95,7 @@ class HostBackend:
         try:
             if self._euid == 0 and (owner.uid, owner.gid) != (0, 0):
                 os.fchown(fd, owner.uid, owner.gid)
-            os.fchmod(fd, 0o600)  # whatever the umask was
+            # Mode is exactly 0600: aquad runs with umask 077 (see main.py).
             os.ftruncate(fd, nbytes)
         except OSError as exc:
             os.unlink(path)

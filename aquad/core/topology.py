@@ -49,4 +49,7 @@ class Topology:
         return None
 
     def link(self, consumer: int, producer: int) -> Link:
-        return self.links.get((consumer, producer), Link(Tier.HOST, 0.0))
+        return self.links.get((consumer, producer), HOST_LINK)
+
+
+HOST_LINK = Link(Tier.HOST, 0.0)

@@ -1,0 +1,219 @@
+"""Core benchmark: control-path latency and data-path bandwidth of aquad.
+
+Each figure is a ratio against the limit measured in the same run:
+  latency    raw pyzmq echo round trip (a blocking ROUTER echo process, the
+             fastest a Python peer can answer) vs a lease grant and a lease
+             release through a real aquad, same client loop, same socket type;
+             also the full aqua.Client call (encode, lock, map the memory).
+  bandwidth  offload + restore of a tensor through a host lease vs the same
+             two copies into a plain in-process tensor (the data path must add
+             no copy: target ratio >= 0.9).
+
+    python bench/core.py [--rounds 5000] [--mib 256] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgpack
+import torch
+import zmq
+
+import aqua
+from aqua import protocol as p
+from aqua.client import check_socket
+from aqua.errors import AquaError
+from aqua.paths import endpoint
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+print("up", flush=True)
+while True:
+    sock.send_multipart(sock.recv_multipart())
+"""
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"p50_us": s[len(s) // 2] * 1e6, "p99_us": s[int(len(s) * 0.99)] * 1e6}
+
+
+def round_trips(sock: zmq.Socket, frames: list[bytes], rounds: int) -> list[float]:
+    """Time `rounds` request/reply pairs, cycling through `frames`."""
+    out = []
+    for i in range(rounds):
+        frame = frames[i % len(frames)]
+        t0 = time.perf_counter()
+        sock.send(frame)
+        reply = sock.recv()
+        out.append(time.perf_counter() - t0)
+        if frames is not None and not reply:
+            raise RuntimeError("empty reply")
+    return out
+
+
+def wait_socket(path: str, proc: subprocess.Popen) -> None:
+    for _ in range(400):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}")
+        try:
+            check_socket(path)
+            return
+        except AquaError:
+            time.sleep(0.025)
+    raise SystemExit("server did not start")
+
+
+def bench_echo(tmp: str, rounds: int) -> list[float]:
+    path = os.path.join(tmp, "echo.sock")
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(endpoint(path))
+        # Same payload size as a lease request: the daemon's work is what differs.
+        payload = p.encode_request(1, p.Lease(nbytes=65536))
+        round_trips(sock, [payload], 500)  # warm up
+        samples = round_trips(sock, [payload], rounds)
+        sock.close(0)
+        ctx.term()
+        return samples
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_daemon(tmp: str, rounds: int, mib: int) -> dict:
+    path = os.path.join(tmp, "aquad.sock")
+    daemon = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
+                               "--host-devices", f"2x{max(2 * mib, 64)}MiB",
+                               "--log-level", "warning"])
+    try:
+        wait_socket(path, daemon)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(endpoint(path))
+        sock.send(p.encode_request(1, p.Hello(tenant="bench", devices=[0])))
+        assert msgpack.unpackb(sock.recv())["ok"]
+        grant, release = [], []
+        lease_req = p.encode_request(2, p.Lease(nbytes=65536))
+        for i in range(rounds + 500):
+            t0 = time.perf_counter()
+            sock.send(lease_req)
+            reply = msgpack.unpackb(sock.recv())
+            t1 = time.perf_counter()
+            sock.send(p.encode_request(3, p.Release(lease=reply["result"]["lease"])))
+            done = msgpack.unpackb(sock.recv())
+            t2 = time.perf_counter()
+            assert done["ok"], done
+            if i >= 500:
+                grant.append(t1 - t0)
+                release.append(t2 - t1)
+        sock.close(0)
+        ctx.term()
+
+        api = []
+        with aqua.connect("bench-api", 0, socket=path) as client:
+            for i in range(rounds // 5 + 100):
+                t0 = time.perf_counter()
+                client.lease(65536).release()
+                if i >= 100:
+                    api.append(time.perf_counter() - t0)
+            bandwidth = bench_bandwidth(client, mib)
+        return {"grant": grant, "release": release, "api": api, "bandwidth": bandwidth}
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_bandwidth(client: aqua.Client, mib: int, repeats: int = 7) -> dict:
+    n = mib * 2**20
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    plain = torch.empty_like(src)
+    plain.fill_(0)  # touched, like a populated lease mapping
+    dst.fill_(0)
+    with client.lease(n) as lease:
+        leased = lease.tensor()
+
+        def via_lease() -> None:
+            leased.copy_(src)
+            dst.copy_(leased)
+
+        def via_plain() -> None:
+            plain.copy_(src)
+            dst.copy_(plain)
+
+        via_lease(), via_plain()  # warm up
+        t_lease = best_of(via_lease, repeats)
+        t_plain = best_of(via_plain, repeats)
+        via_lease()
+        assert torch.equal(dst, src)
+        del leased
+    moved = 2 * n  # offload + restore
+    return {"bytes": n, "lease_gbps": moved / t_lease / 1e9, "plain_gbps": moved / t_plain / 1e9,
+            "ratio": t_plain / t_lease}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5000)
+    parser.add_argument("--mib", type=int, default=256, help="tensor size for bandwidth")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
+    with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
+        echo = bench_echo(tmp, args.rounds)
+        d = bench_daemon(tmp, args.rounds, args.mib)
+    e = percentiles(echo)
+    rows = [("raw pyzmq echo", e)]
+    out = {"echo": e, "rounds": args.rounds}
+    for key, label in (("grant", "lease grant"), ("release", "lease release"),
+                       ("api", "client.lease()+release()")):
+        q = percentiles(d[key])
+        q["ratio_p50"] = q["p50_us"] / e["p50_us"]
+        q["ratio_p99"] = q["p99_us"] / e["p99_us"]
+        rows.append((label, q))
+        out[key] = q
+    print(f"control path, {args.rounds} round trips (ratio = vs raw echo)")
+    print(f"{'':26} {'p50 us':>8} {'p99 us':>8} {'x p50':>6} {'x p99':>6}")
+    for label, q in rows:
+        print(f"{label:26} {q['p50_us']:8.1f} {q['p99_us']:8.1f} "
+              f"{q.get('ratio_p50', 1):6.2f} {q.get('ratio_p99', 1):6.2f}")
+    b = d["bandwidth"]
+    out["bandwidth"] = b
+    print(f"\ndata path, {b['bytes'] >> 20} MiB offload + restore")
+    print(f"  through a host lease   {b['lease_gbps']:6.2f} GB/s")
+    print(f"  plain in-process copy  {b['plain_gbps']:6.2f} GB/s")
+    print(f"  ratio                  {b['ratio']:6.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
