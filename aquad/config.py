@@ -53,6 +53,8 @@ class Config:
     backend: str = "auto"
     host_devices: str = "4x1GiB"
     heartbeat_timeout_s: float = 5.0
+    quantum_ms: float = 100.0
+    grace_ms: float = 1000.0
     max_tenants: int = 1024
     max_leases_per_tenant: int = 4096
     log_level: str = "info"
@@ -64,6 +66,10 @@ class Config:
         parse_host_devices(self.host_devices)
         if not 0.1 <= self.heartbeat_timeout_s <= 3600:
             raise ConfigError("heartbeat_timeout_s must be within 0.1..3600 seconds")
+        if not 1 <= self.quantum_ms <= 60_000:
+            raise ConfigError(f"quantum_ms must be within 1..60000, got {self.quantum_ms:g}")
+        if not 0 <= self.grace_ms <= 600_000:
+            raise ConfigError(f"grace_ms must be within 0..600000, got {self.grace_ms:g}")
         if self.max_tenants < 1 or self.max_leases_per_tenant < 1:
             raise ConfigError("max_tenants and max_leases_per_tenant must be >= 1")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -102,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual devices of the host backend, e.g. 4x2GiB (default 4x1GiB)")
     p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float,
                    metavar="SECONDS", help="drop a silent tenant after this long (default 5)")
+    p.add_argument("--quantum-ms", dest="quantum_ms", type=float, metavar="MS",
+                   help="GPU time slice before a holder may be preempted (default 100)")
+    p.add_argument("--grace-ms", dest="grace_ms", type=float, metavar="MS",
+                   help="time a preempted holder has to yield before revocation (default 1000)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return p
 

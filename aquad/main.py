@@ -46,6 +46,8 @@ def build(config: Config) -> Server:
         max_leases_per_tenant=config.max_leases_per_tenant,
         heartbeat_interval_s=config.heartbeat_timeout_s / 5,
         heartbeat_timeout_s=config.heartbeat_timeout_s,
+        quantum_s=config.quantum_ms / 1000,
+        grace_s=config.grace_ms / 1000,
     )
     arbiter = Arbiter(backend, clock=time.monotonic, limits=limits)
     server = Server(arbiter, config.socket, socket_group=config.socket_group,

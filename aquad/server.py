@@ -15,6 +15,7 @@ import fcntl
 import grp
 import logging
 import os
+import time
 from collections import deque
 
 import trio
@@ -28,6 +29,9 @@ from .core.arbiter import Arbiter
 from .core.tenants import Peer
 
 log = logging.getLogger("aquad")
+
+# Requests after which the scheduler may have news for other tenants.
+_SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye)
 
 
 class StartupError(Exception):
@@ -89,6 +93,8 @@ class Server:
         self._wake: trio.CancelScope | None = None
         self._watchers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self._timer_target: float | None = None
         self.requests_served = 0
 
     # --- lifecycle ------------------------------------------------------------
@@ -144,6 +150,7 @@ class Server:
                 self._nursery = nursery
                 nursery.start_soon(self._socket_loop)
                 nursery.start_soon(self._reaper)
+                nursery.start_soon(self._timer)
                 task_status.started()
         finally:
             self._close()
@@ -229,6 +236,8 @@ class Server:
             elif isinstance(request.args, m.Bye):
                 log.info("tenant left: %s", peer)
                 self._forget_watchers()
+            if isinstance(request.args, _SCHEDULING_OPS):
+                self._dispatch(direct=True)  # the next holder's grant goes out first
         except ProtocolError as exc:
             if exc.request_id is None:
                 exc.request_id = rid
@@ -238,6 +247,36 @@ class Server:
             reply = m.encode_error(ProtocolError(
                 ErrorCode.INTERNAL, "internal error; see the aquad log", request_id=rid))
         self._send(conn, reply)
+
+    # --- scheduler events and time ------------------------------------------
+
+    def _dispatch(self, *, direct: bool = False) -> None:
+        """Send what the arbiter has for tenants; re-arm the timer if needed.
+        `direct` only from the socket task, which may use the socket itself."""
+        for conn, name, data in self.arbiter.take_events():
+            frame = m.encode_event(name, data)
+            if direct:
+                self._send(conn, frame)
+            else:
+                self.post(conn, frame)
+        deadline = self.arbiter.next_deadline()
+        if deadline is not None and self._timer_scope is not None and (
+                self._timer_target is None or deadline < self._timer_target):
+            self._timer_scope.cancel()
+
+    async def _timer(self) -> None:
+        """Wake the scheduler when a quantum or a grace period ends."""
+        while True:
+            deadline = self.arbiter.next_deadline()
+            self._timer_target = deadline
+            with trio.CancelScope() as self._timer_scope:
+                if deadline is None:
+                    await trio.sleep_forever()
+                else:
+                    await trio.sleep(max(0.0, deadline - time.monotonic()))
+            self._timer_scope = None
+            self.arbiter.tick()
+            self._dispatch()
 
     # --- tenant liveness ------------------------------------------------------
 
@@ -258,9 +297,10 @@ class Server:
     def _drop(self, tenant_id: str, why: str) -> None:
         tenant = self.arbiter.drop_tenant(tenant_id)
         if tenant is not None:
-            log.warning("tenant %s (%s, pid %d) %s; its leases are released",
+            log.warning("tenant %s (%s, pid %d) %s; its leases and slices are released",
                         tenant.id, tenant.name, tenant.peer.pid, why)
         self._forget_watchers()
+        self._dispatch()
 
     async def _watch_process(self, tenant_id: str, pid: int) -> None:
         """A pidfd becomes readable when the process exits: prompt cleanup for a
@@ -285,8 +325,11 @@ class Server:
     async def _reaper(self) -> None:
         while True:
             await trio.sleep(self.heartbeat_check_s)
-            for tenant in self.arbiter.expire():
+            expired = self.arbiter.expire()
+            for tenant in expired:
                 log.warning("tenant %s (%s, pid %d) missed its heartbeats; its leases "
                             "are released", tenant.id, tenant.name, tenant.peer.pid)
+            if expired:
                 self._forget_watchers()
+                self._dispatch()
 

@@ -10,7 +10,7 @@
 Importing aqua does not import torch; tensors are touched only on demand.
 """
 
-from .client import Client, Connection, Lease, connect
+from .client import Client, Connection, Lease, TurnState, connect
 from .errors import (
     AlreadyRegistered,
     AquaError,
@@ -28,17 +28,27 @@ from .errors import (
     OutOfMemory,
     PermissionDenied,
     ShuttingDown,
+    TurnTimeout,
     UnknownOp,
     UnsupportedVersion,
 )
 from .paths import resolve_socket
+
+
+def __getattr__(name: str):
+    # TensorPager needs torch; load it only when asked for.
+    if name == "TensorPager":
+        from .tensors import TensorPager
+
+        return TensorPager
+    raise AttributeError(name)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyRegistered", "AquaError", "BadRequest", "Client", "Connection", "DaemonGone",
     "DaemonNotResponding", "DaemonNotRunning", "DaemonUnavailable", "FrameTooLarge",
-    "InternalError", "Lease", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
-    "OutOfMemory", "PermissionDenied", "ShuttingDown", "UnknownOp", "UnsupportedVersion",
+    "InternalError", "Lease", "TensorPager", "TurnState", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
+    "OutOfMemory", "PermissionDenied", "ShuttingDown", "TurnTimeout", "UnknownOp", "UnsupportedVersion",
     "connect", "resolve_socket",
 ]

@@ -15,7 +15,8 @@ import socket as pysocket
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -28,6 +29,7 @@ from .errors import (
     DaemonNotRunning,
     PermissionDenied,
     ShuttingDown,
+    TurnTimeout,
     error_for,
 )
 from .memory import open_handle
@@ -82,14 +84,16 @@ class Connection:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.gone: str | None = None  # why the daemon is unusable, once it is
+        self.on_event: Callable[[p.Event], None] | None = None
+        self.keepalive_s = 1.0
+        self._last_sent = time.monotonic()
 
     def request(self, op: p.Op, *, timeout: float | None = None) -> dict[str, Any]:
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
             if self.gone:
                 raise DaemonGone(self.gone)
-            rid = next(self._ids)
-            self._sock.send(p.encode_request(rid, op))
+            rid = self._send(op)
             deadline = time.monotonic() + timeout
             while True:
                 remaining = deadline - time.monotonic()
@@ -111,15 +115,53 @@ class Connection:
         if event.event == "shutdown":
             self.gone = "aquad shut down: " + str(event.data.get("reason", "no reason given"))
             raise ShuttingDown(self.gone)
-        log.debug("ignoring unknown event %r", event.event)
+        if self.on_event is not None:
+            self.on_event(event)
+        else:
+            log.debug("ignoring event %r", event.event)
 
     def poll_events(self) -> None:
-        """Read pushed events without sending anything (non-blocking)."""
-        with self._lock:
+        """Read pushed events without sending or blocking. Skips the check if
+        another thread is mid-request: that thread dispatches events too."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             while not self.gone and self._sock.poll(0, zmq.POLLIN):
-                msg = self._read()
-                if isinstance(msg, p.Event):
-                    self._on_event(msg)
+                self._dispatch(self._read())
+        finally:
+            self._lock.release()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Read events until predicate() holds (True) or timeout passes (False).
+        The lock is dropped between short polls so the heartbeat thread runs,
+        and a keepalive goes out if this wait is all the tenant is doing."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if predicate():
+                    return True
+                if self.gone:
+                    raise DaemonGone(self.gone)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return False
+                if now - self._last_sent > self.keepalive_s:
+                    self._send(p.Heartbeat())  # its reply is dropped as stale
+                window = 0.05 if deadline is None else min(0.05, deadline - now)
+                if self._sock.poll(max(1, int(window * 1000)), zmq.POLLIN):
+                    self._dispatch(self._read())
+            time.sleep(0)  # let a thread blocked on the lock have it
+
+    def _dispatch(self, msg: p.Reply | p.Event) -> None:
+        if isinstance(msg, p.Event):
+            self._on_event(msg)
+        # A reply nobody waits for is the late answer to a timed-out request.
+
+    def _send(self, op: p.Op) -> int:
+        rid = next(self._ids)
+        self._sock.send(p.encode_request(rid, op))
+        self._last_sent = time.monotonic()
+        return rid
 
     def _read(self) -> p.Reply | p.Event:
         try:
@@ -154,6 +196,10 @@ class Client:
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
         self._stop = threading.Event()
+        self._turn = TurnState()
+        self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
+        self._conn.on_event = self._on_event
+        self._conn.keepalive_s = hello["heartbeat_interval_s"]
         self._heartbeat = threading.Thread(
             target=self._beat, args=(hello["heartbeat_interval_s"],),
             name=f"aqua-heartbeat-{self.id}", daemon=True)
@@ -194,6 +240,80 @@ class Client:
         if not self._conn.gone:
             self._conn.request(p.Release(lease=lease.id))
 
+    # --- GPU time slices ------------------------------------------------------
+
+    @contextmanager
+    def turn(self, devices: Iterable[int] | None = None,
+             timeout: float | None = None) -> Iterator[TurnState]:
+        """Hold a GPU time slice on `devices` (default: all home devices) for the
+        block; blocks until granted. Call respond() at the top of every engine
+        iteration inside it. Raises TurnTimeout if not granted within timeout."""
+        st = self._turn
+        if st.active:
+            raise AquaError("already inside a turn")
+        reply = self._conn.request(p.Turn(devices=None if devices is None else list(devices)))
+        st.active = True
+        try:
+            if reply["state"] == "granted":
+                st.hold(reply)
+            elif not self._conn.wait_for(lambda: st.holding, timeout):
+                raise TurnTimeout(f"no slice granted within {timeout:g} s")
+            yield st
+        finally:
+            st.active = False
+            st.holding = False
+            if self._conn.gone is None:
+                self._conn.request(p.TurnDone())
+
+    def respond(self) -> bool:
+        """The engine's per-iteration check (the paper's respond()). Returns
+        False at once when nothing is asked. When the daemon wants the GPU
+        back: runs the page-out hook, yields, blocks until the next grant, runs
+        the page-in hook and returns True."""
+        st = self._turn
+        if not st.active:
+            return False
+        if not (st.preempted or st.revoked):
+            self._conn.poll_events()
+            if not (st.preempted or st.revoked):
+                return False
+        page_out, page_in = self._hooks
+        if page_out is not None:
+            page_out()
+        slice_id = st.slice
+        st.holding = st.preempted = st.revoked = False
+        st.yields += 1
+        reply = self._conn.request(p.TurnYield(slice=slice_id))
+        if reply["state"] == "granted":
+            st.hold(reply)
+        else:
+            self._conn.wait_for(lambda: st.holding, None)
+        if page_in is not None:
+            page_in()
+        return True
+
+    def on_preempt(self, page_out: Callable[[], object] | None,
+                   page_in: Callable[[], object] | None) -> None:
+        """Hooks respond() runs around a yield: page the tenant's context out
+        to its leases, and back in once it holds the GPU again. See
+        aqua.TensorPager for a ready-made pair."""
+        self._hooks = (page_out, page_in)
+
+    def _on_event(self, event: p.Event) -> None:
+        st, data = self._turn, event.data
+        if event.event == "grant":
+            if st.active and not st.holding and data.get("slice", 0) > st.slice:
+                st.hold(data)
+        elif event.event == "preempt":
+            if st.holding and data.get("slice") == st.slice:
+                st.preempted = True
+        elif event.event == "revoked":
+            if st.holding and data.get("slice") == st.slice:
+                st.holding = False
+                st.revoked = True
+                st.revocations += 1
+                log.warning("aquad revoked slice %s: %s", st.slice, data.get("reason"))
+
     # --- lifecycle ----------------------------------------------------------
 
     def _beat(self, interval: float) -> None:
@@ -233,6 +353,28 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<aqua.Client {self.id} {self.name!r} devices={list(self.devices)}>"
+
+
+class TurnState:
+    """What the tenant holds. Written by whichever thread reads the event."""
+
+    def __init__(self) -> None:
+        self.active = False  # inside turn()
+        self.holding = False
+        self.slice = 0
+        self.devices: list[int] = []
+        self.quantum_s = 0.0
+        self.preempted = False  # asked to yield
+        self.revoked = False  # slice taken away
+        self.yields = 0
+        self.revocations = 0
+
+    def hold(self, grant: dict[str, Any]) -> None:
+        self.slice = int(grant["slice"])
+        self.devices = list(grant["devices"])
+        self.quantum_s = float(grant["quantum_s"])
+        self.preempted = self.revoked = False
+        self.holding = True
 
 
 class Lease:

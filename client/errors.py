@@ -1,9 +1,10 @@
 """Exceptions of the tenant library. Each carries the wire error code.
 
 Codes from the daemon are the protocol's (aqua.protocol.ErrorCode); the
-library adds four of its own for failures that never reach a daemon:
+library adds its own for failures that never reach a daemon:
 `daemon_not_running`, `daemon_not_responding`, `permission_denied` (on the
-socket file) and `daemon_gone` (it said goodbye, or the client was closed).
+socket file), `daemon_gone` (it said goodbye, or the client was closed) and
+`turn_timeout` (no slice granted in time).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ class DaemonNotResponding(DaemonUnavailable):
 
 class DaemonGone(DaemonUnavailable):
     code = "daemon_gone"
+
+
+class TurnTimeout(AquaError):
+    """turn() was not granted a slice within its timeout."""
+
+    code = "turn_timeout"
 
 
 class ShuttingDown(DaemonGone):

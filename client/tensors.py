@@ -75,3 +75,91 @@ def offload(client: Client, tensor: torch.Tensor, near: int | None = None) -> Of
         lease.release()
         raise
     return OffloadedTensor(lease, tensor.dtype, tensor.shape, tensor.device)
+
+
+class TensorPager:
+    """Ready-made preemption hooks: page a set of tensors out to leases.
+
+    page_out() copies each registered tensor into its lease and drops the
+    tensor's own storage (the Python object stays, empty); page_in() gives it
+    fresh storage and copies the bytes back, bit-exactly. Leases are kept
+    across preemptions and reused while big enough, so a steady engine does
+    no lease round trips on the preemption path.
+
+        pager = aqua.TensorPager(client, [k_cache, v_cache]).install()
+    """
+
+    def __init__(self, client: Client, tensors: list[torch.Tensor] = (),
+                 near: int | None = None) -> None:
+        self.client = client
+        self.near = near
+        self._entries: list[_Paged] = []
+        self.paged_out = False
+        self.bytes_out = 0
+        self.bytes_in = 0
+        for t in tensors:
+            self.register(t)
+
+    def register(self, tensor: torch.Tensor) -> None:
+        if self.paged_out:
+            raise AquaError("cannot register while paged out")
+        if any(e.tensor is tensor for e in self._entries):
+            return
+        self._entries.append(_Paged(tensor))
+
+    def unregister(self, tensor: torch.Tensor) -> None:
+        for e in list(self._entries):
+            if e.tensor is tensor:
+                if e.lease is not None:
+                    e.lease.release()
+                self._entries.remove(e)
+
+    def install(self) -> TensorPager:
+        self.client.on_preempt(self.page_out, self.page_in)
+        return self
+
+    def page_out(self) -> None:
+        for e in self._entries:
+            t = e.tensor
+            e.shape, e.dtype, e.device = t.shape, t.dtype, t.device
+            src = _bytes_of(t)
+            n = src.numel()
+            if e.lease is None or e.lease.nbytes < n:
+                if e.lease is not None:
+                    e.lease.release()
+                e.lease = self.client.lease(max(n, 1), near=self.near)
+            if n:
+                e.lease.tensor()[:n].copy_(src)
+            e.nbytes = n
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            self.bytes_out += n
+        self.paged_out = True
+
+    def page_in(self) -> None:
+        if not self.paged_out:
+            return
+        for e in self._entries:
+            fresh = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+            if e.nbytes:
+                fresh.reshape(-1).view(torch.uint8).copy_(e.lease.tensor()[: e.nbytes])
+            e.tensor.data = fresh
+            self.bytes_in += e.nbytes
+        self.paged_out = False
+
+    def close(self) -> None:
+        """Release the leases (paging in first if needed)."""
+        self.page_in()
+        for e in self._entries:
+            if e.lease is not None:
+                e.lease.release()
+                e.lease = None
+
+
+class _Paged:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.lease: Lease | None = None
+        self.shape = tensor.shape
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.nbytes = 0

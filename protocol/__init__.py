@@ -23,6 +23,9 @@ from .messages import (
     Reply,
     Request,
     Status,
+    Turn,
+    TurnDone,
+    TurnYield,
     decode_reply,
     decode_request,
     encode_error,
@@ -34,7 +37,8 @@ from .messages import (
 __all__ = [
     "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "OPS", "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS", "Bye", "ErrorCode", "Event", "Heartbeat", "Hello", "Lease",
-    "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status",
+    "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status", "Turn",
+    "TurnDone", "TurnYield",
     "decode_reply", "decode_request", "encode_error", "encode_event", "encode_request",
     "encode_result",
 ]

@@ -190,6 +190,32 @@ class LeaseInfo(Op):
 
 @operation
 @dataclass(frozen=True)
+class Turn(Op):
+    op = "turn"
+    doc = ("Ask for a GPU time slice on `devices` (default: all home devices). The reply "
+           "says granted (with the slice) or queued; a queued tenant gets a `grant` event.")
+    devices: list | None = arg(Check(list, min_len=1, max_len=64, item=DEVICE), default=None,
+                               doc="subset of the tenant's home devices for this turn")
+
+
+@operation
+@dataclass(frozen=True)
+class TurnDone(Op):
+    op = "turn_done"
+    doc = "Give the slice back (or stop waiting for one); the tenant wants nothing more."
+
+
+@operation
+@dataclass(frozen=True)
+class TurnYield(Op):
+    op = "turn_yield"
+    doc = ("Acknowledge a `preempt` (context paged out) and queue for the next slice. "
+           "Reply as for `turn`.")
+    slice: int = arg(_int(0, MAX_REQUEST_ID), doc="slice id from the grant being yielded")
+
+
+@operation
+@dataclass(frozen=True)
 class Status(Op):
     op = "status"
     needs_tenant = False
@@ -303,6 +329,11 @@ def encode_event(event: str, data: dict | None = None) -> bytes:
 EVENTS = {
     "shutdown": "The daemon is stopping; every lease is gone. Pending and later "
                 "requests fail with `shutting_down`.",
+    "grant": "A queued tenant now holds a slice: {slice, devices, quantum_s}.",
+    "preempt": "The holder's quantum is over and others wait: page out, then send "
+               "`turn_yield` within {grace_s}. Data: {slice, grace_s}.",
+    "revoked": "The holder did not yield in time; the slice was given away. "
+               "Data: {slice, reason}. Work already launched on the device is not stopped.",
 }
 
 

@@ -22,6 +22,7 @@ from ..backends.base import Backend, BackendError
 from .allocator import GranuleAllocator
 from .leases import LeaseRecord, LeaseTable
 from .placer import place, tier_of
+from .scheduler import Action, Grant, Preempt, Scheduler
 from .tenants import Peer, Tenant, TenantRegistry
 
 
@@ -31,6 +32,8 @@ class Limits:
     max_leases_per_tenant: int = 4096
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
+    quantum_s: float = 0.1  # GPU time slice before a holder may be preempted
+    grace_s: float = 1.0  # time a preempted holder has to page out and yield
 
 
 def new_lease_id() -> str:
@@ -54,6 +57,9 @@ class Arbiter:
             d.id: GranuleAllocator(d.capacity, backend.granule) for d in self.topology.devices
         }
         self.tenants = TenantRegistry()
+        self.scheduler = Scheduler([d.id for d in self.topology.devices], clock=clock,
+                                   quantum=limits.quantum_s, grace=limits.grace_s)
+        self._events: list[tuple[bytes, str, dict]] = []
         self.leases = LeaseTable()
         self.limits = limits
         self._clock = clock
@@ -68,6 +74,9 @@ class Arbiter:
             m.Release: self._release,
             m.LeaseInfo: self._lease_info,
             m.Status: self._status,
+            m.Turn: self._turn,
+            m.TurnDone: self._turn_done,
+            m.TurnYield: self._turn_yield,
         }
 
     # --- entry points from the shell ---------------------------------------
@@ -98,7 +107,21 @@ class Arbiter:
         if tenant is not None:
             for lease_id in list(tenant.leases):
                 self._free(tenant, lease_id)
+            self._emit(self.scheduler.remove(tenant_id))
         return tenant
+
+    def tick(self) -> None:
+        """Let the scheduler act on the clock (quantum ends, overdue yields)."""
+        self._emit(self.scheduler.tick())
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which tick() has work, or None."""
+        return self.scheduler.next_deadline()
+
+    def take_events(self) -> list[tuple[bytes, str, dict]]:
+        """Events for tenants produced since the last call: (conn, name, data)."""
+        events, self._events = self._events, []
+        return events
 
     def expire(self) -> list[Tenant]:
         """Drop tenants whose heartbeats stopped; returns who was dropped."""
@@ -113,6 +136,7 @@ class Arbiter:
         conns = [t.conn for t in self.tenants]
         for tenant in self.tenants:
             self.drop_tenant(tenant.id)
+        self._events.clear()  # everyone gets the farewell instead
         self.backend.close()
         return conns
 
@@ -134,6 +158,7 @@ class Arbiter:
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, why)
         tenant = self.tenants.add(args.tenant, conn, peer, tuple(args.devices),
                                   args.weight, self._clock())
+        self.scheduler.add(tenant.id, tenant.devices, tenant.weight)
         return {
             "tenant_id": tenant.id,
             "protocol": m.PROTOCOL_VERSION,
@@ -200,6 +225,53 @@ class Arbiter:
     def _status(self, conn: bytes, peer: Peer, args: m.Status) -> dict:
         return self.status()
 
+    def _turn(self, conn: bytes, peer: Peer, args: m.Turn) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        if args.devices is not None:
+            for dev in args.devices:
+                self._device(dev)
+            outside = sorted(set(args.devices) - set(tenant.devices))
+            if outside:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"turn: devices {outside} are not among the tenant's home devices "
+                    f"{list(tenant.devices)}")
+        return self._turn_reply(tenant, self.scheduler.want(tenant.id, args.devices))
+
+    def _turn_done(self, conn: bytes, peer: Peer, args: m.TurnDone) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        self._emit(self.scheduler.done(tenant.id))
+        return {}
+
+    def _turn_yield(self, conn: bytes, peer: Peer, args: m.TurnYield) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        return self._turn_reply(tenant, self.scheduler.yield_(tenant.id, args.slice))
+
+    def _turn_reply(self, tenant: Tenant, actions: list[Action]) -> dict:
+        # The caller learns of its own grant from the reply, not an event.
+        self._emit([a for a in actions if not (isinstance(a, Grant) and a.tenant == tenant.id)])
+        runner = self.scheduler.runners[tenant.id]
+        if runner.state == "holding":
+            return {"state": "granted", "slice": runner.slice, "devices": list(runner.devices),
+                    "quantum_s": max(0.0, runner.quantum_end - self._clock())}
+        return {"state": "queued", "devices": list(runner.devices)}
+
+    def _emit(self, actions: list[Action]) -> None:
+        for action in actions:
+            tenant = self.tenants.get(action.tenant)
+            if tenant is None:
+                continue
+            if isinstance(action, Grant):
+                data = {"slice": action.slice, "devices": list(action.devices),
+                        "quantum_s": action.quantum}
+                self._events.append((tenant.conn, "grant", data))
+            elif isinstance(action, Preempt):
+                self._events.append((tenant.conn, "preempt",
+                                     {"slice": action.slice, "grace_s": action.grace}))
+            else:
+                self._events.append((tenant.conn, "revoked",
+                                     {"slice": action.slice, "reason": action.reason}))
+
     # --- helpers -------------------------------------------------------------
 
     def _device(self, device: int) -> None:
@@ -261,4 +333,5 @@ class Arbiter:
                  "age_s": round(now - l.created_at, 3)}
                 for l in leases
             ],
+            "slices": self.scheduler.view(),
         }

@@ -1,0 +1,299 @@
+"""GPU time slices: who may compute on which device, and for how long.
+
+A deterministic object with an injected clock; the daemon and the simulator
+drive the same code. Policy:
+
+- Fair share by virtual runtime (CFS-like): a holder's vruntime grows by
+  held time / weight; the waiting tenant with the least vruntime goes next
+  (ties by arrival). A tenant that was idle re-enters at the floor of its
+  devices (the least vruntime among active tenants there), so idling banks
+  no credit.
+- Gang grants: a tenant spanning several devices gets all of them or none.
+  When the head of the queue cannot start, the devices it needs are reserved
+  (no tenant behind it may take them), so it cannot be starved by a stream
+  of smaller tenants; grants are all-or-nothing, so nothing holds a device
+  while waiting for another and there is no deadlock.
+- Preemption: once a holder's quantum is over and someone waits for one of
+  its devices, it is asked to yield; nobody else is granted until it does or
+  its grace period runs out. A lone tenant is never asked (no needless paging).
+- Revocation: a holder that does not yield within grace loses the slice
+  anyway. It gets a strike; each strike halves its next quanta (down to a
+  floor) and each timely yield removes one. A revoked tenant is not queued
+  again until it asks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+WAIT_SAMPLES = 1024  # per tenant, for wait-time percentiles
+
+
+@dataclass(frozen=True)
+class Grant:
+    tenant: str
+    devices: tuple[int, ...]
+    slice: int
+    quantum: float  # seconds the tenant may hold before it can be preempted
+
+
+@dataclass(frozen=True)
+class Preempt:
+    tenant: str
+    slice: int
+    grace: float  # seconds to yield before revocation
+
+
+@dataclass(frozen=True)
+class Revoke:
+    tenant: str
+    slice: int
+    reason: str
+
+
+Action = Grant | Preempt | Revoke
+
+
+@dataclass
+class Runner:
+    id: str
+    home: tuple[int, ...]  # every device the tenant may ask for
+    weight: float
+    devices: tuple[int, ...] = ()  # what the current or next turn covers
+    vruntime: float = 0.0
+    state: str = "idle"  # idle | waiting | holding
+    seq: int = 0  # arrival order among waiters
+    waiting_since: float = 0.0
+    slice: int = 0
+    granted_at: float = 0.0
+    quantum_end: float = 0.0
+    preempt_deadline: float | None = None
+    strikes: int = 0
+    revocations: int = 0
+    held: float = 0.0  # total seconds holding
+    grants: int = 0
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
+
+
+class Scheduler:
+    def __init__(self, devices: Iterable[int], *, clock: Callable[[], float],
+                 quantum: float = 0.05, grace: float = 0.5,
+                 min_quantum: float | None = None) -> None:
+        if quantum <= 0 or grace < 0:
+            raise ValueError("quantum must be > 0 and grace >= 0")
+        self.devices = tuple(devices)
+        self.quantum = quantum
+        self.grace = grace
+        self.min_quantum = quantum / 8 if min_quantum is None else min_quantum
+        self._clock = clock
+        self.runners: dict[str, Runner] = {}
+        self.holder: dict[int, str | None] = {d: None for d in self.devices}
+        self.floor: dict[int, float] = {d: 0.0 for d in self.devices}
+        self._seq = itertools.count(1)
+        self._slices = itertools.count(1)
+        # Per device, per tenant: seconds held there (for the time-share view).
+        self.device_time: dict[int, dict[str, float]] = {d: {} for d in self.devices}
+
+    # --- tenant lifecycle -----------------------------------------------------
+
+    def add(self, tenant: str, devices: Iterable[int], weight: float = 1.0) -> None:
+        devices = tuple(sorted(set(devices)))
+        unknown = [d for d in devices if d not in self.holder]
+        if unknown or not devices:
+            raise ValueError(f"unknown devices {unknown}")
+        if weight <= 0:
+            raise ValueError("weight must be positive")
+        self.runners[tenant] = Runner(tenant, devices, weight, devices)
+
+    def remove(self, tenant: str) -> list[Action]:
+        """The tenant is gone (left or died): whatever it held is free at once."""
+        runner = self.runners.pop(tenant, None)
+        if runner is None:
+            return []
+        if runner.state == "holding":
+            self._release(runner)
+        return self._schedule()
+
+    # --- requests from tenants ------------------------------------------------
+
+    def want(self, tenant: str, devices: Iterable[int] | None = None) -> list[Action]:
+        """The tenant wants `devices` (default: all it registered). Idempotent
+        while waiting or holding; the device set only changes from idle."""
+        runner = self.runners[tenant]
+        if runner.state == "idle":
+            runner.devices = runner.home if devices is None else tuple(sorted(set(devices)))
+            self._enqueue(runner)
+        return self._schedule()
+
+    def done(self, tenant: str) -> list[Action]:
+        """The tenant gives its slice back and wants nothing more for now."""
+        runner = self.runners[tenant]
+        if runner.state == "holding":
+            self._timely(runner)
+            self._release(runner)
+        runner.state = "idle"
+        return self._schedule()
+
+    def yield_(self, tenant: str, slice_id: int) -> list[Action]:
+        """Acknowledge a preemption (pages are out) and queue for the next
+        turn. A stale slice id (revoked meanwhile) just queues the tenant."""
+        runner = self.runners[tenant]
+        if runner.state == "holding" and runner.slice == slice_id:
+            self._timely(runner)
+            self._release(runner)
+            self._enqueue(runner)
+        elif runner.state == "idle":
+            self._enqueue(runner)
+        return self._schedule()
+
+    # --- time -----------------------------------------------------------------
+
+    def tick(self) -> list[Action]:
+        """Apply what the clock says: preempt expired quanta, revoke overdue."""
+        return self._schedule()
+
+    def next_deadline(self) -> float | None:
+        """When tick() next has something to do (None: nothing until a request)."""
+        waiting = self._waiting_devices()
+        times = []
+        for runner in self.runners.values():
+            if runner.state != "holding":
+                continue
+            if runner.preempt_deadline is not None:
+                times.append(runner.preempt_deadline)
+            elif waiting.intersection(runner.devices):
+                times.append(runner.quantum_end)
+        return min(times, default=None)
+
+    # --- internals ------------------------------------------------------------
+
+    def _quantum_for(self, runner: Runner) -> float:
+        return max(self.min_quantum, self.quantum / (2 ** runner.strikes))
+
+    def _enqueue(self, runner: Runner) -> None:
+        # No banked credit: re-enter no earlier than the devices' floor.
+        runner.vruntime = max(runner.vruntime, max(self.floor[d] for d in runner.devices))
+        runner.state = "waiting"
+        runner.seq = next(self._seq)
+        runner.waiting_since = self._clock()
+
+    def _timely(self, runner: Runner) -> None:
+        if runner.preempt_deadline is not None and self._clock() <= runner.preempt_deadline:
+            runner.strikes = max(0, runner.strikes - 1)
+
+    def _release(self, runner: Runner) -> None:
+        held = max(0.0, self._clock() - runner.granted_at)
+        runner.vruntime += held / runner.weight
+        runner.held += held
+        for d in runner.devices:
+            self.holder[d] = None
+            per = self.device_time[d]
+            per[runner.id] = per.get(runner.id, 0.0) + held
+        runner.state = "idle"
+        runner.preempt_deadline = None
+
+    def _running_vruntime(self, runner: Runner, now: float) -> float:
+        if runner.state == "holding":
+            return runner.vruntime + (now - runner.granted_at) / runner.weight
+        return runner.vruntime
+
+    def _waiting_devices(self) -> set[int]:
+        out: set[int] = set()
+        for runner in self.runners.values():
+            if runner.state == "waiting":
+                out.update(runner.devices)
+        return out
+
+    def _schedule(self) -> list[Action]:
+        now = self._clock()
+        actions: list[Action] = []
+        # 1. Revoke holders whose grace ran out.
+        for runner in self.runners.values():
+            if (runner.state == "holding" and runner.preempt_deadline is not None
+                    and now >= runner.preempt_deadline):
+                slice_id = runner.slice
+                self._release(runner)
+                runner.strikes += 1
+                runner.revocations += 1
+                actions.append(Revoke(runner.id, slice_id,
+                                      f"did not yield within {self.grace:g} s"))
+        # 2. Grant in fair order, reserving devices for whoever cannot start yet.
+        waiting = sorted((r for r in self.runners.values() if r.state == "waiting"),
+                         key=lambda r: (r.vruntime, r.seq))
+        reserved: set[int] = set()
+        for runner in waiting:
+            if any(d in reserved or self.holder[d] is not None for d in runner.devices):
+                reserved.update(runner.devices)
+                continue
+            runner.state = "holding"
+            runner.slice = next(self._slices)
+            runner.granted_at = now
+            runner.grants += 1
+            runner.waits.append(now - runner.waiting_since)
+            quantum = self._quantum_for(runner)
+            runner.quantum_end = now + quantum
+            for d in runner.devices:
+                self.holder[d] = runner.id
+            actions.append(Grant(runner.id, runner.devices, runner.slice, quantum))
+        # 3. Ask holders past their quantum to yield if someone waits for them.
+        waiting_devices = self._waiting_devices()
+        for runner in self.runners.values():
+            if (runner.state == "holding" and runner.preempt_deadline is None
+                    and now >= runner.quantum_end
+                    and waiting_devices.intersection(runner.devices)):
+                runner.preempt_deadline = now + self.grace
+                actions.append(Preempt(runner.id, runner.slice, self.grace))
+        # 4. Advance each device's floor (monotonic) for tenants that re-enter.
+        for d in self.devices:
+            active = [self._running_vruntime(r, now) for r in self.runners.values()
+                      if r.state != "idle" and d in r.devices]
+            if active:
+                self.floor[d] = max(self.floor[d], min(active))
+        return actions
+
+    # --- visibility -----------------------------------------------------------
+
+    def view(self) -> list[dict]:
+        """Per device: holder, queue, quantum, time shares, waits, revocations."""
+        now = self._clock()
+        out = []
+        queue = sorted((r for r in self.runners.values() if r.state == "waiting"),
+                       key=lambda r: (r.vruntime, r.seq))
+        for d in self.devices:
+            times = dict(self.device_time[d])
+            holder = self.holder[d]
+            if holder is not None:
+                r = self.runners[holder]
+                times[holder] = times.get(holder, 0.0) + (now - r.granted_at)
+            total = sum(times.values())
+            tenants = []
+            for r in self.runners.values():
+                if d not in r.home:
+                    continue
+                waits = sorted(r.waits)
+                tenants.append({
+                    "tenant": r.id, "state": r.state, "weight": r.weight,
+                    "share": round(times.get(r.id, 0.0) / total, 4) if total else 0.0,
+                    "held_s": round(times.get(r.id, 0.0), 4), "grants": r.grants,
+                    "wait_p50_ms": round(_pct(waits, 0.50) * 1e3, 3),
+                    "wait_p99_ms": round(_pct(waits, 0.99) * 1e3, 3),
+                    "revocations": r.revocations, "strikes": r.strikes,
+                    "quantum_ms": round(self._quantum_for(r) * 1e3, 3),
+                })
+            out.append({
+                "device": d, "holder": holder,
+                "queue": [r.id for r in queue if d in r.devices],
+                "quantum_ms": round(self.quantum * 1e3, 3),
+                "grace_ms": round(self.grace * 1e3, 3),
+                "tenants": tenants,
+            })
+        return out
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
