@@ -254,6 +254,10 @@ class Server:
         """Send what the arbiter has for tenants; re-arm the timer if needed.
         `direct` only from the socket task, which may use the socket itself."""
         for conn, name, data in self.arbiter.take_events():
+            if name == "revoked":
+                tenant = self.arbiter.tenants.by_conn(conn)
+                log.warning("slice %d of tenant %s revoked: %s", data["slice"],
+                            tenant.id if tenant else "?", data["reason"])
             frame = m.encode_event(name, data)
             if direct:
                 self._send(conn, frame)

@@ -30,13 +30,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def devices_table(status: dict) -> str:
+    slices = {s["device"]: s for s in status.get("slices", [])}
     rows = []
     for d in status["devices"]:
         used = d["leased_bytes"] / d["capacity_bytes"] if d["capacity_bytes"] else 0.0
+        sl = slices.get(d["id"], {})
         rows.append([d["id"], d["name"], d["backend"], human_bytes(d["capacity_bytes"]),
                      human_bytes(d["leased_bytes"]), human_bytes(d["free_bytes"]),
-                     f"{used:.0%}", d["leases"]])
-    return table(["DEV", "NAME", "BACKEND", "CAPACITY", "LEASED", "FREE", "USE", "LEASES"], rows)
+                     f"{used:.0%}", d["leases"], sl.get("holder") or "-",
+                     len(sl.get("queue", []))])
+    return table(["DEV", "NAME", "BACKEND", "CAPACITY", "LEASED", "FREE", "USE", "LEASES",
+                  "SLICE", "WAITING"], rows)
 
 
 def tenants_table(status: dict) -> str:
@@ -59,6 +63,26 @@ def leases_table(status: dict) -> str:
     return table(["LEASE", "TENANT", "DEV", "TIER", "SIZE", "AGE"], rows)
 
 
+def slices_table(status: dict) -> str:
+    names = {t["id"]: t["name"] for t in status["tenants"]}
+
+    def who(tid: str | None) -> str:
+        return "-" if tid is None else f"{tid} ({names.get(tid, '?')})"
+
+    parts = []
+    for dev in status["slices"]:
+        head = (f"device {dev['device']}: holder {who(dev['holder'])}, "
+                f"queue [{', '.join(dev['queue'])}], quantum {dev['quantum_ms']:g} ms, "
+                f"grace {dev['grace_ms']:g} ms")
+        rows = [[who(t["tenant"]), t["state"], f"{t['weight']:g}", f"{t['share']:.1%}",
+                 t["grants"], f"{t['wait_p50_ms']:.1f}", f"{t['wait_p99_ms']:.1f}",
+                 t["revocations"], f"{t['quantum_ms']:g}"] for t in dev["tenants"]]
+        body = table(["TENANT", "STATE", "WEIGHT", "SHARE", "GRANTS", "WAIT p50 ms",
+                      "WAIT p99 ms", "REVOKED", "QUANTUM ms"], rows) if rows else "no tenants"
+        parts.append(head + "\n" + body)
+    return "\n\n".join(parts)
+
+
 def render_status(status: dict) -> str:
     d = status["daemon"]
     head = (f"aquad: protocol {d['protocol']}, backend {d['backend']}, "
@@ -73,6 +97,7 @@ VIEWS = {
     "tenants": (tenants_table, "tenants"),
     "leases": (leases_table, "leases"),
     "devices": (devices_table, "devices"),
+    "slices": (slices_table, "slices"),
 }
 
 

@@ -4,10 +4,12 @@ A deterministic object with an injected clock; the daemon and the simulator
 drive the same code. Policy:
 
 - Fair share by virtual runtime (CFS-like): a holder's vruntime grows by
-  held time / weight; the waiting tenant with the least vruntime goes next
-  (ties by arrival). A tenant that was idle re-enters at the floor of its
-  devices (the least vruntime among active tenants there), so idling banks
-  no credit.
+  held time / weight. Waiting tenants within one quantum of the least
+  vruntime are served first-come first-served (strict rotation among
+  equals, so a waiter is granted within (n-1) quanta + grace); one that ran
+  further ahead waits until the others catch up, which turns weights into
+  time shares. A tenant that was idle re-enters at the floor of its devices
+  (the least vruntime among active tenants there), so idling banks no credit.
 - Gang grants: a tenant spanning several devices gets all of them or none.
   When the head of the queue cannot start, the devices it needs are reserved
   (no tenant behind it may take them), so it cannot be starved by a stream
@@ -144,7 +146,7 @@ class Scheduler:
         if runner.state == "holding" and runner.slice == slice_id:
             self._timely(runner)
             self._release(runner)
-            self._enqueue(runner)
+            self._enqueue(runner, rejoin=False)
         elif runner.state == "idle":
             self._enqueue(runner)
         return self._schedule()
@@ -173,9 +175,15 @@ class Scheduler:
     def _quantum_for(self, runner: Runner) -> float:
         return max(self.min_quantum, self.quantum / (2 ** runner.strikes))
 
-    def _enqueue(self, runner: Runner) -> None:
-        # No banked credit: re-enter no earlier than the devices' floor.
-        runner.vruntime = max(runner.vruntime, max(self.floor[d] for d in runner.devices))
+    def _enqueue(self, runner: Runner, *, rejoin: bool = True) -> None:
+        now = self._clock()
+        if rejoin:
+            # Back from idle: no banked credit. Re-enter no earlier than the
+            # devices' floor, which includes the holders' progress so far (as
+            # CFS's min_vruntime does). A holder yielding to a preemption was
+            # never idle and keeps its vruntime.
+            floor = max(self._advance_floor(d, now) for d in runner.devices)
+            runner.vruntime = max(runner.vruntime, floor)
         runner.state = "waiting"
         runner.seq = next(self._seq)
         runner.waiting_since = self._clock()
@@ -221,8 +229,7 @@ class Scheduler:
                 actions.append(Revoke(runner.id, slice_id,
                                       f"did not yield within {self.grace:g} s"))
         # 2. Grant in fair order, reserving devices for whoever cannot start yet.
-        waiting = sorted((r for r in self.runners.values() if r.state == "waiting"),
-                         key=lambda r: (r.vruntime, r.seq))
+        waiting = self._queue(now)
         reserved: set[int] = set()
         for runner in waiting:
             if any(d in reserved or self.holder[d] is not None for d in runner.devices):
@@ -246,13 +253,37 @@ class Scheduler:
                     and waiting_devices.intersection(runner.devices)):
                 runner.preempt_deadline = now + self.grace
                 actions.append(Preempt(runner.id, runner.slice, self.grace))
-        # 4. Advance each device's floor (monotonic) for tenants that re-enter.
+        # 4. Advance each device's floor for tenants that re-enter later.
         for d in self.devices:
-            active = [self._running_vruntime(r, now) for r in self.runners.values()
-                      if r.state != "idle" and d in r.devices]
-            if active:
-                self.floor[d] = max(self.floor[d], min(active))
+            self._advance_floor(d, now)
         return actions
+
+    def _queue(self, now: float) -> list[Runner]:
+        """Waiting tenants in grant order. Those within one quantum of the
+        least vruntime are eligible and go first-come first-served, so
+        equal-weight tenants rotate strictly (noise in measured times cannot
+        reorder them); tenants further ahead wait, by vruntime, until the
+        others catch up: that is what turns weights into shares."""
+        waiting = [r for r in self.runners.values() if r.state == "waiting"]
+        if not waiting:
+            return []
+        least = min(self._running_vruntime(r, now)
+                    for r in self.runners.values() if r.state != "idle")
+        limit = least + self.quantum
+
+        def key(r: Runner) -> tuple:
+            eligible = r.vruntime <= limit
+            return (0, r.seq, 0.0) if eligible else (1, 0, r.vruntime)
+
+        return sorted(waiting, key=key)
+
+    def _advance_floor(self, device: int, now: float) -> float:
+        """Least vruntime among tenants active on `device`; never decreases."""
+        active = [self._running_vruntime(r, now) for r in self.runners.values()
+                  if r.state != "idle" and device in r.devices]
+        if active:
+            self.floor[device] = max(self.floor[device], min(active))
+        return self.floor[device]
 
     # --- visibility -----------------------------------------------------------
 
@@ -260,8 +291,7 @@ class Scheduler:
         """Per device: holder, queue, quantum, time shares, waits, revocations."""
         now = self._clock()
         out = []
-        queue = sorted((r for r in self.runners.values() if r.state == "waiting"),
-                       key=lambda r: (r.vruntime, r.seq))
+        queue = self._queue(now)
         for d in self.devices:
             times = dict(self.device_time[d])
             holder = self.holder[d]
