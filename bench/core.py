@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,80 +26,13 @@ import zmq
 
 import aqua
 from aqua import protocol as p
-from aqua.client import check_socket
-from aqua.errors import AquaError
 from aqua.paths import endpoint
 
-ECHO_SERVER = """
-import sys, zmq
-ctx = zmq.Context()
-sock = ctx.socket(zmq.ROUTER)
-sock.bind(sys.argv[1])
-print("up", flush=True)
-while True:
-    sock.send_multipart(sock.recv_multipart())
-"""
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {"p50_us": s[len(s) // 2] * 1e6, "p99_us": s[int(len(s) * 0.99)] * 1e6}
-
-
-def round_trips(sock: zmq.Socket, frames: list[bytes], rounds: int) -> list[float]:
-    """Time `rounds` request/reply pairs, cycling through `frames`."""
-    out = []
-    for i in range(rounds):
-        frame = frames[i % len(frames)]
-        t0 = time.perf_counter()
-        sock.send(frame)
-        reply = sock.recv()
-        out.append(time.perf_counter() - t0)
-        if frames is not None and not reply:
-            raise RuntimeError("empty reply")
-    return out
-
-
-def wait_socket(path: str, proc: subprocess.Popen) -> None:
-    for _ in range(400):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}")
-        try:
-            check_socket(path)
-            return
-        except AquaError:
-            time.sleep(0.025)
-    raise SystemExit("server did not start")
-
-
-def bench_echo(tmp: str, rounds: int) -> list[float]:
-    path = os.path.join(tmp, "echo.sock")
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint(path)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        proc.stdout.readline()
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.connect(endpoint(path))
-        # Same payload size as a lease request: the daemon's work is what differs.
-        payload = p.encode_request(1, p.Lease(nbytes=65536))
-        round_trips(sock, [payload], 500)  # warm up
-        samples = round_trips(sock, [payload], rounds)
-        sock.close(0)
-        ctx.term()
-        return samples
-    finally:
-        proc.kill()
-        proc.wait()
+from _common import aquad, echo_round_trips, percentiles
 
 
 def bench_daemon(tmp: str, rounds: int, mib: int) -> dict:
-    path = os.path.join(tmp, "aquad.sock")
-    daemon = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
-                               "--host-devices", f"2x{max(2 * mib, 64)}MiB",
-                               "--log-level", "warning"])
-    try:
-        wait_socket(path, daemon)
+    with aquad(tmp, "--host-devices", f"2x{max(2 * mib, 64)}MiB") as path:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.connect(endpoint(path))
@@ -135,9 +64,6 @@ def bench_daemon(tmp: str, rounds: int, mib: int) -> dict:
                     api.append(time.perf_counter() - t0)
             bandwidth = bench_bandwidth(client, mib)
         return {"grant": grant, "release": release, "api": api, "bandwidth": bandwidth}
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -186,7 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
-        echo = bench_echo(tmp, args.rounds)
+        echo = echo_round_trips(tmp, args.rounds)
         d = bench_daemon(tmp, args.rounds, args.mib)
     e = percentiles(echo)
     rows = [("raw pyzmq echo", e)]

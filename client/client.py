@@ -283,6 +283,7 @@ class Client:
         slice_id = st.slice
         st.holding = st.preempted = st.revoked = False
         st.yields += 1
+        st.yielded_at = time.monotonic()
         reply = self._conn.request(p.TurnYield(slice=slice_id))
         if reply["state"] == "granted":
             st.hold(reply)
@@ -368,8 +369,11 @@ class TurnState:
         self.revoked = False  # slice taken away
         self.yields = 0
         self.revocations = 0
+        self.yielded_at = 0.0  # time.monotonic() of the last yield sent
+        self.granted_at = 0.0  # ... and of the last grant seen
 
     def hold(self, grant: dict[str, Any]) -> None:
+        self.granted_at = time.monotonic()
         self.slice = int(grant["slice"])
         self.devices = list(grant["devices"])
         self.quantum_s = float(grant["quantum_s"])

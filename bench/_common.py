@@ -1,0 +1,155 @@
+"""Pieces every benchmark shares: the raw limits and a private aquad."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import zmq
+
+from aqua import protocol as p
+from aqua.client import check_socket
+from aqua.errors import AquaError
+from aqua.paths import endpoint
+
+# The fastest a Python peer can answer: a blocking ROUTER echo, nothing else.
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+print("up", flush=True)
+while True:
+    sock.send_multipart(sock.recv_multipart())
+"""
+
+
+# A raw relay: whatever one peer sends goes to the other. With two peers that
+# pass a token back and forth after a pause, it is the bare ZeroMQ path of a
+# slice hand-over (holder -> daemon -> next holder), with no aqua in it.
+RELAY_SERVER = """
+import sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+print("up", flush=True)
+peers = []
+while True:
+    who, msg = sock.recv_multipart()
+    if msg == b"hi":
+        peers.append(who)
+        if len(peers) == 2:
+            for p in peers:
+                sock.send_multipart([p, b"start"])
+        continue
+    other = peers[1] if who == peers[0] else peers[0]
+    sock.send_multipart([other, msg])
+"""
+
+RELAY_PEER = """
+import json, sys, time, zmq
+endpoint, first, pause, rounds = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), int(sys.argv[4])
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.connect(endpoint)
+sock.send(b"hi")
+assert sock.recv() == b"start"
+sent, seen = [], []
+mine = first
+for _ in range(rounds):
+    if mine:
+        time.sleep(pause)
+        sent.append(time.monotonic())
+        sock.send(b"token")
+    else:
+        sock.recv()
+        seen.append(time.monotonic())
+    mine = not mine
+print(json.dumps({"sent": sent, "seen": seen}), flush=True)
+"""
+
+
+def relay_hops(tmp: str, pause: float, rounds: int = 1000) -> list[float]:
+    """One-way latency through a raw relay, each hop after `pause` of idling:
+    the limit a slice hand-over is measured against."""
+    path = endpoint(os.path.join(tmp, "relay.sock"))
+    relay = subprocess.Popen([sys.executable, "-c", RELAY_SERVER, path],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        relay.stdout.readline()
+        peers = [subprocess.Popen([sys.executable, "-c", RELAY_PEER, path, first, str(pause),
+                                   str(rounds)], stdout=subprocess.PIPE, text=True)
+                 for first in ("1", "0")]
+        a, b = (json.loads(p.communicate(timeout=rounds * pause * 4 + 60)[0]) for p in peers)
+        sent = sorted(a["sent"] + b["sent"])
+        seen = sorted(a["seen"] + b["seen"])
+        return [s - t for t, s in zip(sent, seen)][50:]
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"p50_us": s[len(s) // 2] * 1e6, "p99_us": s[int(len(s) * 0.99)] * 1e6,
+            "n": len(s)}
+
+
+def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}")
+        try:
+            check_socket(path)
+            return
+        except AquaError:
+            if time.monotonic() > deadline:
+                raise SystemExit("server did not start") from None
+            time.sleep(0.025)
+
+
+def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None) -> list[float]:
+    """Round trips to the raw echo, with a request-sized payload."""
+    path = os.path.join(tmp, "echo.sock")
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(endpoint(path))
+        payload = payload or p.encode_request(1, p.Lease(nbytes=65536))
+        samples = []
+        for i in range(rounds + 500):
+            t0 = time.perf_counter()
+            sock.send(payload)
+            sock.recv()
+            if i >= 500:  # warm-up excluded
+                samples.append(time.perf_counter() - t0)
+        sock.close(0)
+        ctx.term()
+        return samples
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def aquad(tmp: str, *args: str) -> Iterator[str]:
+    """A private aquad on `tmp`; yields its socket path."""
+    path = os.path.join(tmp, "aquad.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
+                             "--log-level", "warning", *args])
+    try:
+        wait_socket(path, proc)
+        yield path
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
