@@ -222,6 +222,7 @@ class Server:
             return
         payload = frames[1]
         rid = None
+        tenant = None
         try:
             peer = parse_peer(payload.get("Peer-Address"))
             request = m.decode_request(payload.bytes)
@@ -229,12 +230,14 @@ class Server:
             if peer is None:
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED,
                                     "peer credentials unavailable; connect over ipc://")
+            if isinstance(request.args, m.Bye):
+                tenant = self.arbiter.tenants.by_conn(conn)
             result = self.arbiter.handle(conn, peer, request)
             reply = m.encode_result(request.id, result)
             if isinstance(request.args, m.Hello):
                 self._on_registered(conn)
-            elif isinstance(request.args, m.Bye):
-                log.info("tenant left: %s", peer)
+            elif tenant is not None:
+                log.info("tenant %s (%s, pid %d) left", tenant.id, tenant.name, peer.pid)
                 self._forget_watchers()
             if isinstance(request.args, _SCHEDULING_OPS):
                 self._dispatch(direct=True)  # the next holder's grant goes out first

@@ -105,8 +105,10 @@ class Connection:
                 if isinstance(msg, p.Event):
                     self._on_event(msg)
                     continue
-                if msg.id != rid:
+                if msg.id != rid and not (msg.id is None and not msg.ok):
                     continue  # the late answer to a request that timed out
+                # (An error without an id answers a request the daemon could not
+                # read at all; one request is in flight at a time, so it is ours.)
                 if msg.ok:
                     return msg.result
                 raise error_for(msg.code, msg.message, msg.details)

@@ -327,8 +327,8 @@ def encode_event(event: str, data: dict | None = None) -> bytes:
 # --- what the tenant side reads ---------------------------------------------
 
 EVENTS = {
-    "shutdown": "The daemon is stopping; every lease is gone. Pending and later "
-                "requests fail with `shutting_down`.",
+    "shutdown": "The daemon is stopping; every lease and slice is gone and the "
+                "connection will not be answered again. Data: {reason}.",
     "grant": "A queued tenant now holds a slice: {slice, devices, quantum_s}.",
     "preempt": "The holder's quantum is over and others wait: page out, then send "
                "`turn_yield` within {grace_s}. Data: {slice, grace_s}.",
@@ -356,7 +356,8 @@ class Event:
 def decode_reply(frame: bytes) -> Reply | Event:
     """Parse a daemon->tenant frame. Raises ProtocolError on anything odd."""
     obj = _unpack(frame)
-    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
+    version = obj.get("v") if isinstance(obj, dict) else None
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise _bad("daemon sent a frame that is not a protocol v1 map")
     if "event" in obj:
         event, data = obj.get("event"), obj.get("data", {})
@@ -364,7 +365,7 @@ def decode_reply(frame: bytes) -> Reply | Event:
             raise _bad("malformed event from daemon")
         return Event(event, data)
     rid, ok = obj.get("id"), obj.get("ok")
-    if not (rid is None or isinstance(rid, int)) or not isinstance(ok, bool):
+    if not (rid is None or type(rid) is int) or not isinstance(ok, bool):
         raise _bad("malformed reply from daemon")
     if ok:
         result = obj.get("result")
@@ -372,7 +373,8 @@ def decode_reply(frame: bytes) -> Reply | Event:
             raise _bad("malformed reply from daemon: result is not a map")
         return Reply(rid, True, result)
     err = obj.get("error")
-    if not isinstance(err, dict):
+    details = err.get("details", {}) if isinstance(err, dict) else None
+    if not isinstance(err, dict) or not isinstance(details, dict):
         raise _bad("malformed error reply from daemon")
     return Reply(rid, False, {}, str(err.get("code", "internal")),
-                 str(err.get("message", "")), dict(err.get("details") or {}))
+                 str(err.get("message", "")), details)

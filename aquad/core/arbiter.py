@@ -37,8 +37,8 @@ class Limits:
 
 
 def new_lease_id() -> str:
-    # 128 random bits: a lease id is a capability-like name; guessing one is
-    # hopeless, and ownership is checked on top of that.
+    # 128 random bits. Ids are not secret (status lists them to operators):
+    # what protects a lease is the ownership check on every request.
     return "L" + secrets.token_urlsafe(16)
 
 
@@ -230,6 +230,8 @@ class Arbiter:
         if args.devices is not None:
             for dev in args.devices:
                 self._device(dev)
+            if len(set(args.devices)) != len(args.devices):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "turn: duplicate device ids")
             outside = sorted(set(args.devices) - set(tenant.devices))
             if outside:
                 raise ProtocolError(
