@@ -267,12 +267,17 @@ class Scheduler:
         waiting = [r for r in self.runners.values() if r.state == "waiting"]
         if not waiting:
             return []
-        least = min(self._running_vruntime(r, now)
-                    for r in self.runners.values() if r.state != "idle")
-        limit = least + self.quantum
+        # Eligibility is per device: vruntimes on different devices grow on
+        # different scales, and a gang tenant is compared on each of its own.
+        least: dict[int, float] = {}
+        for r in self.runners.values():
+            if r.state != "idle":
+                v = self._running_vruntime(r, now)
+                for d in r.devices:
+                    least[d] = min(least.get(d, v), v)
 
         def key(r: Runner) -> tuple:
-            eligible = r.vruntime <= limit
+            eligible = r.vruntime <= max(least[d] for d in r.devices) + self.quantum
             return (0, r.seq, 0.0) if eligible else (1, 0, r.vruntime)
 
         return sorted(waiting, key=key)
