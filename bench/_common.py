@@ -115,17 +115,29 @@ def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> Non
             time.sleep(0.025)
 
 
-def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None) -> list[float]:
-    """Round trips to the raw echo, with a request-sized payload."""
+@contextlib.contextmanager
+def echo_server(tmp: str) -> Iterator[zmq.Socket]:
+    """A raw echo process; yields a connected DEALER."""
     path = os.path.join(tmp, "echo.sock")
     proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint(path)],
                             stdout=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
     try:
         proc.stdout.readline()
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
         sock.connect(endpoint(path))
-        payload = payload or p.encode_request(1, p.Lease(nbytes=65536))
+        yield sock
+    finally:
+        sock.close(0)
+        ctx.term()
+        proc.kill()
+        proc.wait()
+
+
+def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None) -> list[float]:
+    """Round trips to the raw echo, with a request-sized payload."""
+    payload = payload or p.encode_request(1, p.Lease(nbytes=65536))
+    with echo_server(tmp) as sock:
         samples = []
         for i in range(rounds + 500):
             t0 = time.perf_counter()
@@ -133,12 +145,7 @@ def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None) -> lis
             sock.recv()
             if i >= 500:  # warm-up excluded
                 samples.append(time.perf_counter() - t0)
-        sock.close(0)
-        ctx.term()
         return samples
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager

@@ -28,42 +28,72 @@ import aqua
 from aqua import protocol as p
 from aqua.paths import endpoint
 
-from _common import aquad, echo_round_trips, percentiles
+from _common import aquad, echo_server, percentiles
 
 
-def bench_daemon(tmp: str, rounds: int, mib: int) -> dict:
-    with aquad(tmp, "--host-devices", f"2x{max(2 * mib, 64)}MiB") as path:
+CHUNK = 250  # round trips per turn; echo and aquad alternate so noise hits both
+
+
+def bench_control(tmp: str, rounds: int) -> dict[str, list[float]]:
+    """Raw echo, lease grant and lease release round trips, interleaved in
+    chunks on the same client loop and socket type."""
+    lease_req = p.encode_request(2, p.Lease(nbytes=65536))
+    echo_payload = lease_req  # same size as a lease request
+    heartbeat = p.encode_request(4, p.Heartbeat())
+    out: dict[str, list[float]] = {"echo": [], "heartbeat": [], "grant": [], "release": []}
+    with echo_server(tmp) as echo, aquad(tmp, "--host-devices", "2x64MiB") as path:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.connect(endpoint(path))
         sock.send(p.encode_request(1, p.Hello(tenant="bench", devices=[0])))
         assert msgpack.unpackb(sock.recv())["ok"]
-        grant, release = [], []
-        lease_req = p.encode_request(2, p.Lease(nbytes=65536))
-        for i in range(rounds + 500):
-            t0 = time.perf_counter()
-            sock.send(lease_req)
-            reply = msgpack.unpackb(sock.recv())
-            t1 = time.perf_counter()
-            sock.send(p.encode_request(3, p.Release(lease=reply["result"]["lease"])))
-            done = msgpack.unpackb(sock.recv())
-            t2 = time.perf_counter()
-            assert done["ok"], done
-            if i >= 500:
-                grant.append(t1 - t0)
-                release.append(t2 - t1)
+        for chunk in range(rounds // CHUNK + 2):
+            keep = chunk >= 2  # the first chunks warm up
+            for _ in range(CHUNK):
+                t0 = time.perf_counter()
+                echo.send(echo_payload)
+                echo.recv()
+                if keep:
+                    out["echo"].append(time.perf_counter() - t0)
+            for _ in range(CHUNK):
+                t0 = time.perf_counter()
+                sock.send(heartbeat)
+                sock.recv()
+                if keep:
+                    out["heartbeat"].append(time.perf_counter() - t0)
+            for _ in range(CHUNK):
+                # Only the round trips are timed; client-side encoding is not.
+                t0 = time.perf_counter()
+                sock.send(lease_req)
+                raw = sock.recv()
+                t1 = time.perf_counter()
+                lease_id = msgpack.unpackb(raw)["result"]["lease"]
+                release_req = p.encode_request(3, p.Release(lease=lease_id))
+                t2 = time.perf_counter()
+                sock.send(release_req)
+                raw = sock.recv()
+                t3 = time.perf_counter()
+                assert msgpack.unpackb(raw)["ok"], raw
+                if keep:
+                    out["grant"].append(t1 - t0)
+                    out["release"].append(t3 - t2)
         sock.close(0)
         ctx.term()
+    return out
 
+
+def bench_api(tmp: str, rounds: int, mib: int) -> dict:
+    """The full client call (encode, lock, map, unmap) and the data path."""
+    with aquad(tmp, "--host-devices", f"2x{max(2 * mib, 64)}MiB") as path:
         api = []
         with aqua.connect("bench-api", 0, socket=path) as client:
-            for i in range(rounds // 5 + 100):
+            for i in range(rounds + 100):
                 t0 = time.perf_counter()
                 client.lease(65536).release()
                 if i >= 100:
                     api.append(time.perf_counter() - t0)
             bandwidth = bench_bandwidth(client, mib)
-        return {"grant": grant, "release": release, "api": api, "bandwidth": bandwidth}
+    return {"api": api, "bandwidth": bandwidth}
 
 
 def best_of(fn, repeats: int) -> float:
@@ -112,12 +142,14 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
-        echo = echo_round_trips(tmp, args.rounds)
-        d = bench_daemon(tmp, args.rounds, args.mib)
-    e = percentiles(echo)
+        control = bench_control(tmp, args.rounds)
+        d = bench_api(tmp, args.rounds // 5, args.mib)
+    d.update(control)
+    e = percentiles(control["echo"])
     rows = [("raw pyzmq echo", e)]
     out = {"echo": e, "rounds": args.rounds}
-    for key, label in (("grant", "lease grant"), ("release", "lease release"),
+    for key, label in (("heartbeat", "heartbeat (no work)"), ("grant", "lease grant"),
+                       ("release", "lease release"),
                        ("api", "client.lease()+release()")):
         q = percentiles(d[key])
         q["ratio_p50"] = q["p50_us"] / e["p50_us"]

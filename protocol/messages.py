@@ -222,6 +222,9 @@ class Status(Op):
     doc = "Devices, tenants and leases (schema in docs/status-schema.md). No HELLO needed."
 
 
+_SPECS: dict[type[Op], _Spec] = {}
+
+
 # --- envelope ---------------------------------------------------------------
 
 
@@ -288,18 +291,41 @@ def decode_request(frame: bytes) -> Request:
 
 
 def _build(cls: type[Op], args: dict) -> Op:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(args) - set(fields)
-    if unknown:
+    spec = _SPECS[cls]
+    if not spec.names.issuperset(args):
+        unknown = set(args) - spec.names
         raise _bad(f"{cls.op}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     values = {}
-    for name, f in fields.items():
-        if name not in args or (args[name] is None and f.default is None):
-            if f.default is dataclasses.MISSING:
+    for name, check, optional, nullable in spec.fields:
+        if name not in args:
+            if not optional:
                 raise _bad(f"{cls.op}: missing field {name!r}")
             continue
-        values[name] = f.metadata["check"].validate(name, args[name])
+        value = args[name]
+        if value is None and nullable:
+            continue
+        values[name] = check.validate(name, value)
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """An op's fields, read once from its dataclass: the hot path of every
+    request should not walk dataclass metadata."""
+
+    names: frozenset[str]
+    # name, check, may be absent, may be nil (its default is None)
+    fields: tuple[tuple[str, Check, bool, bool], ...]
+
+
+def _spec(cls: type[Op]) -> _Spec:
+    fields = dataclasses.fields(cls)
+    return _Spec(frozenset(f.name for f in fields),
+                 tuple((f.name, f.metadata["check"], f.default is not dataclasses.MISSING,
+                        f.default is None) for f in fields))
+
+
+_SPECS.update({cls: _spec(cls) for cls in OPS.values()})
 
 
 def encode_request(rid: int, op: Op) -> bytes:

@@ -92,6 +92,7 @@ class World:
         return self.call(conn, Lease(nbytes=nbytes, near=near))
 
     def files(self) -> set[str]:
+        self.arb.maintain()  # destroyed segments are unlinked by deferred work
         return set(os.listdir(self.dir))
 
     def check(self) -> None:
@@ -265,6 +266,7 @@ def test_release_returns_every_byte_and_deletes_the_file(w):
     r1 = w.lease(A, 3 * G + 5)
     r2 = w.lease(A, 1)
     assert w.call(A, Release(lease=r1["lease"])) == {"released_bytes": 3 * G + 5}
+    w.arb.maintain()
     assert not (w.dir / r1["handle"]["name"]).exists()
     assert (w.dir / r2["handle"]["name"]).exists()
     w.call(A, Release(lease=r2["lease"]))
@@ -394,6 +396,7 @@ def test_expire_drops_silent_tenants_and_frees_their_leases(w):
     w.advance(0.01)
     dropped = w.arb.expire()
     assert [t.name for t in dropped] == ["t"] and dropped[0].conn == A
+    w.arb.maintain()
     assert not (w.dir / a_lease["handle"]["name"]).exists()
     assert [t["id"] for t in w.arb.status()["tenants"]] == ["t2"]
     w.check()
@@ -585,6 +588,7 @@ def test_random_workloads_keep_pools_leases_and_files_consistent(tmp_path_factor
                 else:
                     world.call(conn, Release(lease=lease.id))
                     assert lease.id not in arb.leases
+                    arb.maintain()
                     assert not (world.dir / lease.segment.name).exists()
                 event(f"{kind} done")
             elif kind == "bye":

@@ -36,7 +36,13 @@ class Backend(Protocol):
 
     def create(self, device: int, nbytes: int, owner: Peer) -> Segment: ...
 
-    def destroy(self, segment: Segment) -> None: ...
+    def destroy(self, segment: Segment) -> None:
+        """Forget a segment; freeing it may wait for maintain()."""
+
+    def maintain(self) -> None:
+        """Deferred work (freeing destroyed segments). The daemon calls it once
+        replies are out and the socket is idle, keeping syscalls off the
+        request's latency path."""
 
     def close(self) -> None:
         """Destroy everything still alive (daemon shutdown)."""

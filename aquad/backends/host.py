@@ -52,6 +52,7 @@ class HostBackend:
         self._prefix = prefix
         self._dir = shm_dir
         self._live: dict[str, ShmSegment] = {}
+        self._doomed: list[str] = []
         self._euid = os.geteuid()
 
     def topology(self) -> Topology:
@@ -62,7 +63,8 @@ class HostBackend:
         """Delete segments a crashed predecessor on the same socket left."""
         removed = 0
         for entry in os.listdir(self._dir):
-            if entry.startswith(self._prefix) and entry not in self._live:
+            if entry.startswith(self._prefix) and entry not in self._live \
+                    and entry not in self._doomed:
                 try:
                     os.unlink(os.path.join(self._dir, entry))
                     removed += 1
@@ -98,7 +100,7 @@ class HostBackend:
             # Mode is exactly 0600: aquad runs with umask 077 (see main.py).
             os.ftruncate(fd, nbytes)
         except OSError as exc:
-            os.unlink(path)
+            os.unlink(path)  # never handed out: no reply waits on this
             raise BackendError(f"cannot size shared memory: {exc.strerror}") from None
         finally:
             os.close(fd)
@@ -107,12 +109,22 @@ class HostBackend:
         return seg
 
     def destroy(self, segment: ShmSegment) -> None:
-        self._live.pop(segment.name, None)
-        try:
-            os.unlink(os.path.join(self._dir, segment.name))
-        except FileNotFoundError:
-            pass
+        # Unlinked in maintain(), after the reply is out: the accounting is
+        # already back in the pool and the tenant's mapping (if any) keeps its
+        # pages until unmapped either way.
+        if self._live.pop(segment.name, None) is not None:
+            self._doomed.append(segment.name)
+
+    def maintain(self) -> None:
+        """Deferred work: unlink destroyed segments."""
+        doomed, self._doomed = self._doomed, []
+        for name in doomed:
+            try:
+                os.unlink(os.path.join(self._dir, name))
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         for seg in list(self._live.values()):
             self.destroy(seg)
+        self.maintain()

@@ -110,6 +110,10 @@ class Arbiter:
             self._emit(self.scheduler.remove(tenant_id))
         return tenant
 
+    def maintain(self) -> None:
+        """Deferred backend work; call when no reply is waiting to go out."""
+        self.backend.maintain()
+
     def tick(self) -> None:
         """Let the scheduler act on the clock (quantum ends, overdue yields)."""
         self._emit(self.scheduler.tick())
