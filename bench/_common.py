@@ -134,12 +134,16 @@ def echo_server(tmp: str) -> Iterator[zmq.Socket]:
         proc.wait()
 
 
-def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None) -> list[float]:
-    """Round trips to the raw echo, with a request-sized payload."""
+def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,
+                     pause: float = 0.0) -> list[float]:
+    """Round trips to the raw echo, with a request-sized payload; with
+    `pause`, each after that long idle (cold caches, sleeping threads)."""
     payload = payload or p.encode_request(1, p.Lease(nbytes=65536))
     with echo_server(tmp) as sock:
         samples = []
         for i in range(rounds + 500):
+            if pause:
+                time.sleep(pause)
             t0 = time.perf_counter()
             sock.send(payload)
             sock.recv()

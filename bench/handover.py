@@ -61,6 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
         echo = percentiles(echo_round_trips(tmp, 5000))
+        idle_echo = percentiles(echo_round_trips(tmp, 1000, pause=args.quantum_ms / 1000))
         relay = percentiles(relay_hops(tmp, args.quantum_ms / 1000))
         with aquad(tmp, "--quantum-ms", str(args.quantum_ms), "--grace-ms", "5000") as sock:
             procs = [subprocess.Popen([sys.executable, "-c", TENANT, sock, name,
@@ -76,19 +77,26 @@ def main() -> int:
     h = percentiles(handovers(*docs))
     ratio = {"p50_vs_echo": h["p50_us"] / echo["p50_us"],
              "p99_vs_echo": h["p99_us"] / echo["p99_us"],
+             "p50_vs_idle_echo": h["p50_us"] / idle_echo["p50_us"],
+             "p99_vs_idle_echo": h["p99_us"] / idle_echo["p99_us"],
              "p50_vs_relay": h["p50_us"] / relay["p50_us"],
              "p99_vs_relay": h["p99_us"] / relay["p99_us"]}
     print(f"slice hand-over, {h['n']} hand-overs in {args.seconds:g} s "
           f"(quantum {args.quantum_ms:g} ms; paging excluded)")
     print(f"{'':34} {'p50 us':>8} {'p99 us':>8}")
     print(f"{'raw pyzmq echo RTT, back to back':34} {echo['p50_us']:8.1f} {echo['p99_us']:8.1f}")
+    print(f"{'raw echo RTT after a quantum idle':34} {idle_echo['p50_us']:8.1f} "
+          f"{idle_echo['p99_us']:8.1f}")
     print(f"{'raw relay hop after a quantum idle':34} {relay['p50_us']:8.1f} {relay['p99_us']:8.1f}")
     print(f"{'aqua: yield sent -> next grant':34} {h['p50_us']:8.1f} {h['p99_us']:8.1f}")
     print(f"{'ratio vs echo RTT':34} {ratio['p50_vs_echo']:8.2f} {ratio['p99_vs_echo']:8.2f}")
+    print(f"{'ratio vs idle echo RTT':34} {ratio['p50_vs_idle_echo']:8.2f} "
+          f"{ratio['p99_vs_idle_echo']:8.2f}")
     print(f"{'ratio vs relay hop':34} {ratio['p50_vs_relay']:8.2f} {ratio['p99_vs_relay']:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"echo": echo, "relay": relay, "handover": h, "ratio": ratio,
+            json.dump({"echo": echo, "idle_echo": idle_echo, "relay": relay, "handover": h,
+                       "ratio": ratio,
                        "quantum_ms": args.quantum_ms}, f, indent=2)
     return 0
 

@@ -335,6 +335,8 @@ class Client:
     def close(self) -> None:
         """Release every lease and unregister. Safe to call twice."""
         self._stop.set()
+        if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)  # no heartbeat may follow the bye
         for lease in self.leases:
             lease._unmap()
         with self._leases_lock:
@@ -345,8 +347,6 @@ class Client:
             except AquaError as exc:
                 log.debug("bye failed: %s", exc)
         self._conn.close()
-        if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
-            self._heartbeat.join(timeout=5)
 
     def __enter__(self) -> Client:
         return self
