@@ -11,12 +11,14 @@ queue frames in the outbox and cancel the socket task's wait.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import grp
 import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import trio
 import zmq
@@ -32,6 +34,15 @@ log = logging.getLogger("aquad")
 
 # Requests after which the scheduler may have news for other tenants.
 _SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """Background tasks log their bugs instead of taking the daemon down."""
+    try:
+        yield
+    except Exception:
+        log.exception("internal error in %s", what)
 
 
 class StartupError(Exception):
@@ -95,7 +106,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._timer_target: float | None = None
-        self.requests_served = 0
+        self._peers: dict[str | None, Peer | None] = {}  # Peer-Address -> parsed
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -137,9 +148,16 @@ class Server:
             raise StartupError(f"cannot bind {self.socket_path}: {exc}") from None
         finally:
             os.umask(old)
-        if gid != -1:
-            os.chown(self.socket_path, -1, gid)
-        os.chmod(self.socket_path, 0o660)
+        try:
+            if gid != -1:
+                os.chown(self.socket_path, -1, gid)
+            os.chmod(self.socket_path, 0o660)
+        except OSError as exc:
+            sock.close()
+            os.unlink(self.socket_path)
+            self._lock.release()
+            raise StartupError(f"cannot set permissions on {self.socket_path}: "
+                               f"{exc.strerror}") from None
         self.sock = sock
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -183,23 +201,29 @@ class Server:
         events = sock.getsockopt
         burst = 0
         while True:
+            # Frames other tasks posted go first, in order, every iteration:
+            # a stream of requests must not hold back grants or revocations.
+            self._flush()
             # ZMQ_EVENTS, not a NOBLOCK receive that fails: an exception per
             # idle transition costs more than the query, on the latency path.
             if events(zmq.EVENTS) & zmq.POLLIN:
                 self._receive()
                 burst += 1
-                if burst % 64 == 0:
-                    await trio.lowlevel.checkpoint()  # others run under a flood
-                continue
-            if self._outbox:
-                while self._outbox:
-                    self._send(*self._outbox.popleft())
+                if burst % 64 == 0:  # under a flood: let other tasks run
+                    self.arbiter.maintain()
+                    await trio.lowlevel.checkpoint()
                 continue
             burst = 0
             self.arbiter.maintain()  # replies are out: now the deferred syscalls
+            if self._outbox:
+                continue
             with trio.CancelScope() as self._wake:
                 await trio.lowlevel.wait_readable(fd)
             self._wake = None
+
+    def _flush(self) -> None:
+        while self._outbox:
+            self._send(*self._outbox.popleft())
 
     def post(self, conn: bytes, frame: bytes) -> None:
         """Queue a frame for a connection from any task; wakes the socket task."""
@@ -222,20 +246,22 @@ class Server:
             conn = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return
-        # ZeroMQ delivers whole messages: the payload is already here.
-        tenant = self.arbiter.tenants.by_conn(conn)
-        if tenant is not None:
-            # Credentials were read from the kernel at hello, and a routing id
-            # stays with its connection (ROUTER_HANDOVER is off): the fast path.
-            payload, peer = sock.recv(), tenant.peer
-        else:
-            frame = sock.recv(copy=False)
-            payload, peer = frame.bytes, parse_peer(frame.get("Peer-Address"))
+        # ZeroMQ delivers whole messages: the payload is already here. Its
+        # credentials come from the kernel with every message (a routing id
+        # can be claimed again by another process once its socket closes).
+        frame = sock.recv(copy=False)
+        address = frame.get("Peer-Address")
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = parse_peer(address)
+            if len(self._peers) >= 4096:
+                self._peers.clear()
+            self._peers[address] = peer
         frames = 2
         while sock.rcvmore:
             sock.recv()
             frames += 1
-        self.requests_served += 1
+        payload = frame.bytes
         if frames != 2:
             self._send(conn, m.encode_error(ProtocolError(
                 ErrorCode.BAD_REQUEST, "a request is exactly one frame")))
@@ -261,7 +287,8 @@ class Server:
                 log.info("tenant %s (%s, pid %d) left", tenant.id, tenant.name, peer.pid)
                 self._forget_watchers()
             if isinstance(request.args, _SCHEDULING_OPS):
-                self._dispatch(direct=True)  # the next holder's grant goes out first
+                self._dispatch()
+                self._flush()  # the next holder's grant goes out before this reply
         except ProtocolError as exc:
             if exc.request_id is None:
                 exc.request_id = rid
@@ -274,21 +301,14 @@ class Server:
 
     # --- scheduler events and time ------------------------------------------
 
-    def _dispatch(self, *, direct: bool = False) -> None:
-        """Send what the arbiter has for tenants; re-arm the timer if needed.
-        `direct` only from the socket task, which may use the socket itself."""
+    def _dispatch(self) -> None:
+        """Queue what the arbiter has for tenants; re-arm the timer if needed."""
         for conn, name, data in self.arbiter.take_events():
             if name == "revoked":
                 tenant = self.arbiter.tenants.by_conn(conn)
                 log.warning("slice %d of tenant %s revoked: %s", data["slice"],
                             tenant.id if tenant else "?", data["reason"])
-            frame = m.encode_event(name, data)
-            if direct:
-                self._send(conn, frame)
-            else:
-                self.post(conn, frame)
-        if not direct:
-            self.arbiter.maintain()  # off the request path: do it now
+            self.post(conn, m.encode_event(name, data))
         deadline = self.arbiter.next_deadline()
         if deadline is not None and self._timer_scope is not None and (
                 self._timer_target is None or deadline < self._timer_target):
@@ -305,8 +325,9 @@ class Server:
                 else:
                     await trio.sleep(max(0.0, deadline - time.monotonic()))
             self._timer_scope = None
-            self.arbiter.tick()
-            self._dispatch()
+            with _logged("the scheduler timer"):
+                self.arbiter.tick()
+                self._dispatch()
 
     # --- tenant liveness ------------------------------------------------------
 
@@ -315,7 +336,10 @@ class Server:
         log.info("tenant %s (%s) registered: pid %d uid %d devices %s",
                  tenant.id, tenant.name, tenant.peer.pid, tenant.peer.uid,
                  list(tenant.devices))
-        self._nursery.start_soon(self._watch_process, tenant.id, tenant.peer.pid)
+        # The scope exists before the task starts, so a tenant that leaves at
+        # once (hello, bye) cannot leave a watcher behind.
+        scope = self._watchers[tenant.id] = trio.CancelScope()
+        self._nursery.start_soon(self._watch_process, tenant.id, tenant.peer.pid, scope)
 
     def _forget_watchers(self) -> None:
         """Stop watching processes of tenants that are no longer registered."""
@@ -325,27 +349,32 @@ class Server:
                 del self._watchers[tid]
 
     def _drop(self, tenant_id: str, why: str) -> None:
-        tenant = self.arbiter.drop_tenant(tenant_id)
-        if tenant is not None:
-            log.warning("tenant %s (%s, pid %d) %s; its leases and slices are released",
-                        tenant.id, tenant.name, tenant.peer.pid, why)
-        self._forget_watchers()
-        self._dispatch()
+        with _logged("dropping a tenant"):
+            tenant = self.arbiter.drop_tenant(tenant_id)
+            if tenant is not None:
+                log.warning("tenant %s (%s, pid %d) %s; its leases and slices are released",
+                            tenant.id, tenant.name, tenant.peer.pid, why)
+            self._forget_watchers()
+            self._dispatch()
+            self.arbiter.maintain()  # not on any request's path: unlink now
 
-    async def _watch_process(self, tenant_id: str, pid: int) -> None:
+    async def _watch_process(self, tenant_id: str, pid: int, scope: trio.CancelScope) -> None:
         """A pidfd becomes readable when the process exits: prompt cleanup for a
         crashed tenant. Heartbeats remain the fallback (no pidfd support)."""
+        if scope.cancel_called:
+            return
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
+            self._watchers.pop(tenant_id, None)
             self._drop(tenant_id, "exited before it was watched")
             return
         except (OSError, AttributeError) as exc:
+            self._watchers.pop(tenant_id, None)
             log.debug("no pidfd for pid %d (%s); relying on heartbeats", pid, exc)
             return
         try:
-            with trio.CancelScope() as scope:
-                self._watchers[tenant_id] = scope
+            with scope:
                 await trio.lowlevel.wait_readable(pidfd)
                 self._drop(tenant_id, "exited")
         finally:
@@ -355,11 +384,12 @@ class Server:
     async def _reaper(self) -> None:
         while True:
             await trio.sleep(self.heartbeat_check_s)
-            expired = self.arbiter.expire()
-            for tenant in expired:
-                log.warning("tenant %s (%s, pid %d) missed its heartbeats; its leases "
-                            "are released", tenant.id, tenant.name, tenant.peer.pid)
-            if expired:
-                self._forget_watchers()
-                self._dispatch()
+            with _logged("the heartbeat reaper"):
+                expired = self.arbiter.expire()
+                for tenant in expired:
+                    log.warning("tenant %s (%s, pid %d) missed its heartbeats; its leases "
+                                "are released", tenant.id, tenant.name, tenant.peer.pid)
+                if expired:
+                    self._forget_watchers()
+                    self._dispatch()
 

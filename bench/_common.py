@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import zmq
 
 from aqua import protocol as p
-from aqua.client import check_socket
-from aqua.errors import AquaError
+from aqua.client import wait_for_daemon
 from aqua.paths import endpoint
 
 # The fastest a Python peer can answer: a blocking ROUTER echo, nothing else.
@@ -101,20 +100,6 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(s)}
 
 
-def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}")
-        try:
-            check_socket(path)
-            return
-        except AquaError:
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not start") from None
-            time.sleep(0.025)
-
-
 @contextlib.contextmanager
 def echo_server(tmp: str) -> Iterator[zmq.Socket]:
     """A raw echo process; yields a connected DEALER."""
@@ -159,7 +144,7 @@ def aquad(tmp: str, *args: str) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
                              "--log-level", "warning", *args])
     try:
-        wait_socket(path, proc)
+        wait_for_daemon(path, proc)
         yield path
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -3,10 +3,12 @@
 Two tenant processes share one device under a short quantum. The holder
 spins on respond(); when aquad asks it to yield it sends turn_yield, and the
 waiter wakes on its grant. Hand-over = waiter's grant seen - holder's yield
-sent (both CLOCK_MONOTONIC on one host), paging excluded (no hooks). The limit
-is the raw ZeroMQ echo round trip measured in the same run.
+sent (both CLOCK_MONOTONIC on one host), paging excluded (no hooks). Limits,
+measured in the same run: the raw ZeroMQ echo round trip back to back and
+after idling one quantum, and a hop through a bare ROUTER relay between two
+peers idling a quantum (the hand-over's own path without aqua).
 
-    python bench/handover.py [--seconds 4] [--quantum-ms 2] [--json FILE]
+    python bench/handover.py [--seconds 5] [--quantum-ms 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def handovers(a: dict, b: dict) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--quantum-ms", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--quantum-ms", type=float, default=5.0)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:

@@ -27,6 +27,7 @@ from .errors import (
     DaemonGone,
     DaemonNotResponding,
     DaemonNotRunning,
+    NotRegistered,
     PermissionDenied,
     ShuttingDown,
     TurnTimeout,
@@ -68,6 +69,24 @@ def check_socket(path: str) -> None:
             f"aquad is not running: {path} is a stale socket nobody listens on") from None
     finally:
         probe.close()
+
+
+def wait_for_daemon(path: str, proc: Any = None, timeout: float = 20.0) -> None:
+    """Block until an aquad answers connects on `path` (for launchers: the
+    demo, benchmarks, tests). `proc`, a Popen of that aquad, makes an early
+    exit fail at once instead of at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise DaemonNotRunning(f"aquad exited with code {proc.returncode}")
+        try:
+            check_socket(path)
+            return
+        except AquaError:
+            if time.monotonic() > deadline:
+                raise DaemonNotRunning(f"aquad did not come up on {path} "
+                                       f"within {timeout:g} s") from None
+            time.sleep(0.02)
 
 
 class Connection:
@@ -253,8 +272,13 @@ class Client:
         st = self._turn
         if st.active:
             raise AquaError("already inside a turn")
-        reply = self._conn.request(p.Turn(devices=None if devices is None else list(devices)))
-        st.active = True
+        st.active = True  # before asking: another thread may read the grant
+        try:
+            reply = self._conn.request(
+                p.Turn(devices=None if devices is None else list(devices)))
+        except BaseException:
+            st.active = False
+            raise
         try:
             if reply["state"] == "granted":
                 st.hold(reply)
@@ -283,7 +307,7 @@ class Client:
         if page_out is not None:
             page_out()
         slice_id = st.slice
-        st.holding = st.preempted = st.revoked = False
+        st.holding = False
         st.yields += 1
         st.yielded_at = time.monotonic()
         reply = self._conn.request(p.TurnYield(slice=slice_id))
@@ -308,14 +332,15 @@ class Client:
             if st.active and not st.holding and data.get("slice", 0) > st.slice:
                 st.hold(data)
         elif event.event == "preempt":
-            if st.holding and data.get("slice") == st.slice:
-                st.preempted = True
+            # Remembered by slice id even if the grant is not processed yet.
+            st.asked = max(st.asked, int(data.get("slice", 0)))
         elif event.event == "revoked":
-            if st.holding and data.get("slice") == st.slice:
+            slice_id = int(data.get("slice", 0))
+            st.revoked_slice = max(st.revoked_slice, slice_id)
+            if st.holding and slice_id == st.slice:
                 st.holding = False
-                st.revoked = True
                 st.revocations += 1
-                log.warning("aquad revoked slice %s: %s", st.slice, data.get("reason"))
+                log.warning("aquad revoked slice %s: %s", slice_id, data.get("reason"))
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -324,6 +349,12 @@ class Client:
             try:
                 self._conn.request(p.Heartbeat(), timeout=max(interval * 3, 1.0))
             except DaemonGone:
+                return
+            except NotRegistered:
+                # aquad dropped us (the process was frozen past the heartbeat
+                # timeout, say): our leases and slice are gone. Say so to every
+                # waiting and later call instead of waiting forever.
+                self._conn.gone = "aquad dropped this tenant (missed heartbeats)"
                 return
             except AquaError as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -367,8 +398,8 @@ class TurnState:
         self.slice = 0
         self.devices: list[int] = []
         self.quantum_s = 0.0
-        self.preempted = False  # asked to yield
-        self.revoked = False  # slice taken away
+        self.asked = 0  # highest slice id aquad asked us to yield
+        self.revoked_slice = 0  # highest slice id aquad revoked
         self.yields = 0
         self.revocations = 0
         self.yielded_at = 0.0  # time.monotonic() of the last yield sent
@@ -379,8 +410,17 @@ class TurnState:
         self.slice = int(grant["slice"])
         self.devices = list(grant["devices"])
         self.quantum_s = float(grant["quantum_s"])
-        self.preempted = self.revoked = False
         self.holding = True
+
+    @property
+    def preempted(self) -> bool:
+        """aquad wants the current slice back."""
+        return self.holding and self.asked == self.slice
+
+    @property
+    def revoked(self) -> bool:
+        """The current slice was taken away without a yield."""
+        return self.active and not self.holding and self.revoked_slice == self.slice != 0
 
 
 class Lease:

@@ -18,7 +18,9 @@ import tempfile
 import time
 import zlib
 
+from .client import wait_for_daemon
 from .ctl import human_bytes
+from .errors import DaemonNotRunning
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
@@ -55,23 +57,6 @@ def tenant_main(name: str, device: int, layers: int, layer_mib: int) -> int:
     return 0 if same else 1
 
 
-def _wait_for_socket(path: str, daemon: subprocess.Popen, timeout: float = 15.0) -> None:
-    from .client import check_socket  # noqa: PLC0415
-    from .errors import AquaError  # noqa: PLC0415
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if daemon.poll() is not None:
-            raise SystemExit(f"aqua-demo: aquad exited with code {daemon.returncode}")
-        try:
-            check_socket(path)
-            return
-        except AquaError:
-            if time.monotonic() > deadline:
-                raise SystemExit("aqua-demo: aquad did not come up") from None
-            time.sleep(0.05)
-
-
 def _aquactl(socket: str) -> str:
     out = subprocess.run([sys.executable, "-m", "aqua.ctl", "--socket", socket, "status"],
                          capture_output=True, text=True, timeout=30)
@@ -96,7 +81,10 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
              "--host-devices", devices, "--log-level", "warning"], env=env)
         tenants: list[subprocess.Popen] = []
         try:
-            _wait_for_socket(socket, daemon)
+            try:
+                wait_for_daemon(socket, daemon)
+            except DaemonNotRunning as exc:
+                raise SystemExit(f"aqua-demo: {exc}") from None
             print(f"== starting {len(TENANTS)} tenant processes", flush=True)
             for name, device in TENANTS:
                 tenants.append(subprocess.Popen(

@@ -119,20 +119,26 @@ class TensorPager:
         return self
 
     def page_out(self) -> None:
+        if self.paged_out:
+            return
+        # First every lease, then every copy: if a lease is refused (out of
+        # memory), no tensor has lost its storage yet.
+        for e in self._entries:
+            n = e.tensor.numel() * e.tensor.element_size()
+            if e.lease is None or e.lease.nbytes < n:
+                if e.lease is not None:
+                    e.lease.release()
+                    e.lease = None
+                e.lease = self.client.lease(max(n, 1), near=self.near)
         for e in self._entries:
             t = e.tensor
             e.shape, e.dtype, e.device = t.shape, t.dtype, t.device
             src = _bytes_of(t)
-            n = src.numel()
-            if e.lease is None or e.lease.nbytes < n:
-                if e.lease is not None:
-                    e.lease.release()
-                e.lease = self.client.lease(max(n, 1), near=self.near)
-            if n:
-                e.lease.tensor()[:n].copy_(src)
-            e.nbytes = n
+            e.nbytes = src.numel()
+            if e.nbytes:
+                e.lease.tensor()[: e.nbytes].copy_(src)
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-            self.bytes_out += n
+            self.bytes_out += e.nbytes
         self.paged_out = True
 
     def page_in(self) -> None:

@@ -12,8 +12,8 @@ reply    (daemon -> tenant): {"v": 1, "id": <int>, "ok": true, "result": {...}}
 event    (daemon -> tenant): {"v": 1, "event": <str>, "data": {...}}
 
 Each operation's arguments are a frozen dataclass below; its fields carry the
-checks the decoder applies, so the table in protocol/README.md, the validator
-and the handlers all read the same definition.
+checks the decoder applies, so the validator and the handlers read the same
+definition, and protocol/README.md documents it (keep the two in step).
 """
 
 from __future__ import annotations
@@ -144,7 +144,9 @@ class Hello(Op):
                       doc="tenant name shown to operators (model name, say)")
     devices: list = arg(Check(list, min_len=1, max_len=64, item=DEVICE),
                         doc="home device ids the tenant computes on")
-    weight: float = arg(Check(float, min=0.0, max=1e6, exclusive_min=True), default=1.0,
+    # Bounded: shares are relative, and a weight near zero would push virtual
+    # runtimes (and the device floors other tenants re-enter at) to infinity.
+    weight: float = arg(Check(float, min=0.01, max=100.0), default=1.0,
                         doc="share of GPU time relative to other tenants")
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from aqua import protocol as p
-from aqua.client import Connection, check_socket
-from aqua.errors import AquaError
+from aqua.client import Connection, wait_for_daemon
+from aqua.errors import DaemonNotRunning
 from aquad.backends.host import SHM_DIR, segment_prefix
 
 
@@ -43,16 +43,10 @@ class Daemon:
             [sys.executable, "-m", "aquad", "--socket", self.socket, *self.args],
             stdout=self._log, stderr=subprocess.STDOUT)
 
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"aquad exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                check_socket(self.socket)
-                return True
-            except AquaError:
-                return False
-
-        assert wait_until(up, 20), f"aquad did not start:\n{self.log()}"
+        try:
+            wait_for_daemon(self.socket, self.proc)
+        except DaemonNotRunning as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
         return self
 
     def log(self) -> str:

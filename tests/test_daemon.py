@@ -391,3 +391,115 @@ def test_config_file_sets_the_devices(sockdir, start_daemon):
     daemon = start_daemon("--config", cfg, defaults=False)
     devices = daemon.status()["devices"]
     assert [d["capacity_bytes"] for d in devices] == [8 * MiB] * 3
+
+
+def test_a_reused_routing_id_cannot_act_as_the_tenant(daemon, tenants):
+    """A tenant that set its own routing id closes its socket but lives on; a
+    second process connecting with that id must not inherit the tenant."""
+    victim = tenants(daemon, """
+        import sys, time, zmq, msgpack, aqua.protocol as p
+        ctx = zmq.Context(); s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, b"fixed-id")
+        s.connect("ipc://" + __import__("os").environ["AQUA_SOCKET"])
+        s.send(p.encode_request(1, p.Hello(tenant="victim", devices=[0]))); s.recv()
+        s.send(p.encode_request(2, p.Lease(nbytes=2**20)))
+        print(msgpack.unpackb(s.recv())["result"]["lease"], flush=True)
+        s.close(linger=0)
+        time.sleep(30)
+    """)
+    lease_id = victim.readline()
+    time.sleep(0.2)
+    raw = Raw.__new__(Raw)
+    raw.ctx = zmq.Context()
+    raw.sock = raw.ctx.socket(zmq.DEALER)
+    raw.sock.setsockopt(zmq.ROUTING_ID, b"fixed-id")
+    raw.sock.linger = 0
+    raw.sock.connect(endpoint(daemon.socket))
+    try:
+        for op in (p.LeaseInfo(lease=lease_id), p.Release(lease=lease_id), p.Turn()):
+            reply = raw.ask(p.encode_request(5, op))
+            assert reply["ok"] is False and reply["error"]["code"] == "permission_denied", reply
+    finally:
+        raw.close()
+    assert [l["id"] for l in daemon.status()["leases"]] == [lease_id]
+
+
+def test_a_request_flood_does_not_hold_back_scheduler_events(start_daemon):
+    daemon = start_daemon("--quantum-ms", "20", "--grace-ms", "100")
+    holder = aqua.connect("holder", 0, socket=daemon.socket)
+    waiter = aqua.connect("waiter", 0, socket=daemon.socket)
+    stop = threading.Event()
+
+    def flood():
+        raw = Raw(daemon.socket)
+        frame = req("status")
+        while not stop.is_set():
+            for _ in range(50):
+                raw.sock.send(frame)
+            while raw.sock.poll(0):
+                raw.sock.recv()
+        raw.close()
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    try:
+        with holder.turn():
+            flooder.start()
+            # The holder never yields: the waiter must be granted once its
+            # slice is revoked (20 ms + 100 ms), flood or not.
+            t0 = time.monotonic()
+            with waiter.turn(timeout=5):
+                waited = time.monotonic() - t0
+    finally:
+        stop.set()
+        flooder.join(5)
+        holder.close()
+        waiter.close()
+    assert waited < 2, waited
+
+
+def test_a_dropped_tenant_is_told_instead_of_waiting_forever(start_daemon, tenants):
+    daemon = start_daemon("--grace-ms", "30000")  # the holder keeps its slice
+    holder = tenants(daemon, """
+        import time, aqua
+        client = aqua.connect(tenant="holder", device=0)
+        with client.turn():
+            print("holding", flush=True)
+            time.sleep(60)
+    """)
+    assert holder.readline() == "holding"
+    waiter = tenants(daemon, """
+        import aqua
+        client = aqua.connect(tenant="waiter", device=0)
+        print("waiting", flush=True)
+        try:
+            with client.turn(timeout=30):
+                print("granted", flush=True)
+        except aqua.DaemonGone as exc:
+            print("gone:", exc, flush=True)
+    """)
+    assert waiter.readline() == "waiting"
+    time.sleep(0.3)
+    waiter.proc.send_signal(signal.SIGSTOP)  # past the 2 s heartbeat timeout
+    assert wait_until(lambda: len(daemon.status()["tenants"]) == 1, timeout=8)
+    waiter.proc.send_signal(signal.SIGCONT)
+    line = waiter.readline(timeout=10)
+    assert line.startswith("gone:") and "dropped" in line, line
+
+
+def test_pager_refused_a_lease_loses_nothing(daemon):
+    with aqua.connect("pager", 0, socket=daemon.socket) as client:
+        small = torch.arange(1000, dtype=torch.float32)
+        huge = torch.zeros(100 * MiB, dtype=torch.uint8)  # no 64 MiB device holds it
+        pager = aqua.TensorPager(client, [small, huge])
+        with pytest.raises(aqua.OutOfMemory):
+            pager.page_out()
+        assert small.numel() == 1000 and torch.equal(small, torch.arange(1000.0))
+        assert huge.numel() == 100 * MiB
+        assert not pager.paged_out
+        pager.unregister(huge)
+        pager.page_out()
+        assert small.numel() == 0
+        pager.page_in()
+        assert torch.equal(small, torch.arange(1000.0))
+        pager.close()
+        assert daemon.status()["leases"] == []

@@ -150,10 +150,7 @@ class Arbiter:
         if self.tenants.by_conn(conn) is not None:
             raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
                                 "this connection is already registered")
-        for dev in args.devices:
-            self._device(dev)
-        if len(set(args.devices)) != len(args.devices):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "hello: duplicate device ids")
+        self._check_devices("hello", args.devices)
         if len(self.tenants) >= self.limits.max_tenants:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                                 f"aquad serves at most {self.limits.max_tenants} tenants")
@@ -232,10 +229,7 @@ class Arbiter:
     def _turn(self, conn: bytes, peer: Peer, args: m.Turn) -> dict:
         tenant = self.tenants.by_conn(conn)
         if args.devices is not None:
-            for dev in args.devices:
-                self._device(dev)
-            if len(set(args.devices)) != len(args.devices):
-                raise ProtocolError(ErrorCode.BAD_REQUEST, "turn: duplicate device ids")
+            self._check_devices("turn", args.devices)
             outside = sorted(set(args.devices) - set(tenant.devices))
             if outside:
                 raise ProtocolError(
@@ -286,6 +280,12 @@ class Arbiter:
                 ErrorCode.NO_SUCH_DEVICE,
                 f"no device {device}; devices are {sorted(self.pools)}")
 
+    def _check_devices(self, op: str, devices: list[int]) -> None:
+        for dev in devices:
+            self._device(dev)
+        if len(set(devices)) != len(devices):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{op}: duplicate device ids")
+
     def _owned(self, lease_id: str, tenant: Tenant) -> LeaseRecord:
         lease = self.leases.owned(lease_id, tenant.id)
         if lease is None:
@@ -330,6 +330,7 @@ class Arbiter:
                 {"id": t.id, "name": t.name, "pid": t.peer.pid, "uid": t.peer.uid,
                  "devices": list(t.devices), "weight": t.weight,
                  "leased_bytes": per_tenant.get(t.id, 0), "leases": len(t.leases),
+                 "connected_s": round(now - t.registered_at, 3),
                  "idle_s": round(now - t.last_seen, 3)}
                 for t in sorted(self.tenants, key=lambda t: int(t.id[1:]))
             ],

@@ -47,6 +47,3 @@ class LeaseTable:
 
     def pop(self, lease_id: str) -> LeaseRecord:
         return self._leases.pop(lease_id)
-
-    def on_device(self, device: int) -> list[LeaseRecord]:
-        return [l for l in self._leases.values() if l.device == device]

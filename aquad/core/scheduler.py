@@ -27,11 +27,13 @@ drive the same code. Policy:
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 WAIT_SAMPLES = 1024  # per tenant, for wait-time percentiles
+_EPS = 1e-9  # vruntime slack so float rounding cannot flip an eligibility test
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class Scheduler:
         self.quantum = quantum
         self.grace = grace
         self.min_quantum = quantum / 8 if min_quantum is None else min_quantum
+        # Strikes beyond this no longer shorten the quantum; capping them keeps
+        # "each timely yield restores one step" true (and 2**strikes finite).
+        self.max_strikes = max(0, math.ceil(math.log2(quantum / self.min_quantum)))
         self._clock = clock
         self.runners: dict[str, Runner] = {}
         self.holder: dict[int, str | None] = {d: None for d in self.devices}
@@ -159,15 +164,22 @@ class Scheduler:
 
     def next_deadline(self) -> float | None:
         """When tick() next has something to do (None: nothing until a request)."""
-        waiting = self._waiting_devices()
+        now = self._clock()
+        eligible = {r.id: self._eligible_at(r, now)
+                    for r in self.runners.values() if r.state == "waiting"}
         times = []
         for runner in self.runners.values():
             if runner.state != "holding":
                 continue
             if runner.preempt_deadline is not None:
                 times.append(runner.preempt_deadline)
-            elif waiting.intersection(runner.devices):
-                times.append(runner.quantum_end)
+                continue
+            # Preempt at the quantum's end, or once a waiter becomes eligible.
+            when = min((at for rid, at in eligible.items()
+                        if not set(self.runners[rid].devices).isdisjoint(runner.devices)),
+                       default=math.inf)
+            if when < math.inf:
+                times.append(max(runner.quantum_end, when))
         return min(times, default=None)
 
     # --- internals ------------------------------------------------------------
@@ -208,12 +220,34 @@ class Scheduler:
             return runner.vruntime + (now - runner.granted_at) / runner.weight
         return runner.vruntime
 
-    def _waiting_devices(self) -> set[int]:
+    def _waiting_devices(self, now: float) -> set[int]:
+        """Devices that an eligible waiter wants."""
         out: set[int] = set()
         for runner in self.runners.values():
-            if runner.state == "waiting":
+            if runner.state == "waiting" and self._eligible_at(runner, now) <= now:
                 out.update(runner.devices)
         return out
+
+    def _eligible_at(self, waiter: Runner, now: float) -> float:
+        """When `waiter` is within one quantum of the least vruntime on one of
+        its devices (now, if it already is; inf if only other waiters, whose
+        vruntimes do not move, can change that)."""
+        target = waiter.vruntime - self.quantum - _EPS
+        best = math.inf
+        for d in waiter.devices:
+            at = now
+            for r in self.runners.values():
+                if r is waiter or r.state == "idle" or d not in r.devices:
+                    continue
+                v = self._running_vruntime(r, now)
+                if v >= target:
+                    continue
+                if r.state != "holding":
+                    at = math.inf
+                    break
+                at = max(at, now + (target - v) * r.weight + _EPS)
+            best = min(best, at)
+        return best
 
     def _schedule(self) -> list[Action]:
         now = self._clock()
@@ -224,7 +258,7 @@ class Scheduler:
                     and now >= runner.preempt_deadline):
                 slice_id = runner.slice
                 self._release(runner)
-                runner.strikes += 1
+                runner.strikes = min(runner.strikes + 1, self.max_strikes)
                 runner.revocations += 1
                 actions.append(Revoke(runner.id, slice_id,
                                       f"did not yield within {self.grace:g} s"))
@@ -235,18 +269,20 @@ class Scheduler:
             if any(d in reserved or self.holder[d] is not None for d in runner.devices):
                 reserved.update(runner.devices)
                 continue
+            quantum = self._quantum_for(runner)
             runner.state = "holding"
             runner.slice = next(self._slices)
             runner.granted_at = now
             runner.grants += 1
             runner.waits.append(now - runner.waiting_since)
-            quantum = self._quantum_for(runner)
             runner.quantum_end = now + quantum
             for d in runner.devices:
                 self.holder[d] = runner.id
             actions.append(Grant(runner.id, runner.devices, runner.slice, quantum))
-        # 3. Ask holders past their quantum to yield if someone waits for them.
-        waiting_devices = self._waiting_devices()
+        # 3. Ask holders past their quantum to yield if someone eligible waits
+        #    for them (a waiter that ran ahead would not be granted anyway:
+        #    preempting for it would only page the holder out and back in).
+        waiting_devices = self._waiting_devices(now)
         for runner in self.runners.values():
             if (runner.state == "holding" and runner.preempt_deadline is None
                     and now >= runner.quantum_end
@@ -277,7 +313,7 @@ class Scheduler:
                     least[d] = min(least.get(d, v), v)
 
         def key(r: Runner) -> tuple:
-            eligible = r.vruntime <= max(least[d] for d in r.devices) + self.quantum
+            eligible = r.vruntime <= max(least[d] for d in r.devices) + self.quantum + _EPS
             return (0, r.seq, 0.0) if eligible else (1, 0, r.vruntime)
 
         return sorted(waiting, key=key)
