@@ -36,6 +36,11 @@ log = logging.getLogger("aquad")
 _SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye)
 
 
+def _trio_time(monotonic_deadline: float) -> float:
+    """The arbiter's clock is time.monotonic(); trio's has its own offset."""
+    return trio.current_time() + (monotonic_deadline - time.monotonic())
+
+
 @contextlib.contextmanager
 def _logged(what: str) -> Iterator[None]:
     """Background tasks log their bugs instead of taking the daemon down."""
@@ -105,7 +110,6 @@ class Server:
         self._watchers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
-        self._timer_target: float | None = None
         self._peers: dict[str | None, Peer | None] = {}  # Peer-Address -> parsed
 
     # --- lifecycle ------------------------------------------------------------
@@ -310,20 +314,22 @@ class Server:
                             tenant.id if tenant else "?", data["reason"])
             self.post(conn, m.encode_event(name, data))
         deadline = self.arbiter.next_deadline()
-        if deadline is not None and self._timer_scope is not None and (
-                self._timer_target is None or deadline < self._timer_target):
-            self._timer_scope.cancel()
+        scope = self._timer_scope
+        if deadline is not None and scope is not None:
+            when = _trio_time(deadline)
+            if when < scope.deadline:
+                # Moving the deadline re-arms the sleeping timer without
+                # waking it: no extra task switch on a hand-over.
+                scope.deadline = when
 
     async def _timer(self) -> None:
         """Wake the scheduler when a quantum or a grace period ends."""
         while True:
             deadline = self.arbiter.next_deadline()
-            self._timer_target = deadline
             with trio.CancelScope() as self._timer_scope:
-                if deadline is None:
-                    await trio.sleep_forever()
-                else:
-                    await trio.sleep(max(0.0, deadline - time.monotonic()))
+                if deadline is not None:
+                    self._timer_scope.deadline = _trio_time(deadline)
+                await trio.sleep_forever()
             self._timer_scope = None
             with _logged("the scheduler timer"):
                 self.arbiter.tick()

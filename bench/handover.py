@@ -55,51 +55,52 @@ def handovers(a: dict, b: dict) -> list[float]:
     return out
 
 
+def aqua_handovers(tmp: str, seconds: float, quantum_ms: float) -> list[float]:
+    with aquad(tmp, "--quantum-ms", str(quantum_ms), "--grace-ms", "5000") as sock:
+        procs = [subprocess.Popen([sys.executable, "-c", TENANT, sock, name, str(seconds)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for name in ("holder-a", "holder-b")]
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        docs = [json.loads(proc.communicate(timeout=seconds + 60)[0]) for proc in procs]
+    return handovers(*docs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="aqua time in all")
     parser.add_argument("--quantum-ms", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="limits and aqua alternate this many times (noise hits both)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    pause = args.quantum_ms / 1000
+    samples: dict[str, list[float]] = {"echo": [], "idle_echo": [], "relay": [], "aqua": []}
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
-        echo = percentiles(echo_round_trips(tmp, 5000))
-        idle_echo = percentiles(echo_round_trips(tmp, 1000, pause=args.quantum_ms / 1000))
-        relay = percentiles(relay_hops(tmp, args.quantum_ms / 1000))
-        with aquad(tmp, "--quantum-ms", str(args.quantum_ms), "--grace-ms", "5000") as sock:
-            procs = [subprocess.Popen([sys.executable, "-c", TENANT, sock, name,
-                                       str(args.seconds)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)
-                     for name in ("holder-a", "holder-b")]
-            for proc in procs:
-                assert proc.stdout.readline().strip() == "ready"
-            for proc in procs:
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-            docs = [json.loads(proc.communicate(timeout=args.seconds + 60)[0]) for proc in procs]
-    h = percentiles(handovers(*docs))
-    ratio = {"p50_vs_echo": h["p50_us"] / echo["p50_us"],
-             "p99_vs_echo": h["p99_us"] / echo["p99_us"],
-             "p50_vs_idle_echo": h["p50_us"] / idle_echo["p50_us"],
-             "p99_vs_idle_echo": h["p99_us"] / idle_echo["p99_us"],
-             "p50_vs_relay": h["p50_us"] / relay["p50_us"],
-             "p99_vs_relay": h["p99_us"] / relay["p99_us"]}
-    print(f"slice hand-over, {h['n']} hand-overs in {args.seconds:g} s "
-          f"(quantum {args.quantum_ms:g} ms; paging excluded)")
-    print(f"{'':34} {'p50 us':>8} {'p99 us':>8}")
-    print(f"{'raw pyzmq echo RTT, back to back':34} {echo['p50_us']:8.1f} {echo['p99_us']:8.1f}")
-    print(f"{'raw echo RTT after a quantum idle':34} {idle_echo['p50_us']:8.1f} "
-          f"{idle_echo['p99_us']:8.1f}")
-    print(f"{'raw relay hop after a quantum idle':34} {relay['p50_us']:8.1f} {relay['p99_us']:8.1f}")
+        for _ in range(args.rounds):
+            samples["echo"] += echo_round_trips(tmp, 2000)
+            samples["idle_echo"] += echo_round_trips(tmp, 400, pause=pause)
+            samples["relay"] += relay_hops(tmp, pause, rounds=400)
+            samples["aqua"] += aqua_handovers(tmp, args.seconds / args.rounds, args.quantum_ms)
+    q = {k: percentiles(v) for k, v in samples.items()}
+    h = q["aqua"]
+    ratio = {f"{pct}_vs_{k}": h[f"{pct}_us"] / q[k][f"{pct}_us"]
+             for k in ("echo", "idle_echo", "relay") for pct in ("p50", "p99")}
+    print(f"slice hand-over, {h['n']} hand-overs (quantum {args.quantum_ms:g} ms; "
+          f"paging excluded; {args.rounds} alternating rounds)")
+    print(f"{'':34} {'p50 us':>8} {'p99 us':>8} {'aqua x p50':>10} {'x p99':>6}")
+    for key, label in (("echo", "raw echo RTT, back to back"),
+                       ("idle_echo", "raw echo RTT after a quantum idle"),
+                       ("relay", "raw relay hop after a quantum idle")):
+        print(f"{label:34} {q[key]['p50_us']:8.1f} {q[key]['p99_us']:8.1f} "
+              f"{ratio['p50_vs_' + key]:10.2f} {ratio['p99_vs_' + key]:6.2f}")
     print(f"{'aqua: yield sent -> next grant':34} {h['p50_us']:8.1f} {h['p99_us']:8.1f}")
-    print(f"{'ratio vs echo RTT':34} {ratio['p50_vs_echo']:8.2f} {ratio['p99_vs_echo']:8.2f}")
-    print(f"{'ratio vs idle echo RTT':34} {ratio['p50_vs_idle_echo']:8.2f} "
-          f"{ratio['p99_vs_idle_echo']:8.2f}")
-    print(f"{'ratio vs relay hop':34} {ratio['p50_vs_relay']:8.2f} {ratio['p99_vs_relay']:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"echo": echo, "idle_echo": idle_echo, "relay": relay, "handover": h,
-                       "ratio": ratio,
-                       "quantum_ms": args.quantum_ms}, f, indent=2)
+            json.dump({**q, "ratio": ratio, "quantum_ms": args.quantum_ms}, f, indent=2)
     return 0
 
 
