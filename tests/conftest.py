@@ -164,3 +164,19 @@ def tenants() -> Iterator[Callable[..., Tenant]]:
     yield make
     for t in made:
         t.kill()
+
+
+HOLDER = """
+    import time, aqua
+    client = aqua.connect(tenant="holder", device=0)
+    with client.turn():
+        print("holding", flush=True)
+        time.sleep(60)        # holds its slice and never calls respond()
+"""
+
+
+def start_holder(make_tenant: Callable[..., Tenant], daemon: Daemon) -> Tenant:
+    """A tenant process that takes a slice on device 0 and sits on it."""
+    holder = make_tenant(daemon, HOLDER)
+    assert holder.readline() == "holding"
+    return holder

@@ -21,7 +21,7 @@ import aqua
 from aqua import protocol as p
 from aqua.paths import endpoint
 
-from .conftest import wait_until
+from .conftest import start_holder, wait_until
 
 MiB = 2**20
 
@@ -459,14 +459,7 @@ def test_a_request_flood_does_not_hold_back_scheduler_events(start_daemon):
 
 def test_a_dropped_tenant_is_told_instead_of_waiting_forever(start_daemon, tenants):
     daemon = start_daemon("--grace-ms", "30000")  # the holder keeps its slice
-    holder = tenants(daemon, """
-        import time, aqua
-        client = aqua.connect(tenant="holder", device=0)
-        with client.turn():
-            print("holding", flush=True)
-            time.sleep(60)
-    """)
-    assert holder.readline() == "holding"
+    holder = start_holder(tenants, daemon)
     waiter = tenants(daemon, """
         import aqua
         client = aqua.connect(tenant="waiter", device=0)

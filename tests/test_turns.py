@@ -11,7 +11,7 @@ import time
 
 import aqua
 
-from .conftest import wait_until
+from .conftest import start_holder, wait_until
 
 # A cooperative engine loop: respond() at the top of every iteration, its
 # tensors registered with the default pager; logs each iteration's span.
@@ -131,14 +131,7 @@ def test_a_tenant_that_ignores_preemption_is_revoked(start_daemon, tenants):
 
 def test_a_holder_that_dies_frees_its_slice_at_once(start_daemon, tenants):
     daemon = start_daemon("--quantum-ms", "20", "--grace-ms", "30000")
-    holder = tenants(daemon, """
-        import time, aqua
-        client = aqua.connect(tenant="holder", device=0)
-        with client.turn():
-            print("holding", flush=True)
-            time.sleep(60)
-    """)
-    assert holder.readline() == "holding"
+    holder = start_holder(tenants, daemon)
     with aqua.connect("waiter", 0, socket=daemon.socket) as client:
         killer_at = time.monotonic() + 0.3
 
@@ -158,14 +151,7 @@ def test_a_holder_that_dies_frees_its_slice_at_once(start_daemon, tenants):
 
 def test_turn_times_out_cleanly(start_daemon, tenants):
     daemon = start_daemon("--quantum-ms", "20", "--grace-ms", "30000")
-    holder = tenants(daemon, """
-        import time, aqua
-        client = aqua.connect(tenant="holder", device=0)
-        with client.turn():
-            print("holding", flush=True)
-            time.sleep(60)
-    """)
-    assert holder.readline() == "holding"
+    holder = start_holder(tenants, daemon)
     with aqua.connect("impatient", 0, socket=daemon.socket) as client:
         t0 = time.monotonic()
         try:
