@@ -1,0 +1,150 @@
+"""A small inference engine for HuggingFace causal LMs, scheduled per prompt.
+
+Each request decodes greedily with its own KV cache (batch 1), so output is
+token-for-token what an uninterrupted `generate()` gives. The PromptScheduler
+decides, before every step, which requests are resident; a preempted
+request's KV cache goes into an aqua lease (every layer's keys and values in
+one contiguous copy, the paper's "column") and comes back bit-exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..client import Client, Lease
+from .scheduler import Plan, PromptScheduler, Request
+
+
+class LeaseKV:
+    """Paged-out KV caches, one lease per request, reused while big enough."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._leases: dict[int, Lease] = {}
+        self._meta: dict[int, list[tuple[torch.Size, torch.Size]]] = {}
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def save(self, rid: int, cache: Any) -> None:
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        total = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                    for k, v in layers)
+        lease = self._leases.get(rid)
+        if lease is None or lease.nbytes < total:
+            if lease is not None:
+                lease.release()
+            lease = self._leases[rid] = self.client.lease(total)
+        flat = lease.tensor()
+        offset = 0
+        for k, v in layers:
+            for t in (k, v):
+                n = t.numel() * t.element_size()
+                flat[offset:offset + n].copy_(t.contiguous().view(-1).view(torch.uint8))
+                offset += n
+        self._meta[rid] = [(k.shape, v.shape) for k, v in layers]
+        self._dtype = layers[0][0].dtype
+        self.bytes_out += total
+
+    def load(self, rid: int, make_cache: Callable[[], Any]) -> Any:
+        flat = self._leases[rid].tensor()
+        cache = make_cache()
+        offset = 0
+        for i, shapes in enumerate(self._meta.pop(rid)):
+            pair = []
+            for shape in shapes:
+                t = torch.empty(shape, dtype=self._dtype)
+                n = t.numel() * t.element_size()
+                t.view(-1).view(torch.uint8).copy_(flat[offset:offset + n])
+                offset += n
+                pair.append(t)
+            cache.update(pair[0], pair[1], i)
+        self.bytes_in += offset
+        return cache
+
+    def drop(self, rid: int) -> None:
+        self._meta.pop(rid, None)
+        lease = self._leases.pop(rid, None)
+        if lease is not None:
+            lease.release()
+
+    def close(self) -> None:
+        for rid in list(self._leases):
+            self.drop(rid)
+
+
+class Engine:
+    def __init__(self, model: Any, scheduler: PromptScheduler, client: Client | None = None,
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = model.eval()
+        self.scheduler = scheduler
+        self.kv = LeaseKV(client) if client is not None else None
+        self.clock = clock
+        self._caches: dict[int, Any] = {}
+        self._next_id = 0
+
+    def submit(self, prompt: list[int], max_new_tokens: int, *,
+               arrival: float | None = None, tenant: str = "") -> Request:
+        self._next_id += 1
+        request = Request(self._next_id, list(prompt), max_new_tokens,
+                          self.clock() if arrival is None else arrival, tenant)
+        self.scheduler.arrive(request)
+        return request
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Plan and run one step. False when nothing was resident to run."""
+        plan: Plan = self.scheduler.plan()
+        for r in plan.preempt:
+            if self.kv is None:
+                raise RuntimeError("preemption needs an aqua client to page into")
+            self.kv.save(r.id, self._caches.pop(r.id))
+        fresh = set()
+        for r in plan.resume:
+            if r.prefilled:
+                self._caches[r.id] = self.kv.load(r.id, self._new_cache)
+            else:
+                self._prefill(r)
+                fresh.add(r.id)
+        for r in plan.run:
+            if r.id not in fresh and r.state == "resident":
+                self._decode(r)
+        return bool(plan.run)
+
+    def _emit(self, r: Request, logits: torch.Tensor) -> None:
+        r.tokens.append(int(logits[0, -1].argmax()))
+        r.token_times.append(self.clock())
+        if r.done:
+            self._caches.pop(r.id, None)
+            if self.kv is not None:
+                self.kv.drop(r.id)
+            self.scheduler.finished(r)
+
+    def _prefill(self, r: Request) -> None:
+        cache = self._new_cache()
+        out = self.model(torch.tensor([r.prompt]), cache=cache, use_cache=True)
+        r.prefilled = True
+        self._caches[r.id] = out.cache
+        self._emit(r, out.logits)
+
+    def _decode(self, r: Request) -> None:
+        cache = self._caches[r.id]
+        out = self.model(torch.tensor([[r.tokens[-1]]]), cache=cache, use_cache=True)
+        self._caches[r.id] = out.cache
+        self._emit(r, out.logits)
+
+    @property
+    def bytes_paged(self) -> int:
+        return 0 if self.kv is None else self.kv.bytes_out + self.kv.bytes_in
+
+    def close(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
