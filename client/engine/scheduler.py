@@ -9,7 +9,8 @@ Two policies over the same requests and the same KV-cache budget:
   request is active; the resident set (whose KV cache is in memory) holds the
   requests with the fewest generated tokens (ties by arrival) that fit, so a
   newly arrived prompt displaces running ones at once and gets its first
-  token quickly. The set is re-chosen every `slice_tokens` decode steps;
+  token quickly (while any prompt waits for its first token the set is
+  re-chosen every step). Otherwise it is re-chosen every `slice_tokens` steps;
   a request that leaves it is preempted (its KV cache paged out) and is
   resumed (paged in) when it is chosen again.
 
@@ -106,7 +107,11 @@ class PromptScheduler:
 
     def _plan_fair(self) -> Plan:
         resident = self.resident()
-        if not self._dirty and self._steps_in_slice < self.slice_tokens and resident:
+        # Prompts still waiting for their first token cut every slice short:
+        # a burst is prefilled at once, which is where responsiveness comes from.
+        starving = any(r.state in ("waiting", "paused") and not r.tokens for r in self.requests)
+        if (not self._dirty and not starving and self._steps_in_slice < self.slice_tokens
+                and resident):
             self._steps_in_slice += 1
             return Plan([], [], resident)
         self._dirty = False

@@ -1,0 +1,213 @@
+"""Replay a bursty workload against real tenant processes, baseline vs aqua.
+
+One run starts a private aquad, then one process per tenant (each a small
+Llama of its own size, seeded random weights, nothing downloaded), replays
+the arrivals in real time and collects every request's token times. The two
+modes share the engine code path:
+
+- ``baseline``: fcfs admission bounded by the KV budget, no preemption, and
+  tenants run side by side as the OS schedules them;
+- ``aqua``: fair prompt-level time sharing, preempted KV caches paged into
+  leases, and tenants take GPU turns from aquad (respond() every step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+MODEL_SIZES = {
+    # name: (hidden, layers, heads, kv heads); decode costs ~1-6 ms on a CPU core
+    "small": (64, 2, 4, 2),
+    "medium": (128, 4, 4, 2),
+    "large": (192, 6, 6, 2),
+}
+VOCAB = 1024
+
+
+@dataclass
+class Arrival:
+    t: float  # seconds after the start
+    prompt_len: int
+    max_new: int
+
+
+@dataclass
+class TenantSpec:
+    name: str
+    size: str
+    arrivals: list[Arrival]
+    kv_budget: int  # tokens of KV cache the tenant may keep resident
+    slice_tokens: int = 5
+
+
+def bursty(n: int, burst: int, seed: int, *, spread: float = 4.0, max_new: int = 24,
+           prompt: tuple[int, int] = (16, 96)) -> list[Arrival]:
+    """`n - burst` requests spread over `spread` seconds, plus `burst`
+    requests arriving together a third of the way in."""
+    rng = random.Random(seed)
+    times = sorted(rng.uniform(0, spread) for _ in range(n - burst))
+    times += [spread / 3 + rng.uniform(0, 0.02) for _ in range(burst)]
+    return sorted((Arrival(t, rng.randint(*prompt), max_new) for t in times),
+                  key=lambda a: a.t)
+
+
+def build_model(size: str, seed: int):
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    hidden, layers, heads, kv = MODEL_SIZES[size]
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        max_position_embeddings=1024, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tenant_main(spec_json: str) -> int:
+    """One tenant process: replay its arrivals, print one JSON line of results."""
+    import torch  # noqa: PLC0415
+
+    import aqua  # noqa: PLC0415
+    from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
+
+    job = json.loads(spec_json)
+    spec = TenantSpec(**{**job["tenant"], "arrivals": [Arrival(**a) for a in
+                                                      job["tenant"]["arrivals"]]})
+    mode, start = job["mode"], job["start"]
+    torch.set_num_threads(1)
+    model = build_model(spec.size, job["seed"])
+    rng = random.Random(job["seed"] + 1)
+    client = aqua.connect(spec.name, job["device"], socket=job["socket"]) if mode == "aqua" else None
+    policy = "fair" if mode == "aqua" else "fcfs"
+    engine = Engine(model, PromptScheduler(policy, spec.kv_budget, spec.slice_tokens), client)
+    pending = list(spec.arrivals)
+    submitted = []
+
+    def admit() -> None:
+        now = time.monotonic()
+        while pending and start + pending[0].t <= now:
+            a = pending.pop(0)
+            prompt = [rng.randrange(VOCAB) for _ in range(a.prompt_len)]
+            submitted.append(engine.submit(prompt, a.max_new, arrival=start + a.t))
+
+    print("ready", flush=True)
+    while time.monotonic() < start:
+        time.sleep(0.001)
+    turn = client.turn() if client is not None else None
+    if turn is not None:
+        turn.__enter__()
+    try:
+        while pending or engine.scheduler.pending:
+            admit()
+            if client is not None:
+                client.respond()
+            if not engine.step():
+                if pending:
+                    time.sleep(max(0.0, min(0.005, start + pending[0].t - time.monotonic())))
+    finally:
+        if turn is not None:
+            turn.__exit__(None, None, None)
+    paged = engine.bytes_paged
+    engine.close()
+    if client is not None:
+        client.close()
+    print(json.dumps({
+        "tenant": spec.name, "size": spec.size, "bytes_paged": paged,
+        "requests": [{"arrival": r.arrival, "times": r.token_times,
+                      "preemptions": r.preemptions} for r in submitted],
+    }), flush=True)
+    return 0
+
+
+def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
+             progress: bool = False) -> list[dict]:
+    """Run one mode end to end; returns each tenant's result document."""
+    from ..client import wait_for_daemon  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="aqua-replay-") as tmp:
+        socket = os.path.join(tmp, "aquad.sock")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "aquad", "--socket", socket, "--host-devices", f"{max(2, len(tenants))}x512MiB",
+             "--quantum-ms", "20", "--log-level", "warning"])
+        procs = []
+        try:
+            wait_for_daemon(socket, daemon)
+            start = time.monotonic() + 3.0 + 0.5 * len(tenants)  # after imports
+            for i, spec in enumerate(tenants):
+                job = {"mode": mode, "start": start, "seed": seed + i, "socket": socket, "device": i,
+                       "tenant": asdict(spec)}
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "aqua.engine.replay", json.dumps(job)],
+                    stdout=subprocess.PIPE, text=True))
+            for proc in procs:
+                if proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"a {mode} tenant failed to start")
+            results = []
+            for proc in procs:
+                out, _ = proc.communicate(timeout=600)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"a {mode} tenant exited {proc.returncode}")
+                results.append(json.loads(out.strip().splitlines()[-1]))
+                if progress:
+                    print(f"   {mode}: tenant {results[-1]['tenant']} done", flush=True)
+            return results
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def jain(values: list[float]) -> float:
+    """Jain's fairness index: 1 when all equal, 1/n when one gets everything."""
+    values = [v for v in values if v > 0]
+    if not values:
+        return math.nan
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def summarize(results: list[dict]) -> dict:
+    reqs = [r for doc in results for r in doc["requests"]]
+    ttft = [r["times"][0] - r["arrival"] for r in reqs if r["times"]]
+    tbt = [b - a for r in reqs for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(len(r["times"]) for r in reqs)
+    first = min(r["arrival"] for r in reqs)
+    last = max(r["times"][-1] for r in reqs if r["times"])
+    # Fairness of service: each prompt's token rate over its time in the system.
+    rates = [len(r["times"]) / (r["times"][-1] - r["arrival"]) for r in reqs if r["times"]]
+    per_tenant = [sum(len(r["times"]) / (r["times"][-1] - r["arrival"])
+                      for r in doc["requests"] if r["times"]) / max(1, len(doc["requests"]))
+                  for doc in results]
+    return {
+        "requests": len(reqs),
+        "completed": sum(1 for r in reqs if r["times"]),
+        "ttft_p50_s": _pct(ttft, 0.50), "ttft_p99_s": _pct(ttft, 0.99),
+        "tbt_p50_s": _pct(tbt, 0.50), "tbt_p99_s": _pct(tbt, 0.99),
+        "throughput_tok_s": tokens / (last - first),
+        "jain": jain(rates), "jain_tenants": jain(per_tenant),
+        "bytes_paged": sum(doc["bytes_paged"] for doc in results),
+        "preemptions": sum(r["preemptions"] for r in reqs),
+        "ttft_s": sorted(ttft),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(tenant_main(sys.argv[1]))
