@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU build first, so nothing pulls CUDA wheels on a GPU-less host.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,engine]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -6,13 +6,19 @@ import subprocess
 import sys
 
 
-def test_demo_runs_end_to_end():
+def test_demo_runs_end_to_end(tmp_path):
+    plot = tmp_path / "ttft.png"
     out = subprocess.run([sys.executable, "-m", "aqua.demo", "--layers", "2", "--layer-mib",
-                          "2", "--host-devices", "2x32MiB"],
-                         capture_output=True, text=True, timeout=120)
+                          "2", "--host-devices", "2x32MiB", "--requests", "6", "--burst", "4",
+                          "--plot", str(plot)],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert text.count("bit-exact") == 2
     assert "aquactl status, while the tenants hold their leases" in text
     assert "LEASE" in text and "llama-2-7b" in text and "mistral-7b" in text
     assert "segments left behind: 0" in text and "demo passed" in text
+    # Part 2: both modes served every request; the table and the plot are there.
+    assert "TTFT p99 (ms)" in text and "throughput (tokens/s)" in text
+    assert "burst done" in text
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"

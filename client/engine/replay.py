@@ -60,6 +60,40 @@ def bursty(n: int, burst: int, seed: int, *, spread: float = 4.0, max_new: int =
                   key=lambda a: a.t)
 
 
+def default_tenants(requests: int = 26, burst: int = 18, seed: int = 0, *,
+                    max_new: int = 32, concurrency: int = 3, spread: float = 4.0,
+                    sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[TenantSpec]:
+    """The demo's workload: one tenant per model size, each with `requests`
+    requests of which `burst` arrive together; each tenant's KV budget holds
+    about `concurrency` requests at their largest."""
+    return [TenantSpec(f"llama-{size}", size,
+                       bursty(requests, burst, seed + i, spread=spread, max_new=max_new),
+                       kv_budget=concurrency * (96 + max_new))
+            for i, size in enumerate(sizes)]
+
+
+def trace_tenants(path: str, requests: int, *, time_scale: float, seed: int = 0,
+                  max_new: int = 32, concurrency: int = 3,
+                  sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[TenantSpec]:
+    """Tenants replaying a real trace: consecutive requests dealt round-robin
+    to the tenants, arrival times divided by `time_scale`, prompt lengths
+    /10 and output lengths /8 (clamped to what the small models serve)."""
+    import csv  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))[: requests * len(sizes)]
+    t0 = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
+    arrivals: list[list[Arrival]] = [[] for _ in sizes]
+    for i, row in enumerate(rows):
+        t = (datetime.fromisoformat(row["TIMESTAMP"][:26]) - t0).total_seconds() / time_scale
+        prompt = min(96, max(4, int(row["ContextTokens"]) // 10))
+        new = min(max_new, max(1, int(row["GeneratedTokens"]) // 8))
+        arrivals[i % len(sizes)].append(Arrival(t, prompt, new))
+    return [TenantSpec(f"llama-{size}", size, arrivals[i], concurrency * (96 + max_new))
+            for i, size in enumerate(sizes)]
+
+
 def build_model(size: str, seed: int):
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
@@ -152,14 +186,15 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
             for proc in procs:
                 if proc.stdout.readline().strip() != "ready":
                     raise RuntimeError(f"a {mode} tenant failed to start")
+            if progress:
+                expected = max(a.t for spec in tenants for a in spec.arrivals) + 2.0
+                _progress(mode, procs, start, expected)
             results = []
             for proc in procs:
                 out, _ = proc.communicate(timeout=600)
                 if proc.returncode != 0:
                     raise RuntimeError(f"a {mode} tenant exited {proc.returncode}")
                 results.append(json.loads(out.strip().splitlines()[-1]))
-                if progress:
-                    print(f"   {mode}: tenant {results[-1]['tenant']} done", flush=True)
             return results
         finally:
             for proc in procs:
@@ -167,6 +202,35 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
                     proc.kill()
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
+
+
+def _progress(mode: str, procs: list[subprocess.Popen], start: float, expected: float) -> None:
+    """A progress bar on stderr while the tenants replay (lines when not a tty)."""
+    tty = sys.stderr.isatty()
+    last_line = -10.0
+    while any(p.poll() is None for p in procs):
+        elapsed = max(0.0, time.monotonic() - start)
+        done = sum(p.poll() is not None for p in procs)
+        frac = min(1.0, elapsed / expected)
+        bar = "#" * int(frac * 30) + "." * (30 - int(frac * 30))
+        text = (f"   {mode:8} [{bar}] {elapsed:5.1f}s  tenants done {done}/{len(procs)}")
+        if tty:
+            print("\r" + text, end="", file=sys.stderr, flush=True)
+        elif elapsed - last_line >= 5:
+            print(text, file=sys.stderr, flush=True)
+            last_line = elapsed
+        time.sleep(0.25)
+    if tty:
+        print(file=sys.stderr)
+
+
+def compare(tenants: list[TenantSpec], *, seed: int = 0, progress: bool = False) -> dict:
+    """Both modes on the same workload: {"baseline": ..., "aqua": ..., "wall_s"}."""
+    t0 = time.monotonic()
+    out = {mode: summarize(run_mode(mode, tenants, seed=seed, progress=progress))
+           for mode in ("baseline", "aqua")}
+    out["wall_s"] = time.monotonic() - t0
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
