@@ -28,7 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=26, help="per tenant (load)")
     parser.add_argument("--burst", type=int, default=18, help="of those, arriving together")
-    parser.add_argument("--max-new", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--max-new", type=int, default=40, help="tokens generated per request")
     parser.add_argument("--concurrency", type=int, default=3,
                         help="requests a tenant's KV budget holds at once")
     parser.add_argument("--seed", type=int, default=0)

@@ -61,7 +61,7 @@ def bursty(n: int, burst: int, seed: int, *, spread: float = 4.0, max_new: int =
 
 
 def default_tenants(requests: int = 26, burst: int = 18, seed: int = 0, *,
-                    max_new: int = 32, concurrency: int = 3, spread: float = 4.0,
+                    max_new: int = 40, concurrency: int = 3, spread: float = 4.0,
                     sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[TenantSpec]:
     """The demo's workload: one tenant per model size, each with `requests`
     requests of which `burst` arrive together; each tenant's KV budget holds
