@@ -7,7 +7,7 @@ aqua (prompt-level fair time sharing, preempted KV caches paged into leases
 of a real aquad). The table compares TTFT, time between tokens, throughput,
 Jain's fairness and bytes paged; `--json FILE` writes both summaries.
 
-    python bench/responsiveness.py [--requests 26] [--burst 18] [--seed 0]
+    python bench/responsiveness.py [--requests 26] [--burst 18] [--max-new 40] [--seed 0]
                                    [--trace conv|code --time-scale 4] [--json FILE]
 """
 
