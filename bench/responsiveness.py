@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--plot", metavar="PNG", default="ttft-cdf.png")
     args = parser.parse_args()
     if args.trace:
-        path = os.path.join(TRACES, f"azure-llm-2023-{args.trace}-first2000.csv")
+        path = os.path.join(TRACES, f"azure-llm-2023-{args.trace}.csv")
         tenants = trace_tenants(path, args.requests, time_scale=args.time_scale,
                                 seed=args.seed, max_new=args.max_new,
                                 concurrency=args.concurrency)

@@ -112,3 +112,54 @@ def test_greedy_tokens_match_an_uninterrupted_generate(daemon, policy):
                                   do_sample=False)[0, len(p):].tolist()
             assert r.tokens == want, (r.id, r.preemptions)
     assert all(r.done and len(r.token_times) == 16 for r in reqs)
+
+
+def test_fair_admits_a_burst_by_evicting_only_what_it_must():
+    s = PromptScheduler("fair", kv_budget_tokens=100, slice_tokens=50)
+    running = [Request(i, [0] * 15, 5, float(i)) for i in range(5)]  # 20 tokens each
+    for r in running:
+        s.arrive(r)
+    s.plan()
+    for i, r in enumerate(running):
+        r.tokens = [0] * (i + 1)  # request 4 has generated most
+    new = Request(9, [0] * 30, 10, 9.0)  # needs 40: two residents must go
+    s.arrive(new)
+    plan = s.plan()
+    assert [r.id for r in plan.preempt] == [4, 3]  # the most advanced, no more
+    assert [r.id for r in plan.resume] == [9]
+    assert [r.id for r in s.resident()] == [0, 1, 2, 9]
+
+
+def test_dear_paging_stretches_the_slice():
+    s = PromptScheduler("fair", kv_budget_tokens=100, slice_tokens=5, max_overhead=0.1)
+    assert s.slice_steps == 5
+    s.record_step(switch_s=0.0, compute_s=0.02)
+    assert s.slice_steps == 5  # nothing paged yet
+    s.record_step(switch_s=0.5, compute_s=0.02)  # a switch costs 25 steps
+    assert s.slice_steps == 250  # so a slice lasts 250 steps: <= 10% overhead
+    cheap = PromptScheduler("fair", kv_budget_tokens=100, slice_tokens=5, max_overhead=0.1)
+    cheap.record_step(switch_s=0.005, compute_s=0.02)
+    assert cheap.slice_steps == 5
+    with pytest.raises(ValueError, match="max_overhead"):
+        PromptScheduler("fair", kv_budget_tokens=100, max_overhead=0)
+
+
+def test_full_offload_memory_caps_started_prompts_until_room_comes_back():
+    s = PromptScheduler("fair", kv_budget_tokens=40, slice_tokens=5)
+    a, b = Request(1, [0] * 10, 10, 0.0), Request(2, [0] * 10, 10, 0.1)
+    s.arrive(a)
+    s.arrive(b)
+    s.plan()  # both start: 40 tokens reserved
+    a.tokens, b.tokens = [0], [0]
+    s.offload_full()  # a page-out failed: no more started prompts than now
+    assert s.started_cap == 40
+    c = Request(3, [0] * 10, 10, 0.2)
+    s.arrive(c)
+    plan = s.plan()
+    assert plan.preempt == [] and plan.resume == []  # c waits, nobody is paged out
+    s.offload_ok(a)  # a later page-out found room: one more may start
+    s.arrive(Request(4, [0] * 10, 10, 0.3))
+    plan = s.plan()
+    assert [r.id for r in plan.resume] == [3]
+    s.finished(b)  # a finish returns its share of the cap
+    assert s.started_cap == 60

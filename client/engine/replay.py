@@ -14,7 +14,6 @@ modes share the engine code path:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+
+from .stats import jain, percentile
 
 MODEL_SIZES = {
     # name: (hidden, layers, heads, kv heads); decode costs ~1-6 ms on a CPU core
@@ -233,21 +234,6 @@ def compare(tenants: list[TenantSpec], *, seed: int = 0, progress: bool = False)
     return out
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def jain(values: list[float]) -> float:
-    """Jain's fairness index: 1 when all equal, 1/n when one gets everything."""
-    values = [v for v in values if v > 0]
-    if not values:
-        return math.nan
-    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
-
-
 def summarize(results: list[dict]) -> dict:
     reqs = [r for doc in results for r in doc["requests"]]
     ttft = [r["times"][0] - r["arrival"] for r in reqs if r["times"]]
@@ -263,8 +249,8 @@ def summarize(results: list[dict]) -> dict:
     return {
         "requests": len(reqs),
         "completed": sum(1 for r in reqs if r["times"]),
-        "ttft_p50_s": _pct(ttft, 0.50), "ttft_p99_s": _pct(ttft, 0.99),
-        "tbt_p50_s": _pct(tbt, 0.50), "tbt_p99_s": _pct(tbt, 0.99),
+        "ttft_p50_s": percentile(ttft, 0.50), "ttft_p99_s": percentile(ttft, 0.99),
+        "tbt_p50_s": percentile(tbt, 0.50), "tbt_p99_s": percentile(tbt, 0.99),
         "throughput_tok_s": tokens / (last - first),
         "jain": jain(rates), "jain_tenants": jain(per_tenant),
         "bytes_paged": sum(doc["bytes_paged"] for doc in results),

@@ -12,13 +12,20 @@ Two policies over the same requests and the same KV-cache budget:
   token quickly (while any prompt waits for its first token the set is
   re-chosen every step). Otherwise it is re-chosen every `slice_tokens` steps;
   a request that leaves it is preempted (its KV cache paged out) and is
-  resumed (paged in) when it is chosen again.
+  resumed (paged in) when it is chosen again. With `max_overhead`, the slice
+  stretches so that switching (paging) costs at most that fraction of the
+  time spent computing, as an OS sizes quanta against context-switch cost:
+  cheap paging (NVLink) keeps slices short, dear paging (PCIe) makes them
+  long instead of letting paging eat the GPU. Engines report both costs with
+  `record_step()`.
 
 The engine asks `plan()` before every step and carries the plan out.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -34,11 +41,10 @@ class Request:
     state: str = "waiting"  # waiting | resident | paused | done
     prefilled: bool = False
     preemptions: int = 0
+    reserve: int = field(init=False)  # KV tokens the request can grow to
 
-    @property
-    def reserve(self) -> int:
-        """KV tokens the request can grow to."""
-        return len(self.prompt) + self.max_new_tokens
+    def __post_init__(self) -> None:
+        self.reserve = len(self.prompt) + self.max_new_tokens
 
     @property
     def done(self) -> bool:
@@ -57,35 +63,85 @@ class Plan:
 
 
 class PromptScheduler:
-    def __init__(self, policy: str, kv_budget_tokens: int, slice_tokens: int = 5) -> None:
+    """Plans cost O(resident) between re-plans and O(active log active) at one,
+    so the simulator can drive the same object through 10^4 requests."""
+
+    def __init__(self, policy: str, kv_budget_tokens: int, slice_tokens: int = 5,
+                 max_overhead: float | None = None) -> None:
         if policy not in ("fcfs", "fair"):
             raise ValueError(f"policy must be fcfs or fair, got {policy!r}")
         if kv_budget_tokens <= 0 or slice_tokens <= 0:
             raise ValueError("budget and slice must be positive")
+        if max_overhead is not None and not 0 < max_overhead <= 1:
+            raise ValueError("max_overhead must be in (0, 1]")
         self.policy = policy
         self.budget = kv_budget_tokens
         self.slice_tokens = slice_tokens
-        self.requests: list[Request] = []
+        self.max_overhead = max_overhead
+        self._switch_s = 0.0  # moving average of what a re-plan costs to carry out
+        self._compute_s = 0.0  # moving average of a step's compute
+        self.active: dict[int, Request] = {}  # not done, in submission order
+        self._waiting: deque[Request] = deque()  # fcfs: never admitted yet
+        self._resident: list[Request] = []  # in submission order
+        self._fresh: list[Request] = []  # may still lack a first token
+        self._seq: dict[int, int] = {}  # request id -> submission order
+        self._used = 0  # KV tokens reserved by resident requests
         self._steps_in_slice = 0
         self._dirty = True  # something arrived or finished: re-plan now
+        self._freed = True  # a finish made room
+        self._started: set[int] = set()  # admitted at least once, not done
+        self._started_reserve = 0
+        self.started_cap: int | None = None  # see offload_full()
 
     def arrive(self, request: Request) -> None:
         if request.reserve > self.budget:
             raise ValueError(f"request {request.id} needs {request.reserve} KV tokens; "
                              f"the budget is {self.budget}")
-        self.requests.append(request)
+        if request.id in self.active:
+            raise ValueError(f"request {request.id} is already active")
+        self.active[request.id] = request
+        self._seq[request.id] = len(self._seq)
+        self._waiting.append(request)
+        self._fresh.append(request)
         self._dirty = True
 
     def finished(self, request: Request) -> None:
+        if request.state == "resident":
+            self._resident.remove(request)
+            self._used -= request.reserve
         request.state = "done"
+        self.active.pop(request.id, None)
+        self._seq.pop(request.id, None)
         self._dirty = True
+        self._freed = True
+        if request.id in self._started:
+            self._started.discard(request.id)
+            self._started_reserve -= request.reserve
+
+    def record_step(self, switch_s: float, compute_s: float) -> None:
+        """What the last step cost: seconds paging (or recomputing) for its
+        plan's preemptions and resumptions, and seconds computing."""
+        if switch_s > 0:
+            self._switch_s = switch_s if not self._switch_s else \
+                0.7 * self._switch_s + 0.3 * switch_s
+        if compute_s > 0:
+            self._compute_s = compute_s if not self._compute_s else \
+                0.9 * self._compute_s + 0.1 * compute_s
+
+    @property
+    def slice_steps(self) -> int:
+        """Steps between rotations now (slice_tokens unless paging is dear)."""
+        if self.max_overhead is None or self._compute_s <= 0:
+            return self.slice_tokens
+        need = self._switch_s / (self.max_overhead * self._compute_s)
+        return max(self.slice_tokens, math.ceil(need))
 
     @property
     def pending(self) -> bool:
-        return any(r.state != "done" for r in self.requests)
+        return bool(self.active)
 
     def resident(self) -> list[Request]:
-        return [r for r in self.requests if r.state == "resident"]
+        return list(self._resident)
 
     def plan(self) -> Plan:
         if self.policy == "fcfs":
@@ -94,41 +150,125 @@ class PromptScheduler:
 
     def _plan_fcfs(self) -> Plan:
         resume = []
-        used = sum(r.reserve for r in self.resident())
-        for r in self.requests:  # arrival order; head-of-line blocking is the point
-            if r.state != "waiting":
+        waiting = self._waiting
+        while waiting:  # arrival order; head-of-line blocking is the point
+            r = waiting[0]
+            if r.state == "done":
+                waiting.popleft()
                 continue
-            if used + r.reserve > self.budget:
+            if self._used + r.reserve > self.budget:
                 break
+            waiting.popleft()
             r.state = "resident"
-            used += r.reserve
+            self._used += r.reserve
+            self._resident.append(r)
             resume.append(r)
-        return Plan([], resume, self.resident())
+        return Plan([], resume, list(self._resident))
+
+    def _starving(self) -> bool:
+        """Is a prompt still waiting for its first token? (Prunes as it goes.)"""
+        self._fresh = [r for r in self._fresh if not r.tokens and r.state != "done"]
+        return any(r.state != "resident" for r in self._fresh)
+
+    def offload_full(self) -> None:
+        """The engine could not page a request out: offload memory is used
+        up. Start no more prompts than are started now (each started prompt
+        needs room somewhere); see `offload_ok` for how the cap grows back.
+        Without this, sustained overload would keep starting prompts and
+        drop caches that must then be recomputed."""
+        self.started_cap = self._started_reserve
+
+    def offload_ok(self, request: Request) -> None:
+        """A page-out found room: allow one more request's worth of started
+        prompts (additive increase after offload_full's decrease, so the
+        cap follows what the shared offload memory can take)."""
+        if self.started_cap is not None:
+            self.started_cap += request.reserve
+
+    def _may_start(self, r: Request, started: int) -> bool:
+        return (r.id in self._started or self.started_cap is None
+                or started + r.reserve <= self.started_cap)
 
     def _plan_fair(self) -> Plan:
-        resident = self.resident()
-        # Prompts still waiting for their first token cut every slice short:
-        # a burst is prefilled at once, which is where responsiveness comes from.
-        starving = any(r.state in ("waiting", "paused") and not r.tokens for r in self.requests)
-        if (not self._dirty and not starving and self._steps_in_slice < self.slice_tokens
-                and resident):
+        slice_over = self._steps_in_slice >= self.slice_steps or not self._resident
+        if not slice_over and not self._dirty and not self._starving():
             self._steps_in_slice += 1
-            return Plan([], [], resident)
+            return Plan([], [], list(self._resident))
+        self._waiting.clear()  # fair admits by token count, not arrival
         self._dirty = False
         self._steps_in_slice = 1
-        active = sorted((r for r in self.requests if r.state != "done"),
-                        key=lambda r: (len(r.tokens), r.arrival, r.id))
-        chosen, used = [], 0
+        if slice_over:
+            return self._rotate()
+        return self._admit()
+
+    def _rotate(self) -> Plan:
+        """End of a slice: the requests with the fewest tokens that fit."""
+        active = sorted(self.active.values(), key=lambda r: (len(r.tokens), r.arrival, r.id))
+        chosen, used, started = [], 0, self._started_reserve
         for r in active:
-            if used + r.reserve <= self.budget:
+            if used + r.reserve <= self.budget and self._may_start(r, started):
                 chosen.append(r)
                 used += r.reserve
+                if r.id not in self._started:
+                    started += r.reserve
         keep = {r.id for r in chosen}
-        preempt = [r for r in resident if r.id not in keep]
+        return self._apply([r for r in self._resident if r.id not in keep], chosen)
+
+    def _admit(self) -> Plan:
+        """Mid-slice (an arrival or a finish): prompts waiting for their first
+        token displace the residents that generated most, the fewest needed;
+        then free room goes to the rest by token count. Nobody else moves, so
+        a stream of arrivals does not reshuffle the whole resident set."""
+        used = self._used
+        evictable = sorted((r for r in self._resident if r.tokens),
+                           key=lambda r: (-len(r.tokens), -r.arrival, -r.id))
+        evicted: list[Request] = []
+        admitted: list[Request] = []
+        self._starving()  # prune the fresh list
+        starving = sorted((r for r in self._fresh if r.state != "resident"),
+                          key=lambda r: (r.arrival, r.id))
+        started = self._started_reserve
+        for r in starving:
+            if not self._may_start(r, started):
+                break
+            while used + r.reserve > self.budget and evictable:
+                victim = evictable.pop(0)
+                evicted.append(victim)
+                used -= victim.reserve
+            if used + r.reserve > self.budget:
+                break
+            admitted.append(r)
+            used += r.reserve
+            started += r.reserve
+        out = {r.id for r in evicted}
+        taken = {r.id for r in admitted}
+        # Free room goes to the rest only when a finish made some: otherwise
+        # whatever waits did not fit before and still does not.
+        room = self.budget - used if self._freed else 0
+        self._freed = False
+        rest = sorted((r for r in self.active.values() if r.state != "resident"
+                       and r.reserve <= room and r.id not in taken and r.id not in out),
+                      key=lambda r: (len(r.tokens), r.arrival, r.id))
+        for r in rest:
+            if used + r.reserve <= self.budget and self._may_start(r, started):
+                admitted.append(r)
+                used += r.reserve
+                if r.id not in self._started:
+                    started += r.reserve
+        chosen = [r for r in self._resident if r.id not in out] + admitted
+        return self._apply(evicted, chosen)
+
+    def _apply(self, preempt: list[Request], chosen: list[Request]) -> Plan:
         for r in preempt:
             r.state = "paused"
             r.preemptions += 1
         resume = [r for r in chosen if r.state != "resident"]
         for r in resume:
             r.state = "resident"
-        return Plan(preempt, resume, self.resident())
+            if r.id not in self._started:
+                self._started.add(r.id)
+                self._started_reserve += r.reserve
+        seq = self._seq
+        self._resident = sorted(chosen, key=lambda r: seq[r.id])
+        self._used = sum(r.reserve for r in chosen)
+        return Plan(preempt, resume, list(self._resident))

@@ -1,0 +1,413 @@
+"""Discrete-event simulation of a scale-up server under aqua's decisions.
+
+Virtual time only. The decisions are made by the objects aquad and the
+engine run for real, driven through their public entry points:
+
+- `aquad.core.arbiter.Arbiter` (with its Scheduler, placer, allocators and
+  lease table) receives the same typed requests a tenant sends over the
+  socket: hello, lease, release, turn, turn_yield, turn_done;
+- `aqua.engine.PromptScheduler` plans every engine step, as in the real
+  engine.
+
+What is modelled rather than run: GPU compute (a roofline per step, see
+workload.Costs) and copies (fabric.Fabric). An engine step is synchronous, as
+in the engine: page out the preempted, then page in or prefill the resumed,
+then decode one token for every other resident request.
+
+Policies on the same workload:
+- fcfs: admission by KV room in arrival order, no preemption (what batching
+  engines do under a burst);
+- host_swap: fair prompt-level time sharing; preempted KV caches go to host
+  DRAM over PCIe (no GPU offers spare memory);
+- aqua: the same, with producer GPUs' spare memory leased over NVLink first
+  and host DRAM as the fallback, as aquad places it;
+- recompute: the same scheduling, but a preempted request's KV cache is
+  dropped and recomputed by a prefill when it resumes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aqua.engine.scheduler import PromptScheduler, Request
+from aqua.engine.stats import jain, percentile
+from aqua.protocol import ErrorCode, ProtocolError
+from aqua.protocol import messages as m
+
+from ..core.arbiter import Arbiter, Limits
+from ..core.tenants import Peer
+from .backend import SimBackend
+from .fabric import Fabric
+from .hardware import Server
+from .workload import MODELS, Arrival, Costs, kv_budget_tokens
+
+POLICIES = ("fcfs", "host_swap", "aqua", "recompute")
+BLOCK_TOKENS = 16  # KV-cache block (vLLM's default): the unit of a dirty copy
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    """An LLM served on one GPU (a consumer of offload memory)."""
+
+    name: str
+    model: str  # key of workload.MODELS
+    gpu: int
+    share: float = 1.0  # of the GPU's KV room, when tenants share a GPU
+
+
+@dataclass(frozen=True)
+class Scenario:
+    server: Server
+    tenants: tuple[TenantSpec, ...]
+    arrivals: tuple[Arrival, ...]
+    spare: dict[int, int] = field(default_factory=dict)  # GPU -> bytes others may lease
+    slice_tokens: int = 5  # the paper's CFS slice: 5 decode iterations
+    quantum_s: float = 0.1  # GPU time slice between tenants sharing a GPU
+    grace_s: float = 5.0  # longer than any one engine step
+    # The paper's incremental swap-out: a resumed request keeps its lease,
+    # so its next page-out copies only what changed. "host": only leases in
+    # host DRAM are kept (peer HBM is scarce: a resident request must not
+    # sit on it); "all"; "none".
+    incremental: str = "host"
+    # Cap on paging time as a fraction of compute (PromptScheduler stretches
+    # its slices to keep it); None rotates every slice_tokens steps whatever
+    # paging costs.
+    max_overhead: float | None = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.tenants:
+            raise ValueError("a scenario needs at least one tenant")
+        if self.incremental not in ("host", "all", "none"):
+            raise ValueError("incremental must be host, all or none")
+        for t in self.tenants:
+            if t.model not in MODELS:
+                raise ValueError(f"tenant {t.name}: unknown model {t.model!r}; "
+                                 f"known: {sorted(MODELS)}")
+            if not 0 <= t.gpu < self.server.gpus:
+                raise ValueError(f"tenant {t.name}: no GPU {t.gpu}")
+        for a in self.arrivals:
+            if not 0 <= a.tenant < len(self.tenants):
+                raise ValueError(f"arrival at {a.t}s names tenant {a.tenant}")
+
+
+@dataclass
+class Held:
+    """A request's offload copy: its lease and how much of it is current."""
+
+    lease: str
+    device: int
+    tier: str
+    nbytes: int  # lease size
+    valid: int  # tokens the copy holds
+
+
+class Engine:
+    """One tenant's serving engine, as a state machine in virtual time."""
+
+    def __init__(self, sim: Simulation, index: int, spec: TenantSpec) -> None:
+        self.sim = sim
+        self.spec = spec
+        self.gpu = spec.gpu
+        model = MODELS[spec.model]
+        self.kv_bytes = model.kv_bytes_per_token
+        self.costs = Costs(model, sim.server.gpu)
+        budget = kv_budget_tokens(model, sim.server.gpu, share=spec.share)
+        self.sched = PromptScheduler("fcfs" if sim.policy == "fcfs" else "fair", budget,
+                                     sim.scenario.slice_tokens, sim.scenario.max_overhead)
+        self.conn = f"engine-{index}".encode()
+        self.peer = Peer(pid=100_000 + index, uid=0, gid=0)
+        self._ids = itertools.count(1)
+        self.call(m.Hello(tenant=spec.name, devices=[spec.gpu]))
+        self.state = "idle"  # idle | queued | stepping
+        self.yield_slice: int | None = None  # a preempt arrived mid-step
+        self.revoked = False
+        self.requests: list[Request] = []
+        self.leases: dict[int, Held] = {}  # request -> its offload copy
+        self.dropped: set[int] = set()  # paused requests whose KV must be recomputed
+        self.recomputed_tokens = 0
+        self.lease_failures = 0
+        self.paging_stall_s = 0.0  # step time spent waiting for copies
+        self.steps = 0
+
+    def call(self, op: m.Op) -> dict:
+        return self.sim.arbiter.handle(self.conn, self.peer, m.Request(next(self._ids), op))
+
+    # --- events ---------------------------------------------------------------
+
+    def arrive(self, arrival: Arrival) -> None:
+        req = Request(len(self.requests), range(arrival.prompt), arrival.max_new,
+                      arrival.t, self.spec.name)
+        self.sched.arrive(req)
+        self.requests.append(req)
+        if self.state == "idle":
+            self._want_turn()
+
+    def on_event(self, name: str, data: dict) -> None:
+        if name == "grant" and self.state == "queued":
+            self._start_step()
+        elif name == "preempt" and self.state == "stepping":
+            self.yield_slice = data["slice"]
+        elif name == "revoked":
+            self.revoked = True
+
+    # --- turns ----------------------------------------------------------------
+
+    def _want_turn(self) -> None:
+        self.revoked = False
+        if self.call(m.Turn())["state"] == "granted":
+            self._start_step()
+        else:
+            self.state = "queued"
+
+    def _after_step(self) -> None:
+        if self.revoked:  # the slice is gone; ask again
+            self.state = "idle"
+            if self.sched.pending:
+                self._want_turn()
+        elif self.yield_slice is not None:
+            slice_id, self.yield_slice = self.yield_slice, None
+            if self.call(m.TurnYield(slice=slice_id))["state"] == "granted":
+                self._start_step()
+            else:
+                self.state = "queued"
+        elif self.sched.pending:
+            self._start_step()
+        else:
+            self.call(m.TurnDone())
+            self.state = "idle"
+
+    # --- one engine step -----------------------------------------------------
+
+    def _context(self, r: Request) -> int:
+        return len(r.prompt) + len(r.tokens)
+
+    def _start_step(self) -> None:
+        self.state = "stepping"
+        self.steps += 1
+        sim, now = self.sim, self.sim.now
+        plan = self.sched.plan()
+        if not plan.run:
+            raise RuntimeError(f"{self.spec.name}: pending requests but nothing to run")
+        fabric = sim.fabric
+        out_end = now
+        for r in plan.preempt:
+            out_end = max(out_end, self._page_out(r, now))
+        in_end, prefill, fresh, releases = out_end, 0, [], []
+        recomputed = 0
+        for r in plan.resume:
+            held = self.leases.get(r.id) if r.id not in self.dropped else None
+            if held is not None:
+                ctx = self._context(r)
+                in_end = max(in_end, fabric.copy(held.device, self.gpu, ctx * self.kv_bytes,
+                                                 out_end))
+                if self._keeps(held):
+                    held.valid = ctx
+                else:
+                    del self.leases[r.id]
+                    releases.append(held.lease)  # freed once the copy is done
+            else:
+                # A new prompt, or one whose cache was dropped: prefill it.
+                # Either way the prefill yields the request's next token.
+                if r.id in self.dropped:
+                    self.dropped.discard(r.id)
+                    recomputed += self._context(r)
+                prefill += self._context(r)
+                fresh.append(r)
+        self.paging_stall_s += in_end - now
+        self.recomputed_tokens += recomputed
+        prefill_end = in_end + self.costs.prefill(prefill)
+        fresh_ids = {r.id for r in fresh}
+        decode = [r for r in plan.run if r.id not in fresh_ids]
+        kv_tokens = sum(self._context(r) for r in decode)
+        decode_end = prefill_end + self.costs.decode(len(decode), kv_tokens)
+        # Switching costs what the step waited for copies, or what it spent
+        # recomputing dropped caches.
+        switch = in_end - now + self.costs.prefill(recomputed)
+        self.sched.record_step(switch, decode_end - in_end - self.costs.prefill(recomputed))
+        # A batched prefill emits each prompt's first token as its part is
+        # done (the way chunked prefill does), not all at the batch's end.
+        firsts, done_tokens = [], 0
+        for r in fresh:
+            done_tokens += self._context(r)
+            firsts.append(in_end + self.costs.prefill(done_tokens))
+        sim.at(decode_end, self._step_done, (fresh, firsts, decode, decode_end, releases))
+
+    def _keeps(self, held: Held) -> bool:
+        """Does a resumed request keep its lease (incremental swap-out)?"""
+        mode = self.sim.scenario.incremental
+        return mode == "all" or (mode == "host" and held.tier == "host")
+
+    def _page_out(self, r: Request, now: float) -> float:
+        if self.sim.policy == "recompute":
+            self.dropped.add(r.id)
+            return now
+        ctx = self._context(r)
+        nbytes = ctx * self.kv_bytes
+        held = self.leases.get(r.id)
+        if held is not None and nbytes <= held.nbytes:
+            # Incremental swap-out: the copy from the last page-out is still
+            # valid; send only the blocks written since, plus the last
+            # (partly filled, so dirty) one.
+            start = held.valid - held.valid % BLOCK_TOKENS
+            held.valid = ctx
+            return self.sim.fabric.copy(self.gpu, held.device, (ctx - start) * self.kv_bytes, now)
+        if held is not None or self.sim.scenario.incremental == "all":
+            # Sized for all the request can grow to, so it never moves again.
+            nbytes = r.reserve * self.kv_bytes
+        if held is not None:  # outgrown: start over in a bigger lease
+            del self.leases[r.id]
+            self.call(m.Release(lease=held.lease))
+        try:
+            reply = self.call(m.Lease(nbytes=nbytes, near=self.gpu))
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.OUT_OF_MEMORY:
+                raise
+            # Nowhere to put it: drop the cache, as an engine out of swap
+            # space does, and recompute it on resume.
+            self.lease_failures += 1
+            self.dropped.add(r.id)
+            self.sched.offload_full()
+            return now
+        self.leases[r.id] = Held(reply["lease"], reply["device"], reply["tier"], nbytes, ctx)
+        self.sched.offload_ok(r)
+        self.sim.note_leased()
+        return self.sim.fabric.copy(self.gpu, reply["device"], ctx * self.kv_bytes, now)
+
+    def _step_done(self, args: tuple) -> None:
+        fresh, firsts, decode, decode_end, releases = args
+        for lease_id in releases:
+            self.call(m.Release(lease=lease_id))
+        for r, t in zip(fresh, firsts):
+            r.prefilled = True
+            self._emit(r, t)
+        for r in decode:
+            if r.state == "resident":
+                self._emit(r, decode_end)
+        self._after_step()
+
+    def _emit(self, r: Request, t: float) -> None:
+        r.tokens.append(0)
+        r.token_times.append(t)
+        if r.done:
+            self.sched.finished(r)
+            held = self.leases.pop(r.id, None)
+            if held is not None:
+                self.call(m.Release(lease=held.lease))
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.scenario = scenario
+        self.server = scenario.server
+        self.policy = policy
+        self.now = 0.0
+        spare = scenario.spare if policy == "aqua" else {}
+        self.arbiter = Arbiter(
+            SimBackend(self.server.topology(spare)), clock=lambda: self.now,
+            limits=Limits(max_tenants=len(scenario.tenants), max_leases_per_tenant=1 << 30,
+                          heartbeat_timeout_s=math.inf, quantum_s=scenario.quantum_s,
+                          grace_s=scenario.grace_s))
+        self.fabric = Fabric(self.server)
+        self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
+        self._seq = itertools.count()
+        self._tick_at: float | None = None
+        self.peak_leased: dict[int, int] = {d: 0 for d in self.arbiter.pools}
+        self.engines = [Engine(self, i, t) for i, t in enumerate(scenario.tenants)]
+        self._by_conn = {e.conn: e for e in self.engines}
+        for a in scenario.arrivals:
+            self.at(a.t, self.engines[a.tenant].arrive, a)
+
+    def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
+
+    def note_leased(self) -> None:
+        for d, pool in self.arbiter.pools.items():
+            if pool.used > self.peak_leased[d]:
+                self.peak_leased[d] = pool.used
+
+    def _tick(self, _: Any) -> None:
+        self._tick_at = None
+        self.arbiter.tick()
+
+    def _dispatch(self) -> None:
+        # Events the arbiter produced (grants, preemptions) go to their
+        # engines at once: in virtual time delivery is instantaneous.
+        while events := self.arbiter.take_events():
+            for conn, name, data in events:
+                self._by_conn[conn].on_event(name, data)
+        deadline = self.arbiter.next_deadline()
+        if deadline is not None and (self._tick_at is None or deadline < self._tick_at):
+            self._tick_at = max(deadline, self.now)
+            self.at(self._tick_at, self._tick)
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        heap = self._heap
+        while heap:
+            t, _, fn, arg = heapq.heappop(heap)
+            self.now = t
+            fn(arg)
+            self._dispatch()
+        result = self.results()
+        result["wall_s"] = time.perf_counter() - t0
+        return result
+
+    def results(self) -> dict:
+        reqs = [r for e in self.engines for r in e.requests]
+        done = [r for r in reqs if r.done]
+        ttft = [r.token_times[0] - r.arrival for r in reqs if r.token_times]
+        tbt = [b - a for r in reqs for a, b in zip(r.token_times, r.token_times[1:])]
+        tokens = sum(len(r.token_times) for r in reqs)
+        first = min((r.arrival for r in reqs), default=0.0)
+        last = max((r.token_times[-1] for r in reqs if r.token_times), default=first)
+        rates = [len(r.token_times) / (r.token_times[-1] - r.arrival)
+                 for r in reqs if r.token_times and r.token_times[-1] > r.arrival]
+        host = self.server.host_device
+        by_tier: dict[str, int] = {}
+        for (src, dst), n in self.fabric.bytes.items():
+            tier = self.fabric.tier(src, dst)
+            by_tier[tier] = by_tier.get(tier, 0) + n
+        return {
+            "policy": self.policy,
+            "requests": len(reqs),
+            "completed": len(done),
+            "ttft_p50_s": percentile(ttft, 0.50),
+            "ttft_p99_s": percentile(ttft, 0.99),
+            "tbt_p50_s": percentile(tbt, 0.50),
+            "tbt_p99_s": percentile(tbt, 0.99),
+            "throughput_tok_s": tokens / (last - first) if last > first else 0.0,
+            "jain": jain(rates),
+            "makespan_s": last - first,
+            "tokens": tokens,
+            "preemptions": sum(r.preemptions for r in reqs),
+            "bytes_paged": sum(self.fabric.bytes.values()),
+            "bytes_by_tier": by_tier,
+            "bytes_by_link": {f"{_dev(s, host)}->{_dev(d, host)}": n
+                              for (s, d), n in sorted(self.fabric.bytes.items())},
+            "copy_busy_s_by_tier": dict(self.fabric.busy_s),
+            "paging_stall_s": sum(e.paging_stall_s for e in self.engines),
+            "recomputed_tokens": sum(e.recomputed_tokens for e in self.engines),
+            "lease_failures": sum(e.lease_failures for e in self.engines),
+            "peak_leased_bytes": {_dev(d, host): n for d, n in self.peak_leased.items() if n},
+            "steps": sum(e.steps for e in self.engines),
+            "ttft_s": sorted(ttft),
+            "tbt_s": tbt,
+        }
+
+
+def _dev(d: int, host: int) -> str:
+    return "host" if d == host else f"gpu{d}"
+
+
+def simulate(scenario: Scenario, policies: tuple[str, ...] = ("fcfs", "host_swap", "aqua")
+             ) -> dict[str, dict]:
+    """Every policy on the same scenario: {policy: results}."""
+    return {p: Simulation(scenario, p).run() for p in policies}

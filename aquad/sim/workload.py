@@ -1,0 +1,141 @@
+"""Models, their roofline costs, and the requests that arrive for them."""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+from .hardware import GB, GpuSpec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    params: float
+    layers: int
+    kv_bytes_per_token: int  # keys + values, all layers, fp16
+    max_context: int
+    bytes_per_param: int = 2  # fp16
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.bytes_per_param
+
+
+# Architectures from the models' published configs (layers, hidden size, KV
+# heads); KV bytes per token = 2 (K and V) x layers x KV heads x head dim x 2.
+MODELS: dict[str, ModelSpec] = {
+    "llama-2-7b": ModelSpec("Llama-2-7B", 6.74e9, 32, 2 * 32 * 4096 * 2, 4096),
+    "llama-2-13b": ModelSpec("Llama-2-13B", 13.0e9, 40, 2 * 40 * 5120 * 2, 4096),
+    "mistral-7b": ModelSpec("Mistral-7B", 7.24e9, 32, 2 * 32 * 1024 * 2, 32768),
+    "opt-30b": ModelSpec("OPT-30B", 30.0e9, 48, 2 * 48 * 7168 * 2, 2048),
+}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """A simple roofline for one model on one GPU.
+
+    Decode streams the weights and every resident KV byte from HBM once per
+    step (memory-bound at the batch sizes that matter) unless its FLOPs take
+    longer; prefill is compute-bound. Attention FLOPs are left out (small next
+    to the weights' at these context lengths). The efficiencies are
+    assumptions: how much of peak bandwidth and FLOP/s kernels achieve.
+    """
+
+    model: ModelSpec
+    gpu: GpuSpec
+    hbm_efficiency: float = 0.8
+    flops_efficiency: float = 0.6
+
+    def decode(self, batch: int, kv_tokens: int) -> float:
+        if batch <= 0:
+            return 0.0
+        moved = self.model.weight_bytes + kv_tokens * self.model.kv_bytes_per_token
+        memory = moved / (self.gpu.hbm_bw * self.hbm_efficiency)
+        compute = 2 * self.model.params * batch / (self.gpu.peak_flops * self.flops_efficiency)
+        return max(memory, compute)
+
+    def prefill(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        compute = 2 * self.model.params * tokens / (self.gpu.peak_flops * self.flops_efficiency)
+        memory = self.model.weight_bytes / (self.gpu.hbm_bw * self.hbm_efficiency)
+        return max(memory, compute)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    t: float  # seconds from the start
+    prompt: int  # tokens
+    max_new: int  # tokens to generate
+    tenant: int  # index into the scenario's LLM tenants
+
+
+def read_trace(path: str) -> list[tuple[float, int, int]]:
+    """(seconds from the first request, context tokens, generated tokens)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no requests")
+    t0 = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
+    return [((datetime.fromisoformat(r["TIMESTAMP"][:26]) - t0).total_seconds(),
+             int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in rows]
+
+
+def fit(prompt: int, new: int, max_context: int) -> tuple[int, int]:
+    """Clamp a trace request to what the model serves: at least one token of
+    each, the prompt truncated so prompt + output fits the context window."""
+    new = max(1, min(new, max_context // 2))
+    return max(1, min(prompt, max_context - new)), new
+
+
+def from_trace(rows: list[tuple[float, int, int]], *, requests: int, tenants: int,
+               max_context: int, time_scale: float = 1.0) -> list[Arrival]:
+    """The first `requests` rows, arrival times divided by `time_scale`,
+    dealt round-robin to the tenants."""
+    if requests > len(rows):
+        raise ValueError(f"the trace holds {len(rows)} requests; {requests} asked")
+    out = []
+    for i, (t, ctx, gen) in enumerate(rows[:requests]):
+        prompt, new = fit(ctx, gen, max_context)
+        out.append(Arrival(t / time_scale, prompt, new, i % tenants))
+    return out
+
+
+def bursty(rows: list[tuple[float, int, int]], *, requests: int, tenants: int,
+           max_context: int, rate: float, burst_size: int, burst_every: float,
+           seed: int = 0) -> list[Arrival]:
+    """Poisson arrivals at `rate` per second, plus `burst_size` requests
+    landing within 100 ms every `burst_every` seconds; lengths drawn from the
+    trace's requests, so their distribution is real."""
+    rng = random.Random(seed)
+    out: list[Arrival] = []
+    t, next_burst = 0.0, burst_every
+    while len(out) < requests:
+        t += rng.expovariate(rate) if rate > 0 else burst_every
+        while next_burst <= t and len(out) < requests:
+            for _ in range(min(burst_size, requests - len(out))):
+                _, ctx, gen = rng.choice(rows)
+                prompt, new = fit(ctx, gen, max_context)
+                out.append(Arrival(next_burst + rng.uniform(0, 0.1), prompt, new,
+                                   rng.randrange(tenants)))
+            next_burst += burst_every
+        if len(out) < requests and rate > 0:
+            _, ctx, gen = rng.choice(rows)
+            prompt, new = fit(ctx, gen, max_context)
+            out.append(Arrival(t, prompt, new, rng.randrange(tenants)))
+    out.sort(key=lambda a: a.t)
+    return out
+
+
+def kv_budget_tokens(model: ModelSpec, gpu: GpuSpec, *, share: float = 1.0,
+                     activation_bytes: float = 6 * GB) -> int:
+    """KV-cache tokens a model keeps on its GPU: what is left of HBM after
+    weights and activations/workspace, times the tenant's share of the GPU."""
+    room = (gpu.hbm_bytes - model.weight_bytes - activation_bytes) * share
+    if room <= 0:
+        raise ValueError(f"{model.name} does not fit on a {gpu.name} share of {share}")
+    return int(room // model.kv_bytes_per_token)

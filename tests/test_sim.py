@@ -1,0 +1,241 @@
+"""The paper-scale simulator: accounting, formulas, and that it runs the real objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+import aquad.core.arbiter as arbiter_mod
+from aqua.engine.scheduler import PromptScheduler
+from aquad.core.arbiter import Arbiter
+from aquad.core.scheduler import Scheduler
+from aquad.core.topology import Tier
+from aquad.sim import GPUS, MODELS, Arrival, Costs, Scenario, Server, Simulation, TenantSpec
+from aquad.sim.fabric import Fabric
+from aquad.sim.hardware import GB, load_server, server_from_dict
+from aquad.sim.long_prompt import long_prompt
+from aquad.sim.report import table
+from aquad.sim.scenarios import paper_scenario
+from aquad.sim.workload import bursty, fit, from_trace
+
+H100 = GPUS["h100-sxm"]
+
+
+def burst_scenario(*, requests: int = 120, incremental: str = "host", consumers: int = 2,
+                   gpus: int = 4, prompt: int = 3000, new: int = 60) -> Scenario:
+    """A burst far beyond one GPU's KV room, on a small NVLinked server."""
+    server = Server(H100, gpus=gpus)
+    rows = [(0.0, prompt, new)]
+    sc = paper_scenario(server, rows, requests=requests, consumers=consumers,
+                        burst=(2.0, requests // 2, 5.0))
+    return dataclasses.replace(sc, incremental=incremental)
+
+
+def finished_cleanly(sim: Simulation) -> None:
+    assert list(sim.arbiter.leases) == []
+    assert all(pool.used == 0 for pool in sim.arbiter.pools.values())
+    assert sim.arbiter.backend.live == {}
+
+
+# --- accounting -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "host_swap", "aqua", "recompute"])
+def test_every_request_completes_and_every_lease_comes_back(policy):
+    sc = burst_scenario()
+    sim = Simulation(sc, policy)
+    r = sim.run()
+    assert r["requests"] == r["completed"] == len(sc.arrivals)
+    reqs = [q for e in sim.engines for q in e.requests]
+    assert all(len(q.token_times) == q.max_new_tokens for q in reqs)
+    assert all(q.token_times[0] >= q.arrival for q in reqs)
+    assert all(a <= b for q in reqs for a, b in zip(q.token_times, q.token_times[1:]))
+    assert r["tokens"] == sum(a.max_new for a in sc.arrivals)
+    finished_cleanly(sim)
+
+
+def test_whole_cache_paging_moves_every_byte_back_the_way_it_went():
+    sim = Simulation(burst_scenario(incremental="none"), "aqua")
+    r = sim.run()
+    assert r["preemptions"] > 0 and r["lease_failures"] == 0
+    pairs = sim.fabric.bytes
+    assert pairs
+    for (src, dst), n in pairs.items():
+        assert pairs[dst, src] == n, f"{src}->{dst} carried {n}, back {pairs[dst, src]}"
+    assert sum(r["bytes_by_tier"].values()) == r["bytes_paged"] == sum(pairs.values())
+
+
+def test_incremental_paging_writes_less_than_it_reads_back():
+    def written(sim: Simulation) -> int:  # consumers are the low GPU ids
+        return sum(n for (src, dst), n in sim.fabric.bytes.items() if src < dst)
+
+    whole = Simulation(burst_scenario(incremental="none"), "aqua")
+    whole.run()
+    inc = Simulation(burst_scenario(incremental="all"), "aqua")
+    inc.run()
+    for (src, dst), n in inc.fabric.bytes.items():
+        if src < dst:
+            assert n <= inc.fabric.bytes[dst, src]
+    assert 0 < written(inc) < written(whole)
+    finished_cleanly(inc)
+
+
+# --- formulas ---------------------------------------------------------------------
+
+
+def test_a_lone_request_takes_exactly_the_roofline_times():
+    server = Server(H100, gpus=1, nvlink_islands=())
+    spec = MODELS["llama-2-7b"]
+    prompt, new = 1000, 4
+    sc = Scenario(server, (TenantSpec("t", "llama-2-7b", 0),),
+                  (Arrival(2.0, prompt, new, 0),))
+    sim = Simulation(sc, "aqua")
+    sim.run()
+    (req,) = sim.engines[0].requests
+    hbm = H100.hbm_bw * 0.8
+    flops = H100.peak_flops * 0.6
+    weights = spec.params * 2
+    # Prefill: compute-bound, 2 FLOPs per parameter per token.
+    t = 2.0 + max(2 * spec.params * prompt / flops, weights / hbm)
+    expected = [t]
+    for k in range(1, new):
+        # Each decode step streams the weights and the request's KV once.
+        ctx = prompt + k
+        t += max((weights + ctx * spec.kv_bytes_per_token) / hbm, 2 * spec.params / flops)
+        expected.append(t)
+    assert req.token_times == pytest.approx(expected, rel=1e-12)
+
+
+def test_copies_take_latency_plus_bytes_over_bandwidth_and_queue_per_port():
+    server = Server(H100, gpus=4, nvlink_islands=((0, 1), (2, 3)))
+    f = Fabric(server)
+    nv, pcie, lat = H100.nvlink_bw * 0.9, H100.pcie_bw * 0.7, 10e-6
+    assert f.copy(0, 1, 9 * GB, 0.0) == pytest.approx(lat + 9 * GB / nv)
+    # Same outbound port: queues behind the first copy.
+    assert f.copy(0, 1, 9 * GB, 0.0) == pytest.approx(2 * (lat + 9 * GB / nv))
+    # Another pair, another island: independent, and over PCIe.
+    assert f.copy(2, 0, 1 * GB, 0.0) == pytest.approx(lat + 1 * GB / pcie)
+    assert f.tier(0, 1) == "nvlink" and f.tier(0, 2) == "peer"
+    assert f.tier(0, server.host_device) == "host"
+    assert f.bytes[0, 1] == 18 * GB
+    with pytest.raises(ValueError):
+        f.copy(1, 1, 10, 0.0)
+
+
+def test_long_prompt_throughput_follows_the_link():
+    lp = long_prompt(Server(H100))
+    assert lp["gpu_only_tok_s"] > lp["aqua_tok_s"] > lp["host_tok_s"]
+    spec, costs = MODELS["opt-30b"], Costs(MODELS["opt-30b"], H100)
+    remote = int(8192 * spec.kv_bytes_per_token * 0.5)
+    step = costs.decode(1, 8192)
+    assert lp["host_tok_s"] == pytest.approx(1 / (step + 10e-6 + remote / (H100.pcie_bw * 0.7)))
+    assert lp["aqua_over_host"] > 3
+
+
+# --- the real objects ---------------------------------------------------------------
+
+
+def test_the_simulator_drives_the_daemons_own_objects(monkeypatch):
+    calls = []
+    real_place = arbiter_mod.place
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return real_place(*args, **kwargs)
+
+    monkeypatch.setattr(arbiter_mod, "place", spy)
+    sim = Simulation(burst_scenario(), "aqua")
+    assert type(sim.arbiter) is Arbiter
+    assert type(sim.arbiter.scheduler) is Scheduler
+    assert all(type(e.sched) is PromptScheduler for e in sim.engines)
+    r = sim.run()
+    # Page-outs got their leases through the daemon's placer (a request that
+    # already holds one, from an earlier page-out, reuses it)...
+    assert 0 < len(calls) <= r["preemptions"]
+    # ...which put leases on NVLink peers first.
+    assert r["bytes_by_tier"].get("nvlink", 0) > 0
+    assert any(k.startswith("gpu") for k in r["peak_leased_bytes"])
+    # And the daemon's scheduler granted the engines their GPU turns.
+    assert all(sim.arbiter.scheduler.runners[f"t{i + 1}"].grants >= 1
+               for i in range(len(sim.engines)))
+
+
+def test_policies_page_where_they_say():
+    sc = burst_scenario()
+    res = {p: Simulation(sc, p).run() for p in ("fcfs", "host_swap", "aqua", "recompute")}
+    assert res["fcfs"]["preemptions"] == 0 and res["fcfs"]["bytes_paged"] == 0
+    assert set(res["host_swap"]["bytes_by_tier"]) == {"host"}
+    assert res["aqua"]["bytes_by_tier"]["nvlink"] > 0
+    assert res["recompute"]["bytes_paged"] == 0 and res["recompute"]["recomputed_tokens"] > 0
+    assert res["aqua"]["paging_stall_s"] < res["host_swap"]["paging_stall_s"]
+    # Fair time sharing answers a burst sooner than admission control.
+    assert res["aqua"]["ttft_p99_s"] < res["fcfs"]["ttft_p99_s"]
+    text = table(res)
+    assert "aqua" in text and "host_swap" in text
+
+
+def test_tenants_sharing_a_gpu_take_turns_through_the_scheduler():
+    server = Server(H100, gpus=2)
+    tenants = (TenantSpec("a", "llama-2-7b", 0, share=0.5),
+               TenantSpec("b", "llama-2-7b", 0, share=0.5))
+    arrivals = tuple(Arrival(0.01 * i, 200, 400, i % 2) for i in range(20))
+    sc = Scenario(server, tenants, arrivals, quantum_s=0.05)
+    sim = Simulation(sc, "aqua")
+    r = sim.run()
+    assert r["completed"] == 20
+    runners = sim.arbiter.scheduler.runners
+    assert runners["t1"].grants > 1 and runners["t2"].grants > 1  # they alternated
+    held = sim.arbiter.scheduler.device_time[0]
+    assert held["t1"] == pytest.approx(held["t2"], rel=0.25)
+
+
+# --- inputs ------------------------------------------------------------------------
+
+
+def test_server_and_scenario_validation(tmp_path):
+    with pytest.raises(ValueError, match="listed twice|out of range"):
+        Server(H100, gpus=4, nvlink_islands=((0, 1), (1, 2)))
+    with pytest.raises(ValueError, match="unknown keys"):
+        server_from_dict({"gpus": 8, "nvlinks": 1})
+    with pytest.raises(ValueError, match="unknown gpu"):
+        server_from_dict({"gpu": "v100"})
+    path = tmp_path / "s.toml"
+    path.write_text('gpu = "a100-sxm"\ngpus = 4\nnvlink_islands = [[0, 1], [2, 3]]\n'
+                    'pcie_efficiency = 0.8\nhost_pool_gib = 64\n')
+    s = load_server(str(path))
+    assert s.gpus == 4 and s.gpu is GPUS["a100-sxm"] and s.link(0, 2).tier == Tier.PEER
+    assert s.link(0, 1).tier == Tier.NVLINK and s.host_pool_bytes == 64 * 2**30
+    with pytest.raises(ValueError, match="unknown model"):
+        Scenario(s, (TenantSpec("x", "gpt-5", 0),), ())
+    with pytest.raises(ValueError, match="names tenant"):
+        Scenario(s, (TenantSpec("x", "llama-2-7b", 0),), (Arrival(0, 1, 1, 3),))
+    with pytest.raises(ValueError, match="policy"):
+        Simulation(Scenario(s, (TenantSpec("x", "llama-2-7b", 0),), ()), "lifo")
+
+
+def test_workload_generators_fit_requests_to_the_model():
+    assert fit(10_000, 500, 4096) == (3596, 500)
+    assert fit(0, 0, 4096) == (1, 1)
+    rows = [(float(i), 100 + i, 10) for i in range(50)]
+    arr = from_trace(rows, requests=40, tenants=3, max_context=4096, time_scale=2)
+    assert [a.t for a in arr[:3]] == [0.0, 0.5, 1.0] and {a.tenant for a in arr} == {0, 1, 2}
+    b = bursty(rows, requests=300, tenants=2, max_context=4096, rate=1.0, burst_size=100,
+               burst_every=10.0, seed=1)
+    assert len(b) == 300 and all(x.t <= y.t for x, y in zip(b, b[1:]))
+    # The bursts are there: 100 requests within 0.1 s of t = 10.
+    assert sum(1 for a in b if 10.0 <= a.t <= 10.1) >= 100
+    with pytest.raises(ValueError, match="holds 50"):
+        from_trace(rows, requests=51, tenants=1, max_context=4096)
+    assert not math.isnan(burst_scenario().arrivals[0].t)
+
+
+def test_consumers_spread_over_islands_and_peers_without_nvlink_use_pcie():
+    server = Server(H100, gpus=8, nvlink_islands=((0, 1, 2, 3), (4, 5, 6, 7)))
+    assert server.spread()[:4] == [0, 4, 1, 5]
+    sc = paper_scenario(server, [(0.0, 3000, 60)], requests=10, consumers=4, burst=(1, 5, 1))
+    assert [t.gpu for t in sc.tenants] == [0, 1, 4, 5] and sorted(sc.spare) == [2, 3, 6, 7]
+    topo = server.topology(sc.spare)
+    assert topo.link(0, 2).tier == Tier.NVLINK and topo.link(0, 6).tier == Tier.PEER
+    assert Fabric(server).tier(0, 6) == "peer"
