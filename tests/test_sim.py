@@ -239,3 +239,30 @@ def test_consumers_spread_over_islands_and_peers_without_nvlink_use_pcie():
     topo = server.topology(sc.spare)
     assert topo.link(0, 2).tier == Tier.NVLINK and topo.link(0, 6).tier == Tier.PEER
     assert Fabric(server).tier(0, 6) == "peer"
+
+
+def test_paper_sim_writes_one_object_per_policy(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "paper_sim.py"
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    proc = subprocess.run([sys.executable, str(script), "--requests", "400", "--burst-size", "150",
+                           "--burst-every", "10", "--json", str(out), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    for policy in ("fcfs", "host_swap", "aqua", "recompute"):
+        r = doc[policy]
+        for key in ("ttft_p50_s", "ttft_p99_s", "throughput_tok_s", "jain", "completed",
+                    "bytes_by_link", "tbt_p99_s"):
+            assert key in r, (policy, key)
+        assert r["completed"] == 400
+    assert doc["wall_s"] > 0 and doc["long_prompt"]["aqua_over_host"] > 1
+    assert png.stat().st_size > 10_000
+    assert "TTFT p99" in proc.stdout and "aqua" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--policies", "lifo"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown policies" in bad.stderr
