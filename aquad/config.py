@@ -34,6 +34,41 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def parse_amount(text: str | int, what: str) -> int:
+    """A size that may be zero ('0' turns a budget off): '0' -> 0, '8GiB' -> 8 GiB."""
+    if (isinstance(text, int) and not isinstance(text, bool) and text == 0) \
+            or str(text).strip() in ("0", "0B"):
+        return 0
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def parse_gpu_reserve(text: str) -> tuple[int, dict[int, int]]:
+    """'8GiB,0=40GiB' -> (8 GiB for every GPU, {0: 40 GiB}).
+
+    Items are comma-separated: one bare SIZE (the default for every GPU) and
+    any number of INDEX=SIZE for single GPUs, by their nvidia-smi index."""
+    default: int | None = None
+    per_gpu: dict[int, int] = {}
+    for item in str(text).split(","):
+        index, sep, size = item.partition("=")
+        if not sep:
+            if default is not None:
+                raise ConfigError(f"gpu_reserve {text!r} has two defaults; write one SIZE "
+                                  f"and INDEX=SIZE for single GPUs, e.g. 8GiB,0=40GiB")
+            default = parse_amount(item, "gpu_reserve")
+            continue
+        if not index.strip().isdigit() or int(index) > 1023:
+            raise ConfigError(f"gpu_reserve: {index.strip()!r} is not a GPU index (0..1023); "
+                              f"write INDEX=SIZE, e.g. 0=40GiB")
+        if int(index) in per_gpu:
+            raise ConfigError(f"gpu_reserve names GPU {int(index)} twice")
+        per_gpu[int(index)] = parse_amount(size, f"gpu_reserve for GPU {int(index)}")
+    return default or 0, per_gpu
+
+
 def parse_host_devices(text: str) -> tuple[int, int]:
     """'4x2GiB' -> (4, 2 GiB)."""
     count, sep, size = str(text).partition("x")
@@ -52,6 +87,11 @@ class Config:
     socket_group: str = ""
     backend: str = "auto"
     host_devices: str = "4x1GiB"
+    # cuda backend: what each GPU keeps for its own work, the safety margin
+    # below free memory, and the pinned host-DRAM tier ("0" = none).
+    gpu_reserve: str = "0"
+    gpu_headroom: str = "1GiB"
+    host_pinned: str = "4GiB"
     heartbeat_timeout_s: float = 5.0
     quantum_ms: float = 100.0
     grace_ms: float = 1000.0
@@ -64,6 +104,9 @@ class Config:
         if self.backend not in ("auto", "host", "cuda"):
             raise ConfigError(f"backend must be auto, host or cuda, got {self.backend!r}")
         parse_host_devices(self.host_devices)
+        parse_gpu_reserve(self.gpu_reserve)
+        parse_amount(self.gpu_headroom, "gpu_headroom")
+        parse_amount(self.host_pinned, "host_pinned")
         if not 0.1 <= self.heartbeat_timeout_s <= 3600:
             raise ConfigError("heartbeat_timeout_s must be within 0.1..3600 seconds")
         if not 1 <= self.quantum_ms <= 60_000:
@@ -106,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "host", "cuda"))
     p.add_argument("--host-devices", metavar="COUNTxSIZE",
                    help="virtual devices of the host backend, e.g. 4x2GiB (default 4x1GiB)")
+    p.add_argument("--gpu-reserve", metavar="SIZE[,INDEX=SIZE...]",
+                   help="cuda backend: memory each GPU keeps for its own work, never leased; "
+                        "per GPU with INDEX=SIZE, e.g. 8GiB,0=40GiB (default 0)")
+    p.add_argument("--gpu-headroom", metavar="SIZE",
+                   help="cuda backend: margin left below each GPU's free memory (default 1GiB)")
+    p.add_argument("--host-pinned", metavar="SIZE",
+                   help="cuda backend: host-DRAM tier in shared memory, pinned by tenants; "
+                        "0 for none (default 4GiB)")
     p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout_s", type=float,
                    metavar="SECONDS", help="drop a silent tenant after this long (default 5)")
     p.add_argument("--quantum-ms", dest="quantum_ms", type=float, metavar="MS",

@@ -12,8 +12,15 @@ import time
 import trio
 
 from . import __version__
-from .backends import BackendError, HostBackend, make_backend
-from .config import Config, ConfigError, load_config, parse_host_devices
+from .backends import BackendError, GpuPolicy, make_backend
+from .config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_amount,
+    parse_gpu_reserve,
+    parse_host_devices,
+)
 from .core.arbiter import Arbiter, Limits
 from .server import Server, StartupError
 
@@ -34,11 +41,20 @@ def notify_systemd(state: str) -> None:
             log.warning("cannot notify systemd: %s", exc)
 
 
+def gpu_policy(config: Config) -> GpuPolicy:
+    reserve, per_gpu = parse_gpu_reserve(config.gpu_reserve)
+    return GpuPolicy(reserve, per_gpu, headroom=parse_amount(config.gpu_headroom, "gpu_headroom"),
+                     host_pinned=parse_amount(config.host_pinned, "host_pinned"))
+
+
 def build(config: Config) -> Server:
     backend = make_backend(config.backend, socket_path=config.socket,
-                           host_devices=parse_host_devices(config.host_devices))
-    if isinstance(backend, HostBackend):
-        problem = backend.check_capacity()
+                           host_devices=parse_host_devices(config.host_devices),
+                           gpu=gpu_policy(config))
+    # Backends with shared-memory segments (host, and cuda's host tier).
+    check_capacity = getattr(backend, "check_capacity", None)
+    if check_capacity is not None:
+        problem = check_capacity()
         if problem:
             raise StartupError(problem)
     limits = Limits(
@@ -53,8 +69,9 @@ def build(config: Config) -> Server:
     server = Server(arbiter, config.socket, socket_group=config.socket_group,
                     heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4))
     server.open()
-    if isinstance(backend, HostBackend):
-        stale = backend.remove_stale()  # only after the lock: they are ours
+    remove_stale = getattr(backend, "remove_stale", None)
+    if remove_stale is not None:
+        stale = remove_stale()  # only after the lock: they are ours
         if stale:
             log.warning("removed %d shared-memory segment(s) left by a previous aquad", stale)
     return server

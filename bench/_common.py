@@ -139,7 +139,10 @@ def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,
 
 @contextlib.contextmanager
 def aquad(tmp: str, *args: str) -> Iterator[str]:
-    """A private aquad on `tmp`; yields its socket path."""
+    """A private aquad on `tmp`; yields its socket path. The host backend
+    unless `args` name one (`auto` would pick cuda on a GPU machine)."""
+    if "--backend" not in args:
+        args = ("--backend", "host", *args)
     path = os.path.join(tmp, "aquad.sock")
     proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
                              "--log-level", "warning", *args])

@@ -8,6 +8,7 @@ thread is reading at the time.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -216,6 +217,9 @@ class Client:
         self.daemon_devices: list[dict] = hello["devices"]
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
+        # GPU leases whose last alias died after release(): finalizers append
+        # (any thread, maybe inside a request), the heartbeat thread sends.
+        self._deferred: collections.deque[Lease] = collections.deque()
         self._stop = threading.Event()
         self._turn = TurnState()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
@@ -231,6 +235,7 @@ class Client:
     def lease(self, nbytes: int, near: int | None = None, *, populate: bool = True) -> Lease:
         """Lease `nbytes` of offload memory placed for a tenant computing on
         `near` (default: the first home device), mapped into this process."""
+        self._send_deferred()
         reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
         try:
             lease = Lease(self, reply, populate=populate)
@@ -260,6 +265,20 @@ class Client:
             self._leases.pop(lease.id, None)
         if not self._conn.gone:
             self._conn.request(p.Release(lease=lease.id))
+
+    def _release_later(self, lease: Lease) -> None:
+        self._deferred.append(lease)
+
+    def _send_deferred(self) -> None:
+        while True:
+            try:
+                lease = self._deferred.popleft()
+            except IndexError:
+                return
+            try:
+                self._release(lease)
+            except AquaError as exc:
+                log.debug("deferred release of %s failed: %s", lease.id, exc)
 
     # --- GPU time slices ------------------------------------------------------
 
@@ -347,6 +366,7 @@ class Client:
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
+                self._send_deferred()
                 self._conn.request(p.Heartbeat(), timeout=max(interval * 3, 1.0))
             except DaemonGone:
                 return
@@ -368,8 +388,12 @@ class Client:
         self._stop.set()
         if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)  # no heartbeat may follow the bye
-        for lease in self.leases:
-            lease._unmap()
+        aliased = [lease for lease in self.leases if not lease._unmap()]
+        if aliased:
+            log.warning("closing with %d GPU lease(s) still aliased by live tensors: aquad "
+                        "frees them now, so those tensors must not be used again",
+                        len(aliased))
+        self._deferred.clear()  # the bye releases them
         with self._leases_lock:
             self._leases.clear()
         if self._conn.gone is None:
@@ -428,9 +452,10 @@ class Lease:
 
     def __init__(self, client: Client, reply: dict[str, Any], *, populate: bool) -> None:
         self.id: str = reply["lease"]
-        self.device: int = reply["device"]
+        self.device: int = reply["device"]  # aqua device id (nvidia-smi index on GPUs)
         self.nbytes: int = reply["nbytes"]
-        self.tier: str = reply["tier"]
+        self.tier: str = reply["tier"]  # nvlink, peer or host
+        self.kind: str = reply["handle"].get("kind", "")  # posix_shm or cuda_ipc
         self._client = client
         self._mapping = open_handle(reply["handle"], populate=populate)
         self.released = False
@@ -451,17 +476,32 @@ class Lease:
             raise AquaError(f"lease {self.id} was released")
         return self._mapping.buffer()
 
-    def _unmap(self) -> None:
+    def pin(self) -> bool:
+        """Page-lock a host lease so GPU copies run at PCIe speed (done once;
+        aqua's offload does it for CUDA tensors). False for GPU leases and
+        where no CUDA runtime is present."""
+        if self.released:
+            raise AquaError(f"lease {self.id} was released")
+        return self._mapping.pin()
+
+    def _unmap(self) -> bool:
+        """True if the memory is unmapped now, False if tensors still alias it."""
         self.released = True
-        self._mapping.close()
+        return self._mapping.close()
 
     def release(self) -> None:
-        """Give the memory back. Tensors still aliasing it stay readable to
-        this process only, until they are dropped. Safe to call twice."""
+        """Give the memory back. Safe to call twice.
+
+        Host leases: tensors still aliasing the memory stay readable to this
+        process only, until they are dropped. GPU leases: CUDA must not free
+        memory a process still maps, so while tensors alias the lease the
+        release waits, and goes out once the last of them is gone."""
         if self.released:
             return
-        self._unmap()
-        self._client._release(self)
+        if self._unmap():
+            self._client._release(self)
+        else:
+            self._mapping.on_closed(lambda: self._client._release_later(self))
 
     def __enter__(self) -> Lease:
         return self

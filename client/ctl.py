@@ -83,13 +83,39 @@ def slices_table(status: dict) -> str:
     return "\n\n".join(parts)
 
 
+def link_label(link: dict | None) -> str:
+    """nvidia-smi topo -m style: NV<n> NVLink, PEER PCIe peer-to-peer, HOST."""
+    if link is None or link["tier"] == "host":
+        return "HOST"
+    if link["tier"] == "nvlink":
+        return f"NV{link['nvlinks']}" if link.get("nvlinks") else "NV"
+    return "PEER"
+
+
+def topology_table(status: dict) -> str:
+    """GPU-to-GPU links and what each GPU has spare; '' without GPUs."""
+    gpus = [d for d in status["devices"] if d["backend"] == "cuda"]
+    if not gpus:
+        return ""
+    links = {(l["consumer"], l["producer"]): l for l in status.get("links", [])}
+    rows = [[f"GPU{a['id']}", *("X" if a["id"] == b["id"] else
+                                 link_label(links.get((a["id"], b["id"]))) for b in gpus),
+             human_bytes(a["free_bytes"]), human_bytes(a["leased_bytes"])]
+            for a in gpus]
+    legend = ("NV<n> = NVLink with n links, PEER = PCIe peer-to-peer, "
+              "HOST = copies go through host memory")
+    return table(["", *(f"GPU{g['id']}" for g in gpus), "SPARE", "LEASED"], rows) \
+        + "\n" + legend
+
+
 def render_status(status: dict) -> str:
     d = status["daemon"]
     head = (f"aquad: protocol {d['protocol']}, backend {d['backend']}, "
             f"up {d['uptime_s']:.0f}s, {len(status['tenants'])} tenant(s), "
             f"{len(status['leases'])} lease(s)")
-    return "\n\n".join([head, devices_table(status), tenants_table(status),
-                        leases_table(status)])
+    parts = [head, devices_table(status), topology_table(status), tenants_table(status),
+             leases_table(status)]
+    return "\n\n".join(p for p in parts if p)
 
 
 VIEWS = {
@@ -98,6 +124,7 @@ VIEWS = {
     "leases": (leases_table, "leases"),
     "devices": (devices_table, "devices"),
     "slices": (slices_table, "slices"),
+    "topology": (lambda s: topology_table(s) or "no GPUs, so no links", "links"),
 }
 
 

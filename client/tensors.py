@@ -4,6 +4,14 @@
 own copy and free that memory); `restore` brings them back bit-exactly, on
 the original device or another. The copy goes straight into the mapped lease:
 no staging buffer, nothing through the socket.
+
+Any mix of tensors and leases works: CPU tensors and host leases copy
+inline; a CUDA tensor copies to a GPU lease device to device (over NVLink or
+PCIe peer-to-peer where the GPUs have it) and to a host lease over PCIe
+(the lease page-locked first). GPU copies run on a dedicated stream per
+device, after the work already queued on the device's current stream, and a
+batch of them (a page-out, say) ends with one event wait per stream: no
+device-wide synchronisation.
 """
 
 from __future__ import annotations
@@ -22,6 +30,66 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's storage bytes as a flat uint8 view (contiguous first)."""
     flat = tensor.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+
+
+def _lease_bytes(lease: Lease, nbytes: int, other: torch.Tensor) -> torch.Tensor:
+    """The lease's first `nbytes` as a uint8 tensor, for a copy with `other`."""
+    if other.is_cuda:
+        lease.pin()  # a host lease: page-locked so the copy runs at PCIe speed
+    return lease.tensor()[:nbytes]
+
+
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _streams.get(index)
+    if stream is None:
+        stream = _streams[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+class Copies:
+    """One batch of byte copies (equal sizes, uint8). Use as a context manager:
+    on exit every copy has landed.
+
+    torch runs a copy on the current stream of the source's device (of the
+    destination's for host -> GPU), so that device's dedicated stream is made
+    current for the copy, after it waits for the work queued so far. Tensors
+    stay referenced until the end: the caching allocator knows nothing of the
+    side stream and must not reuse their memory while a copy reads it."""
+
+    def __init__(self) -> None:
+        self._used: dict[int, torch.cuda.Stream] = {}
+        self._keep: list[torch.Tensor] = []
+
+    def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if not (dst.is_cuda or src.is_cuda):
+            dst.copy_(src)
+            return
+        device = src.device if src.is_cuda else dst.device
+        stream = _side_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        self._used[stream.device.index] = stream
+        self._keep += (dst, src)
+
+    def wait(self) -> None:
+        for stream in self._used.values():
+            done = torch.cuda.Event()
+            done.record(stream)
+            done.synchronize()
+        self._used.clear()
+        self._keep.clear()
+
+    def __enter__(self) -> Copies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Also on error: nothing may still be copying when leases are released.
+        self.wait()
 
 
 class OffloadedTensor:
@@ -43,7 +111,8 @@ class OffloadedTensor:
         if self.lease.released:
             raise AquaError("the lease holding this tensor was released")
         if self.nbytes:
-            out.reshape(-1).view(torch.uint8).copy_(self.lease.tensor()[: self.nbytes])
+            with Copies() as copy:
+                copy(out.reshape(-1).view(torch.uint8), _lease_bytes(self.lease, self.nbytes, out))
         return out
 
     def restore(self, device: torch.device | str | None = None, *,
@@ -70,7 +139,8 @@ def offload(client: Client, tensor: torch.Tensor, near: int | None = None) -> Of
     lease = client.lease(max(src.numel(), 1), near=near)
     try:
         if src.numel():
-            lease.tensor()[: src.numel()].copy_(src)
+            with Copies() as copy:
+                copy(_lease_bytes(lease, src.numel(), src), src)
     except BaseException:
         lease.release()
         raise
@@ -130,13 +200,17 @@ class TensorPager:
                     e.lease.release()
                     e.lease = None
                 e.lease = self.client.lease(max(n, 1), near=self.near)
+        # Then every copy, and only once all have landed, drop the storage.
+        with Copies() as copy:
+            for e in self._entries:
+                t = e.tensor
+                e.shape, e.dtype, e.device = t.shape, t.dtype, t.device
+                src = _bytes_of(t)
+                e.nbytes = src.numel()
+                if e.nbytes:
+                    copy(_lease_bytes(e.lease, e.nbytes, src), src)
         for e in self._entries:
             t = e.tensor
-            e.shape, e.dtype, e.device = t.shape, t.dtype, t.device
-            src = _bytes_of(t)
-            e.nbytes = src.numel()
-            if e.nbytes:
-                e.lease.tensor()[: e.nbytes].copy_(src)
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             self.bytes_out += e.nbytes
         self.paged_out = True
@@ -144,11 +218,13 @@ class TensorPager:
     def page_in(self) -> None:
         if not self.paged_out:
             return
-        for e in self._entries:
-            fresh = torch.empty(e.shape, dtype=e.dtype, device=e.device)
-            if e.nbytes:
-                fresh.reshape(-1).view(torch.uint8).copy_(e.lease.tensor()[: e.nbytes])
-            e.tensor.data = fresh
+        fresh = [torch.empty(e.shape, dtype=e.dtype, device=e.device) for e in self._entries]
+        with Copies() as copy:
+            for e, out in zip(self._entries, fresh):
+                if e.nbytes:
+                    copy(out.reshape(-1).view(torch.uint8), _lease_bytes(e.lease, e.nbytes, out))
+        for e, out in zip(self._entries, fresh):
+            e.tensor.data = out
             self.bytes_in += e.nbytes
         self.paged_out = False
 

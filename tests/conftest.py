@@ -90,7 +90,9 @@ def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def start(*args: str, name: str = "aquad.sock", defaults: bool = True) -> Daemon:
-        base = ["--host-devices", "2x64MiB", "--heartbeat-timeout", "2"] if defaults else []
+        # --backend host: `auto` would pick the cuda backend on a GPU machine.
+        base = ["--backend", "host", "--host-devices", "2x64MiB",
+                "--heartbeat-timeout", "2"] if defaults else []
         daemon = Daemon(os.path.join(sockdir, name), [*base, *args]).start()
         started.append(daemon)
         return daemon

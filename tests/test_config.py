@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from aquad.config import ConfigError, load_config, parse_host_devices, parse_size
+from aquad.config import (
+    ConfigError,
+    load_config,
+    parse_amount,
+    parse_gpu_reserve,
+    parse_host_devices,
+    parse_size,
+)
+from aquad.main import gpu_policy
 
 from .conftest import wait_until
 
@@ -34,6 +42,48 @@ def test_host_devices():
     for bad in ("x2GiB", "0x1GiB", "65x1MiB", "4*2GiB", "four x 1GiB", "4x"):
         with pytest.raises(ConfigError):
             parse_host_devices(bad)
+
+
+def test_gpu_reserve_default_and_per_gpu():
+    G = 2**30
+    assert parse_gpu_reserve("0") == (0, {})
+    assert parse_gpu_reserve("8GiB") == (8 * G, {})
+    assert parse_gpu_reserve("8GiB, 0=40GiB,3=0") == (8 * G, {0: 40 * G, 3: 0})
+    assert parse_gpu_reserve("1=70GiB") == (0, {1: 70 * G})
+    for bad, words in (("8GiB,4GiB", "two defaults"), ("x=1GiB", "not a GPU index"),
+                       ("0=1GiB,0=2GiB", "twice"), ("0=lots", "GPU 0"),
+                       ("8GB", "binary unit"), ("2000=1GiB", "0..1023"), ("", "gpu_reserve")):
+        with pytest.raises(ConfigError, match=words):
+            parse_gpu_reserve(bad)
+
+
+def test_amounts_may_be_zero():
+    assert parse_amount("0", "x") == 0 and parse_amount(0, "x") == 0
+    assert parse_amount("1GiB", "x") == 2**30
+    with pytest.raises(ConfigError, match="host_pinned"):
+        parse_amount("-1", "host_pinned")
+
+
+def test_gpu_settings_from_file_and_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("AQUA_SOCKET", raising=False)
+    G = 2**30
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[aquad]\nbackend = "cuda"\ngpu_reserve = "8GiB,0=40GiB"\n'
+                   'host_pinned = "0"\n')
+    config = load_config(["--config", str(cfg), "--gpu-headroom", "512MiB"])
+    policy = gpu_policy(config)
+    assert (policy.reserve, dict(policy.per_gpu_reserve)) == (8 * G, {0: 40 * G})
+    assert (policy.headroom, policy.host_pinned) == (512 << 20, 0)
+    defaults = gpu_policy(load_config([]))
+    assert (defaults.reserve, defaults.headroom, defaults.host_pinned) == (0, G, 4 * G)
+    for flags, words in ((["--host-pinned", "lots"], "host_pinned"),
+                         (["--gpu-headroom", "1GB"], "gpu_headroom"),
+                         (["--gpu-reserve", "0=1GiB,0=1GiB"], "twice")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(flags)
+    cfg.write_text('gpu_headroom = 1\n')
+    with pytest.raises(ConfigError, match="gpu_headroom must be str"):
+        load_config(["--config", str(cfg)])
 
 
 def test_flags_override_the_file(tmp_path, monkeypatch):
@@ -73,7 +123,8 @@ def test_ready_is_reported_to_systemd(sockdir):
     listener.settimeout(20)
     env = dict(os.environ, NOTIFY_SOCKET=notify)
     proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket",
-                             os.path.join(sockdir, "n.sock"), "--host-devices", "1x8MiB"],
+                             os.path.join(sockdir, "n.sock"), "--backend", "host",
+                             "--host-devices", "1x8MiB"],
                             env=env, stderr=subprocess.DEVNULL)
     try:
         assert listener.recv(64) == b"READY=1"

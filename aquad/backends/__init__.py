@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from .base import Backend, BackendError
+from .discovery import GpuPolicy, nvml_gpu_count
 from .host import HostBackend, segment_prefix
 
+log = logging.getLogger("aquad")
 
-def make_backend(kind: str, *, socket_path: str, host_devices: tuple[int, int]) -> Backend:
-    # `auto` means host until the cuda backend exists; then it will mean cuda
-    # wherever GPUs are present.
-    if kind == "cuda":
-        raise BackendError("the cuda backend is not part of this build yet; "
-                           "use --backend host")
+
+def cuda_unavailable() -> str | None:
+    """None when the cuda backend can run here, else why not. Cheap checks
+    first: NVML answers fast without a driver, cupy takes a while to import."""
+    count, why = nvml_gpu_count()
+    if not count:
+        return why
+    if importlib.util.find_spec("cupy") is None:
+        return "cupy is not installed (pip install 'aqua[cuda]')"
+    try:
+        import cupy  # noqa: PLC0415
+
+        usable = cupy.cuda.is_available()
+    except Exception as exc:  # noqa: BLE001 - a broken cupy install, say
+        return f"cupy cannot start ({type(exc).__name__}: {exc})"
+    if not usable:
+        return "NVML sees GPUs but CUDA cannot use them (driver or CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def make_backend(kind: str, *, socket_path: str, host_devices: tuple[int, int],
+                 gpu: GpuPolicy | None = None) -> Backend:
+    """`auto`: cuda where cupy, CUDA and NVML all find GPUs, else host."""
+    prefix = segment_prefix(socket_path)
+    if kind in ("auto", "cuda"):
+        why = cuda_unavailable()
+        if why is None:
+            from .cuda import CudaBackend  # noqa: PLC0415 - imports nothing heavy itself
+
+            return CudaBackend.discover(gpu or GpuPolicy(), prefix=prefix)
+        if kind == "cuda":
+            raise BackendError(f"--backend cuda cannot start: {why}; "
+                               f"use --backend host (or auto) on a machine without GPUs")
+        log.info("no GPU backend (%s): using the host backend", why)
     count, capacity = host_devices
-    return HostBackend(count, capacity, prefix=segment_prefix(socket_path))
+    return HostBackend(count, capacity, prefix=prefix)
 
 
-__all__ = ["Backend", "BackendError", "HostBackend", "make_backend"]
+__all__ = ["Backend", "BackendError", "GpuPolicy", "HostBackend", "cuda_unavailable",
+           "make_backend"]

@@ -4,6 +4,12 @@ The arbiter decides (how much, where, for whom); a backend only makes and
 destroys the memory behind a lease and describes it as a handle the tenant
 can open. The same handle dict goes on the wire, so the client dispatches on
 its `kind` and nothing above this layer branches on the backend.
+
+Optional: `quarantine(owner: Peer)`, called before a tenant that went silent
+is dropped. Its process may still live and map its leases; a backend for
+which freeing mapped memory is unsafe (cuda) keeps that memory until the
+process exits. Backends without it free at once (host: an unlinked file's
+pages stay private to whoever maps them).
 """
 
 from __future__ import annotations

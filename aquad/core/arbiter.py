@@ -130,7 +130,13 @@ class Arbiter:
     def expire(self) -> list[Tenant]:
         """Drop tenants whose heartbeats stopped; returns who was dropped."""
         stale = self.tenants.stale(self._clock(), self.limits.heartbeat_timeout_s)
+        # A silent tenant may still be alive and still map its leases; a
+        # backend for which freeing mapped memory is unsafe holds it until
+        # the process exits (see backends/base.py).
+        quarantine = getattr(self.backend, "quarantine", None)
         for tenant in stale:
+            if quarantine is not None:
+                quarantine(tenant.peer)
             self.drop_tenant(tenant.id)
         return stale
 
@@ -341,4 +347,9 @@ class Arbiter:
                 for l in leases
             ],
             "slices": self.scheduler.view(),
+            "links": [
+                {"consumer": a, "producer": b, "tier": link.tier.label,
+                 "bandwidth_gbps": round(link.bandwidth / 1e9, 3), "nvlinks": link.nvlinks}
+                for (a, b), link in sorted(self.topology.links.items())
+            ],
         }

@@ -34,6 +34,7 @@ class Device:
 class Link:
     tier: Tier
     bandwidth: float  # bytes/s, one direction; 0 when unknown
+    nvlinks: int = 0  # NVLinks in the link (nvidia-smi's NV<n>); 0 if none or unknown
 
 
 @dataclass

@@ -172,7 +172,9 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
     with tempfile.TemporaryDirectory(prefix="aqua-replay-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "aquad", "--socket", socket, "--host-devices", f"{max(2, len(tenants))}x512MiB",
+            # The CPU models page host tensors: the host backend even on a GPU host.
+            [sys.executable, "-m", "aquad", "--socket", socket, "--backend", "host",
+             "--host-devices", f"{max(2, len(tenants))}x512MiB",
              "--quantum-ms", "20", "--log-level", "warning"])
         procs = []
         try:
