@@ -64,6 +64,12 @@ class Daemon:
         return self.request(p.Status())
 
     def segments(self) -> list[str]:
+        """Lease segments in /dev/shm. The daemon also keeps a few empty
+        spare files ready for grants; a lease is never empty."""
+        return [f for f in self.files() if os.stat(os.path.join(SHM_DIR, f)).st_size > 0]
+
+    def files(self) -> list[str]:
+        """Every file of this daemon in /dev/shm, spares included."""
         prefix = segment_prefix(self.socket)
         return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
 
@@ -101,7 +107,7 @@ def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
     for daemon in started:
         if daemon.proc.poll() is None:
             daemon.stop()
-        leftover = daemon.segments()
+        leftover = daemon.files()
         assert not leftover, f"aquad left shared memory behind: {leftover}"
 
 

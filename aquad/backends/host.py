@@ -21,6 +21,7 @@ from ..core.topology import Device, Topology
 from .base import BackendError
 
 SHM_DIR = "/dev/shm"
+SPARES = 4  # empty segment files kept ready (see create)
 
 
 @dataclass
@@ -53,6 +54,11 @@ class HostBackend:
         self._dir = shm_dir
         self._live: dict[str, ShmSegment] = {}
         self._doomed: list[str] = []
+        # Empty files made ahead of time, kept open: a grant then costs one
+        # ftruncate (and an fchown for another user) instead of a create in
+        # the tmpfs directory, which dominated the lease round trip.
+        self._spares: list[tuple[str, int]] = []
+        self._to_close: list[int] = []
         self._euid = os.geteuid()
 
     def topology(self) -> Topology:
@@ -64,7 +70,7 @@ class HostBackend:
         removed = 0
         for entry in os.listdir(self._dir):
             if entry.startswith(self._prefix) and entry not in self._live \
-                    and entry not in self._doomed:
+                    and entry not in self._doomed and entry not in dict(self._spares):
                 try:
                     os.unlink(os.path.join(self._dir, entry))
                     removed += 1
@@ -87,23 +93,26 @@ class HostBackend:
         return (f"aquad runs as uid {self._euid} and cannot create memory owned by "
                 f"uid {peer.uid}; run aquad as root to serve other users")
 
-    def create(self, device: int, nbytes: int, owner: Peer) -> ShmSegment:
+    def _new_file(self) -> tuple[str, int]:
         name = f"{self._prefix}{secrets.token_hex(12)}"
         path = os.path.join(self._dir, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            # Mode is exactly 0600: aquad runs with umask 077 (see main.py).
+            return name, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise BackendError(f"cannot create shared memory: {exc.strerror}") from None
+
+    def create(self, device: int, nbytes: int, owner: Peer) -> ShmSegment:
+        name, fd = self._spares.pop() if self._spares else self._new_file()
         try:
             if self._euid == 0 and (owner.uid, owner.gid) != (0, 0):
                 os.fchown(fd, owner.uid, owner.gid)
-            # Mode is exactly 0600: aquad runs with umask 077 (see main.py).
             os.ftruncate(fd, nbytes)
         except OSError as exc:
-            os.unlink(path)  # never handed out: no reply waits on this
-            raise BackendError(f"cannot size shared memory: {exc.strerror}") from None
-        finally:
             os.close(fd)
+            os.unlink(os.path.join(self._dir, name))  # never handed out
+            raise BackendError(f"cannot size shared memory: {exc.strerror}") from None
+        self._to_close.append(fd)  # closed in maintain(), off the reply's path
         seg = ShmSegment(name, nbytes)
         self._live[name] = seg
         return seg
@@ -116,7 +125,19 @@ class HostBackend:
             self._doomed.append(segment.name)
 
     def maintain(self) -> None:
-        """Deferred work: unlink destroyed segments."""
+        """Deferred work: unlink destroyed segments, close granted files'
+        descriptors, make spare files for the next grants."""
+        self._unlink_doomed()
+        to_close, self._to_close = self._to_close, []
+        for fd in to_close:
+            os.close(fd)
+        while len(self._spares) < SPARES:
+            try:
+                self._spares.append(self._new_file())
+            except BackendError:
+                break  # /dev/shm trouble: grants will say so themselves
+
+    def _unlink_doomed(self) -> None:
         doomed, self._doomed = self._doomed, []
         for name in doomed:
             try:
@@ -127,4 +148,11 @@ class HostBackend:
     def close(self) -> None:
         for seg in list(self._live.values()):
             self.destroy(seg)
-        self.maintain()
+        for name, fd in self._spares:
+            self._to_close.append(fd)
+            self._doomed.append(name)
+        self._spares = []
+        self._unlink_doomed()
+        for fd in self._to_close:
+            os.close(fd)
+        self._to_close = []
