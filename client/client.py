@@ -454,7 +454,7 @@ class Lease:
         self.id: str = reply["lease"]
         self.device: int = reply["device"]  # aqua device id (nvidia-smi index on GPUs)
         self.nbytes: int = reply["nbytes"]
-        self.tier: str = reply["tier"]  # nvlink, peer or host
+        self.tier: str = reply["tier"]  # nvlink, peer, host or local
         self.kind: str = reply["handle"].get("kind", "")  # posix_shm or cuda_ipc
         self._client = client
         self._mapping = open_handle(reply["handle"], populate=populate)

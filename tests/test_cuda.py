@@ -162,7 +162,8 @@ def test_release_frees_in_maintain_zeroed_first(w):
 def test_host_tier_leases_are_shared_memory(w):
     w.call(b"A", m.Hello(tenant="llama", devices=[0]))
     w.call(b"A", m.Lease(nbytes=7 * GiB))  # fills GPU 1
-    w.call(b"A", m.Lease(nbytes=7 * GiB))  # fills GPU 0, the home GPU, last
+    own = w.call(b"A", m.Lease(nbytes=7 * GiB))  # fills GPU 0, the home GPU, last
+    assert (own["device"], own["tier"]) == (0, "local")
     reply = w.call(b"A", m.Lease(nbytes=MiB))
     assert (reply["device"], reply["tier"], reply["handle"]["kind"]) == (2, "host", "posix_shm")
     assert w.files() == [reply["handle"]["name"]]

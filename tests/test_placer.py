@@ -81,11 +81,11 @@ def test_missing_links_are_host_tier():
     topo = mixed()
     assert topo.link(0, 5) == HOST_LINK
     assert topo.link(0, HOST).tier is Tier.HOST
-    assert topo.link(0, 0).tier is Tier.HOST
+    assert topo.link(0, 0).tier is Tier.LOCAL  # a GPU and itself: its own memory
     assert tier_of(topo, 0, 2) is Tier.NVLINK
     assert tier_of(topo, 0, 3) is Tier.PEER
-    assert Tier.NVLINK < Tier.PEER < Tier.HOST
-    assert [t.label for t in Tier] == ["nvlink", "peer", "host"]
+    assert Tier.NVLINK < Tier.PEER < Tier.HOST < Tier.LOCAL
+    assert [t.label for t in Tier] == ["nvlink", "peer", "host", "local"]
     assert topo.device(3).name == "gpu3" and topo.device(99) is None
 
 
@@ -288,3 +288,18 @@ def test_choice_is_best_by_tier_home_bandwidth_free_id(scenario):
         assert pools[choice].free >= pools[other].free
         if pools[choice].free == pools[other].free:
             assert choice < other
+
+
+def test_the_tenants_own_gpu_is_the_last_resort():
+    topo = pcie_only()
+    pools = {d.id: GranuleAllocator(d.capacity, G) for d in topo.devices}
+    for dev in range(1, 8):
+        pools[dev].allocate(GPU_CAP)  # every peer full
+    pools[HOST].allocate(HOST_CAP)  # host full too
+    choice = place(topo, pools, G, near=0, home=[0])
+    assert choice == 0 and tier_of(topo, 0, 0) is Tier.LOCAL
+    pools[HOST].free_bytes(HOST_CAP)
+    assert place(topo, pools, G, near=0, home=[0]) == HOST  # host before its own GPU
+    # Host-backend devices are all host memory: no "local" tier there.
+    host_only = Topology([Device(0, "host", GPU_CAP), Device(1, "host", GPU_CAP)])
+    assert tier_of(host_only, 0, 0) is Tier.HOST

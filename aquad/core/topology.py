@@ -16,6 +16,10 @@ class Tier(IntEnum):
     NVLINK = 0  # peer GPU over NVLink
     PEER = 1  # peer GPU over PCIe peer-to-peer
     HOST = 2  # host DRAM (over PCIe for a GPU tenant)
+    # The tenant's own GPU: the fastest memory, but the memory it is paging
+    # out to make room in, so the last resort (it helps only when aquad holds
+    # spare memory there that the tenant could not otherwise use).
+    LOCAL = 3
 
     @property
     def label(self) -> str:
@@ -50,7 +54,15 @@ class Topology:
         return None
 
     def link(self, consumer: int, producer: int) -> Link:
-        return self.links.get((consumer, producer), HOST_LINK)
+        link = self.links.get((consumer, producer))
+        if link is not None:
+            return link
+        if consumer == producer:
+            dev = self.device(consumer)
+            if dev is not None and dev.backend == "cuda":
+                return LOCAL_LINK
+        return HOST_LINK
 
 
 HOST_LINK = Link(Tier.HOST, 0.0)
+LOCAL_LINK = Link(Tier.LOCAL, 0.0)
