@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 
@@ -120,8 +119,24 @@ def test_copies_take_latency_plus_bytes_over_bandwidth_and_queue_per_port():
     assert f.tier(0, 1) == "nvlink" and f.tier(0, 2) == "peer"
     assert f.tier(0, server.host_device) == "host"
     assert f.bytes[0, 1] == 18 * GB
+    # Within one GPU (a lease on its own GPU): read and write the same HBM.
+    hbm = H100.hbm_bw * 0.8
+    assert f.copy(3, 3, 4 * GB, 0.0) == pytest.approx(lat + 8 * GB / hbm)
+    assert f.tier(3, 3) == "local"
     with pytest.raises(ValueError):
-        f.copy(1, 1, 10, 0.0)
+        f.copy(server.host_device, server.host_device, 10, 0.0)
+
+
+def test_a_copy_booked_for_later_does_not_hold_back_one_that_can_run_now():
+    server = Server(H100, gpus=2)
+    f = Fabric(server)
+    lat, nv = 10e-6, H100.nvlink_bw * 0.9
+    later = f.copy(1, 0, int(nv), 5.0)  # one second of copying, from t = 5
+    assert later == pytest.approx(6.0 + lat)
+    # Same inbound port of GPU 0, but it fits in the gap before t = 5.
+    assert f.copy(1, 0, int(nv / 10), 1.0) == pytest.approx(1.1 + lat)
+    # One that does not fit in the gap before t = 5 runs after the booking.
+    assert f.copy(1, 0, int(nv * 2), 4.0) == pytest.approx(6.0 + lat + 2.0 + lat)
 
 
 def test_long_prompt_throughput_follows_the_link():
@@ -176,6 +191,43 @@ def test_policies_page_where_they_say():
     assert "aqua" in text and "host_swap" in text
 
 
+def test_a_tenant_asked_to_yield_after_its_last_request_gives_the_gpu_back():
+    # One tenant's work ends while the other waits for the GPU: it is asked
+    # to yield during its last step and must hand the slice back, not queue.
+    server = Server(H100, gpus=1)
+    tenants = (TenantSpec("a", "llama-2-7b", 0, share=0.5),
+               TenantSpec("b", "llama-2-7b", 0, share=0.5))
+    for n in (10, 20, 30):
+        arrivals = (Arrival(0.0, 100, 100, 0), Arrival(0.01, 100, n, 1))
+        sim = Simulation(Scenario(server, tenants, arrivals, quantum_s=0.05), "aqua")
+        r = sim.run()
+        assert r["completed"] == 2
+        assert all(e.state == "idle" for e in sim.engines)
+        assert all(run.state == "idle" for run in sim.arbiter.scheduler.runners.values())
+
+
+def test_models_sharing_a_gpu_leave_room_for_each_others_weights():
+    server = Server(H100, gpus=1)
+    alone = Simulation(Scenario(server, (TenantSpec("a", "llama-2-13b", 0),), ()), "aqua")
+    pair = Simulation(Scenario(server, (TenantSpec("a", "llama-2-13b", 0, share=0.5),
+                                        TenantSpec("b", "llama-2-7b", 0, share=0.5)), ()),
+                      "aqua")
+    kvb = MODELS["llama-2-13b"].kv_bytes_per_token
+    room = 80 * GB - 26e9 - 6 * GB
+    assert alone.engines[0].sched.budget == int(room // kvb)
+    room_shared = (80 * GB - 26e9 - 6.74e9 * 2 - 6 * GB) * 0.5
+    assert pair.engines[0].sched.budget == int(room_shared // kvb)
+
+
+def test_host_leases_are_sized_to_be_kept():
+    # host_swap only ever gets host leases, so keeping host leases ("host")
+    # must cost about what keeping every lease ("all") does.
+    stall = {mode: Simulation(burst_scenario(incremental=mode), "host_swap").run()
+             ["paging_stall_s"] for mode in ("host", "all", "none")}
+    assert stall["host"] == pytest.approx(stall["all"], rel=0.05)
+    assert stall["all"] < stall["none"]
+
+
 def test_tenants_sharing_a_gpu_take_turns_through_the_scheduler():
     server = Server(H100, gpus=2)
     tenants = (TenantSpec("a", "llama-2-7b", 0, share=0.5),
@@ -228,7 +280,6 @@ def test_workload_generators_fit_requests_to_the_model():
     assert sum(1 for a in b if 10.0 <= a.t <= 10.1) >= 100
     with pytest.raises(ValueError, match="holds 50"):
         from_trace(rows, requests=51, tenants=1, max_context=4096)
-    assert not math.isnan(burst_scenario().arrivals[0].t)
 
 
 def test_consumers_spread_over_islands_and_peers_without_nvlink_use_pcie():
@@ -260,7 +311,7 @@ def test_paper_sim_writes_one_object_per_policy(tmp_path):
                     "bytes_by_link", "tbt_p99_s"):
             assert key in r, (policy, key)
         assert r["completed"] == 400
-    assert doc["wall_s"] > 0 and doc["long_prompt"]["aqua_over_host"] > 1
+    assert doc["long_prompt"]["aqua_over_host"] > 1
     assert png.stat().st_size > 10_000
     assert "TTFT p99" in proc.stdout and "aqua" in proc.stdout
     bad = subprocess.run([sys.executable, str(script), "--policies", "lifo"],

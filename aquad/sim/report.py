@@ -16,7 +16,7 @@ def table(results: dict[str, dict], baseline: str = "fcfs") -> str:
     base = results.get(baseline)
     head = ("policy", "TTFT p50 s", "TTFT p99 s", "TTFT p99 vs fcfs", "TBT p99 s",
             "tok/s", "tok/s vs fcfs", "Jain", "preempt", "paged NVLink GB",
-            "paged host GB", "paging stall s", "recomputed Ktok", "done")
+            "paged peer GB", "paged host GB", "paging stall s", "recomputed Ktok", "done")
     rows = []
     for name, r in results.items():
         tiers = r.get("bytes_by_tier", {})
@@ -26,7 +26,9 @@ def table(results: dict[str, dict], baseline: str = "fcfs") -> str:
             name, _f(r["ttft_p50_s"]), _f(r["ttft_p99_s"]), f"{_f(ttft_x, 1)}x",
             _f(r["tbt_p99_s"]), _f(r["throughput_tok_s"], 0), f"{_f(tput_x, 2)}x",
             _f(r["jain"], 2), str(r["preemptions"]),
-            _f(tiers.get("nvlink", 0) / GB, 0), _f(tiers.get("host", 0) / GB, 0),
+            _f(tiers.get("nvlink", 0) / GB, 0),
+            _f((tiers.get("peer", 0) + tiers.get("local", 0)) / GB, 0),
+            _f(tiers.get("host", 0) / GB, 0),
             _f(r["paging_stall_s"], 1), _f(r["recomputed_tokens"] / 1e3, 0),
             f"{r['completed']}/{r['requests']}"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]

@@ -69,7 +69,7 @@ class Scenario:
     spare: dict[int, int] = field(default_factory=dict)  # GPU -> bytes others may lease
     slice_tokens: int = 5  # the paper's CFS slice: 5 decode iterations
     quantum_s: float = 0.1  # GPU time slice between tenants sharing a GPU
-    grace_s: float = 5.0  # longer than any one engine step
+    grace_s: float = 10.0  # longer than any one engine step (a burst's prefill)
     # The paper's incremental swap-out: a resumed request keeps its lease,
     # so its next page-out copies only what changed. "host": only leases in
     # host DRAM are kept (peer HBM is scarce: a resident request must not
@@ -117,7 +117,12 @@ class Engine:
         model = MODELS[spec.model]
         self.kv_bytes = model.kv_bytes_per_token
         self.costs = Costs(model, sim.server.gpu)
-        budget = kv_budget_tokens(model, sim.server.gpu, share=spec.share)
+        # Every model on this GPU keeps its weights there; the KV room left is
+        # split by share.
+        others = sum(MODELS[t.model].weight_bytes for t in sim.scenario.tenants
+                     if t.gpu == spec.gpu and t is not spec)
+        budget = kv_budget_tokens(model, sim.server.gpu, share=spec.share,
+                                  other_weights=others)
         self.sched = PromptScheduler("fcfs" if sim.policy == "fcfs" else "fair", budget,
                                      sim.scenario.slice_tokens, sim.scenario.max_overhead)
         self.conn = f"engine-{index}".encode()
@@ -134,6 +139,7 @@ class Engine:
         self.lease_failures = 0
         self.paging_stall_s = 0.0  # step time spent waiting for copies
         self.steps = 0
+        self._last_tier = ""  # tier of the last lease aquad placed for us
 
     def call(self, op: m.Op) -> dict:
         return self.sim.arbiter.handle(self.conn, self.peer, m.Request(next(self._ids), op))
@@ -150,11 +156,14 @@ class Engine:
 
     def on_event(self, name: str, data: dict) -> None:
         if name == "grant" and self.state == "queued":
-            self._start_step()
+            self._run_or_finish()
         elif name == "preempt" and self.state == "stepping":
             self.yield_slice = data["slice"]
         elif name == "revoked":
+            # The step in flight completes (a step cannot be cut short); then
+            # the engine asks again. Its pending yield is moot now.
             self.revoked = True
+            self.yield_slice = None
 
     # --- turns ----------------------------------------------------------------
 
@@ -165,22 +174,29 @@ class Engine:
         else:
             self.state = "queued"
 
+    def _run_or_finish(self) -> None:
+        """Holding a slice: step if there is work, else give the slice back."""
+        if self.sched.pending:
+            self._start_step()
+        else:
+            self.call(m.TurnDone())
+            self.state = "idle"
+
     def _after_step(self) -> None:
         if self.revoked:  # the slice is gone; ask again
             self.state = "idle"
             if self.sched.pending:
                 self._want_turn()
-        elif self.yield_slice is not None:
+        elif self.yield_slice is not None and self.sched.pending:
             slice_id, self.yield_slice = self.yield_slice, None
             if self.call(m.TurnYield(slice=slice_id))["state"] == "granted":
                 self._start_step()
             else:
                 self.state = "queued"
-        elif self.sched.pending:
-            self._start_step()
         else:
-            self.call(m.TurnDone())
-            self.state = "idle"
+            # Asked to yield with nothing left to do: done serves as the yield.
+            self.yield_slice = None
+            self._run_or_finish()
 
     # --- one engine step -----------------------------------------------------
 
@@ -257,8 +273,11 @@ class Engine:
             start = held.valid - held.valid % BLOCK_TOKENS
             held.valid = ctx
             return self.sim.fabric.copy(self.gpu, held.device, (ctx - start) * self.kv_bytes, now)
-        if held is not None or self.sim.scenario.incremental == "all":
-            # Sized for all the request can grow to, so it never moves again.
+        mode = self.sim.scenario.incremental
+        if held is not None or mode == "all" or (mode == "host" and self._last_tier == "host"):
+            # A lease that will be kept is sized for all the request can
+            # grow to, so it never moves again. In "host" mode only host
+            # leases are kept; where the last lease landed predicts this one.
             nbytes = r.reserve * self.kv_bytes
         if held is not None:  # outgrown: start over in a bigger lease
             del self.leases[r.id]
@@ -274,6 +293,7 @@ class Engine:
             self.dropped.add(r.id)
             self.sched.offload_full()
             return now
+        self._last_tier = reply["tier"]
         self.leases[r.id] = Held(reply["lease"], reply["device"], reply["tier"], nbytes, ctx)
         self.sched.offload_ok(r)
         self.sim.note_leased()
@@ -315,7 +335,7 @@ class Simulation:
             limits=Limits(max_tenants=len(scenario.tenants), max_leases_per_tenant=1 << 30,
                           heartbeat_timeout_s=math.inf, quantum_s=scenario.quantum_s,
                           grace_s=scenario.grace_s))
-        self.fabric = Fabric(self.server)
+        self.fabric = Fabric(self.server, clock=lambda: self.now)
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = itertools.count()
         self._tick_at: float | None = None

@@ -132,10 +132,11 @@ def bursty(rows: list[tuple[float, int, int]], *, requests: int, tenants: int,
 
 
 def kv_budget_tokens(model: ModelSpec, gpu: GpuSpec, *, share: float = 1.0,
-                     activation_bytes: float = 6 * GB) -> int:
+                     activation_bytes: float = 6 * GB, other_weights: float = 0.0) -> int:
     """KV-cache tokens a model keeps on its GPU: what is left of HBM after
-    weights and activations/workspace, times the tenant's share of the GPU."""
-    room = (gpu.hbm_bytes - model.weight_bytes - activation_bytes) * share
+    its weights, the weights of models sharing the GPU (`other_weights`) and
+    activations/workspace, times the tenant's share of the GPU."""
+    room = (gpu.hbm_bytes - model.weight_bytes - other_weights - activation_bytes) * share
     if room <= 0:
         raise ValueError(f"{model.name} does not fit on a {gpu.name} share of {share}")
     return int(room // model.kv_bytes_per_token)

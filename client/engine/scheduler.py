@@ -24,6 +24,7 @@ The engine asks `plan()` before every step and carries the plan out.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class PromptScheduler:
         self._resident: list[Request] = []  # in submission order
         self._fresh: list[Request] = []  # may still lack a first token
         self._seq: dict[int, int] = {}  # request id -> submission order
+        self._arrivals = itertools.count()
         self._used = 0  # KV tokens reserved by resident requests
         self._steps_in_slice = 0
         self._dirty = True  # something arrived or finished: re-plan now
@@ -100,7 +102,7 @@ class PromptScheduler:
         if request.id in self.active:
             raise ValueError(f"request {request.id} is already active")
         self.active[request.id] = request
-        self._seq[request.id] = len(self._seq)
+        self._seq[request.id] = next(self._arrivals)
         self._waiting.append(request)
         self._fresh.append(request)
         self._dirty = True
@@ -117,6 +119,8 @@ class PromptScheduler:
         if request.id in self._started:
             self._started.discard(request.id)
             self._started_reserve -= request.reserve
+            if not self._started:
+                self.started_cap = None  # nothing started: nothing to hold back
 
     def record_step(self, switch_s: float, compute_s: float) -> None:
         """What the last step cost: seconds paging (or recomputing) for its
@@ -175,8 +179,9 @@ class PromptScheduler:
         up. Start no more prompts than are started now (each started prompt
         needs room somewhere); see `offload_ok` for how the cap grows back.
         Without this, sustained overload would keep starting prompts and
-        drop caches that must then be recomputed."""
-        self.started_cap = self._started_reserve
+        drop caches that must then be recomputed. Never below one budget's
+        worth, so a prompt can always start when the GPU alone can hold it."""
+        self.started_cap = max(self._started_reserve, self.budget)
 
     def offload_ok(self, request: Request) -> None:
         """A page-out found room: allow one more request's worth of started
@@ -196,9 +201,13 @@ class PromptScheduler:
             return Plan([], [], list(self._resident))
         self._waiting.clear()  # fair admits by token count, not arrival
         self._dirty = False
-        self._steps_in_slice = 1
         if slice_over:
+            self._steps_in_slice = 1
             return self._rotate()
+        # Mid-slice admission is part of the running slice: restarting it
+        # here would let a prompt that cannot be admitted yet (held back by
+        # the budget or by started_cap) stop rotation altogether.
+        self._steps_in_slice += 1
         return self._admit()
 
     def _rotate(self) -> Plan:
@@ -231,12 +240,16 @@ class PromptScheduler:
         for r in starving:
             if not self._may_start(r, started):
                 break
-            while used + r.reserve > self.budget and evictable:
-                victim = evictable.pop(0)
-                evicted.append(victim)
-                used -= victim.reserve
-            if used + r.reserve > self.budget:
+            # Evict only if that makes the prompt fit; otherwise nobody moves.
+            victims, freed = [], 0
+            while used - freed + r.reserve > self.budget and len(victims) < len(evictable):
+                victims.append(evictable[len(victims)])
+                freed += victims[-1].reserve
+            if used - freed + r.reserve > self.budget:
                 break
+            del evictable[:len(victims)]
+            evicted += victims
+            used -= freed
             admitted.append(r)
             used += r.reserve
             started += r.reserve
