@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="llama-2-13b")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--slice", type=int, default=5, help="decode steps per CFS slice")
-    ap.add_argument("--max-overhead", default="0.1",
+    ap.add_argument("--max-overhead", default="0.02",
                     help="paging time cap as a fraction of compute, or 'none'")
     ap.add_argument("--incremental", choices=("host", "all", "none"), default="host",
                     help="which leases a resumed request keeps, so its next page-out "

@@ -78,7 +78,7 @@ class Scenario:
     # Cap on paging time as a fraction of compute (PromptScheduler stretches
     # its slices to keep it); None rotates every slice_tokens steps whatever
     # paging costs.
-    max_overhead: float | None = 0.1
+    max_overhead: float | None = 0.02
 
     def __post_init__(self) -> None:
         if not self.tenants:

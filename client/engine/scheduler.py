@@ -195,7 +195,11 @@ class PromptScheduler:
                 or started + r.reserve <= self.started_cap)
 
     def _plan_fair(self) -> Plan:
-        slice_over = self._steps_in_slice >= self.slice_steps or not self._resident
+        # While offload memory is exhausted (started_cap set), slices do not
+        # rotate: a rotation pages requests out that have nowhere to go. The
+        # resident set runs on, and finishes make room, as under fcfs.
+        slice_over = (self._steps_in_slice >= self.slice_steps
+                      and self.started_cap is None) or not self._resident
         if not slice_over and not self._dirty and not self._starving():
             self._steps_in_slice += 1
             return Plan([], [], list(self._resident))
