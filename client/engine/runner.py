@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..client import Client, Lease
+from ..errors import OutOfMemory
 from .scheduler import Plan, PromptScheduler, Request
 
 
@@ -36,8 +37,10 @@ class LeaseKV:
         lease = self._leases.get(rid)
         if lease is None or lease.nbytes < total:
             if lease is not None:
+                del self._leases[rid]
                 lease.release()
-            lease = self._leases[rid] = self.client.lease(total)
+            lease = self.client.lease(total)  # OutOfMemory: nothing held for rid
+            self._leases[rid] = lease
         flat = lease.tensor()
         offset = 0
         for k, v in layers:
@@ -84,6 +87,8 @@ class Engine:
         self.kv = LeaseKV(client) if client is not None else None
         self.clock = clock
         self._caches: dict[int, Any] = {}
+        self._dropped: set[int] = set()  # paused with no saved cache
+        self.recomputed_tokens = 0
         self._next_id = 0
 
     def submit(self, prompt: list[int], max_new_tokens: int, *,
@@ -106,10 +111,24 @@ class Engine:
         for r in plan.preempt:
             if self.kv is None:
                 raise RuntimeError("preemption needs an aqua client to page into")
-            self.kv.save(r.id, self._caches.pop(r.id))
+            cache = self._caches.pop(r.id)
+            try:
+                self.kv.save(r.id, cache)
+            except OutOfMemory:
+                # No offload memory anywhere: drop the cache and recompute it
+                # on resume, and tell the scheduler to start no more prompts
+                # than fit (the simulator showed what happens otherwise).
+                self.kv.drop(r.id)
+                self._dropped.add(r.id)
+                self.scheduler.offload_full()
+            else:
+                self.scheduler.offload_ok(r)
         fresh = set()
         for r in plan.resume:
-            if r.prefilled:
+            if r.id in self._dropped:
+                self._dropped.discard(r.id)
+                self._recompute(r)
+            elif r.prefilled:
                 self._caches[r.id] = self.kv.load(r.id, self._new_cache)
             else:
                 self._prefill(r)
@@ -134,6 +153,16 @@ class Engine:
         r.prefilled = True
         self._caches[r.id] = out.cache
         self._emit(r, out.logits)
+
+    def _recompute(self, r: Request) -> None:
+        """Rebuild a dropped cache from the prompt and the tokens so far; the
+        last token stays the input of the next decode step. (Logits of a
+        batched prefill can differ from incremental decoding in the last
+        bits, so a recomputed request is not guaranteed bit-identical.)"""
+        context = r.prompt + r.tokens[:-1]
+        out = self.model(torch.tensor([context]), cache=self._new_cache(), use_cache=True)
+        self._caches[r.id] = out.cache
+        self.recomputed_tokens += len(context)
 
     def _decode(self, r: Request) -> None:
         cache = self._caches[r.id]
