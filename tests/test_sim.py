@@ -313,6 +313,9 @@ def test_paper_sim_writes_one_object_per_policy(tmp_path):
                     "bytes_by_link", "tbt_p99_s"):
             assert key in r, (policy, key)
         assert r["completed"] == 400
+        q = r["ttft_quantiles_s"]
+        assert list(q) == ["p10", "p25", "p50", "p75", "p90", "p95", "p99", "p99.9"]
+        assert list(q.values()) == sorted(q.values()) and q["p99"] == r["ttft_p99_s"]
     assert doc["long_prompt"]["aqua_over_host"] > 1
     assert png.stat().st_size > 10_000
     assert "TTFT p99" in proc.stdout and "aqua" in proc.stdout

@@ -418,9 +418,23 @@ class Simulation:
             "lease_failures": sum(e.lease_failures for e in self.engines),
             "peak_leased_bytes": {_dev(d, host): n for d, n in self.peak_leased.items() if n},
             "steps": sum(e.steps for e in self.engines),
+            # The distributions, compactly (the raw samples below are for plots).
+            "ttft_quantiles_s": _quantiles(ttft),
+            "tbt_quantiles_s": _quantiles(tbt),
             "ttft_s": sorted(ttft),
             "tbt_s": tbt,
         }
+
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    return {f"p{q * 100:g}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+            for q in QUANTILES}
 
 
 def _dev(d: int, host: int) -> str:
