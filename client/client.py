@@ -198,6 +198,14 @@ class Connection:
             self._sock.close(linger=0)
 
 
+def _gpu_unmap_failed() -> bool:
+    import sys  # noqa: PLC0415
+
+    # Only if GPU leases were ever opened here (no cupy import otherwise).
+    mod = sys.modules.get("aqua.cuda_memory")
+    return bool(mod is not None and mod.unmap_failed())
+
+
 class Client:
     """A registered tenant. Make one with `aqua.connect()`."""
 
@@ -267,6 +275,9 @@ class Client:
             self._conn.request(p.Release(lease=lease.id))
 
     def _release_later(self, lease: Lease) -> None:
+        """Queue a release for the heartbeat thread (it runs from the
+        finalizer that unmapped the lease, on whatever thread dropped the last
+        tensor: no socket work there)."""
         self._deferred.append(lease)
 
     def _send_deferred(self) -> None:
@@ -389,14 +400,18 @@ class Client:
         if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)  # no heartbeat may follow the bye
         aliased = [lease for lease in self.leases if not lease._unmap()]
-        if aliased:
-            log.warning("closing with %d GPU lease(s) still aliased by live tensors: aquad "
-                        "frees them now, so those tensors must not be used again",
-                        len(aliased))
         self._deferred.clear()  # the bye releases them
         with self._leases_lock:
             self._leases.clear()
-        if self._conn.gone is None:
+        mapped = bool(aliased) or _gpu_unmap_failed()
+        if mapped:
+            # A bye would let aquad free GPU memory this process still maps
+            # (undefined in CUDA; the pages could go to another tenant). Say
+            # nothing: aquad drops this tenant when its heartbeats stop and
+            # frees that memory once the process has exited.
+            log.warning("closing with GPU lease(s) still mapped (%d aliased by live tensors): "
+                        "their memory is freed when this process exits", len(aliased))
+        if self._conn.gone is None and not mapped:
             try:
                 self._conn.request(p.Bye(), timeout=min(self._conn.timeout, 2.0))
             except AquaError as exc:

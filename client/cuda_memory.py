@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,28 @@ class _Owner:
     """What every tensor over the mapping keeps alive; its death unmaps."""
 
 
-def _unmap(cupy: Any, ptr: int, device: int, callbacks: list[Callable[[], object]]) -> None:
+# GPU leases this process failed to unmap. Their memory must never be freed
+# while the process lives, so the client does not release them, and does not
+# say bye (which frees everything): aquad's liveness checks free it after exit.
+_unmap_failures = 0
+
+
+def unmap_failed() -> bool:
+    return _unmap_failures > 0
+
+
+class _State:
+    """Shared by a mapping and its finalizer (which must not hold the mapping)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.callbacks: list[Callable[[], object]] = []
+        self.done = False  # the finalizer ran
+        self.unmapped = False  # ... and cudaIpcCloseMemHandle succeeded
+
+
+def _unmap(cupy: Any, ptr: int, device: int, state: _State) -> None:
+    global _unmap_failures
     rt = cupy.cuda.runtime
     try:
         with cupy.cuda.Device(device):
@@ -55,8 +77,17 @@ def _unmap(cupy: Any, ptr: int, device: int, callbacks: list[Callable[[], object
             # before the mapping goes. Once per lease, not per copy.
             rt.deviceSynchronize()
             rt.ipcCloseMemHandle(ptr)
+        unmapped = True
     except Exception as exc:  # noqa: BLE001 - runs from a finalizer
-        log.warning("cannot unmap a GPU lease on device %d: %s", device, exc)
+        unmapped = False
+        _unmap_failures += 1
+        log.error("cannot unmap a GPU lease on device %d (%s): it stays leased until this "
+                  "process exits", device, exc)
+    with state.lock:
+        state.done, state.unmapped = True, unmapped
+        callbacks, state.callbacks = state.callbacks, []
+    if not unmapped:
+        return  # releasing would let aquad free memory this process maps
     for callback in callbacks:
         try:
             callback()
@@ -101,9 +132,9 @@ class IpcMapping:
                             f"CUDA device {self.device} here): {exc}") from None
         self._cupy = cupy
         self._owner: _Owner | None = _Owner()
-        self._callbacks: list[Callable[[], object]] = []
+        self._state = _State()
         self._finalizer = weakref.finalize(self._owner, _unmap, cupy, self._ptr, self.device,
-                                           self._callbacks)
+                                           self._state)
 
     def array(self, nbytes: int | None = None) -> Any:
         """The first `nbytes` (default: all) as a cupy uint8 array on the
@@ -135,34 +166,53 @@ class IpcMapping:
 
     def close(self) -> bool:
         """Drop this mapping's own reference. True if it is unmapped now; False
-        if tensors still alias it (it unmaps when the last one goes)."""
+        if tensors still alias it (it unmaps when the last one goes) or if
+        unmapping failed (then it must never be released)."""
         self._owner = None
-        return not self._finalizer.alive
+        with self._state.lock:
+            return self._state.unmapped
 
     def on_closed(self, callback: Callable[[], object]) -> None:
-        """Run `callback` once the memory is unmapped (at once if it is)."""
-        if self._finalizer.alive:
-            self._callbacks.append(callback)
-        else:
+        """Run `callback` once the memory is unmapped (at once if it is);
+        never, if unmapping fails."""
+        with self._state.lock:
+            if not self._state.done:
+                self._state.callbacks.append(callback)
+                return
+            unmapped = self._state.unmapped
+        if unmapped:
             callback()
 
 
 def host_register(address: int, nbytes: int) -> Callable[[], None] | None:
     """Page-lock host memory so GPU copies run at PCIe speed and asynchronously.
     Returns the matching unregister, or None where no CUDA runtime can (the
-    copies still work, through the driver's staging buffers)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(address, nbytes, HOST_REGISTER_PORTABLE)
-        if err != cudart.cudaError.success:
-            log.debug("cudaHostRegister of %d bytes failed (%s)", nbytes, err)
-            return None
-        return lambda: cudart.cudaHostUnregister(address)
+    copies still work, through the driver's staging buffers).
+
+    cupy first: its runtime calls clear CUDA's sticky "last error" when they
+    fail. A failed cudaHostRegister through torch's runtime would leave that
+    error for torch's next kernel-launch check to raise, so torch's is used
+    only where it can also clear the error afterwards."""
     try:
         cupy = _cupy()
-        cupy.cuda.runtime.hostRegister(address, nbytes, HOST_REGISTER_PORTABLE)
-    except Exception as exc:  # noqa: BLE001 - no cupy, no GPU, or refused
-        log.debug("cannot page-lock %d bytes: %s", nbytes, exc)
+    except AquaError:
+        cupy = None
+    if cupy is not None:
+        try:
+            cupy.cuda.runtime.hostRegister(address, nbytes, HOST_REGISTER_PORTABLE)
+        except Exception as exc:  # noqa: BLE001 - refused: copies go unpinned
+            log.debug("cannot page-lock %d bytes: %s", nbytes, exc)
+            return None
+        return lambda: cupy.cuda.runtime.hostUnregister(address)
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
         return None
-    return lambda: cupy.cuda.runtime.hostUnregister(address)
+    cudart = torch.cuda.cudart()
+    if not hasattr(cudart, "cudaGetLastError"):
+        return None
+    err = cudart.cudaHostRegister(address, nbytes, HOST_REGISTER_PORTABLE)
+    if err != cudart.cudaError.success:
+        cudart.cudaGetLastError()  # clear it, or torch's next launch check raises it
+        log.debug("cudaHostRegister of %d bytes failed (%s)", nbytes, err)
+        return None
+    return lambda: cudart.cudaHostUnregister(address)

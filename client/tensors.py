@@ -160,9 +160,14 @@ class TensorPager:
     """
 
     def __init__(self, client: Client, tensors: list[torch.Tensor] = (),
-                 near: int | None = None) -> None:
+                 near: int | None = None, *, empty_cache: bool = True) -> None:
         self.client = client
         self.near = near
+        # Dropped GPU storage goes back to torch's caching allocator, which
+        # keeps it from every other process until empty_cache(): the point
+        # of paging out for a tenant sharing the GPU. False keeps the cache
+        # (faster page_in) when only this process needs the room.
+        self.empty_cache = empty_cache
         self._entries: list[_Paged] = []
         self.paged_out = False
         self.bytes_out = 0
@@ -213,6 +218,8 @@ class TensorPager:
             t = e.tensor
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             self.bytes_out += e.nbytes
+        if self.empty_cache and any(e.device.type == "cuda" for e in self._entries):
+            torch.cuda.empty_cache()
         self.paged_out = True
 
     def page_in(self) -> None:

@@ -32,6 +32,8 @@ from aquad.backends.host import HostBackend
 from aquad.core.arbiter import Arbiter
 from aquad.core.tenants import Peer
 
+from .conftest import wait_until
+
 MiB = 2**20
 GiB = 2**30
 
@@ -81,6 +83,9 @@ class FakeRuntime:
     def memset(self, ptr: int, value: int, size: int) -> None:
         assert self.allocs[ptr] == (self.device, size)
         self.log.append(("memset", self.device, ptr, value))
+
+    def deviceSynchronize(self) -> None:
+        self.log.append(("sync", self.device))
 
     def ipcGetMemHandle(self, ptr: int) -> bytes:
         assert self.allocs[ptr][0] == self.device
@@ -156,7 +161,7 @@ def test_release_frees_in_maintain_zeroed_first(w):
     assert w.arb.status()["devices"][1]["leased_bytes"] == 0
     w.arb.maintain()
     assert w.rt.allocs == {}
-    assert w.rt.log[-2:] == [("memset", 0, ptr, 0), ("free", 0, ptr)]
+    assert w.rt.log[-3:] == [("memset", 0, ptr, 0), ("sync", 0), ("free", 0, ptr)]
 
 
 def test_host_tier_leases_are_shared_memory(w):
@@ -199,6 +204,28 @@ def test_a_silent_tenant_that_lives_on_keeps_its_memory_until_it_exits(w):
         assert w.rt.allocs == {} and w.backend._watched == {}
     finally:
         sleeper.kill()
+
+
+def test_a_dropped_tenant_that_comes_back_gets_its_new_leases_freed_normally(w):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        peer = Peer(sleeper.pid, os.getuid(), os.getgid())
+        w.call(b"Z", m.Hello(tenant="frozen", devices=[0]), peer)
+        w.call(b"Z", m.Lease(nbytes=MiB), peer)
+        w.now += 60
+        w.arb.expire()  # dropped for silence: its lease is held until it exits
+        w.call(b"Y", m.Hello(tenant="back", devices=[0]), peer)  # same process again
+        lease = w.call(b"Y", m.Lease(nbytes=MiB), peer)
+        w.call(b"Y", m.Release(lease=lease["lease"]), peer)
+        w.arb.maintain()
+        assert len(w.rt.allocs) == 1  # only the old, quarantined one is left
+        freed = [e for e in w.rt.log if e[0] in ("memset", "sync", "free")]
+        assert [e[0] for e in freed] == ["memset", "sync", "free"]  # zeroed, waited, freed
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    w.arb.maintain()
+    assert w.rt.allocs == {}
 
 
 def test_a_released_lease_of_a_live_tenant_is_freed_at_once(w):
@@ -369,6 +396,101 @@ def test_release_of_an_aliased_lease_goes_out_once_unmapped(monkeypatch, daemon)
         assert client.leases == []
 
 
+def test_closing_with_a_still_mapped_gpu_lease_says_no_bye(monkeypatch, daemon):
+    # A bye would free memory this process still maps; the daemon must learn
+    # of the departure from its liveness checks instead.
+    import aqua.client as client_module
+
+    mapping = LingeringMapping()
+    monkeypatch.setattr(client_module, "open_handle", lambda handle, populate: mapping)
+    client = aqua.connect("lingering", 0, socket=daemon.socket)
+    client.lease(MiB)
+    client.close()
+    status = daemon.status()
+    assert len(status["leases"]) == 1 and len(status["tenants"]) == 1
+    # Heartbeats stopped: dropped after the timeout (2 s in these tests).
+    assert wait_until(lambda: daemon.status()["tenants"] == [], timeout=8)
+
+
+class FakeCupy:
+    """The slice of cupy an IpcMapping uses, with a switch to fail unmapping."""
+
+    def __init__(self) -> None:
+        fake = self
+        self.closed: list[int] = []
+        self.fail_close = False
+
+        class Runtime:
+            cudaIpcMemLazyEnablePeerAccess = 1
+
+            def deviceGetByPCIBusId(self, bus):
+                return 0
+
+            def getDevice(self):
+                return 0
+
+            def ipcOpenMemHandle(self, raw, flags):
+                return 0x1000
+
+            def deviceSynchronize(self):
+                pass
+
+            def ipcCloseMemHandle(self, ptr):
+                if fake.fail_close:
+                    raise RuntimeError("cudaErrorIllegalAddress")
+                fake.closed.append(ptr)
+
+        class Device:
+            def __init__(self, device):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class Cuda:
+            runtime = Runtime()
+
+        Cuda.Device = Device
+        self.cuda = Cuda
+
+
+def _fake_mapping(monkeypatch, fake):
+    import aqua.cuda_memory as cm
+
+    monkeypatch.setattr(cm, "_cupy", lambda: fake)
+    monkeypatch.setattr(cm, "_unmap_failures", 0)
+    return cm, cm.IpcMapping({"kind": "cuda_ipc", "device": 0, "pci_bus_id": "0000:18:00.0",
+                              "handle": b"h" * 64, "nbytes": MiB})
+
+
+def test_a_gpu_lease_is_released_only_after_it_is_unmapped(monkeypatch):
+    fake = FakeCupy()
+    cm, mapping = _fake_mapping(monkeypatch, fake)
+    alias = mapping._owner  # what a live tensor would keep alive
+    released = []
+    assert mapping.close() is False  # still aliased
+    mapping.on_closed(lambda: released.append(True))
+    assert released == []
+    del alias  # the last alias goes: unmapped, then released
+    assert fake.closed == [0x1000] and released == [True]
+    mapping.on_closed(lambda: released.append("late"))  # already unmapped: at once
+    assert released == [True, "late"] and not cm.unmap_failed()
+
+
+def test_a_gpu_lease_that_fails_to_unmap_is_never_released(monkeypatch):
+    fake = FakeCupy()
+    fake.fail_close = True
+    cm, mapping = _fake_mapping(monkeypatch, fake)
+    released = []
+    mapping.on_closed(lambda: released.append(True))
+    assert mapping.close() is False  # the finalizer ran, but the unmap failed
+    mapping.on_closed(lambda: released.append("late"))
+    assert released == [] and cm.unmap_failed()
+
+
 # --- on a GPU -----------------------------------------------------------------------------
 
 
@@ -458,7 +580,7 @@ def test_offload_into_daemon_gpu_memory_and_restore_bit_exactly(start_daemon, te
     assert kind == "cuda_ipc"
     ngpu = sum(d["backend"] == "cuda" for d in daemon.status()["devices"])
     if ngpu == 1:
-        assert (device, tier) == ("0", "host")  # its own GPU: no link to itself
+        assert (device, tier) == ("0", "local")  # its own GPU, the only one
     assert tenant.readline() == "cuda:0 True"
     assert tenant.readline() == "0"
     assert tenant.finish()[0] == 0

@@ -56,6 +56,7 @@ class Runtime(Protocol):
     def malloc(self, size: int) -> int: ...
     def free(self, ptr: int) -> None: ...
     def memset(self, ptr: int, value: int, size: int) -> None: ...
+    def deviceSynchronize(self) -> None: ...
     def ipcGetMemHandle(self, ptr: int) -> bytes: ...
 
 
@@ -69,6 +70,7 @@ class CudaSegment:
     nbytes: int  # what the tenant may touch
     ipc: bytes
     owner_pid: int
+    quarantined: bool = False  # its owner was dropped while possibly alive
 
     @property
     def handle(self) -> dict[str, Any]:
@@ -196,7 +198,7 @@ class CudaBackend:
             return
         if self._live.pop(segment.ptr, None) is None:
             return
-        if segment.owner_pid in self._watched:
+        if segment.quarantined:
             self._held.append(segment)
         else:
             self._doomed.append(segment)
@@ -205,7 +207,12 @@ class CudaBackend:
         """The owner is being dropped while its process may live on with its
         mappings: what is destroyed of its leases from now on is freed only
         once that process has exited."""
-        if owner.pid in self._watched:
+        # Only the segments it holds now: if the same process registers
+        # again and releases its new leases properly, those are freed at once.
+        held = [seg for seg in self._live.values() if seg.owner_pid == owner.pid]
+        for seg in held:
+            seg.quarantined = True
+        if not held or owner.pid in self._watched:
             return
         try:
             self._watched[owner.pid] = os.pidfd_open(owner.pid)
@@ -254,8 +261,10 @@ class CudaBackend:
         try:
             with on_device(self._rt, seg.ordinal):
                 # Zeroed first: cudaMalloc may hand these pages to the next
-                # lease, another tenant's. (cudaFree waits for the memset.)
+                # lease, another tenant's. The memset is asynchronous, and
+                # cudaFree's implicit wait is not documented: wait for it.
                 self._rt.memset(seg.ptr, 0, seg.size)
+                self._rt.deviceSynchronize()
                 self._rt.free(seg.ptr)
         except Exception as exc:
             log.error("cannot free %d bytes on GPU %d: %s", seg.size, seg.device, exc)
