@@ -51,12 +51,9 @@ def build(config: Config) -> Server:
     backend = make_backend(config.backend, socket_path=config.socket,
                            host_devices=parse_host_devices(config.host_devices),
                            gpu=gpu_policy(config))
-    # Backends with shared-memory segments (host, and cuda's host tier).
-    check_capacity = getattr(backend, "check_capacity", None)
-    if check_capacity is not None:
-        problem = check_capacity()
-        if problem:
-            raise StartupError(problem)
+    problem = backend.check_capacity()
+    if problem:
+        raise StartupError(problem)
     limits = Limits(
         max_tenants=config.max_tenants,
         max_leases_per_tenant=config.max_leases_per_tenant,
@@ -69,11 +66,9 @@ def build(config: Config) -> Server:
     server = Server(arbiter, config.socket, socket_group=config.socket_group,
                     heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4))
     server.open()
-    remove_stale = getattr(backend, "remove_stale", None)
-    if remove_stale is not None:
-        stale = remove_stale()  # only after the lock: they are ours
-        if stale:
-            log.warning("removed %d shared-memory segment(s) left by a previous aquad", stale)
+    stale = backend.remove_stale()  # only after the lock: they are ours
+    if stale:
+        log.warning("removed %d shared-memory segment(s) left by a previous aquad", stale)
     return server
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 import zmq
@@ -46,6 +46,15 @@ _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 # triggers it, so an idle or lightly used host burns nothing.
 SPIN_S = 100e-6
 HOT_S = 250e-6
+
+
+def _arrives_within(events: Callable[[int], int], seconds: float) -> bool:
+    """Poll ZMQ_EVENTS for up to `seconds`: does a request arrive meanwhile?"""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        if events(_EVENTS) & _POLLIN:
+            return True
+    return False
 
 
 def _trio_time(monotonic_deadline: float) -> float:
@@ -237,12 +246,7 @@ class Server:
             if self._outbox:
                 continue
             if hot:
-                until = clock() + SPIN_S
-                while clock() < until:
-                    if events(_EVENTS) & _POLLIN:
-                        break
-                else:
-                    hot = False
+                hot = _arrives_within(events, SPIN_S)
                 if hot:
                     continue
             parked = clock()

@@ -14,6 +14,7 @@ import logging
 import os
 import socket as pysocket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -199,8 +200,6 @@ class Connection:
 
 
 def _gpu_unmap_failed() -> bool:
-    import sys  # noqa: PLC0415
-
     # Only if GPU leases were ever opened here (no cupy import otherwise).
     mod = sys.modules.get("aqua.cuda_memory")
     return bool(mod is not None and mod.unmap_failed())

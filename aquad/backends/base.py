@@ -4,12 +4,6 @@ The arbiter decides (how much, where, for whom); a backend only makes and
 destroys the memory behind a lease and describes it as a handle the tenant
 can open. The same handle dict goes on the wire, so the client dispatches on
 its `kind` and nothing above this layer branches on the backend.
-
-Optional: `quarantine(owner: Peer)`, called before a tenant that went silent
-is dropped. Its process may still live and map its leases; a backend for
-which freeing mapped memory is unsafe (cuda) keeps that memory until the
-process exits. Backends without it free at once (host: an unlinked file's
-pages stay private to whoever maps them).
 """
 
 from __future__ import annotations
@@ -44,6 +38,20 @@ class Backend(Protocol):
 
     def destroy(self, segment: Segment) -> None:
         """Forget a segment; freeing it may wait for maintain()."""
+
+    def quarantine(self, owner: Peer) -> None:
+        """Called before a tenant that went silent is dropped: its process may
+        still live and map its leases. A backend for which freeing mapped
+        memory is unsafe (cuda) keeps the memory until the process exits; the
+        host backend frees at once (an unlinked file's pages stay private to
+        whoever maps them)."""
+
+    def check_capacity(self) -> str | None:
+        """At startup: None if the backing store can hold what is promised."""
+
+    def remove_stale(self) -> int:
+        """At startup, once the lock is held: delete what a crashed
+        predecessor left; returns how many."""
 
     def maintain(self) -> None:
         """Deferred work (freeing destroyed segments). The daemon calls it once

@@ -67,10 +67,10 @@ class HostBackend:
 
     def remove_stale(self) -> int:
         """Delete segments a crashed predecessor on the same socket left."""
+        ours = {*self._live, *self._doomed, *(name for name, _ in self._spares)}
         removed = 0
         for entry in os.listdir(self._dir):
-            if entry.startswith(self._prefix) and entry not in self._live \
-                    and entry not in self._doomed and entry not in dict(self._spares):
+            if entry.startswith(self._prefix) and entry not in ours:
                 try:
                     os.unlink(os.path.join(self._dir, entry))
                     removed += 1
@@ -86,6 +86,9 @@ class HostBackend:
             return (f"{self._dir} has {room} bytes available but the host devices "
                     f"promise {want}; shrink --host-devices or enlarge {self._dir}")
         return None
+
+    def quarantine(self, owner: Peer) -> None:
+        pass  # freeing at once is safe: see Backend.quarantine
 
     def check_owner(self, peer: Peer) -> str | None:
         if self._euid == 0 or peer.uid == self._euid:
@@ -127,32 +130,29 @@ class HostBackend:
     def maintain(self) -> None:
         """Deferred work: unlink destroyed segments, close granted files'
         descriptors, make spare files for the next grants."""
-        self._unlink_doomed()
-        to_close, self._to_close = self._to_close, []
-        for fd in to_close:
-            os.close(fd)
+        self._drain()
         while len(self._spares) < SPARES:
             try:
                 self._spares.append(self._new_file())
             except BackendError:
                 break  # /dev/shm trouble: grants will say so themselves
 
-    def _unlink_doomed(self) -> None:
+    def _drain(self) -> None:
         doomed, self._doomed = self._doomed, []
         for name in doomed:
             try:
                 os.unlink(os.path.join(self._dir, name))
             except FileNotFoundError:
                 pass
+        to_close, self._to_close = self._to_close, []
+        for fd in to_close:
+            os.close(fd)
 
     def close(self) -> None:
         for seg in list(self._live.values()):
             self.destroy(seg)
         for name, fd in self._spares:
-            self._to_close.append(fd)
             self._doomed.append(name)
+            self._to_close.append(fd)
         self._spares = []
-        self._unlink_doomed()
-        for fd in self._to_close:
-            os.close(fd)
-        self._to_close = []
+        self._drain()

@@ -130,13 +130,9 @@ class Arbiter:
     def expire(self) -> list[Tenant]:
         """Drop tenants whose heartbeats stopped; returns who was dropped."""
         stale = self.tenants.stale(self._clock(), self.limits.heartbeat_timeout_s)
-        # A silent tenant may still be alive and still map its leases; a
-        # backend for which freeing mapped memory is unsafe holds it until
-        # the process exits (see backends/base.py).
-        quarantine = getattr(self.backend, "quarantine", None)
         for tenant in stale:
-            if quarantine is not None:
-                quarantine(tenant.peer)
+            # It may still be alive and map its leases (see Backend.quarantine).
+            self.backend.quarantine(tenant.peer)
             self.drop_tenant(tenant.id)
         return stale
 

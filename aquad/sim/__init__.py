@@ -5,8 +5,8 @@ runs the paper-style comparison.
 """
 
 from .hardware import GPUS, GpuSpec, Server, load_server
-from .simulator import POLICIES, Scenario, Simulation, TenantSpec, simulate
+from .simulator import POLICIES, Scenario, Simulation, TenantSpec
 from .workload import MODELS, Arrival, Costs, ModelSpec
 
 __all__ = ["GPUS", "MODELS", "POLICIES", "Arrival", "Costs", "GpuSpec", "ModelSpec",
-           "Scenario", "Server", "Simulation", "TenantSpec", "load_server", "simulate"]
+           "Scenario", "Server", "Simulation", "TenantSpec", "load_server"]

@@ -44,6 +44,15 @@ class SimBackend:
     def check_owner(self, peer: Peer) -> str | None:
         return None
 
+    def quarantine(self, owner: Peer) -> None:
+        pass  # no memory behind the records
+
+    def check_capacity(self) -> str | None:
+        return None
+
+    def remove_stale(self) -> int:
+        return 0
+
     def create(self, device: int, nbytes: int, owner: Peer) -> SimSegment:
         seg = SimSegment(next(self._ids), device, nbytes)
         self.live[seg.id] = seg

@@ -9,10 +9,11 @@ rated link a bulk copy achieves. A server can also be read from a TOML file
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.topology import Device, Link, Tier, Topology
+from ..backends.discovery import Discovery, GpuInfo, GpuPolicy, PairInfo, build_topology
+from ..core.topology import Link, Tier, Topology
 
 GB = 1e9
 GiB = 2**30
@@ -113,19 +114,25 @@ class Server:
         return order
 
     def topology(self, spare: dict[int, int]) -> Topology:
-        """The Topology aquad would discover, with `spare` bytes leasable per GPU."""
-        devices = [Device(g, "cuda", int(spare.get(g, 0)), f"gpu{g}") for g in range(self.gpus)]
-        devices.append(Device(self.host_device, "host", int(self.host_pool_bytes), "host"))
-        links = {}
+        """The Topology aquad's cuda backend builds for this server, by its own
+        builder (discovery.build_topology), with `spare` bytes leasable per
+        GPU: what NVML would report, and a reserve that leaves exactly that."""
+        total = int(self.gpu.hbm_bytes)
+        gpus = [GpuInfo(g, f"gpu{g}", total, total, pcie_gbps=self.pcie / GB)
+                for g in range(self.gpus)]
+        links = max(1, round(self.gpu.nvlink_bw / (25 * GB)))  # 25 GB/s per NVLink
+        pairs = []
         for a in range(self.gpus):
-            for b in range(self.gpus):
-                link = self.link(a, b)
-                if link is not None:
-                    links[a, b] = link
-        return Topology(devices, links)
-
-    def without_nvlink(self) -> Server:
-        return replace(self, nvlink_islands=())
+            for b in range(a + 1, self.gpus):
+                if self.link(a, b).tier == Tier.NVLINK:
+                    pairs.append(PairInfo(a, b, nvlinks=links,
+                                          nvlink_gbps=self.nvlink / links / GB))
+                else:
+                    pairs.append(PairInfo(a, b, p2p=True))
+        policy = GpuPolicy(per_gpu_reserve={g: total - int(spare.get(g, 0))
+                                            for g in range(self.gpus)},
+                           headroom=0, host_pinned=int(self.host_pool_bytes))
+        return build_topology(Discovery(gpus, pairs), policy, host_id=self.host_device)
 
 
 def load_server(path: str) -> Server:

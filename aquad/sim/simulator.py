@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aqua.engine.scheduler import PromptScheduler, Request
-from aqua.engine.stats import jain, percentile
+from aqua.engine.stats import service_summary
 from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol import messages as m
 
@@ -217,7 +217,7 @@ class Engine:
         in_end, prefill, fresh, releases = out_end, 0, [], []
         recomputed = 0
         for r in plan.resume:
-            held = self.leases.get(r.id) if r.id not in self.dropped else None
+            held = self.leases.get(r.id)  # a dropped cache has no lease
             if held is not None:
                 ctx = self._context(r)
                 in_end = max(in_end, fabric.copy(held.device, self.gpu, ctx * self.kv_bytes,
@@ -237,6 +237,7 @@ class Engine:
                 fresh.append(r)
         self.paging_stall_s += in_end - now
         self.recomputed_tokens += recomputed
+        recompute_s = self.costs.prefill(recomputed)
         prefill_end = in_end + self.costs.prefill(prefill)
         fresh_ids = {r.id for r in fresh}
         decode = [r for r in plan.run if r.id not in fresh_ids]
@@ -244,8 +245,7 @@ class Engine:
         decode_end = prefill_end + self.costs.decode(len(decode), kv_tokens)
         # Switching costs what the step waited for copies, or what it spent
         # recomputing dropped caches.
-        switch = in_end - now + self.costs.prefill(recomputed)
-        self.sched.record_step(switch, decode_end - in_end - self.costs.prefill(recomputed))
+        self.sched.record_step(in_end - now + recompute_s, decode_end - in_end - recompute_s)
         # A batched prefill emits each prompt's first token as its part is
         # done (the way chunked prefill does), not all at the batch's end.
         firsts, done_tokens = [], 0
@@ -382,14 +382,6 @@ class Simulation:
 
     def results(self) -> dict:
         reqs = [r for e in self.engines for r in e.requests]
-        done = [r for r in reqs if r.done]
-        ttft = [r.token_times[0] - r.arrival for r in reqs if r.token_times]
-        tbt = [b - a for r in reqs for a, b in zip(r.token_times, r.token_times[1:])]
-        tokens = sum(len(r.token_times) for r in reqs)
-        first = min((r.arrival for r in reqs), default=0.0)
-        last = max((r.token_times[-1] for r in reqs if r.token_times), default=first)
-        rates = [len(r.token_times) / (r.token_times[-1] - r.arrival)
-                 for r in reqs if r.token_times and r.token_times[-1] > r.arrival]
         host = self.server.host_device
         by_tier: dict[str, int] = {}
         for (src, dst), n in self.fabric.bytes.items():
@@ -398,15 +390,8 @@ class Simulation:
         return {
             "policy": self.policy,
             "requests": len(reqs),
-            "completed": len(done),
-            "ttft_p50_s": percentile(ttft, 0.50),
-            "ttft_p99_s": percentile(ttft, 0.99),
-            "tbt_p50_s": percentile(tbt, 0.50),
-            "tbt_p99_s": percentile(tbt, 0.99),
-            "throughput_tok_s": tokens / (last - first) if last > first else 0.0,
-            "jain": jain(rates),
-            "makespan_s": last - first,
-            "tokens": tokens,
+            "completed": sum(1 for r in reqs if r.done),
+            **service_summary((r.arrival, r.token_times) for r in reqs),
             "preemptions": sum(r.preemptions for r in reqs),
             "bytes_paged": sum(self.fabric.bytes.values()),
             "bytes_by_tier": by_tier,
@@ -418,30 +403,8 @@ class Simulation:
             "lease_failures": sum(e.lease_failures for e in self.engines),
             "peak_leased_bytes": {_dev(d, host): n for d, n in self.peak_leased.items() if n},
             "steps": sum(e.steps for e in self.engines),
-            # The distributions, compactly (the raw samples below are for plots).
-            "ttft_quantiles_s": _quantiles(ttft),
-            "tbt_quantiles_s": _quantiles(tbt),
-            "ttft_s": sorted(ttft),
-            "tbt_s": tbt,
         }
-
-
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
-
-
-def _quantiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    if not ordered:
-        return {}
-    return {f"p{q * 100:g}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-            for q in QUANTILES}
 
 
 def _dev(d: int, host: int) -> str:
     return "host" if d == host else f"gpu{d}"
-
-
-def simulate(scenario: Scenario, policies: tuple[str, ...] = ("fcfs", "host_swap", "aqua")
-             ) -> dict[str, dict]:
-    """Every policy on the same scenario: {policy: results}."""
-    return {p: Simulation(scenario, p).run() for p in policies}

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from .stats import jain, percentile
+from .stats import jain, service_summary, token_rate
 
 MODEL_SIZES = {
     # name: (hidden, layers, heads, kv heads); decode costs ~1-6 ms on a CPU core
@@ -238,28 +238,17 @@ def compare(tenants: list[TenantSpec], *, seed: int = 0, progress: bool = False)
 
 def summarize(results: list[dict]) -> dict:
     reqs = [r for doc in results for r in doc["requests"]]
-    ttft = [r["times"][0] - r["arrival"] for r in reqs if r["times"]]
-    tbt = [b - a for r in reqs for a, b in zip(r["times"], r["times"][1:])]
-    tokens = sum(len(r["times"]) for r in reqs)
-    first = min(r["arrival"] for r in reqs)
-    last = max(r["times"][-1] for r in reqs if r["times"])
-    # Fairness of service: each prompt's token rate over its time in the system.
-    rates = [len(r["times"]) / (r["times"][-1] - r["arrival"]) for r in reqs if r["times"]]
-    per_tenant = [sum(len(r["times"]) / (r["times"][-1] - r["arrival"])
-                      for r in doc["requests"] if r["times"]) / max(1, len(doc["requests"]))
-                  for doc in results]
+    # Fairness between tenants: each tenant's mean prompt rate.
+    per_tenant = [sum(token_rate(r["arrival"], r["times"]) for r in doc["requests"])
+                  / max(1, len(doc["requests"])) for doc in results]
     return {
         "requests": len(reqs),
         "completed": sum(1 for r in reqs if r["times"]),
-        "ttft_p50_s": percentile(ttft, 0.50), "ttft_p99_s": percentile(ttft, 0.99),
-        "tbt_p50_s": percentile(tbt, 0.50), "tbt_p99_s": percentile(tbt, 0.99),
-        "throughput_tok_s": tokens / (last - first),
-        "jain": jain(rates), "jain_tenants": jain(per_tenant),
+        **service_summary((r["arrival"], r["times"]) for r in reqs),
+        "jain_tenants": jain(per_tenant),
         "bytes_paged": sum(doc["bytes_paged"] for doc in results),
         "preemptions": sum(r["preemptions"] for r in reqs),
-        "ttft_s": sorted(ttft),
     }
-
 
 if __name__ == "__main__":
     sys.exit(tenant_main(sys.argv[1]))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -103,7 +104,8 @@ class PromptScheduler:
             raise ValueError(f"request {request.id} is already active")
         self.active[request.id] = request
         self._seq[request.id] = next(self._arrivals)
-        self._waiting.append(request)
+        if self.policy == "fcfs":
+            self._waiting.append(request)
         self._fresh.append(request)
         self._dirty = True
 
@@ -203,7 +205,6 @@ class PromptScheduler:
         if not slice_over and not self._dirty and not self._starving():
             self._steps_in_slice += 1
             return Plan([], [], list(self._resident))
-        self._waiting.clear()  # fair admits by token count, not arrival
         self._dirty = False
         if slice_over:
             self._steps_in_slice = 1
@@ -214,16 +215,22 @@ class PromptScheduler:
         self._steps_in_slice += 1
         return self._admit()
 
-    def _rotate(self) -> Plan:
-        """End of a slice: the requests with the fewest tokens that fit."""
-        active = sorted(self.active.values(), key=lambda r: (len(r.tokens), r.arrival, r.id))
-        chosen, used, started = [], 0, self._started_reserve
-        for r in active:
+    def _fill(self, candidates: Iterable[Request], used: int,
+              started: int) -> list[Request]:
+        """Greedily, fewest tokens first: every candidate that fits the budget
+        (with `used` taken) and may start under the cap (`started` so far)."""
+        chosen = []
+        for r in sorted(candidates, key=lambda r: (len(r.tokens), r.arrival, r.id)):
             if used + r.reserve <= self.budget and self._may_start(r, started):
                 chosen.append(r)
                 used += r.reserve
                 if r.id not in self._started:
                     started += r.reserve
+        return chosen
+
+    def _rotate(self) -> Plan:
+        """End of a slice: the requests with the fewest tokens that fit."""
+        chosen = self._fill(self.active.values(), 0, self._started_reserve)
         keep = {r.id for r in chosen}
         return self._apply([r for r in self._resident if r.id not in keep], chosen)
 
@@ -263,15 +270,9 @@ class PromptScheduler:
         # whatever waits did not fit before and still does not.
         room = self.budget - used if self._freed else 0
         self._freed = False
-        rest = sorted((r for r in self.active.values() if r.state != "resident"
-                       and r.reserve <= room and r.id not in taken and r.id not in out),
-                      key=lambda r: (len(r.tokens), r.arrival, r.id))
-        for r in rest:
-            if used + r.reserve <= self.budget and self._may_start(r, started):
-                admitted.append(r)
-                used += r.reserve
-                if r.id not in self._started:
-                    started += r.reserve
+        admitted += self._fill((r for r in self.active.values() if r.state != "resident"
+                                and r.reserve <= room and r.id not in taken
+                                and r.id not in out), used, started)
         chosen = [r for r in self._resident if r.id not in out] + admitted
         return self._apply(evicted, chosen)
 
