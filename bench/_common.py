@@ -100,12 +100,34 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(s)}
 
 
+def _on_cpus(cpus: set[int] | None):
+    """preexec_fn that pins a child, and so all its threads, to `cpus`."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 @contextlib.contextmanager
-def echo_server(tmp: str) -> Iterator[zmq.Socket]:
-    """A raw echo process; yields a connected DEALER."""
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Pin this thread to `cpus` for the block. Threads started inside (the
+    ZeroMQ I/O thread of a context made there) inherit it."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
+def echo_server(tmp: str, cpus: set[int] | None = None) -> Iterator[zmq.Socket]:
+    """A raw echo process, on `cpus` if given; yields a connected DEALER."""
     path = os.path.join(tmp, "echo.sock")
     proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint(path)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, preexec_fn=_on_cpus(cpus))
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
@@ -138,14 +160,15 @@ def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,
 
 
 @contextlib.contextmanager
-def aquad(tmp: str, *args: str) -> Iterator[str]:
-    """A private aquad on `tmp`; yields its socket path. The host backend
-    unless `args` name one (`auto` would pick cuda on a GPU machine)."""
+def aquad(tmp: str, *args: str, cpus: set[int] | None = None) -> Iterator[str]:
+    """A private aquad on `tmp` (on `cpus` if given); yields its socket path.
+    The host backend unless `args` name one (`auto` would pick cuda on a GPU
+    machine)."""
     if "--backend" not in args:
         args = ("--backend", "host", *args)
     path = os.path.join(tmp, "aquad.sock")
     proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
-                             "--log-level", "warning", *args])
+                             "--log-level", "warning", *args], preexec_fn=_on_cpus(cpus))
     try:
         wait_for_daemon(path, proc)
         yield path

@@ -9,13 +9,22 @@ Each figure is a ratio against the limit measured in the same run:
              two copies into a plain in-process tensor (the data path must add
              no copy: target ratio >= 0.9).
 
-    python bench/core.py [--rounds 5000] [--mib 256] [--json FILE]
+Where the client and the server run decides what a round trip costs (on a
+small VM a wake-up across cores costs twice one on the same core), and left
+to itself the kernel places the echo and aquad differently. So the control
+path is measured per CPU layout, the echo and aquad pinned alike in each:
+  split   the client on one CPU, the server on another (how a host runs it)
+  shared  client and server on one CPU (the worst case for a server doing work)
+  free    no pinning: the kernel's choice, which may differ between the two
+
+    python bench/core.py [--rounds 5000] [--mib 256] [--layouts split,shared,free] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,20 +37,38 @@ import aqua
 from aqua import protocol as p
 from aqua.paths import endpoint
 
-from _common import aquad, echo_server, percentiles
+from _common import aquad, echo_server, percentiles, pinned
 
 
 CHUNK = 250  # round trips per turn; echo and aquad alternate so noise hits both
 
 
-def bench_control(tmp: str, rounds: int) -> dict[str, list[float]]:
+def layouts(names: list[str]) -> dict[str, tuple[set[int] | None, set[int] | None]]:
+    """(client CPUs, server CPUs) per layout this machine can run."""
+    cpus = sorted(os.sched_getaffinity(0))
+    known = {"free": (None, None)}
+    if len(cpus) >= 2:
+        known["split"] = ({cpus[0]}, {cpus[1]})
+    known["shared"] = ({cpus[0]}, {cpus[0]})
+    unknown = set(names) - {"split", "shared", "free"}
+    if unknown:
+        raise SystemExit(f"unknown layout(s) {', '.join(sorted(unknown))}; "
+                         f"choose from split, shared, free")
+    return {name: known[name] for name in names if name in known}
+
+
+def bench_control(tmp: str, rounds: int, client_cpus: set[int] | None = None,
+                  server_cpus: set[int] | None = None) -> dict[str, list[float]]:
     """Raw echo, lease grant and lease release round trips, interleaved in
-    chunks on the same client loop and socket type."""
+    chunks on the same client loop and socket type, both servers on the same
+    CPUs."""
     lease_req = p.encode_request(2, p.Lease(nbytes=65536))
     echo_payload = lease_req  # same size as a lease request
     heartbeat = p.encode_request(4, p.Heartbeat())
     out: dict[str, list[float]] = {"echo": [], "heartbeat": [], "grant": [], "release": []}
-    with echo_server(tmp) as echo, aquad(tmp, "--host-devices", "2x64MiB") as path:
+    # Pinned before any context exists: ZeroMQ's I/O threads inherit it.
+    with pinned(client_cpus), echo_server(tmp, server_cpus) as echo, \
+            aquad(tmp, "--host-devices", "2x64MiB", cpus=server_cpus) as path:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.connect(endpoint(path))
@@ -146,38 +173,58 @@ def bench_bandwidth(client: aqua.Client, mib: int, repeats: int = 7) -> dict:
             "ratio": t_plain / t_lease}
 
 
+def control_rows(control: dict[str, list[float]]) -> dict:
+    e = percentiles(control["echo"])
+    out = {"echo": e}
+    for key in ("heartbeat", "grant", "release"):
+        q = percentiles(control[key])
+        q["ratio_p50"] = q["p50_us"] / e["p50_us"]
+        q["ratio_p99"] = q["p99_us"] / e["p99_us"]
+        q["ratio_paired"] = paired_ratio(control[key], control["echo"])
+        out[key] = q
+    return out
+
+
+LABELS = {"echo": "raw pyzmq echo", "heartbeat": "heartbeat (no work)", "grant": "lease grant",
+          "release": "lease release", "api": "client.lease()+release()"}
+
+
+def print_rows(rows: dict, echo: dict) -> None:
+    print(f"  {'':26} {'p50 us':>8} {'p99 us':>8} {'x p50':>6} {'x p99':>6} {'paired':>6}")
+    for key, q in rows.items():
+        paired = f"{q['ratio_paired']:6.2f}" if "ratio_paired" in q else \
+            ("  1.00" if key == "echo" else "     -")
+        print(f"  {LABELS[key]:26} {q['p50_us']:8.1f} {q['p99_us']:8.1f} "
+              f"{q['p50_us'] / echo['p50_us']:6.2f} {q['p99_us'] / echo['p99_us']:6.2f} {paired}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5000)
     parser.add_argument("--mib", type=int, default=256, help="tensor size for bandwidth")
+    parser.add_argument("--layouts", default="split,shared,free",
+                        help="CPU layouts for the control path (split, shared, free)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
+    plan = layouts([name for name in args.layouts.split(",") if name])
+    out: dict = {"rounds": args.rounds, "layouts": {}}
+    print(f"control path, {args.rounds} round trips per row (x = vs the raw echo in the same "
+          f"layout; paired = median over chunks of chunk p50 / the echo chunk's just before it)")
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
-        control = bench_control(tmp, args.rounds)
+        for name, (client_cpus, server_cpus) in plan.items():
+            rows = control_rows(bench_control(tmp, args.rounds, client_cpus, server_cpus))
+            where = "unpinned" if client_cpus is None else \
+                f"client on CPU {min(client_cpus)}, servers on CPU {min(server_cpus)}"
+            print(f"\n{name} ({where})")
+            print_rows(rows, rows["echo"])
+            out["layouts"][name] = {"client_cpus": sorted(client_cpus or []),
+                                    "server_cpus": sorted(server_cpus or []), **rows}
         d = bench_api(tmp, args.rounds // 5, args.mib)
-    d.update(control)
-    e = percentiles(control["echo"])
-    rows = [("raw pyzmq echo", e)]
-    out = {"echo": e, "rounds": args.rounds}
-    for key, label in (("heartbeat", "heartbeat (no work)"), ("grant", "lease grant"),
-                       ("release", "lease release"),
-                       ("api", "client.lease()+release()")):
-        q = percentiles(d[key])
-        q["ratio_p50"] = q["p50_us"] / e["p50_us"]
-        q["ratio_p99"] = q["p99_us"] / e["p99_us"]
-        if key in control:
-            q["ratio_paired"] = paired_ratio(control[key], control["echo"])
-        rows.append((label, q))
-        out[key] = q
-    print(f"control path, {args.rounds} round trips (ratio = vs raw echo; paired = median "
-          f"over chunks of chunk p50 / the echo chunk's just before it)")
-    print(f"{'':26} {'p50 us':>8} {'p99 us':>8} {'x p50':>6} {'x p99':>6} {'paired':>6}")
-    for label, q in rows:
-        paired = f"{q['ratio_paired']:6.2f}" if "ratio_paired" in q else \
-            ("  1.00" if label.startswith("raw") else "     -")
-        print(f"{label:26} {q['p50_us']:8.1f} {q['p99_us']:8.1f} "
-              f"{q.get('ratio_p50', 1):6.2f} {q.get('ratio_p99', 1):6.2f} {paired}")
+    api = percentiles(d["api"])
+    out["api"] = api
+    print(f"\nfull library call, unpinned: client.lease()+release() p50 {api['p50_us']:.1f} us, "
+          f"p99 {api['p99_us']:.1f} us (includes mapping and unmapping the segment)")
     b = d["bandwidth"]
     out["bandwidth"] = b
     print(f"\ndata path, {b['bytes'] >> 20} MiB offload + restore")

@@ -1,0 +1,37 @@
+"""bench/core.py runs end to end and writes its documented figures (no timing
+is asserted: speed is the benchmark's business, not the test suite's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "core.py"
+
+
+def test_core_bench_measures_each_layout_against_its_own_echo(tmp_path):
+    out = tmp_path / "core.json"
+    layouts = "split,shared,free" if len(os.sched_getaffinity(0)) >= 2 else "shared,free"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "500", "--mib", "1",
+                           "--layouts", layouts, "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert list(doc["layouts"]) == layouts.split(",")
+    for name, rows in doc["layouts"].items():
+        echo = rows["echo"]
+        for key in ("heartbeat", "grant", "release"):
+            q = rows[key]
+            assert q["n"] == 500 and q["p50_us"] > 0
+            assert q["ratio_p50"] == q["p50_us"] / echo["p50_us"]
+        pinned = name != "free"
+        assert bool(rows["client_cpus"]) is pinned and bool(rows["server_cpus"]) is pinned
+    assert doc["layouts"]["shared"]["client_cpus"] == doc["layouts"]["shared"]["server_cpus"]
+    assert doc["bandwidth"]["ratio"] > 0 and doc["api"]["n"] == 100
+    assert "lease grant" in proc.stdout
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--layouts", "sideways"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown layout" in bad.stderr
