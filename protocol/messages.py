@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,6 +60,17 @@ class Check:
     pattern: re.Pattern[str] | None = None
     item: Check | None = None
     exclusive_min: bool = False
+
+    def accepts(self) -> Callable[[Any], bool]:
+        """A quick test that passes the common valid values unchanged; a value
+        it refuses goes through validate(), which converts or explains."""
+        kind, lo, hi, max_len, pattern = self.kind, self.min, self.max, self.max_len, self.pattern
+        if kind is int and lo is not None and hi is not None and not self.exclusive_min:
+            return lambda v: type(v) is int and lo <= v <= hi  # bool is not `int` here
+        if kind is str and max_len is not None and pattern is not None and not self.min_len:
+            return lambda v: type(v) is str and len(v) <= max_len and \
+                pattern.fullmatch(v) is not None
+        return lambda v: False
 
     def validate(self, name: str, value: Any) -> Any:
         kind = self.kind
@@ -119,7 +131,12 @@ LEASE_ID = Check(str, pattern=LEASE_ID_RE, max_len=65)
 
 
 class Op:
-    """Base of the argument dataclasses; `op` is the wire name."""
+    """Base of the argument dataclasses; `op` is the wire name.
+
+    Not frozen: a frozen dataclass sets each field through object.__setattr__,
+    which doubles the cost of decoding a request. Treat them as values."""
+
+    __slots__ = ()
 
     op: ClassVar[str]
     needs_tenant: ClassVar[bool] = True
@@ -135,7 +152,7 @@ def operation(cls: type[Op]) -> type[Op]:
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Hello(Op):
     op = "hello"
     needs_tenant = False
@@ -151,21 +168,21 @@ class Hello(Op):
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Heartbeat(Op):
     op = "heartbeat"
     doc = "Proves the tenant is alive; any request does the same."
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Bye(Op):
     op = "bye"
     doc = "Unregister; every lease of the tenant is released."
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Lease(Op):
     op = "lease"
     doc = "Lease `nbytes` of offload memory placed for a tenant computing on `near`."
@@ -175,7 +192,7 @@ class Lease(Op):
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Release(Op):
     op = "release"
     doc = "Release a lease; its memory returns to the pool."
@@ -183,7 +200,7 @@ class Release(Op):
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LeaseInfo(Op):
     op = "lease_info"
     doc = "Describe one of the tenant's own leases (with its handle, to map it again)."
@@ -191,7 +208,7 @@ class LeaseInfo(Op):
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Turn(Op):
     op = "turn"
     doc = ("Ask for a GPU time slice on `devices` (default: all home devices). The reply "
@@ -201,14 +218,14 @@ class Turn(Op):
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TurnDone(Op):
     op = "turn_done"
     doc = "Give the slice back (or stop waiting for one); the tenant wants nothing more."
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TurnYield(Op):
     op = "turn_yield"
     doc = ("Acknowledge a `preempt` (context paged out) and queue for the next slice. "
@@ -217,7 +234,7 @@ class TurnYield(Op):
 
 
 @operation
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Status(Op):
     op = "status"
     needs_tenant = False
@@ -230,7 +247,7 @@ _SPECS: dict[type[Op], _Spec] = {}
 # --- envelope ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     id: int
     args: Op
@@ -274,8 +291,8 @@ def decode_request(frame: bytes) -> Request:
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
                 details={"supported": list(SUPPORTED_VERSIONS)},
             )
-        unknown = set(obj) - _ENVELOPE_KEYS
-        if unknown:
+        if not _ENVELOPE_KEYS.issuperset(obj):
+            unknown = set(obj) - _ENVELOPE_KEYS
             raise _bad(f"unknown envelope field(s): {', '.join(sorted(map(str, unknown)))}")
         op = obj.get("op")
         if not isinstance(op, str):
@@ -298,15 +315,16 @@ def _build(cls: type[Op], args: dict) -> Op:
         unknown = set(args) - spec.names
         raise _bad(f"{cls.op}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     values = {}
-    for name, check, optional, nullable in spec.fields:
+    for name, check, optional, nullable, accepts in spec.fields:
         if name not in args:
             if not optional:
                 raise _bad(f"{cls.op}: missing field {name!r}")
             continue
         value = args[name]
-        if value is None and nullable:
-            continue
-        values[name] = check.validate(name, value)
+        if accepts(value) or (value is None and nullable):
+            values[name] = value
+        else:
+            values[name] = check.validate(name, value)
     return cls(**values)
 
 
@@ -316,15 +334,15 @@ class _Spec:
     request should not walk dataclass metadata."""
 
     names: frozenset[str]
-    # name, check, may be absent, may be nil (its default is None)
-    fields: tuple[tuple[str, Check, bool, bool], ...]
+    # name, check, may be absent, may be nil (its default is None), quick test
+    fields: tuple[tuple[str, Check, bool, bool, Callable[[Any], bool]], ...]
 
 
 def _spec(cls: type[Op]) -> _Spec:
     fields = dataclasses.fields(cls)
     return _Spec(frozenset(f.name for f in fields),
                  tuple((f.name, f.metadata["check"], f.default is not dataclasses.MISSING,
-                        f.default is None) for f in fields))
+                        f.default is None, f.metadata["check"].accepts()) for f in fields))
 
 
 _SPECS.update({cls: _spec(cls) for cls in OPS.values()})
@@ -333,7 +351,7 @@ _SPECS.update({cls: _spec(cls) for cls in OPS.values()})
 def encode_request(rid: int, op: Op) -> bytes:
     # Not dataclasses.asdict: its deep copy costs more than the send itself.
     args = {}
-    for name, _check, _optional, _nullable in _SPECS[type(op)].fields:
+    for name, *_ in _SPECS[type(op)].fields:
         value = getattr(op, name)
         if value is not None:
             args[name] = value

@@ -64,9 +64,10 @@ class Daemon:
         return self.request(p.Status())
 
     def segments(self) -> list[str]:
-        """Lease segments in /dev/shm. The daemon also keeps a few empty
-        spare files ready for grants; a lease is never empty."""
-        return [f for f in self.files() if os.stat(os.path.join(SHM_DIR, f)).st_size > 0]
+        """Lease segments in /dev/shm that hold pages. The daemon also keeps
+        spare files ready for grants, sparse until a tenant maps one (the
+        client populates its mappings, so every mapped lease has pages)."""
+        return [f for f in self.files() if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0]
 
     def files(self) -> list[str]:
         """Every file of this daemon in /dev/shm, spares included."""

@@ -31,7 +31,7 @@ from aqua.protocol.messages import (
     Status,
 )
 from aquad.backends.host import HostBackend
-from aquad.core.arbiter import Arbiter, Limits
+from aquad.core.arbiter import Arbiter, LeaseIds, Limits
 from aquad.core.tenants import Peer
 
 G = 64 * 1024  # HostBackend's default granule
@@ -92,10 +92,10 @@ class World:
         return self.call(conn, Lease(nbytes=nbytes, near=near))
 
     def files(self) -> set[str]:
-        """Lease segments (a lease is never empty; the backend's spare files,
-        made ahead for the next grants, are)."""
+        """Lease segments: the files in the directory but the backend's spare
+        files, made ahead for the next grants."""
         self.arb.maintain()  # destroyed segments are unlinked by deferred work
-        return {f for f in os.listdir(self.dir) if os.stat(self.dir / f).st_size > 0}
+        return set(os.listdir(self.dir)) - self.backend.spares
 
     def check(self) -> None:
         """Invariants between pools, lease table, tenants, files and status()."""
@@ -622,3 +622,12 @@ def stable(status: dict) -> dict:
     """status() without the tenants' idle time, which any request resets."""
     return dict(status, tenants=[{k: v for k, v in t.items() if k != "idle_s"}
                                  for t in status["tenants"]])
+
+
+def test_lease_ids_are_random_well_formed_and_span_batches():
+    ids = LeaseIds()
+    drawn = [ids() for _ in range(3 * LeaseIds.BATCH + 7)]  # across refills
+    assert len(set(drawn)) == len(drawn)
+    assert all(m.LEASE_ID_RE.fullmatch(i) and len(i) == 25 for i in drawn)
+    # 144 bits each: no id shares a long prefix with another by chance.
+    assert len({i[:9] for i in drawn}) == len(drawn)

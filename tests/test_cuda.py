@@ -118,9 +118,9 @@ class World:
         return self.arb.handle(conn, peer, m.Request(1, op))
 
     def files(self) -> list[str]:
-        """Host-tier segments (the empty spare files kept for grants aside)."""
-        return sorted(f for f in os.listdir(self.shm)
-                      if os.stat(os.path.join(self.shm, f)).st_size > 0)
+        """Host-tier segments (the spare files kept for grants aside)."""
+        spares = self.backend._host.spares if self.backend._host else frozenset()
+        return sorted(set(os.listdir(self.shm)) - spares)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aquad.core.allocator import GranuleAllocator
-from aquad.core.placer import place, tier_of
+from aquad.core.placer import Placer, place, tier_of
 from aquad.core.topology import HOST_LINK, Device, Link, Tier, Topology
 
 G = 2**20  # granule
@@ -288,6 +288,21 @@ def test_choice_is_best_by_tier_home_bandwidth_free_id(scenario):
         assert pools[choice].free >= pools[other].free
         if pools[choice].free == pools[other].free:
             assert choice < other
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios())
+def test_a_kept_placer_follows_the_pools_as_they_fill(scenario):
+    # The arbiter keeps one Placer, whose rankings are cached: its choices
+    # must stay those of a fresh one while leases fill the pools.
+    topo, pools, near, home, nbytes = scenario
+    kept = Placer(topo)
+    for _ in range(20):
+        choice = kept(pools, nbytes, near, tuple(home))
+        assert choice == place(topo, pools, nbytes, near, home)
+        if choice is None:
+            break
+        pools[choice].allocate(nbytes)
 
 
 def test_the_tenants_own_gpu_is_the_last_resort():

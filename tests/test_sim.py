@@ -154,13 +154,13 @@ def test_long_prompt_throughput_follows_the_link():
 
 def test_the_simulator_drives_the_daemons_own_objects(monkeypatch):
     calls = []
-    real_place = arbiter_mod.place
+    real_place = arbiter_mod.Placer.__call__
 
-    def spy(*args, **kwargs):
-        calls.append(args[2])
-        return real_place(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        calls.append(args[1])
+        return real_place(self, *args, **kwargs)
 
-    monkeypatch.setattr(arbiter_mod, "place", spy)
+    monkeypatch.setattr(arbiter_mod.Placer, "__call__", spy)
     sim = Simulation(burst_scenario(), "aqua")
     assert type(sim.arbiter) is Arbiter
     assert type(sim.arbiter.scheduler) is Scheduler

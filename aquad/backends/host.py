@@ -21,7 +21,7 @@ from ..core.topology import Device, Topology
 from .base import BackendError
 
 SHM_DIR = "/dev/shm"
-SPARES = 4  # empty segment files kept ready (see create)
+SPARES = 16  # empty segment files kept ready (see create)
 
 
 @dataclass
@@ -54,10 +54,12 @@ class HostBackend:
         self._dir = shm_dir
         self._live: dict[str, ShmSegment] = {}
         self._doomed: list[str] = []
-        # Empty files made ahead of time, kept open: a grant then costs one
+        # Files made ahead of time, kept open: a grant then costs at most an
         # ftruncate (and an fchown for another user) instead of a create in
-        # the tmpfs directory, which dominated the lease round trip.
-        self._spares: list[tuple[str, int]] = []
+        # the tmpfs directory, which dominated the lease round trip. More of
+        # them than the daemon's MAINTAIN_EVERY, so a streak never runs out.
+        self._spares: list[tuple[str, int, int]] = []  # name, open fd, size
+        self._last_size = 0
         self._to_close: list[int] = []
         self._euid = os.geteuid()
 
@@ -65,9 +67,14 @@ class HostBackend:
         # Virtual devices share the host's memory: no links between them.
         return Topology(list(self._devices))
 
+    @property
+    def spares(self) -> frozenset[str]:
+        """Names of the files kept ready for grants: no lease's yet."""
+        return frozenset(name for name, _, _ in self._spares)
+
     def remove_stale(self) -> int:
         """Delete segments a crashed predecessor on the same socket left."""
-        ours = {*self._live, *self._doomed, *(name for name, _ in self._spares)}
+        ours = {*self._live, *self._doomed, *self.spares}
         removed = 0
         for entry in os.listdir(self._dir):
             if entry.startswith(self._prefix) and entry not in ours:
@@ -106,11 +113,16 @@ class HostBackend:
             raise BackendError(f"cannot create shared memory: {exc.strerror}") from None
 
     def create(self, device: int, nbytes: int, owner: Peer) -> ShmSegment:
-        name, fd = self._spares.pop() if self._spares else self._new_file()
+        if self._spares:
+            name, fd, size = self._spares.pop()
+        else:
+            (name, fd), size = self._new_file(), 0
+        self._last_size = nbytes
         try:
             if self._euid == 0 and (owner.uid, owner.gid) != (0, 0):
                 os.fchown(fd, owner.uid, owner.gid)
-            os.ftruncate(fd, nbytes)
+            if size != nbytes:
+                os.ftruncate(fd, nbytes)
         except OSError as exc:
             os.close(fd)
             os.unlink(os.path.join(self._dir, name))  # never handed out
@@ -133,9 +145,18 @@ class HostBackend:
         self._drain()
         while len(self._spares) < SPARES:
             try:
-                self._spares.append(self._new_file())
+                name, fd = self._new_file()
             except BackendError:
                 break  # /dev/shm trouble: grants will say so themselves
+            try:
+                # Sized like the last grant: a tenant paging out a stream of
+                # equal blocks then gets each without a syscall. The file
+                # stays sparse (tmpfs allocates pages on first write).
+                os.ftruncate(fd, self._last_size)
+                size = self._last_size
+            except OSError:
+                size = 0
+            self._spares.append((name, fd, size))
 
     def _drain(self) -> None:
         doomed, self._doomed = self._doomed, []
@@ -151,7 +172,7 @@ class HostBackend:
     def close(self) -> None:
         for seg in list(self._live.values()):
             self.destroy(seg)
-        for name, fd in self._spares:
+        for name, fd, _ in self._spares:
             self._doomed.append(name)
             self._to_close.append(fd)
         self._spares = []

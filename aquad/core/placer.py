@@ -9,10 +9,46 @@ devices come last within a tier: their memory is what it is trying to free.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 
 from .allocator import GranuleAllocator
 from .topology import Tier, Topology
+
+
+class Placer:
+    """The placement rule for one topology. It runs on every grant, so each
+    (consumer, home devices) pair's ranking of producers is worked out once:
+    groups of equally good devices, best group first, ids ascending within
+    a group. What is left per grant is the free-memory tie-break."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._ranks: dict[tuple[int, tuple[int, ...]], tuple[tuple[int, ...], ...]] = {}
+
+    def __call__(self, pools: Mapping[int, GranuleAllocator], nbytes: int, near: int,
+                 home: Collection[int] = ()) -> int | None:
+        """Device id for a lease of `nbytes` for a tenant on `near`, or None."""
+        key = (near, tuple(home))  # no copy when home is a tuple already
+        groups = self._ranks.get(key)
+        if groups is None:
+            groups = self._ranks[key] = self._rank(*key)
+        for group in groups:
+            best, most = None, -1
+            for dev in group:
+                pool = pools[dev]
+                free = pool.capacity - pool.used
+                if free > most and pool.fits(nbytes):
+                    best, most = dev, free
+            if best is not None:
+                return best
+        return None
+
+    def _rank(self, near: int, home: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        by_key: dict[tuple, list[int]] = {}
+        for dev in self.topology.devices:
+            link = self.topology.link(near, dev.id)
+            by_key.setdefault((link.tier, dev.id in home, -link.bandwidth), []).append(dev.id)
+        return tuple(tuple(sorted(by_key[k])) for k in sorted(by_key))
 
 
 def place(
@@ -20,21 +56,11 @@ def place(
     pools: Mapping[int, GranuleAllocator],
     nbytes: int,
     near: int,
-    home: Iterable[int] = (),
+    home: Collection[int] = (),
 ) -> int | None:
-    """Device id for a lease of `nbytes` for a tenant on `near`, or None."""
-    home = frozenset(home)
-    best: tuple | None = None
-    best_id: int | None = None
-    for dev in topology.devices:
-        pool = pools[dev.id]
-        if not pool.fits(nbytes):
-            continue
-        link = topology.link(near, dev.id)
-        key = (int(link.tier), dev.id in home, -link.bandwidth, -pool.free, dev.id)
-        if best is None or key < best:
-            best, best_id = key, dev.id
-    return best_id
+    """Device id for a lease of `nbytes` for a tenant on `near`, or None
+    (a one-off Placer: the arbiter keeps one for its topology)."""
+    return Placer(topology)(pools, nbytes, near, home)
 
 
 def tier_of(topology: Topology, near: int, device: int) -> Tier:

@@ -23,7 +23,10 @@ class Tier(IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _TIER_LABELS[self]  # on every grant's reply: not name.lower()
+
+
+_TIER_LABELS = {tier: tier.name.lower() for tier in Tier}
 
 
 @dataclass(frozen=True)
