@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import trio
 import zmq
@@ -27,6 +27,7 @@ from aqua.paths import endpoint
 from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol import messages as m
 
+from .busypoll import BusyPoll
 from .core.arbiter import Arbiter
 from .core.tenants import Peer
 
@@ -37,31 +38,11 @@ _SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye)
 # Plain ints: pyzmq's enum flags cost a microsecond per test on the hot path.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
-# Adaptive busy-poll: when a tenant issues requests back to back (paging many
-# tensors, lease after lease), its next request lands some tens of
-# microseconds after our reply, and parking in epoll, then waking through
-# trio, costs about as much again. So once a request came within HOT_S of
-# parking, we poll ZMQ_EVENTS for up to SPIN_S before parking, yielding the
-# CPU between polls (a tenant sharing our core must not wait for the spin to
-# end). A tenant that talks once per engine step (milliseconds) never
-# triggers it, so an idle or lightly used host burns nothing.
-SPIN_S = 100e-6
-HOT_S = 250e-6
 # Deferred backend work (unlinks, closes, spare files) runs when we go idle,
 # and in a streak of back-to-back requests every MAINTAIN_EVERY of them: done
 # after every reply it slows the next request of a tenant on the same core.
 MAINTAIN_EVERY = 8
 FLOOD = 64  # requests in a row after which other tasks get to run
-
-
-def _arrives_within(events: Callable[[int], int], seconds: float) -> bool:
-    """Poll ZMQ_EVENTS for up to `seconds`: does a request arrive meanwhile?"""
-    until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        if events(_EVENTS) & _POLLIN:
-            return True
-        os.sched_yield()
-    return False
 
 
 def _trio_time(monotonic_deadline: float) -> float:
@@ -232,8 +213,8 @@ class Server:
         fd = sock.getsockopt(zmq.FD)
         events = sock.get
         clock = time.perf_counter
+        busy = BusyPoll(lambda: bool(events(_EVENTS) & _POLLIN))
         burst = 0
-        hot = False  # the last wake came right after a reply: a back-to-back peer
         while True:
             # Frames other tasks posted go first, in order, every iteration:
             # a stream of requests must not hold back grants or revocations.
@@ -251,17 +232,15 @@ class Server:
                 continue
             if self._outbox:
                 continue
-            if hot:
-                hot = _arrives_within(events, SPIN_S)
-                if hot:
-                    continue
+            if busy.poll():
+                continue
             burst = 0
             self.arbiter.maintain()  # going idle: now the deferred syscalls
             parked = clock()
             with trio.CancelScope() as self._wake:
                 await trio.lowlevel.wait_readable(fd)
             self._wake = None
-            hot = clock() - parked < HOT_S
+            busy.parked(clock() - parked)
 
     def _flush(self) -> None:
         while self._outbox:
@@ -436,4 +415,5 @@ class Server:
                 if expired:
                     self._forget_watchers()
                     self._dispatch()
+                    self.arbiter.maintain()  # not on any request's path: unlink now
 
