@@ -11,7 +11,7 @@ reply    (daemon -> tenant): {"v": 1, "id": <int>, "ok": true, "result": {...}}
                                         "details": {...}}}
 event    (daemon -> tenant): {"v": 1, "event": <str>, "data": {...}}
 
-Each operation's arguments are a frozen dataclass below; its fields carry the
+Each operation's arguments are a dataclass below; its fields carry the
 checks the decoder applies, so the validator and the handlers read the same
 definition, and protocol/README.md documents it (keep the two in step).
 """
@@ -134,7 +134,8 @@ class Op:
     """Base of the argument dataclasses; `op` is the wire name.
 
     Not frozen: a frozen dataclass sets each field through object.__setattr__,
-    which doubles the cost of decoding a request. Treat them as values."""
+    which doubles the cost of decoding a request. Treat them as values (they
+    compare by value and are not hashable)."""
 
     __slots__ = ()
 

@@ -318,3 +318,18 @@ def test_the_tenants_own_gpu_is_the_last_resort():
     # Host-backend devices are all host memory: no "local" tier there.
     host_only = Topology([Device(0, "host", GPU_CAP), Device(1, "host", GPU_CAP)])
     assert tier_of(host_only, 0, 0) is Tier.HOST
+
+
+def test_a_kept_placer_remembers_a_bounded_number_of_rankings(monkeypatch):
+    import itertools
+
+    from aquad.core import placer as placer_mod
+
+    monkeypatch.setattr(placer_mod, "MAX_RANKINGS", 4)
+    topo = pcie_only()
+    pools = pools_for(topo)
+    kept = Placer(topo)
+    # Tenants with every ordering of their home devices come and go.
+    for home in itertools.permutations([0, 1, 2]):
+        assert kept(pools, G, 0, home) == place(topo, pools, G, 0, home)
+        assert len(kept._ranks) <= 4

@@ -11,6 +11,7 @@ aquad promises, so a tenant does not meet SIGBUS halfway through an offload.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from ..core.tenants import Peer
 from ..core.topology import Device, Topology
 from .base import BackendError
 
+log = logging.getLogger("aquad")
+
 SHM_DIR = "/dev/shm"
-SPARES = 16  # empty segment files kept ready (see create)
+SPARES = 16  # segment files kept ready for grants (see __init__)
 
 
 @dataclass
@@ -32,6 +35,17 @@ class ShmSegment:
     @property
     def handle(self) -> dict[str, Any]:
         return {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes}
+
+
+def _unlink(path: str) -> None:
+    """Unlink, never raise: a file that cannot go now is left for
+    remove_stale() at the next start, and the rest of the work goes on."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
 
 
 def segment_prefix(socket_path: str) -> str:
@@ -125,7 +139,7 @@ class HostBackend:
                 os.ftruncate(fd, nbytes)
         except OSError as exc:
             os.close(fd)
-            os.unlink(os.path.join(self._dir, name))  # never handed out
+            _unlink(os.path.join(self._dir, name))  # never handed out
             raise BackendError(f"cannot size shared memory: {exc.strerror}") from None
         self._to_close.append(fd)  # closed in maintain(), off the reply's path
         seg = ShmSegment(name, nbytes)
@@ -161,10 +175,7 @@ class HostBackend:
     def _drain(self) -> None:
         doomed, self._doomed = self._doomed, []
         for name in doomed:
-            try:
-                os.unlink(os.path.join(self._dir, name))
-            except FileNotFoundError:
-                pass
+            _unlink(os.path.join(self._dir, name))
         to_close, self._to_close = self._to_close, []
         for fd in to_close:
             os.close(fd)

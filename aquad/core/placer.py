@@ -15,6 +15,9 @@ from .allocator import GranuleAllocator
 from .topology import Tier, Topology
 
 
+MAX_RANKINGS = 1024  # (consumer, home devices) pairs remembered
+
+
 class Placer:
     """The placement rule for one topology. It runs on every grant, so each
     (consumer, home devices) pair's ranking of producers is worked out once:
@@ -31,6 +34,8 @@ class Placer:
         key = (near, tuple(home))  # no copy when home is a tuple already
         groups = self._ranks.get(key)
         if groups is None:
+            if len(self._ranks) >= MAX_RANKINGS:
+                self._ranks.clear()  # tenants come and go: keep what is asked now
             groups = self._ranks[key] = self._rank(*key)
         for group in groups:
             best, most = None, -1
