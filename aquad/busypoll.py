@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 SPIN_S = 100e-6
 HOT_S = 250e-6
-BUSY_S = 1e-3
+BUSY_S = 0.5e-3  # under the scheduler's shortest time slice (0.75 ms)
 BACKOFF_MIN_S = 10e-3
 BACKOFF_MAX_S = 1.0
 

@@ -31,7 +31,7 @@ class Fake:
 
 def test_a_cold_peer_parks_at_once():
     f = Fake()
-    f.poll.parked(5e-3)  # woke long after parking: talks once per step
+    f.poll.parked(HOT_S * 1.5)  # woke well after parking: talks once per step
     assert not f.poll.hot
     assert f.poll.poll() is False and f.yields == 0
 
@@ -48,20 +48,23 @@ def test_a_back_to_back_peer_is_polled_for_until_its_request_lands():
 def test_polling_stops_after_the_window_and_the_peer_goes_cold():
     f = Fake()
     f.poll.parked(0.0)
+    f.poll.backoff = 0.4  # left over from a busy spell
     start = f.now
     assert f.poll.poll() is False
     assert SPIN_S <= f.now - start < SPIN_S + 10e-6
+    assert f.poll.backoff == 0.2  # a poll that went well, if idle
     assert not f.poll.hot and f.poll.poll() is False
 
 
 def test_a_busy_core_turns_polling_off_with_a_doubling_backoff():
     f = Fake()
-    f.slice_s = 4e-3  # another process holds the core for a time slice
+    f.slice_s = 0.75e-3  # another process holds the core for the shortest time slice
     backoffs = []
     for _ in range(12):
         f.poll.parked(0.0)
         assert f.poll.poll() is True  # look again: a request may have come meanwhile
         assert f.yields == len(backoffs) + 1  # one yield showed it
+        assert not f.poll.hot  # nothing pending next time: park
         backoffs.append(f.poll.backoff)
         f.poll.parked(0.0)
         assert f.poll.poll() is False  # within the backoff: park, no polling

@@ -45,7 +45,8 @@ def _unlink(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
+        # Its pages stay in /dev/shm while the pool counts them free.
+        log.error("cannot remove %s: %s", path, exc.strerror)
 
 
 def segment_prefix(socket_path: str) -> str:
@@ -178,7 +179,10 @@ class HostBackend:
             _unlink(os.path.join(self._dir, name))
         to_close, self._to_close = self._to_close, []
         for fd in to_close:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as exc:  # the rest must still be closed
+                log.error("cannot close a segment descriptor: %s", exc.strerror)
 
     def close(self) -> None:
         for seg in list(self._live.values()):
