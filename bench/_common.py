@@ -15,6 +15,7 @@ import zmq
 
 from aqua import protocol as p
 from aqua.client import wait_for_daemon
+from aqua.engine.stats import percentile
 from aqua.paths import endpoint
 
 # The fastest a Python peer can answer: a blocking ROUTER echo, nothing else.
@@ -96,8 +97,14 @@ def relay_hops(tmp: str, pause: float, rounds: int = 1000) -> list[float]:
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
-    return {"p50_us": s[len(s) // 2] * 1e6, "p99_us": s[int(len(s) * 0.99)] * 1e6,
+    return {"p50_us": percentile(s, 0.50) * 1e6, "p99_us": percentile(s, 0.99) * 1e6,
             "n": len(s)}
+
+
+def write_json(path: str, doc: object) -> None:
+    """A benchmark's figures, for --json."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
 
 
 def _on_cpus(cpus: set[int] | None):

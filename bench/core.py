@@ -23,7 +23,6 @@ path is measured per CPU layout, the echo and aquad pinned alike in each:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import aqua
 from aqua import protocol as p
 from aqua.paths import endpoint
 
-from _common import aquad, echo_server, percentiles, pinned
+from _common import aquad, echo_server, percentiles, pinned, write_json
 
 
 CHUNK = 250  # round trips per turn; echo and aquad alternate so noise hits both
@@ -234,8 +233,7 @@ def main() -> int:
     print(f"  plain in-process copy  {b['plain_gbps']:6.2f} GB/s")
     print(f"  ratio                  {b['ratio']:6.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return 0
 
 

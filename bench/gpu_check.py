@@ -21,8 +21,6 @@ GPU gains over host DRAM. Without a GPU it says why and exits 2.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from collections.abc import Callable
 
 from aqua.errors import AquaError
 
-from _common import aquad
+from _common import aquad, write_json
 
 EXIT_NO_GPU = 2
 
@@ -40,8 +38,6 @@ def no_gpu_reason() -> str | None:
 
     if not torch.cuda.is_available():
         return "this torch build sees no CUDA GPU"
-    if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install 'aqua[cuda]')"
     from aquad.backends import cuda_unavailable
 
     return cuda_unavailable()
@@ -159,8 +155,7 @@ def main() -> int:
               f"{r['vs_pinned_host']:9.2f}  {r['limit']}")
     print(f"pinned host limit: {out['pinned_host_gbps']:.1f} GB/s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return 0
 
 

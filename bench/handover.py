@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import aquad, echo_round_trips, percentiles, relay_hops
+from _common import aquad, echo_round_trips, percentiles, relay_hops, write_json
 
 TENANT = """
 import json, sys, time, aqua
@@ -99,8 +99,7 @@ def main() -> int:
               f"{ratio['p50_vs_' + key]:10.2f} {ratio['p99_vs_' + key]:6.2f}")
     print(f"{'aqua: yield sent -> next grant':34} {h['p50_us']:8.1f} {h['p99_us']:8.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**q, "ratio": ratio, "quantum_ms": args.quantum_ms}, f, indent=2)
+        write_json(args.json, {**q, "ratio": ratio, "quantum_ms": args.quantum_ms})
     return 0
 
 

@@ -26,12 +26,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
+from aqua.engine.trace import read_trace  # noqa: E402
 from aquad.sim import GPUS, MODELS, POLICIES, Server, load_server  # noqa: E402
 from aquad.sim.long_prompt import long_prompt  # noqa: E402
 from aquad.sim.report import long_prompt_table, plot, table  # noqa: E402
 from aquad.sim.scenarios import paper_scenario  # noqa: E402
 from aquad.sim.simulator import Simulation  # noqa: E402
-from aquad.sim.workload import read_trace  # noqa: E402
 
 TRACES = os.path.join(HERE, "traces")
 

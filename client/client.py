@@ -280,11 +280,11 @@ class Client:
         self._deferred.append(lease)
 
     def _send_deferred(self) -> None:
-        while True:
+        while self._deferred:  # on every lease(): no exception when empty
             try:
                 lease = self._deferred.popleft()
             except IndexError:
-                return
+                return  # the other thread took the last one
             try:
                 self._release(lease)
             except AquaError as exc:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -60,17 +59,6 @@ class Check:
     pattern: re.Pattern[str] | None = None
     item: Check | None = None
     exclusive_min: bool = False
-
-    def accepts(self) -> Callable[[Any], bool]:
-        """A quick test that passes the common valid values unchanged; a value
-        it refuses goes through validate(), which converts or explains."""
-        kind, lo, hi, max_len, pattern = self.kind, self.min, self.max, self.max_len, self.pattern
-        if kind is int and lo is not None and hi is not None and not self.exclusive_min:
-            return lambda v: type(v) is int and lo <= v <= hi  # bool is not `int` here
-        if kind is str and max_len is not None and pattern is not None and not self.min_len:
-            return lambda v: type(v) is str and len(v) <= max_len and \
-                pattern.fullmatch(v) is not None
-        return lambda v: False
 
     def validate(self, name: str, value: Any) -> Any:
         kind = self.kind
@@ -316,16 +304,15 @@ def _build(cls: type[Op], args: dict) -> Op:
         unknown = set(args) - spec.names
         raise _bad(f"{cls.op}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     values = {}
-    for name, check, optional, nullable, accepts in spec.fields:
+    for name, check, optional, nullable in spec.fields:
         if name not in args:
             if not optional:
                 raise _bad(f"{cls.op}: missing field {name!r}")
             continue
         value = args[name]
-        if accepts(value) or (value is None and nullable):
-            values[name] = value
-        else:
-            values[name] = check.validate(name, value)
+        if value is None and nullable:
+            continue
+        values[name] = check.validate(name, value)
     return cls(**values)
 
 
@@ -335,15 +322,15 @@ class _Spec:
     request should not walk dataclass metadata."""
 
     names: frozenset[str]
-    # name, check, may be absent, may be nil (its default is None), quick test
-    fields: tuple[tuple[str, Check, bool, bool, Callable[[Any], bool]], ...]
+    # name, check, may be absent, may be nil (its default is None)
+    fields: tuple[tuple[str, Check, bool, bool], ...]
 
 
 def _spec(cls: type[Op]) -> _Spec:
     fields = dataclasses.fields(cls)
     return _Spec(frozenset(f.name for f in fields),
                  tuple((f.name, f.metadata["check"], f.default is not dataclasses.MISSING,
-                        f.default is None, f.metadata["check"].accepts()) for f in fields))
+                        f.default is None) for f in fields))
 
 
 _SPECS.update({cls: _spec(cls) for cls in OPS.values()})

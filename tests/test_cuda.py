@@ -9,7 +9,6 @@ tenant processes offloading into memory the daemon owns.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from aqua.ctl import render_status, topology_table
 from aqua.memory import open_handle
 from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol import messages as m
-from aquad.backends import BackendError, make_backend
+from aquad.backends import BackendError, cuda_unavailable, make_backend
 from aquad.backends import discovery as disc
 from aquad.backends.cuda import GRANULE, CudaBackend, CudaSegment
 from aquad.backends.discovery import Discovery, GpuInfo, GpuPolicy, PairInfo
@@ -316,7 +315,7 @@ def test_backend_cuda_without_a_gpu_is_refused_clearly(monkeypatch, tmp_path):
 
 
 def test_aquad_backend_cuda_without_a_gpu_exits_with_one_line(sockdir):
-    if _gpu_missing() is None:
+    if _NO_GPU is None:
         pytest.skip("this machine has a GPU")
     out = subprocess.run([sys.executable, "-m", "aquad", "--socket",
                           os.path.join(sockdir, "c.sock"), "--backend", "cuda"],
@@ -329,7 +328,7 @@ def test_aquad_backend_cuda_without_a_gpu_exits_with_one_line(sockdir):
 def test_a_cuda_handle_without_a_gpu_says_what_is_missing():
     handle = {"kind": "cuda_ipc", "device": 0, "pci_bus_id": "0000:18:00.0",
               "handle": bytes(64), "nbytes": MiB}
-    if _gpu_missing() is None:
+    if _NO_GPU is None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(aqua.AquaError, match="GPU memory"):
         open_handle(handle)
@@ -494,27 +493,17 @@ def test_a_gpu_lease_that_fails_to_unmap_is_never_released(monkeypatch):
 # --- on a GPU -----------------------------------------------------------------------------
 
 
-def _gpu_missing() -> str | None:
-    if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install 'aqua[cuda]')"
-    import cupy
-
-    if not cupy.cuda.is_available():
-        return "no usable CUDA GPU (cupy.cuda.is_available() is False)"
-    count, why = disc.nvml_gpu_count()
-    return why or None if count == 0 else None
-
-
 def _torch_cuda_missing() -> str | None:
     import torch
 
     return None if torch.cuda.is_available() else "this torch build has no CUDA"
 
 
-needs_gpu = pytest.mark.skipif(_gpu_missing() is not None, reason=str(_gpu_missing()))
+_NO_GPU = cuda_unavailable()  # the daemon's own test: NVML, cupy, CUDA
+needs_gpu = pytest.mark.skipif(_NO_GPU is not None, reason=str(_NO_GPU))
 needs_torch_cuda = pytest.mark.skipif(
-    _gpu_missing() is not None or _torch_cuda_missing() is not None,
-    reason=str(_gpu_missing() or _torch_cuda_missing()))
+    _NO_GPU is not None or _torch_cuda_missing() is not None,
+    reason=str(_NO_GPU or _torch_cuda_missing()))
 
 
 def gpu_daemon(start_daemon, *args: str):

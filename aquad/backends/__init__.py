@@ -38,9 +38,12 @@ def make_backend(kind: str, *, socket_path: str, host_devices: tuple[int, int],
     if kind in ("auto", "cuda"):
         why = cuda_unavailable()
         if why is None:
+            import cupy  # noqa: PLC0415 - imported already by cuda_unavailable()
+
             from .cuda import CudaBackend  # noqa: PLC0415 - imports nothing heavy itself
 
-            return CudaBackend.discover(gpu or GpuPolicy(), prefix=prefix)
+            return CudaBackend.discover(gpu or GpuPolicy(), prefix=prefix,
+                                        runtime=cupy.cuda.runtime)
         if kind == "cuda":
             raise BackendError(f"--backend cuda cannot start: {why}; "
                                f"use --backend host (or auto) on a machine without GPUs")

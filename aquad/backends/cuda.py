@@ -78,17 +78,6 @@ class CudaSegment:
                 "handle": self.ipc, "nbytes": self.nbytes}
 
 
-def load_runtime() -> Runtime:
-    """cupy's CUDA runtime, or BackendError saying why there is none."""
-    try:
-        import cupy  # noqa: PLC0415 - optional, and slow to import
-    except ImportError:
-        raise BackendError("the cuda backend needs cupy (pip install 'aqua[cuda]')") from None
-    if not cupy.cuda.is_available():
-        raise BackendError("CUDA has no usable GPU here (no driver, or none visible)")
-    return cupy.cuda.runtime
-
-
 @contextmanager
 def on_device(rt: Runtime, ordinal: int) -> Iterator[None]:
     prev = rt.getDevice()
@@ -122,18 +111,19 @@ class CudaBackend:
         self._watched: dict[int, int | None] = {}  # pid -> pidfd (None: gone or unknown)
 
     @classmethod
-    def discover(cls, policy: GpuPolicy, *, prefix: str,
-                 runtime: Runtime | None = None, found: Discovery | None = None) -> CudaBackend:
-        rt = load_runtime() if runtime is None else runtime
+    def discover(cls, policy: GpuPolicy, *, prefix: str, runtime: Runtime,
+                 found: Discovery | None = None) -> CudaBackend:
+        """`runtime`: cupy.cuda.runtime, once backends.cuda_unavailable() said
+        CUDA can run here."""
         if 0 < policy.host_pinned < GRANULE:
             raise ConfigError(f"host_pinned must be 0 or at least {GRANULE >> 20}MiB")
         try:
-            bus_ids = [rt.deviceGetPCIBusId(i) for i in range(rt.getDeviceCount())]
+            bus_ids = [runtime.deviceGetPCIBusId(i) for i in range(runtime.getDeviceCount())]
             # Contexts first: each takes GPU memory, and capacity is what is
             # free after them. Also keeps context creation off the first lease.
             for ordinal in range(len(bus_ids)):
-                with on_device(rt, ordinal):
-                    rt.free(0)
+                with on_device(runtime, ordinal):
+                    runtime.free(0)
         except Exception as exc:  # CUDARuntimeError
             raise BackendError(f"CUDA cannot start on this machine's GPUs: {exc}") from None
         found = query_nvml() if found is None else found
@@ -149,7 +139,7 @@ class CudaBackend:
         host = HostBackend(1, policy.host_pinned, prefix=prefix, granule=GRANULE) \
             if policy.host_pinned else None
         gpus = {g.index: (ordinals[g.index], g.pci_bus_id) for g in served.gpus}
-        return cls(topology, gpus, runtime=rt, host=host)
+        return cls(topology, gpus, runtime=runtime, host=host)
 
     # --- Backend --------------------------------------------------------------
 
@@ -177,17 +167,17 @@ class CudaBackend:
             raise BackendError(f"no GPU {device} in this backend")
         ordinal, bus_id = self._gpus[device]
         size = -(-nbytes // GRANULE) * GRANULE
-        try:
-            with on_device(self._rt, ordinal):
+        with on_device(self._rt, ordinal):
+            try:
                 ptr = self._rt.malloc(size)
-        except Exception as exc:  # cupy raises CUDARuntimeError, a RuntimeError
-            raise BackendError(f"cannot allocate {size} bytes on GPU {device}: {exc}") from None
-        try:
-            with on_device(self._rt, ordinal):
+            except Exception as exc:  # cupy raises CUDARuntimeError, a RuntimeError
+                raise BackendError(f"cannot allocate {size} bytes on GPU {device}: "
+                                   f"{exc}") from None
+            try:
                 ipc = bytes(self._rt.ipcGetMemHandle(ptr))
-        except Exception as exc:
-            self._free(CudaSegment(device, ordinal, bus_id, ptr, size, nbytes, b"", 0))
-            raise BackendError(f"cannot export GPU {device} memory: {exc}") from None
+            except Exception as exc:
+                self._free(CudaSegment(device, ordinal, bus_id, ptr, size, nbytes, b"", 0))
+                raise BackendError(f"cannot export GPU {device} memory: {exc}") from None
         seg = CudaSegment(device, ordinal, bus_id, ptr, size, nbytes, ipc, owner.pid)
         self._live[ptr] = seg
         return seg

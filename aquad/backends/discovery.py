@@ -13,8 +13,10 @@ CUDA ordinals by PCI bus id.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import ConfigError
 from ..core.topology import Device, Link, Tier, Topology
@@ -178,50 +180,45 @@ def match_ordinals(gpus: Iterable[GpuInfo], cuda_bus_ids: Iterable[str]) -> dict
 # --- NVML ---------------------------------------------------------------------
 
 
-def nvml_gpu_count() -> tuple[int, str]:
-    """(number of GPUs, "") or (0, why none can be used)."""
+@contextmanager
+def _nvml() -> Iterator[Any]:
+    """pynvml, initialised for the block; BackendError saying why not."""
     try:
         import pynvml  # noqa: PLC0415 - nvidia-ml-py is optional
-    except ImportError:
-        return 0, "nvidia-ml-py is not installed (pip install 'aqua[cuda]')"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return 0, f"NVML cannot start ({exc}): no NVIDIA driver?"
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-    except pynvml.NVMLError as exc:
-        return 0, f"NVML cannot count GPUs ({exc})"
-    finally:
-        pynvml.nvmlShutdown()
-    return count, "" if count else "NVML found no GPUs"
-
-
-def query_nvml() -> Discovery:
-    """Read every GPU and every pair from NVML (memory as of now)."""
-    try:
-        import pynvml  # noqa: PLC0415
     except ImportError:
         raise BackendError("the cuda backend needs nvidia-ml-py "
                            "(pip install 'aqua[cuda]')") from None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        raise BackendError(f"NVML cannot start: {exc}") from None
+        raise BackendError(f"NVML cannot start ({exc}): no NVIDIA driver?") from None
     try:
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                   for i in range(pynvml.nvmlDeviceGetCount())]
-        gpus = [_gpu(pynvml, i, h) for i, h in enumerate(handles)]
-        fabric = [_nvlinks(pynvml, h) for h in handles]
-        pairs = []
-        for a in range(len(handles)):
-            for b in range(a + 1, len(handles)):
-                pairs.append(_pair(pynvml, handles, gpus, fabric, a, b))
-        return Discovery(gpus, pairs)
+        yield pynvml
     except pynvml.NVMLError as exc:
         raise BackendError(f"NVML query failed: {exc}") from None
     finally:
         pynvml.nvmlShutdown()
+
+
+def nvml_gpu_count() -> tuple[int, str]:
+    """(number of GPUs, "") or (0, why none can be used)."""
+    try:
+        with _nvml() as nv:
+            count = nv.nvmlDeviceGetCount()
+    except BackendError as exc:
+        return 0, str(exc)
+    return count, "" if count else "NVML found no GPUs"
+
+
+def query_nvml() -> Discovery:
+    """Read every GPU and every pair from NVML (memory as of now)."""
+    with _nvml() as nv:
+        handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(nv.nvmlDeviceGetCount())]
+        gpus = [_gpu(nv, i, h) for i, h in enumerate(handles)]
+        fabric = [_nvlinks(nv, h) for h in handles]
+        pairs = [_pair(nv, handles, gpus, fabric, a, b)
+                 for a in range(len(handles)) for b in range(a + 1, len(handles))]
+        return Discovery(gpus, pairs)
 
 
 def _text(value: str | bytes) -> str:

@@ -37,16 +37,19 @@ class ShmSegment:
         return {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes}
 
 
-def _unlink(path: str) -> None:
-    """Unlink, never raise: a file that cannot go now is left for
-    remove_stale() at the next start, and the rest of the work goes on."""
+def _unlink(path: str) -> bool:
+    """Unlink, never raise; True if this call removed the file. A file that
+    cannot go now is left for remove_stale() at the next start, and the rest
+    of the work goes on."""
     try:
         os.unlink(path)
+        return True
     except FileNotFoundError:
-        pass
+        return False
     except OSError as exc:
         # Its pages stay in /dev/shm while the pool counts them free.
         log.error("cannot remove %s: %s", path, exc.strerror)
+        return False
 
 
 def segment_prefix(socket_path: str) -> str:
@@ -90,15 +93,8 @@ class HostBackend:
     def remove_stale(self) -> int:
         """Delete segments a crashed predecessor on the same socket left."""
         ours = {*self._live, *self._doomed, *self.spares}
-        removed = 0
-        for entry in os.listdir(self._dir):
-            if entry.startswith(self._prefix) and entry not in ours:
-                try:
-                    os.unlink(os.path.join(self._dir, entry))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-        return removed
+        return sum(_unlink(os.path.join(self._dir, entry)) for entry in os.listdir(self._dir)
+                   if entry.startswith(self._prefix) and entry not in ours)
 
     def check_capacity(self) -> str | None:
         st = os.statvfs(self._dir)

@@ -44,7 +44,8 @@ class LeaseIds:
     more than the rest of a grant's bookkeeping."""
 
     BATCH = 256
-    BYTES = 18  # a multiple of 3: each id is whole base64 characters (24)
+    BYTES = 18  # a multiple of 3: each id is whole base64 characters
+    CHARS = BYTES // 3 * 4
 
     def __init__(self) -> None:
         self._text = ""
@@ -54,9 +55,9 @@ class LeaseIds:
         if self._at >= len(self._text):
             self._text = base64.urlsafe_b64encode(os.urandom(self.BYTES * self.BATCH)).decode()
             self._at = 0
-        n = self.BYTES // 3 * 4
-        self._at += n
-        return "L" + self._text[self._at - n:self._at]
+        start = self._at
+        self._at += self.CHARS
+        return "L" + self._text[start:self._at]
 
 
 class Arbiter:

@@ -12,10 +12,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends.cuda import GRANULE
 from ..core.tenants import Peer
 from ..core.topology import Topology
-
-GRANULE = 2 * 2**20  # the cuda backend's 2 MiB allocation granule
 
 
 @dataclass

@@ -12,10 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.discovery import Discovery, GpuInfo, GpuPolicy, PairInfo, build_topology
+from ..backends.discovery import GB, Discovery, GpuInfo, GpuPolicy, PairInfo, build_topology
 from ..core.topology import Link, Tier, Topology
 
-GB = 1e9
 GiB = 2**30
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-GB = 1e9
+from aqua.ctl import table as ctl_table
+
+from .hardware import GB
 
 
 def _f(v: float, digits: int = 3) -> str:
@@ -31,10 +33,7 @@ def table(results: dict[str, dict], baseline: str = "fcfs") -> str:
             _f(tiers.get("host", 0) / GB, 0),
             _f(r["paging_stall_s"], 1), _f(r["recomputed_tokens"] / 1e3, 0),
             f"{r['completed']}/{r['requests']}"))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return ctl_table(head, rows)
 
 
 def long_prompt_table(lp: dict) -> str:

@@ -222,7 +222,7 @@ class Engine:
                 ctx = self._context(r)
                 in_end = max(in_end, fabric.copy(held.device, self.gpu, ctx * self.kv_bytes,
                                                  out_end))
-                if self._keeps(held):
+                if self._keeps(held.tier):
                     held.valid = ctx
                 else:
                     del self.leases[r.id]
@@ -254,10 +254,11 @@ class Engine:
             firsts.append(in_end + self.costs.prefill(done_tokens))
         sim.at(decode_end, self._step_done, (fresh, firsts, decode, decode_end, releases))
 
-    def _keeps(self, held: Held) -> bool:
-        """Does a resumed request keep its lease (incremental swap-out)?"""
+    def _keeps(self, tier: str) -> bool:
+        """Does a resumed request keep a lease on this tier (incremental
+        swap-out)?"""
         mode = self.sim.scenario.incremental
-        return mode == "all" or (mode == "host" and held.tier == "host")
+        return mode == "all" or (mode == "host" and tier == "host")
 
     def _page_out(self, r: Request, now: float) -> float:
         if self.sim.policy == "recompute":
@@ -273,11 +274,10 @@ class Engine:
             start = held.valid - held.valid % BLOCK_TOKENS
             held.valid = ctx
             return self.sim.fabric.copy(self.gpu, held.device, (ctx - start) * self.kv_bytes, now)
-        mode = self.sim.scenario.incremental
-        if held is not None or mode == "all" or (mode == "host" and self._last_tier == "host"):
+        if held is not None or self._keeps(self._last_tier):
             # A lease that will be kept is sized for all the request can
-            # grow to, so it never moves again. In "host" mode only host
-            # leases are kept; where the last lease landed predicts this one.
+            # grow to, so it never moves again. Where the last lease landed
+            # predicts where this one will.
             nbytes = r.reserve * self.kv_bytes
         if held is not None:  # outgrown: start over in a bigger lease
             del self.leases[r.id]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
-from datetime import datetime
 
 from .hardware import GB, GpuSpec
 
@@ -53,17 +51,21 @@ class Costs:
     def decode(self, batch: int, kv_tokens: int) -> float:
         if batch <= 0:
             return 0.0
-        moved = self.model.weight_bytes + kv_tokens * self.model.kv_bytes_per_token
-        memory = moved / (self.gpu.hbm_bw * self.hbm_efficiency)
-        compute = 2 * self.model.params * batch / (self.gpu.peak_flops * self.flops_efficiency)
-        return max(memory, compute)
+        kv = kv_tokens * self.model.kv_bytes_per_token
+        return max(self._stream(self.model.weight_bytes + kv), self._compute(batch))
 
     def prefill(self, tokens: int) -> float:
         if tokens <= 0:
             return 0.0
-        compute = 2 * self.model.params * tokens / (self.gpu.peak_flops * self.flops_efficiency)
-        memory = self.model.weight_bytes / (self.gpu.hbm_bw * self.hbm_efficiency)
-        return max(memory, compute)
+        return max(self._stream(self.model.weight_bytes), self._compute(tokens))
+
+    def _stream(self, nbytes: float) -> float:
+        """Seconds to read `nbytes` from HBM."""
+        return nbytes / (self.gpu.hbm_bw * self.hbm_efficiency)
+
+    def _compute(self, tokens: int) -> float:
+        """Seconds of dense matmul FLOPs for `tokens` tokens."""
+        return 2 * self.model.params * tokens / (self.gpu.peak_flops * self.flops_efficiency)
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,6 @@ class Arrival:
     prompt: int  # tokens
     max_new: int  # tokens to generate
     tenant: int  # index into the scenario's LLM tenants
-
-
-def read_trace(path: str) -> list[tuple[float, int, int]]:
-    """(seconds from the first request, context tokens, generated tokens)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no requests")
-    t0 = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
-    return [((datetime.fromisoformat(r["TIMESTAMP"][:26]) - t0).total_seconds(),
-             int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in rows]
 
 
 def fit(prompt: int, new: int, max_context: int) -> tuple[int, int]:
@@ -113,20 +104,24 @@ def bursty(rows: list[tuple[float, int, int]], *, requests: int, tenants: int,
     trace's requests, so their distribution is real."""
     rng = random.Random(seed)
     out: list[Arrival] = []
+
+    def draw(at: float, spread: float = 0.0) -> Arrival:
+        # The draws in this order, so a seed gives the same workload as ever.
+        _, ctx, gen = rng.choice(rows)
+        prompt, new = fit(ctx, gen, max_context)
+        if spread:
+            at += rng.uniform(0, spread)
+        return Arrival(at, prompt, new, rng.randrange(tenants))
+
     t, next_burst = 0.0, burst_every
     while len(out) < requests:
         t += rng.expovariate(rate) if rate > 0 else burst_every
         while next_burst <= t and len(out) < requests:
             for _ in range(min(burst_size, requests - len(out))):
-                _, ctx, gen = rng.choice(rows)
-                prompt, new = fit(ctx, gen, max_context)
-                out.append(Arrival(next_burst + rng.uniform(0, 0.1), prompt, new,
-                                   rng.randrange(tenants)))
+                out.append(draw(next_burst, 0.1))
             next_burst += burst_every
         if len(out) < requests and rate > 0:
-            _, ctx, gen = rng.choice(rows)
-            prompt, new = fit(ctx, gen, max_context)
-            out.append(Arrival(t, prompt, new, rng.randrange(tenants)))
+            out.append(draw(t))
     out.sort(key=lambda a: a.t)
     return out
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .stats import jain, service_summary, token_rate
+from .trace import read_trace
 
 MODEL_SIZES = {
     # name: (hidden, layers, heads, kv heads); decode costs ~1-6 ms on a CPU core
@@ -79,18 +80,11 @@ def trace_tenants(path: str, requests: int, *, time_scale: float, seed: int = 0,
     """Tenants replaying a real trace: consecutive requests dealt round-robin
     to the tenants, arrival times divided by `time_scale`, prompt lengths
     /10 and output lengths /8 (clamped to what the small models serve)."""
-    import csv  # noqa: PLC0415
-    from datetime import datetime  # noqa: PLC0415
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))[: requests * len(sizes)]
-    t0 = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
     arrivals: list[list[Arrival]] = [[] for _ in sizes]
-    for i, row in enumerate(rows):
-        t = (datetime.fromisoformat(row["TIMESTAMP"][:26]) - t0).total_seconds() / time_scale
-        prompt = min(96, max(4, int(row["ContextTokens"]) // 10))
-        new = min(max_new, max(1, int(row["GeneratedTokens"]) // 8))
-        arrivals[i % len(sizes)].append(Arrival(t, prompt, new))
+    for i, (t, context, generated) in enumerate(read_trace(path, requests * len(sizes))):
+        prompt = min(96, max(4, context // 10))
+        new = min(max_new, max(1, generated // 8))
+        arrivals[i % len(sizes)].append(Arrival(t / time_scale, prompt, new))
     return [TenantSpec(f"llama-{size}", size, arrivals[i], concurrency * (96 + max_new))
             for i, size in enumerate(sizes)]
 

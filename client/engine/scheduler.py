@@ -171,10 +171,11 @@ class PromptScheduler:
             resume.append(r)
         return Plan([], resume, list(self._resident))
 
-    def _starving(self) -> bool:
-        """Is a prompt still waiting for its first token? (Prunes as it goes.)"""
+    def _starving(self) -> list[Request]:
+        """Prompts waiting, not resident, for their first token (pruning the
+        list of those that may lack one as it goes)."""
         self._fresh = [r for r in self._fresh if not r.tokens and r.state != "done"]
-        return any(r.state != "resident" for r in self._fresh)
+        return [r for r in self._fresh if r.state != "resident"]
 
     def offload_full(self) -> None:
         """The engine could not page a request out: offload memory is used
@@ -244,9 +245,7 @@ class PromptScheduler:
                            key=lambda r: (-len(r.tokens), -r.arrival, -r.id))
         evicted: list[Request] = []
         admitted: list[Request] = []
-        self._starving()  # prune the fresh list
-        starving = sorted((r for r in self._fresh if r.state != "resident"),
-                          key=lambda r: (r.arrival, r.id))
+        starving = sorted(self._starving(), key=lambda r: (r.arrival, r.id))
         started = self._started_reserve
         for r in starving:
             if not self._may_start(r, started):

@@ -6,12 +6,11 @@ import math
 from collections.abc import Iterable, Sequence
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of unsorted values; NaN when empty."""
-    if not values:
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of sorted values; NaN when empty."""
+    if not ordered:
         return math.nan
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def jain(values: Sequence[float]) -> float:
@@ -35,11 +34,11 @@ def service_summary(requests: Iterable[tuple[float, Sequence[float]]]) -> dict:
     """Latency, throughput and fairness of requests given as (arrival, token
     times): TTFT = first token - arrival; time between tokens = gaps between a
     request's tokens; throughput = all tokens / (last token - first arrival);
-    Jain over each request's token rate. The raw samples (`ttft_s` sorted,
-    `tbt_s`) come along for plots."""
+    Jain over each request's token rate. The raw samples (`ttft_s`, `tbt_s`,
+    sorted) come along for plots."""
     reqs = list(requests)
     ttft = sorted(times[0] - arrival for arrival, times in reqs if times)
-    tbt = [b - a for _, times in reqs for a, b in zip(times, times[1:])]
+    tbt = sorted(b - a for _, times in reqs for a, b in zip(times, times[1:]))
     tokens = sum(len(times) for _, times in reqs)
     first = min((arrival for arrival, _ in reqs), default=0.0)
     last = max((times[-1] for _, times in reqs if times), default=first)
@@ -50,17 +49,13 @@ def service_summary(requests: Iterable[tuple[float, Sequence[float]]]) -> dict:
         "jain": jain([token_rate(arrival, times) for arrival, times in reqs]),
         "tokens": tokens,
         "makespan_s": last - first,
-        "ttft_quantiles_s": quantiles(ttft),
-        "tbt_quantiles_s": quantiles(tbt),
+        "ttft_quantiles_s": _quantiles(ttft),
+        "tbt_quantiles_s": _quantiles(tbt),
         "ttft_s": ttft,
         "tbt_s": tbt,
     }
 
 
-def quantiles(values: Sequence[float]) -> dict[str, float]:
-    """The QUANTILES of values, keyed 'p10' .. 'p99.9'; {} when empty."""
-    ordered = sorted(values)
-    if not ordered:
-        return {}
-    return {f"p{q * 100:g}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-            for q in QUANTILES}
+def _quantiles(ordered: Sequence[float]) -> dict[str, float]:
+    """The QUANTILES of sorted values, keyed 'p10' .. 'p99.9'; {} when empty."""
+    return {f"p{q * 100:g}": percentile(ordered, q) for q in QUANTILES} if ordered else {}
