@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from .config import (
 )
 from .core.arbiter import Arbiter, Limits
 from .server import Server, StartupError
+from .transport import descriptor_budget
 
 log = logging.getLogger("aquad")
 
@@ -47,6 +49,38 @@ def gpu_policy(config: Config) -> GpuPolicy:
                      host_pinned=parse_amount(config.host_pinned, "host_pinned"))
 
 
+def raise_nofile() -> int:
+    """Raise the soft limit on open files to the hard one (systemd's soft
+    default is 1024) and return it: every connection and tenant pidfd is a
+    descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s",
+                        soft, target, exc)
+    return soft
+
+
+def tenants_that_fit(config: Config) -> int:
+    """max_tenants, lowered if the open-files limit cannot hold that many
+    tenants' descriptors (so the daemon turns tenants away with an error
+    instead of running out of descriptors)."""
+    nofile = raise_nofile()
+    fit = descriptor_budget(nofile, config.max_tenants)
+    if fit < 1:
+        raise StartupError(f"the open-files limit ({nofile}) leaves no room for tenants; "
+                           f"raise it (LimitNOFILE= under systemd, ulimit -n)")
+    if fit < config.max_tenants:
+        log.warning("the open-files limit (%d) holds descriptors for %d tenants, not "
+                    "max_tenants = %d: serving at most %d (raise LimitNOFILE= or ulimit -n)",
+                    nofile, fit, config.max_tenants, fit)
+    return fit
+
+
 def build(config: Config) -> Server:
     backend = make_backend(config.backend, socket_path=config.socket,
                            host_devices=parse_host_devices(config.host_devices),
@@ -55,7 +89,7 @@ def build(config: Config) -> Server:
     if problem:
         raise StartupError(problem)
     limits = Limits(
-        max_tenants=config.max_tenants,
+        max_tenants=tenants_that_fit(config),
         max_leases_per_tenant=config.max_leases_per_tenant,
         heartbeat_interval_s=config.heartbeat_timeout_s / 5,
         heartbeat_timeout_s=config.heartbeat_timeout_s,

@@ -1,12 +1,13 @@
-"""The trio + ZeroMQ shell around the arbiter.
+"""The trio shell around the arbiter: aquad's socket, tasks and timers.
 
-One task owns the ROUTER socket and does every receive and send on it:
-ZeroMQ's FD is edge-triggered and any call on the socket can consume the
-edge, so a second task touching the socket would lose wake-ups. That task
-drains with NOBLOCK and only waits on the fd when ZMQ_EVENTS shows nothing
-pending (waiting first can sleep on a message already queued). Other tasks
-(process-death watchers, the heartbeat reaper) never touch the socket: they
-queue frames in the outbox and cancel the socket task's wait.
+One task (the socket task) does every receive and send, on non-blocking
+sockets under one epoll set (transport.py), and speaks ZMTP itself
+(zmtp.py), so tenants use a plain libzmq DEALER while no peer can choose
+how the daemon names its connection. It drains what is ready, flushes the
+outbox, and parks on the epoll set only when nothing is pending. Other tasks
+(process-death watchers, the heartbeat reaper, the scheduler timer) never
+touch a socket: they queue frames in the outbox and cancel the socket
+task's wait.
 """
 
 from __future__ import annotations
@@ -21,28 +22,28 @@ from collections import deque
 from collections.abc import Iterator
 
 import trio
-import zmq
 
-from aqua.paths import endpoint
 from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol import messages as m
 
 from .busypoll import BusyPoll
 from .core.arbiter import Arbiter
-from .core.tenants import Peer
+from .core.budget import TimeBudget
+from .transport import Conn, ConnLimits, Transport
 
 log = logging.getLogger("aquad")
 
 # Requests after which the scheduler may have news for other tenants.
 _SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye)
-# Plain ints: pyzmq's enum flags cost a microsecond per test on the hot path.
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
 # Deferred backend work (unlinks, closes, spare files) runs when we go idle,
 # and in a streak of back-to-back requests every MAINTAIN_EVERY of them: done
 # after every reply it slows the next request of a tenant on the same core.
 MAINTAIN_EVERY = 8
-FLOOD = 64  # requests in a row after which other tasks get to run
+FLOOD = 64  # passes in a row after which other tasks get to run
+SWEEP_S = 0.5  # how often stalled handshakes and idle peers are looked for
+# Replies queued for peers that do not read, beyond which `status` (the one
+# big reply) is refused until they drain.
+STATUS_QUEUE_LIMIT = 32 * 2**20
 
 
 def _trio_time(monotonic_deadline: float) -> float:
@@ -61,17 +62,6 @@ def _logged(what: str) -> Iterator[None]:
 
 class StartupError(Exception):
     """aquad cannot start; the message tells the operator what to do."""
-
-
-def parse_peer(address: str | None) -> Peer | None:
-    """libzmq reports SO_PEERCRED of an ipc peer as 'host:uid:gid:pid'."""
-    if not address:
-        return None
-    try:
-        _, uid, gid, pid = address.rsplit(":", 3)
-        return Peer(pid=int(pid), uid=int(uid), gid=int(gid))
-    except ValueError:
-        return None
 
 
 class SocketLock:
@@ -111,15 +101,16 @@ class Server:
         self.socket_path = socket_path
         self.socket_group = socket_group
         self.heartbeat_check_s = heartbeat_check_s
-        self.ctx: zmq.Context | None = None
-        self.sock: zmq.Socket | None = None
+        self.transport = Transport(ConnLimits.for_tenants(arbiter.limits.max_tenants),
+                                   on_message=self._on_frames, on_closed=self._on_closed)
+        self.status_budget = TimeBudget(clock=time.monotonic)
+        self._open = False
         self._lock = SocketLock(socket_path)
         self._outbox: deque[tuple[bytes, bytes]] = deque()
         self._wake: trio.CancelScope | None = None
         self._watchers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
-        self._peers: dict[str | None, Peer | None] = {}  # Peer-Address -> parsed
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -145,20 +136,12 @@ class Server:
             except KeyError:
                 self._lock.release()
                 raise StartupError(f"no such group {self.socket_group!r}") from None
-        self.ctx = zmq.Context()
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # know when a peer is gone
-        sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_FRAME_BYTES)
-        # ROUTER_HANDOVER stays off: a second connection claiming a routing id
-        # must not take over the first one's tenant.
         old = os.umask(0o117)  # the socket file is born 0660, no window
         try:
-            sock.bind(endpoint(self.socket_path))
-        except zmq.ZMQError as exc:
-            sock.close()
+            self.transport.listen(self.socket_path)
+        except OSError as exc:
             self._lock.release()
-            raise StartupError(f"cannot bind {self.socket_path}: {exc}") from None
+            raise StartupError(f"cannot bind {self.socket_path}: {exc.strerror}") from None
         finally:
             os.umask(old)
         try:
@@ -166,16 +149,16 @@ class Server:
                 os.chown(self.socket_path, -1, gid)
             os.chmod(self.socket_path, 0o660)
         except OSError as exc:
-            sock.close()
+            self.transport.close()
             os.unlink(self.socket_path)
             self._lock.release()
             raise StartupError(f"cannot set permissions on {self.socket_path}: "
                                f"{exc.strerror}") from None
-        self.sock = sock
+        self._open = True
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then say goodbye and release everything."""
-        assert self.sock is not None, "call open() first"
+        assert self._open, "call open() first"
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -188,17 +171,12 @@ class Server:
 
     def _close(self) -> None:
         conns = self.arbiter.shutdown()
-        sock = self.sock
-        if sock is not None:
-            farewell = m.encode_event("shutdown", {"reason": "aquad is stopping"})
-            for conn in conns:
-                self._send(conn, farewell)
-            # Bounded linger: long enough for the farewells to leave, never a hang.
-            sock.close(linger=250)
-            self.sock = None
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
+        farewell = m.encode_event("shutdown", {"reason": "aquad is stopping"})
+        for conn in conns:
+            # Best effort and never a wait: what does not fit in the peer's
+            # socket buffer now is dropped with the connection.
+            self.transport.send(conn, farewell)
+        self.transport.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -209,26 +187,23 @@ class Server:
     # --- the socket task ------------------------------------------------------
 
     async def _socket_loop(self) -> None:
-        sock = self.sock
-        fd = sock.getsockopt(zmq.FD)
-        events = sock.get
+        transport = self.transport
         clock = time.perf_counter
-        busy = BusyPoll(lambda: bool(events(_EVENTS) & _POLLIN))
+        busy = BusyPoll(transport.pending)
         burst = 0
+        next_sweep = time.monotonic() + SWEEP_S
         while True:
             # Frames other tasks posted go first, in order, every iteration:
             # a stream of requests must not hold back grants or revocations.
             if self._outbox:
                 self._flush()
-            # ZMQ_EVENTS, not a NOBLOCK receive that fails: an exception per
-            # idle transition costs more than the query, on the latency path.
-            if events(_EVENTS) & _POLLIN:
-                self._receive()
+            if transport.run_once():
                 burst += 1
                 if burst % MAINTAIN_EVERY == 0:
                     self.arbiter.maintain()
                 if burst % FLOOD == 0:  # under a flood: let other tasks run
                     await trio.lowlevel.checkpoint()
+                    next_sweep = self._maybe_sweep(next_sweep)
                 continue
             if self._outbox:
                 continue
@@ -236,15 +211,24 @@ class Server:
                 continue
             burst = 0
             self.arbiter.maintain()  # going idle: now the deferred syscalls
+            next_sweep = self._maybe_sweep(next_sweep)
             parked = clock()
-            with trio.CancelScope() as self._wake:
-                await trio.lowlevel.wait_readable(fd)
+            with trio.CancelScope(deadline=_trio_time(next_sweep)) as self._wake:
+                await trio.lowlevel.wait_readable(transport.fileno())
             self._wake = None
             busy.parked(clock() - parked)
 
+    def _maybe_sweep(self, next_sweep: float) -> float:
+        now = time.monotonic()
+        if now < next_sweep:
+            return next_sweep
+        with _logged("the connection sweep"):
+            self.transport.sweep()
+        return now + SWEEP_S
+
     def _flush(self) -> None:
         while self._outbox:
-            self._send(*self._outbox.popleft())
+            self.transport.send(*self._outbox.popleft())
 
     def post(self, conn: bytes, frame: bytes) -> None:
         """Queue a frame for a connection from any task; wakes the socket task."""
@@ -252,64 +236,37 @@ class Server:
         if self._wake is not None:
             self._wake.cancel()
 
-    def _send(self, conn: bytes, frame: bytes) -> None:
-        try:
-            self.sock.send(conn, _SNDMORE | _NOBLOCK)
-            self.sock.send(frame, _NOBLOCK)
-        except zmq.ZMQError as exc:
-            # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading.
-            # Either way the daemon must not block or die for it.
-            log.debug("dropped a frame for a peer (%s)", exc)
-
-    def _receive(self) -> None:
-        """Receive and answer one request (ZMQ_EVENTS said one is pending)."""
-        sock = self.sock
-        try:
-            conn = sock.recv(_NOBLOCK)
-        except zmq.Again:
-            return
-        # ZeroMQ delivers whole messages: every frame is already here. The
-        # routing id comes as bytes; the rest as Frames, for their properties
-        # (a Frame costs more than copying a few bytes, so only where needed).
-        parts = []
-        while sock.get(_RCVMORE):
-            parts.append(sock.recv(_NOBLOCK, copy=False))
-        # The credentials come from the kernel with every message (a routing
-        # id can be claimed again by another process once its socket closes).
-        address = parts[-1].get("Peer-Address") if parts else None
-        peer = self._peers.get(address)
-        if peer is None:
-            peer = parse_peer(address)
-            if len(self._peers) >= 4096:
-                self._peers.clear()
-            self._peers[address] = peer
-        if len(parts) != 1:
-            self._send(conn, m.encode_error(ProtocolError(
+    def _on_frames(self, conn: Conn, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self.transport.send(conn.id, m.encode_error(ProtocolError(
                 ErrorCode.BAD_REQUEST, "a request is exactly one frame")))
         else:
-            self._on_message(conn, peer, parts[0].bytes)
+            self._on_message(conn, frames[0])
 
-    def _on_message(self, conn: bytes, peer: Peer | None, payload: bytes) -> None:
+    def _on_message(self, conn: Conn, payload: bytes) -> None:
         rid = None
         tenant = None
+        peer = conn.peer
         try:
             request = m.decode_request(payload)
             rid = request.id
-            if peer is None:
-                raise ProtocolError(ErrorCode.PERMISSION_DENIED,
-                                    "peer credentials unavailable; connect over ipc://")
-            if isinstance(request.args, m.Bye):
-                tenant = self.arbiter.tenants.by_conn(conn)
-            result = self.arbiter.handle(conn, peer, request)
-            reply = m.encode_result(request.id, result)
-            if isinstance(request.args, m.Hello):
-                self._on_registered(conn)
-            elif tenant is not None:
-                log.info("tenant %s (%s, pid %d) left", tenant.id, tenant.name, peer.pid)
-                self._forget_watchers()
-            if isinstance(request.args, _SCHEDULING_OPS):
-                self._dispatch()
-                self._flush()  # the next holder's grant goes out before this reply
+            if isinstance(request.args, m.Status):
+                reply = self._status(conn, request)
+            else:
+                if isinstance(request.args, m.Bye):
+                    tenant = self.arbiter.tenants.by_conn(conn.id)
+                result = self.arbiter.handle(conn.id, peer, request)
+                reply = m.encode_result(request.id, result)
+                if isinstance(request.args, m.Hello):
+                    conn.tenant = True
+                    self._on_registered(conn.id)
+                elif tenant is not None:
+                    conn.tenant = False
+                    log.info("tenant %s (%s, pid %d) left", tenant.id, tenant.name, peer.pid)
+                    self._forget_watchers()
+                if isinstance(request.args, _SCHEDULING_OPS):
+                    self._dispatch()
+                    self._flush()  # the next holder's grant goes out before this reply
         except ProtocolError as exc:
             if exc.request_id is None:
                 exc.request_id = rid
@@ -318,7 +275,41 @@ class Server:
             log.exception("internal error handling a request")
             reply = m.encode_error(ProtocolError(
                 ErrorCode.INTERNAL, "internal error; see the aquad log", request_id=rid))
-        self._send(conn, reply)
+        self.transport.send(conn.id, reply)
+
+    def _status(self, conn: Conn, request: m.Request) -> bytes:
+        """`status` within its budgets: of the daemon's time per uid and in
+        all, and of the replies left unread (it is the one big reply)."""
+        wait = self.status_budget.retry_after(conn.peer.uid)
+        if wait > 0:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"status is rate-limited for uid {conn.peer.uid}: retry in {wait:.2f} s",
+                details={"retry_after_s": round(wait, 3)})
+        if self.transport.queued_bytes > STATUS_QUEUE_LIMIT:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{self.transport.queued_bytes} bytes of replies are unread by their "
+                f"peers; status is refused until they drain",
+                details={"retry_after_s": 0.1})
+        started = time.perf_counter()
+        try:
+            result = self.arbiter.handle(conn.id, conn.peer, request)
+            return m.encode_result(request.id, result)
+        finally:
+            self.status_budget.charge(conn.peer.uid, time.perf_counter() - started)
+
+    def _on_closed(self, conn: Conn, why: str) -> None:
+        """A connection went away. A tenant is its connection: one whose
+        connection closed (its process closed it or died, or it stopped
+        reading) is dropped now rather than at its heartbeat timeout."""
+        tenant = self.arbiter.tenants.by_conn(conn.id) if conn.tenant else None
+        if tenant is None:
+            log.debug("connection of pid %d closed: %s", conn.peer.pid, why)
+            return
+        # Its process may live on and still map its leases (Backend.quarantine).
+        self.arbiter.backend.quarantine(tenant.peer)
+        self._drop(tenant.id, f"lost its connection ({why})")
 
     # --- scheduler events and time ------------------------------------------
 

@@ -397,18 +397,22 @@ def test_release_of_an_aliased_lease_goes_out_once_unmapped(monkeypatch, daemon)
 
 def test_closing_with_a_still_mapped_gpu_lease_says_no_bye(monkeypatch, daemon):
     # A bye would free memory this process still maps; the daemon must learn
-    # of the departure from its liveness checks instead.
+    # of the departure from the connection's end instead, and quarantine
+    # (free only once the process exits) what the tenant held.
     import aqua.client as client_module
 
     mapping = LingeringMapping()
     monkeypatch.setattr(client_module, "open_handle", lambda handle, populate: mapping)
     client = aqua.connect("lingering", 0, socket=daemon.socket)
     client.lease(MiB)
+    sent = []
+    encode = aqua.protocol.encode_request
+    monkeypatch.setattr(aqua.protocol, "encode_request",
+                        lambda rid, op: sent.append(op.op) or encode(rid, op))
     client.close()
-    status = daemon.status()
-    assert len(status["leases"]) == 1 and len(status["tenants"]) == 1
-    # Heartbeats stopped: dropped after the timeout (2 s in these tests).
-    assert wait_until(lambda: daemon.status()["tenants"] == [], timeout=8)
+    assert "bye" not in sent
+    assert wait_until(lambda: daemon.status()["tenants"] == [], timeout=2)
+    assert "lost its connection" in daemon.log()
 
 
 class FakeCupy:
