@@ -285,7 +285,7 @@ class Server:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
                 f"status is rate-limited for uid {conn.peer.uid}: retry in {wait:.2f} s",
-                details={"retry_after_s": round(wait, 3)})
+                details={"retry_after_s": max(0.001, round(wait, 3))})
         if self.transport.queued_bytes > STATUS_QUEUE_LIMIT:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,

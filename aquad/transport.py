@@ -7,9 +7,12 @@ the credentials the kernel reported at connect time (SO_PEERCRED), and
 speaks ZMTP through `zmtp.Connection`.
 
 What any socket user can make the daemon hold or spend is bounded here:
-- connections: at most `max_connections` in all and `max_per_uid` per uid;
-  one more is told why (an error frame) and closed, and descriptor
-  exhaustion (EMFILE) turns a connection away instead of failing;
+- connections: at most `max_connections` in all and `max_per_uid` per uid.
+  One more is let in on one of REFUSAL_SLOTS, answered its first request
+  with `limit_exceeded` saying why, and closed (libzmq drops what arrives
+  before its own first send, so the answer must wait for a request); with
+  no slot free it is closed at once. Descriptor exhaustion (EMFILE) turns
+  a connection away instead of failing;
 - a peer that does not finish its handshake in HANDSHAKE_S, or sits
   unregistered and silent for IDLE_S, is closed;
 - a peer's unread replies: while anything is queued for it, nothing more is
@@ -45,6 +48,8 @@ HANDSHAKE_S = 5.0
 IDLE_S = 60.0
 MAX_QUEUED = 4 * 2**20  # bytes queued for one peer: beyond one status reply
 BATCH = 16
+REFUSAL_SLOTS = 32
+REFUSAL_S = 2.0  # how long a refused connection may take to send its request
 RECV_BYTES = 64 * 1024
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
@@ -52,8 +57,9 @@ _ERR = select.EPOLLERR | select.EPOLLHUP
 # Descriptors the daemon needs besides connections and pidfds: stdio, the
 # lock, epoll sets (ours and trio's), the reserve, log files, spare and
 # just-granted segment files (host backend: 16 spares, up to 2 x 8 granted
-# between maintain() calls), NVML/CUDA device files on GPU hosts.
-FD_RESERVE = 128
+# between maintain() calls), NVML/CUDA device files on GPU hosts; and the
+# connections being refused.
+FD_RESERVE = 128 + REFUSAL_SLOTS
 
 
 @dataclass(slots=True)
@@ -66,6 +72,8 @@ class Conn:
     opened_at: float
     last_active: float
     tenant: bool = False  # registered (set by the server after hello)
+    refusal: str = ""  # why it is turned away: answered so, then closed
+    closing: bool = False  # close once `out` is flushed
     out: bytearray = field(default_factory=bytearray)
     inbox: deque[list[bytes]] = field(default_factory=deque)
     mask: int = _IN
@@ -115,7 +123,8 @@ class Transport:
         self._ids = itertools.count(1)
         self.queued_bytes = 0  # in every conn's `out`
         self._reserve: int | None = None
-        self._emfile_logged = 0.0
+        self._warned_at = -1e9
+        self._refusing = 0
         self.turned_away = 0
 
     # --- lifecycle ------------------------------------------------------------
@@ -200,7 +209,10 @@ class Transport:
         """Close handshakes that stall and unregistered peers gone quiet."""
         now = self._clock()
         for conn in list(self.conns.values()):
-            if conn.proto.state is not zmtp.State.READY:
+            if conn.refusal:
+                if now - conn.opened_at > REFUSAL_S:
+                    self._close(conn, conn.refusal)
+            elif conn.proto.state is not zmtp.State.READY:
                 if now - conn.opened_at > HANDSHAKE_S:
                     self._close(conn, f"no handshake within {HANDSHAKE_S:g} s")
             elif not conn.tenant and now - conn.last_active > IDLE_S:
@@ -230,12 +242,9 @@ class Transport:
     def _shed_one(self, exc: OSError) -> None:
         """Out of descriptors: accept with the reserve's slot and close, so
         the peer is told (EOF) instead of waiting in the backlog forever."""
-        now = self._clock()
-        if now - self._emfile_logged > 10:
-            self._emfile_logged = now
-            log.warning("out of file descriptors (%s): turning connections away; "
-                        "raise LimitNOFILE or lower max_tenants", exc.strerror)
         self.turned_away += 1
+        self._warn_rarely(f"out of file descriptors ({exc.strerror}): turning connections "
+                          f"away; raise LimitNOFILE or lower max_tenants")
         if self._reserve is None:
             return
         os.close(self._reserve)
@@ -250,6 +259,13 @@ class Transport:
         except OSError:
             pass  # tried again at the next shed
 
+    def _warn_rarely(self, message: str) -> None:
+        """At most one warning per 10 s: an attack must not flood the log."""
+        now = self._clock()
+        if now - self._warned_at > 10:
+            self._warned_at = now
+            log.warning("%s", message)
+
     def _admit(self, sock: socket.socket) -> None:
         try:
             peer = peer_credentials(sock)
@@ -260,21 +276,20 @@ class Transport:
         why = self._over_budget(peer)
         if why is not None:
             self.turned_away += 1
-            log.info("turned away a connection of uid %d (pid %d): %s",
-                     peer.uid, peer.pid, why)
-            refusal = m.encode_error(ProtocolError(ErrorCode.LIMIT_EXCEEDED, why))
-            try:
-                sock.send(zmtp.HELLO + zmtp.frame(refusal))
-            except OSError:
-                pass
-            sock.close()
-            return
+            self._warn_rarely(f"turning connections away ({self.turned_away} so far), "
+                              f"the latest of uid {peer.uid} (pid {peer.pid}): {why}")
+            if self._refusing >= REFUSAL_SLOTS:
+                sock.close()
+                return
+            self._refusing += 1
         now = self._clock()
         conn = Conn(struct.pack(">Q", next(self._ids)), sock, sock.fileno(), peer,
-                    zmtp.Connection(max_message=m.HARD_MAX_FRAME_BYTES), now, now)
+                    zmtp.Connection(max_message=m.HARD_MAX_FRAME_BYTES), now, now,
+                    refusal=why or "")
         self.conns[conn.id] = conn
         self._by_fd[conn.fd] = conn
-        self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+        if not why:
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
         self._ep.register(conn.fd, _IN)
         self._enqueue(conn, zmtp.HELLO)
 
@@ -313,6 +328,14 @@ class Transport:
 
     def _handle_inbox(self, conn: Conn) -> None:
         inbox = conn.inbox
+        if conn.refusal:
+            # No id: the client takes an unnumbered error as the answer to
+            # its request in flight.
+            inbox.clear()
+            self._enqueue(conn, zmtp.frame(m.encode_error(
+                ProtocolError(ErrorCode.LIMIT_EXCEEDED, conn.refusal))))
+            self._close_when_flushed(conn)
+            return
         for _ in range(BATCH):
             if not inbox or conn.out or conn.id not in self.conns:
                 break
@@ -353,9 +376,20 @@ class Transport:
         del conn.out[:sent]
         self.queued_bytes -= sent
         if not conn.out:
+            if conn.closing:
+                self._close(conn, conn.refusal or "closed after its last reply")
+                return
             self._want(conn, _IN)
             if conn.inbox:
                 self._backlog.append(conn)
+
+    def _close_when_flushed(self, conn: Conn) -> None:
+        if conn.id not in self.conns:
+            return
+        if conn.out:
+            conn.closing = True
+        else:
+            self._close(conn, conn.refusal)
 
     def _want(self, conn: Conn, mask: int) -> None:
         if conn.mask != mask:
@@ -372,11 +406,14 @@ class Transport:
         if self.conns.pop(conn.id, None) is None:
             return False
         del self._by_fd[conn.fd]
-        left = self._per_uid[conn.peer.uid] - 1
-        if left:
-            self._per_uid[conn.peer.uid] = left
+        if conn.refusal:
+            self._refusing -= 1
         else:
-            del self._per_uid[conn.peer.uid]
+            left = self._per_uid[conn.peer.uid] - 1
+            if left:
+                self._per_uid[conn.peer.uid] = left
+            else:
+                del self._per_uid[conn.peer.uid]
         self.queued_bytes -= len(conn.out)
         conn.out.clear()
         conn.inbox.clear()

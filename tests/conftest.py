@@ -31,16 +31,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 class Daemon:
     """A real aquad subprocess on a private socket."""
 
-    def __init__(self, socket: str, args: list[str]) -> None:
+    def __init__(self, socket: str, args: list[str], prefix: list[str] = ()) -> None:
         self.socket = socket
         self.args = args
+        self.prefix = list(prefix)  # e.g. prlimit, to run aquad under limits
         self.proc: subprocess.Popen | None = None
         self.log_path = socket + ".log"
 
     def start(self) -> Daemon:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aquad", "--socket", self.socket, *self.args],
+            [*self.prefix, sys.executable, "-m", "aquad", "--socket", self.socket, *self.args],
             stdout=self._log, stderr=subprocess.STDOUT)
 
         try:
@@ -96,11 +97,12 @@ def sockdir() -> Iterator[str]:
 def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(*args: str, name: str = "aquad.sock", defaults: bool = True) -> Daemon:
+    def start(*args: str, name: str = "aquad.sock", defaults: bool = True,
+              prefix: list[str] = ()) -> Daemon:
         # --backend host: `auto` would pick the cuda backend on a GPU machine.
         base = ["--backend", "host", "--host-devices", "2x64MiB",
                 "--heartbeat-timeout", "2"] if defaults else []
-        daemon = Daemon(os.path.join(sockdir, name), [*base, *args]).start()
+        daemon = Daemon(os.path.join(sockdir, name), [*base, *args], prefix).start()
         started.append(daemon)
         return daemon
 
