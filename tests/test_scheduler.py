@@ -775,13 +775,82 @@ def test_remove_holder_frees_devices_and_grants_next():
     assert {(a.tenant, a.devices) for a in acts} == {("a", (0,)), ("b", (1,))}
     assert all(isinstance(a, Grant) for a in acts)
     assert s.holder == {0: "a", 1: "b"} and "g" not in s.runners
-    assert s.device_time[0]["g"] == pytest.approx(0.03)
+    assert all("g" not in per for per in s.device_time.values())
+    assert s.departed_time == {0: pytest.approx(0.03), 1: pytest.approx(0.03)}
     assert s.remove("g") == [] and s.remove("nobody") == []
     # Removing a waiter needs no grants.
     s.add("c", [0])
     s.want("c")
     assert s.remove("c") == []
     assert s.next_deadline() is None
+
+
+def _structure_sizes(s: Scheduler) -> dict[str, int]:
+    """Sizes of everything the scheduler keeps, tenant by tenant or device by device."""
+    return {"runners": len(s.runners), "holder": len(s.holder), "floor": len(s.floor),
+            "device_time": sum(len(per) for per in s.device_time.values()) + len(s.device_time),
+            "departed_time": len(s.departed_time)}
+
+
+def test_remove_forgets_everything_about_the_tenant():
+    clock = FakeClock()
+    s = Scheduler([0, 1], clock=clock, quantum=0.1, grace=0.5)
+    s.add("stay", [0])
+    s.add("gone", [0, 1])
+    s.want("gone")
+    s.want("stay")
+    clock.now = 0.1
+    (p,) = s.tick()
+    clock.now = 0.15
+    s.yield_("gone", p.slice)  # held both devices for 0.15 s, now waits
+    clock.now = 0.4
+    s.remove("gone")
+    assert "gone" not in s.runners
+    assert all("gone" not in per for per in s.device_time.values())
+    assert "gone" not in s.holder.values()
+    assert all(v["tenant"] != "gone" for d in s.view() for v in d["tenants"])
+    # Its time stays in each device's denominator, as one sum per device.
+    assert s.departed_time == {0: pytest.approx(0.15), 1: pytest.approx(0.15)}
+    (row,) = s.view()[0]["tenants"]
+    assert row["held_s"] == pytest.approx(0.25) and row["share"] == pytest.approx(0.25 / 0.4)
+
+
+def test_tenants_coming_and_going_leave_the_structures_the_same_size():
+    """10k hello/turn/bye cycles against a resident tenant: the scheduler's
+    structures and view() do not grow with the tenants that have left."""
+    import tracemalloc
+
+    clock = FakeClock()
+    s = Scheduler([0, 1], clock=clock, quantum=0.01, grace=0.05)
+    s.add("resident", [0, 1])
+    s.want("resident")
+
+    def cycle(i: int) -> None:
+        name = f"t{i}"
+        s.add(name, [i % 2])
+        s.want(name)
+        clock.now += 0.01
+        for a in s.tick():
+            if isinstance(a, Preempt):
+                s.yield_(a.tenant, a.slice)
+        clock.now += 0.002
+        s.done(name)
+        s.remove(name)
+
+    for i in range(100):  # warm up free lists and dict sizes
+        cycle(i)
+    sizes = _structure_sizes(s)
+    view_rows = sum(len(d["tenants"]) for d in s.view())
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(100, 10_100):
+        cycle(i)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert _structure_sizes(s) == sizes
+    assert sum(len(d["tenants"]) for d in s.view()) == view_rows
+    assert grown < 64 << 10, grown  # before the fix: ~1 MB for 10k tenants
+    assert sum(s.departed_time.values()) > 0
 
 
 def test_done_by_waiter_leaves_queue():

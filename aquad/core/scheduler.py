@@ -101,8 +101,11 @@ class Scheduler:
         self.floor: dict[int, float] = {d: 0.0 for d in self.devices}
         self._seq = itertools.count(1)
         self._slices = itertools.count(1)
-        # Per device, per tenant: seconds held there (for the time-share view).
+        # Per device, per present tenant: seconds held there (for the time-share
+        # view); what departed tenants held is one sum per device, so memory
+        # and view() cost follow the tenants present, not all that ever came.
         self.device_time: dict[int, dict[str, float]] = {d: {} for d in self.devices}
+        self.departed_time: dict[int, float] = {d: 0.0 for d in self.devices}
 
     # --- tenant lifecycle -----------------------------------------------------
 
@@ -122,6 +125,8 @@ class Scheduler:
             return []
         if runner.state == "holding":
             self._release(runner)
+        for d in self.devices:
+            self.departed_time[d] += self.device_time[d].pop(tenant, 0.0)
         return self._schedule()
 
     # --- requests from tenants ------------------------------------------------
@@ -339,7 +344,7 @@ class Scheduler:
             if holder is not None:
                 r = self.runners[holder]
                 times[holder] = times.get(holder, 0.0) + (now - r.granted_at)
-            total = sum(times.values())
+            total = sum(times.values()) + self.departed_time[d]
             tenants = []
             for r in self.runners.values():
                 if d not in r.home:
