@@ -77,6 +77,8 @@ class Runner:
     preempt_deadline: float | None = None
     strikes: int = 0
     revocations: int = 0
+    # Set when a slice is revoked, cleared at the next grant (the sit-out).
+    sit_out_until: float | None = None
     held: float = 0.0  # total seconds holding
     grants: int = 0
     waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
@@ -101,8 +103,11 @@ class Scheduler:
         self.floor: dict[int, float] = {d: 0.0 for d in self.devices}
         self._seq = itertools.count(1)
         self._slices = itertools.count(1)
-        # Per device, per tenant: seconds held there (for the time-share view).
+        # Per device, per present tenant: seconds held there (for the time-share
+        # view); what departed tenants held is one sum per device, so memory
+        # and view() cost follow the tenants present, not all that ever came.
         self.device_time: dict[int, dict[str, float]] = {d: {} for d in self.devices}
+        self.departed_time: dict[int, float] = {d: 0.0 for d in self.devices}
 
     # --- tenant lifecycle -----------------------------------------------------
 
@@ -122,6 +127,8 @@ class Scheduler:
             return []
         if runner.state == "holding":
             self._release(runner)
+        for d in self.devices:
+            self.departed_time[d] += self.device_time[d].pop(tenant, 0.0)
         return self._schedule()
 
     # --- requests from tenants ------------------------------------------------
@@ -165,9 +172,11 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When tick() next has something to do (None: nothing until a request)."""
         now = self._clock()
-        eligible = {r.id: self._eligible_at(r, now)
+        blocked = self._blocked(now)
+        eligible = {r.id: self._eligible_at(r, now, blocked)
                     for r in self.runners.values() if r.state == "waiting"}
-        times = []
+        # A sit-out that ends while its devices stand free needs a tick of its own.
+        times = [t for t in blocked.values() if t < math.inf]
         for runner in self.runners.values():
             if runner.state != "holding":
                 continue
@@ -190,15 +199,18 @@ class Scheduler:
     def _enqueue(self, runner: Runner, *, rejoin: bool = True) -> None:
         now = self._clock()
         if rejoin:
-            # Back from idle: no banked credit. Re-enter no earlier than the
-            # devices' floor, which includes the holders' progress so far (as
-            # CFS's min_vruntime does). A holder yielding to a preemption was
-            # never idle and keeps its vruntime.
-            floor = max(self._advance_floor(d, now) for d in runner.devices)
-            runner.vruntime = max(runner.vruntime, floor)
+            # Back from idle: no banked credit. A holder yielding to a
+            # preemption was never idle and keeps its vruntime.
+            self._rejoin(runner, now)
         runner.state = "waiting"
         runner.seq = next(self._seq)
         runner.waiting_since = self._clock()
+
+    def _rejoin(self, runner: Runner, now: float) -> None:
+        """Re-enter no earlier than the devices' floor, which includes the
+        holders' progress so far (as CFS's min_vruntime does)."""
+        floor = max(self._advance_floor(d, now) for d in runner.devices)
+        runner.vruntime = max(runner.vruntime, floor)
 
     def _timely(self, runner: Runner) -> None:
         if runner.preempt_deadline is not None and self._clock() <= runner.preempt_deadline:
@@ -222,30 +234,69 @@ class Scheduler:
 
     def _waiting_devices(self, now: float) -> set[int]:
         """Devices that an eligible waiter wants."""
+        blocked = self._blocked(now)
         out: set[int] = set()
         for runner in self.runners.values():
-            if runner.state == "waiting" and self._eligible_at(runner, now) <= now:
+            if runner.state == "waiting" and self._eligible_at(runner, now, blocked) <= now:
                 out.update(runner.devices)
         return out
 
-    def _eligible_at(self, waiter: Runner, now: float) -> float:
+    def _blocked(self, now: float) -> dict[str, float]:
+        """Revoked tenants that may not be granted now, each with the earliest
+        time it may be (inf: not before the tenants it waits behind are
+        granted, which only a scheduler call can do). A revoked tenant is not
+        granted before its sit-out ends, nor while a tenant that began
+        waiting by then still waits for one of its devices. Tenants sitting
+        out themselves do not hold others back: two would wait on each other
+        for ever."""
+        first: dict[int, float] = {}  # per device, since when its longest such waiter waits
+        revoked = []
+        for r in self.runners.values():
+            if r.state != "waiting":
+                continue
+            if r.sit_out_until is not None:
+                revoked.append(r)
+                continue
+            for d in r.devices:
+                first[d] = min(first.get(d, r.waiting_since), r.waiting_since)
+        blocked: dict[str, float] = {}
+        for r in revoked:
+            if any(first.get(d, math.inf) <= r.sit_out_until for d in r.devices):
+                blocked[r.id] = math.inf
+            elif now < r.sit_out_until:
+                blocked[r.id] = r.sit_out_until
+        return blocked
+
+    def _caused_wait(self, runner: Runner, now: float) -> float:
+        """Seconds that the tenants now waiting for `runner`'s devices have
+        waited during its current slice, summed: the length of its sit-out."""
+        return sum(now - max(runner.granted_at, r.waiting_since)
+                   for r in self.runners.values()
+                   if r.state == "waiting" and not set(r.devices).isdisjoint(runner.devices))
+
+    def _eligible_at(self, waiter: Runner, now: float, blocked: dict[str, float]) -> float:
         """When `waiter` is within one quantum of the least vruntime on one of
-        its devices (now, if it already is; inf if only other waiters, whose
-        vruntimes do not move, can change that)."""
+        its devices and not blocked (now, if it already is; inf if only other
+        waiters, whose vruntimes do not move, can change that). Blocked
+        tenants are left out of the comparison, as idle ones are."""
+        start = blocked.get(waiter.id, now)
+        if start == math.inf:
+            return start
         target = waiter.vruntime - self.quantum - _EPS
         best = math.inf
         for d in waiter.devices:
-            at = now
+            at = start
             for r in self.runners.values():
-                if r is waiter or r.state == "idle" or d not in r.devices:
+                if (r is waiter or r.state == "idle" or d not in r.devices
+                        or r.id in blocked):
                     continue
-                v = self._running_vruntime(r, now)
+                v = self._running_vruntime(r, start)
                 if v >= target:
                     continue
                 if r.state != "holding":
                     at = math.inf
                     break
-                at = max(at, now + (target - v) * r.weight + _EPS)
+                at = max(at, start + (target - v) * r.weight + _EPS)
             best = min(best, at)
         return best
 
@@ -257,6 +308,7 @@ class Scheduler:
             if (runner.state == "holding" and runner.preempt_deadline is not None
                     and now >= runner.preempt_deadline):
                 slice_id = runner.slice
+                runner.sit_out_until = now + self._caused_wait(runner, now)
                 self._release(runner)
                 runner.strikes = min(runner.strikes + 1, self.max_strikes)
                 runner.revocations += 1
@@ -264,11 +316,19 @@ class Scheduler:
                                       f"did not yield within {self.grace:g} s"))
         # 2. Grant in fair order, reserving devices for whoever cannot start yet.
         waiting = self._queue(now)
+        blocked = self._blocked(now)
         reserved: set[int] = set()
         for runner in waiting:
+            if runner.id in blocked:
+                continue  # reserves nothing: it comes after every other waiter
             if any(d in reserved or self.holder[d] is not None for d in runner.devices):
                 reserved.update(runner.devices)
                 continue
+            if runner.sit_out_until is not None:
+                # Sitting out banks no credit, as idling does not: the others
+                # held the device meanwhile, and vruntime would pay that back.
+                self._rejoin(runner, now)
+                runner.sit_out_until = None
             quantum = self._quantum_for(runner)
             runner.state = "holding"
             runner.slice = next(self._slices)
@@ -305,23 +365,28 @@ class Scheduler:
             return []
         # Eligibility is per device: vruntimes on different devices grow on
         # different scales, and a gang tenant is compared on each of its own.
+        blocked = self._blocked(now)
         least: dict[int, float] = {}
         for r in self.runners.values():
-            if r.state != "idle":
+            if r.state != "idle" and r.id not in blocked:
                 v = self._running_vruntime(r, now)
                 for d in r.devices:
                     least[d] = min(least.get(d, v), v)
 
         def key(r: Runner) -> tuple:
+            if r.id in blocked:
+                return (2, r.seq, 0.0)  # last, whatever its vruntime
             eligible = r.vruntime <= max(least[d] for d in r.devices) + self.quantum + _EPS
             return (0, r.seq, 0.0) if eligible else (1, 0, r.vruntime)
 
         return sorted(waiting, key=key)
 
     def _advance_floor(self, device: int, now: float) -> float:
-        """Least vruntime among tenants active on `device`; never decreases."""
+        """Least vruntime among tenants active on `device`; never decreases.
+        A revoked tenant counts only once it is granted again: else its
+        overrun would raise the floor that the others come back at."""
         active = [self._running_vruntime(r, now) for r in self.runners.values()
-                  if r.state != "idle" and device in r.devices]
+                  if r.state != "idle" and r.sit_out_until is None and device in r.devices]
         if active:
             self.floor[device] = max(self.floor[device], min(active))
         return self.floor[device]
@@ -339,7 +404,7 @@ class Scheduler:
             if holder is not None:
                 r = self.runners[holder]
                 times[holder] = times.get(holder, 0.0) + (now - r.granted_at)
-            total = sum(times.values())
+            total = sum(times.values()) + self.departed_time[d]
             tenants = []
             for r in self.runners.values():
                 if d not in r.home:
