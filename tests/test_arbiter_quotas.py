@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from aqua.ctl import quotas_table, render_status
 from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol.messages import Bye, Hello, Lease, Release
 from aquad.core.arbiter import Limits
@@ -265,3 +266,21 @@ def test_random_workloads_never_exceed_a_quota(tmp_path_factory, script):
         {"uid": CAROL, "quota": "quota.uid.2003",
          "limit": {"tenants": 3, "leases": 3, "bytes": CAP},
          "used": {"tenants": 0, "leases": 0, "bytes": 0}}]
+
+
+def test_aquactl_draws_use_against_each_quota(w):
+    hello(w, A1, ALICE)
+    lease(w, A1, ALICE, 3 * G)
+    status = w.arb.status()
+    lines = quotas_table(status).splitlines()
+    assert lines[0].split() == ["QUOTA", "FOR", "FROM", "TENANTS", "LEASES", "BYTES"]
+    assert " ".join(lines[2].split()) == (f"uid {ALICE} quota.default 1 / 2 1 / 3 "
+                                          f"192.0 KiB / 512.0 KiB")
+    assert " ".join(lines[3].split()) == (f"uid {CAROL} quota.uid.2003 0 / 3 0 / 3 "
+                                          f"0 B / 1.0 MiB")
+    assert " ".join(lines[4].split()) == (f"group {TEAM} quota.group.team 1 / 3 1 / none "
+                                          f"192.0 KiB / 768.0 KiB")
+    assert " ".join(lines[5].split()) == "other uids quota.default - / 2 - / 3 - / 512.0 KiB"
+    assert "QUOTA FOR" in render_status(status)
+    # A daemon from before quotas: no table, no error.
+    assert quotas_table({k: v for k, v in status.items() if k != "quotas"}) == ""
