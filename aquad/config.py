@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import grp
+import pwd
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 from aqua.paths import resolve_socket
+from aqua.protocol.messages import MAX_WEIGHT, MIN_WEIGHT, NAME_RE
+
+from .core.quotas import DEFAULT_QUOTA, Quota, QuotaPolicy, Share
+from .core.weights import WeightPolicy
 
 _UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+_PERCENT_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
 
 
 class ConfigError(ValueError):
@@ -81,6 +90,147 @@ def parse_host_devices(text: str) -> tuple[int, int]:
     return n, parse_size(size)
 
 
+def _table(value: object, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table, got {value!r}")
+    return value
+
+
+def _only(table: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = set(table) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(allowed)}")
+
+
+def _count(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _share(value: object, where: str) -> Share | None:
+    """'50%' -> Share(50); None if `value` is not a percentage."""
+    match = _PERCENT_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    percent = float(match.group(1))
+    if not 0 < percent <= 100:
+        raise ConfigError(f"{where} must be a percentage in (0, 100], got {value!r}")
+    return Share(percent)
+
+
+def _quota_bytes(value: object, where: str) -> int | Share:
+    share = _share(value, where)
+    if share is not None:
+        return share
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}, or a percentage of the capacity, "
+                          f"e.g. 50%") from None
+
+
+def _quota_tenants(value: object, where: str) -> int | Share:
+    share = _share(value, where)
+    return share if share is not None else _count(value, where)
+
+
+def _quota(table: object, name: str, base: Quota) -> Quota:
+    """One [quota.*] table; what it leaves out comes from `base`."""
+    table = _table(table, f"[{name}]")
+    _only(table, ("bytes", "leases", "tenants"), f"[{name}]")
+    given = {}
+    if "bytes" in table:
+        given["bytes"] = _quota_bytes(table["bytes"], f"{name}.bytes")
+    if "leases" in table:
+        given["leases"] = _count(table["leases"], f"{name}.leases")
+    if "tenants" in table:
+        given["tenants"] = _quota_tenants(table["tenants"], f"{name}.tenants")
+    return dataclasses.replace(base, name=name, **given)
+
+
+def _user_id(key: str, where: str) -> int:
+    """A uid, or the uid of a user name."""
+    if key.isascii() and key.isdigit():
+        return int(key)
+    try:
+        return pwd.getpwnam(key).pw_uid
+    except KeyError:
+        raise ConfigError(f"{where}.{key}: no user named {key!r} (write a uid or "
+                          f"a user name)") from None
+
+
+def _group_id(key: str, where: str) -> int:
+    """A gid, or the gid of a group name."""
+    if key.isascii() and key.isdigit():
+        return int(key)
+    try:
+        return grp.getgrnam(key).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}.{key}: no group named {key!r} (write a gid or "
+                          f"a group name)") from None
+
+
+def _by_id(table: object, where: str, to_id: Callable[[str, str], int],
+           value: Callable[[object, str], object]) -> dict:
+    """{uid or gid: value} from a table keyed by ids or names."""
+    out: dict = {}
+    for key, entry in _table(table, where).items():
+        ident = to_id(key, where)
+        if ident in out:
+            raise ConfigError(f"{where} names {ident} twice ({key!r} is one of them)")
+        out[ident] = value(entry, f"{where}.{key}")
+    return out
+
+
+def parse_quotas(table: dict) -> QuotaPolicy:
+    """The [quota] tables: default, uid.<uid or user>, group.<gid or group>.
+
+    A uid's table overrides what it names of [quota.default]. A group's limits
+    what its members hold together (by their primary gid); what it leaves out
+    is not limited for the group, each member keeping its uid's quota."""
+    _only(table, ("default", "uid", "group"), "[quota]")
+    default = _quota(table.get("default", {}), "quota.default", DEFAULT_QUOTA)
+    uids = _by_id(table.get("uid", {}), "quota.uid", _user_id,
+                  lambda entry, name: _quota(entry, name, default))
+    groups = _by_id(table.get("group", {}), "quota.group", _group_id,
+                    lambda entry, name: _quota(entry, name, Quota()))
+    return QuotaPolicy(default, uids, groups)
+
+
+def _weight(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not MIN_WEIGHT <= value <= MAX_WEIGHT:
+        raise ConfigError(f"{where} must be a number in {MIN_WEIGHT:g}..{MAX_WEIGHT:g}, "
+                          f"got {value!r}")
+    return float(value)
+
+
+def _tenant_name(key: str, where: str) -> str:
+    if not NAME_RE.fullmatch(key):
+        raise ConfigError(f"{where}.{key}: not a tenant name ({NAME_RE.pattern})")
+    return key
+
+
+def parse_weights(table: dict) -> WeightPolicy:
+    """The [weights] table: default, uid.<uid or user>, tenant.<name>."""
+    _only(table, ("default", "uid", "tenant"), "[weights]")
+    default = _weight(table.get("default", WeightPolicy.default), "weights.default")
+    uids = _by_id(table.get("uid", {}), "weights.uid", _user_id, _weight)
+    tenants = _by_id(table.get("tenant", {}), "weights.tenant", _tenant_name, _weight)
+    highest = max([default, *uids.values()])
+    for name, weight in tenants.items():
+        # A name only lowers its uid's weight (tenants choose their names), so
+        # an entry at or above every uid's weight would silently do nothing.
+        if weight >= highest:
+            raise ConfigError(
+                f"weights.tenant.{name} = {weight:g} would never apply: a tenant name "
+                f"only lowers the weight of the uid that runs it, and no uid has a weight "
+                f"above {highest:g}; give that uid the weight (weights.uid.<uid>)")
+    return WeightPolicy(default, uids, tenants)
+
+
 @dataclass
 class Config:
     socket: str = ""
@@ -98,6 +248,9 @@ class Config:
     max_tenants: int = 1024
     max_leases_per_tenant: int = 4096
     log_level: str = "info"
+    # The [quota] and [weights] tables as read (parse_quotas, parse_weights).
+    quota: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
 
     def validate(self) -> Config:
         self.socket = resolve_socket(self.socket or None)
@@ -117,7 +270,12 @@ class Config:
             raise ConfigError("max_tenants and max_leases_per_tenant must be >= 1")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        parse_quotas(self.quota)
+        parse_weights(self.weights)
         return self
+
+
+_TABLES = ("quota", "weights")  # top-level tables of the config beside [aquad]
 
 
 def load_toml(path: str) -> dict:
@@ -128,9 +286,21 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    section = data.get("aquad", data)
-    known = {f.name: f.type for f in fields(Config)}
-    unknown = set(section) - set(known)
+    if "aquad" in data:
+        # Beside [aquad], only the policy tables, which live at the top level.
+        section, outside = data["aquad"], {k: v for k, v in data.items() if k != "aquad"}
+        misplaced = sorted(set(section) & set(_TABLES))
+        if misplaced:
+            raise ConfigError(f"config {path}: [aquad.{misplaced[0]}] belongs at the top "
+                              f"level, as [{misplaced[0]}...]")
+        strays = sorted(set(outside) - set(_TABLES))
+        if strays:
+            raise ConfigError(f"config {path}: {', '.join(strays)} outside [aquad]; only the "
+                              f"{' and '.join(f'[{t}]' for t in _TABLES)} tables go there")
+        section = {**section, **outside}
+    else:
+        section = data
+    unknown = set(section) - {f.name for f in fields(Config)}
     if unknown:
         raise ConfigError(f"config {path}: unknown key(s) {', '.join(sorted(unknown))}")
     return section
@@ -140,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aquad", description="aqua daemon: leases spare GPU/host memory to tenants.")
     p.add_argument("--config", metavar="FILE", help="TOML file (keys as the long flags, "
-                   "with underscores, optionally under an [aquad] table)")
+                   "with underscores, optionally under an [aquad] table; quotas and GPU-time "
+                   "weights in [quota.*] and [weights] tables: see systemd/aquad.toml)")
     p.add_argument("--socket", metavar="PATH",
                    help="socket path (default: $AQUA_SOCKET, else /run/aqua/aquad.sock as "
                         "root or $XDG_RUNTIME_DIR/aqua/aquad.sock)")

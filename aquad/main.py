@@ -21,6 +21,8 @@ from .config import (
     parse_amount,
     parse_gpu_reserve,
     parse_host_devices,
+    parse_quotas,
+    parse_weights,
 )
 from .core.arbiter import Arbiter, Limits
 from .server import Server, StartupError
@@ -95,6 +97,8 @@ def build(config: Config) -> Server:
         heartbeat_timeout_s=config.heartbeat_timeout_s,
         quantum_s=config.quantum_ms / 1000,
         grace_s=config.grace_ms / 1000,
+        quotas=parse_quotas(config.quota),
+        weights=parse_weights(config.weights),
     )
     arbiter = Arbiter(backend, clock=time.monotonic, limits=limits)
     server = Server(arbiter, config.socket, socket_group=config.socket_group,

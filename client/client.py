@@ -209,11 +209,12 @@ class Client:
     """A registered tenant. Make one with `aqua.connect()`."""
 
     def __init__(self, tenant: str, devices: Iterable[int], *, socket: str | None = None,
-                 weight: float = 1.0, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self._conn = Connection(socket, timeout=timeout)
         try:
+            # None: the operator's weight for this tenant; a weight may ask for less.
             hello = self._conn.request(p.Hello(tenant=tenant, devices=list(devices),
-                                               weight=float(weight)))
+                                               weight=None if weight is None else float(weight)))
         except BaseException:
             self._conn.close()
             raise
@@ -529,7 +530,7 @@ class Lease:
 
 
 def connect(tenant: str, device: int | Iterable[int] = 0, *, socket: str | None = None,
-            weight: float = 1.0, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
+            weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
     """Register with aquad as `tenant` computing on `device` (an id or a list)."""
     devices = [device] if isinstance(device, int) else list(device)
     return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import protocol as p
 from .client import Connection
@@ -83,6 +83,24 @@ def slices_table(status: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _use(used: int | None, limit: int | None, show: Callable[[int], str] = str) -> str:
+    return f"{'-' if used is None else show(used)} / {'none' if limit is None else show(limit)}"
+
+
+def quotas_table(status: dict) -> str:
+    """Use / limit per uid and per group, and the limits of every other uid."""
+    quotas = status.get("quotas")  # absent from a daemon without quotas
+    if quotas is None:
+        return ""
+    rows = [(f"uid {q['uid']}", q) for q in quotas["uids"]] + \
+        [(f"group {q['gid']}", q) for q in quotas["groups"]] + \
+        [("other uids", {"quota": "quota.default", "limit": quotas["default"], "used": {}})]
+    return table(["QUOTA FOR", "FROM", "TENANTS", "LEASES", "BYTES"], [
+        [who, q["quota"], _use(q["used"].get("tenants"), q["limit"]["tenants"]),
+         _use(q["used"].get("leases"), q["limit"]["leases"]),
+         _use(q["used"].get("bytes"), q["limit"]["bytes"], human_bytes)] for who, q in rows])
+
+
 def link_label(link: dict | None) -> str:
     """nvidia-smi topo -m style: NV<n> NVLink, PEER PCIe peer-to-peer, HOST."""
     if link is None or link["tier"] == "host":
@@ -114,7 +132,7 @@ def render_status(status: dict) -> str:
             f"up {d['uptime_s']:.0f}s, {len(status['tenants'])} tenant(s), "
             f"{len(status['leases'])} lease(s)")
     parts = [head, devices_table(status), topology_table(status), tenants_table(status),
-             leases_table(status)]
+             quotas_table(status), leases_table(status)]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -125,6 +143,7 @@ VIEWS = {
     "devices": (devices_table, "devices"),
     "slices": (slices_table, "slices"),
     "topology": (lambda s: topology_table(s) or "no GPUs, so no links", "links"),
+    "quotas": (lambda s: quotas_table(s) or "aquad has no quotas", "quotas"),
 }
 
 

@@ -39,6 +39,9 @@ HARD_MAX_FRAME_BYTES = 1024 * 1024
 MAX_REQUEST_ID = 2**63 - 1
 MAX_DEVICE_ID = 1023
 MAX_LEASE_BYTES = 2**50  # 1 PiB: far beyond any device, still a sane int
+# Bounded: shares are relative, and a weight near zero would push virtual
+# runtimes (and the device floors other tenants re-enter at) to infinity.
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 LEASE_ID_RE = re.compile(r"L[A-Za-z0-9_-]{8,64}")
@@ -150,10 +153,10 @@ class Hello(Op):
                       doc="tenant name shown to operators (model name, say)")
     devices: list = arg(Check(list, min_len=1, max_len=64, item=DEVICE),
                         doc="home device ids the tenant computes on")
-    # Bounded: shares are relative, and a weight near zero would push virtual
-    # runtimes (and the device floors other tenants re-enter at) to infinity.
-    weight: float = arg(Check(float, min=0.01, max=100.0), default=1.0,
-                        doc="share of GPU time relative to other tenants")
+    weight: float | None = arg(
+        Check(float, min=MIN_WEIGHT, max=MAX_WEIGHT), default=None,
+        doc="share of GPU time relative to other tenants; the operator's weight for this "
+            "tenant caps it, and is what an absent weight gets")
 
 
 @operation

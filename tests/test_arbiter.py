@@ -32,6 +32,7 @@ from aqua.protocol.messages import (
 )
 from aquad.backends.host import HostBackend
 from aquad.core.arbiter import Arbiter, LeaseIds, Limits
+from aquad.core.quotas import UNLIMITED
 from aquad.core.tenants import Peer
 
 G = 64 * 1024  # HostBackend's default granule
@@ -52,11 +53,16 @@ def fake_clock(start: float = 1000.0):
     return clock, advance
 
 
+# Every tenant here has one uid: quotas would cut the placement tests short.
+# Quotas have their own tests (test_arbiter_quotas.py).
+OPEN = Limits(quotas=UNLIMITED)
+
+
 class World:
     """An Arbiter over a HostBackend in `shm_dir`, with a fake clock."""
 
     def __init__(self, shm_dir: Path, *, count: int = 2, capacity: int = CAP,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = OPEN) -> None:
         self.dir = shm_dir
         self.prefix = f"aqua-{secrets.token_hex(5)}-"
         self.backend = HostBackend(count, capacity, prefix=self.prefix, granule=G,
@@ -116,6 +122,17 @@ class World:
         assert sum(d["leased_bytes"] for d in s["devices"]) == sum(
             t["leased_bytes"] for t in s["tenants"])
         assert sum(d["leases"] for d in s["devices"]) == len(s["leases"]) == len(leases)
+        # Quota use is counted on grant and free; a scan must agree.
+        for row in s["quotas"]["uids"]:
+            assert row["used"] == self.usage([t for t in arb.tenants if t.peer.uid == row["uid"]])
+        assert {r["uid"] for r in s["quotas"]["uids"]} >= {t.peer.uid for t in arb.tenants}
+        for row in s["quotas"]["groups"]:
+            assert row["used"] == self.usage([t for t in arb.tenants if t.peer.gid == row["gid"]])
+
+    def usage(self, tenants: list) -> dict:
+        leases = [self.arb.leases.owned(lid, t.id) for t in tenants for lid in t.leases]
+        return {"tenants": len(tenants), "leases": len(leases),
+                "bytes": sum(l.charged for l in leases)}
 
 
 def _pid_of(conn: bytes) -> int:
@@ -372,7 +389,7 @@ def test_max_leases_per_tenant(tmp_path):
 
 
 def test_max_tenants(tmp_path):
-    world = World(tmp_path, limits=Limits(max_tenants=2))
+    world = World(tmp_path, limits=Limits(max_tenants=2, quotas=UNLIMITED))
     world.hello(A)
     world.hello(B)
     world.refused(ErrorCode.LIMIT_EXCEEDED, C, Hello(tenant="c", devices=[0]))

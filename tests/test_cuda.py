@@ -28,7 +28,8 @@ from aquad.backends import discovery as disc
 from aquad.backends.cuda import GRANULE, CudaBackend, CudaSegment
 from aquad.backends.discovery import Discovery, GpuInfo, GpuPolicy, PairInfo
 from aquad.backends.host import HostBackend
-from aquad.core.arbiter import Arbiter
+from aquad.core.arbiter import Arbiter, Limits
+from aquad.core.quotas import UNLIMITED
 from aquad.core.tenants import Peer
 
 from .conftest import wait_until
@@ -111,7 +112,8 @@ class World:
             backend._host = HostBackend(1, policy.host_pinned, prefix="aqua-0123456789-",
                                         granule=GRANULE, shm_dir=str(tmp_path))
         self.backend = backend
-        self.arb = Arbiter(backend, clock=lambda: self.now)
+        # One uid fills both GPUs here: placement, not quotas, is under test.
+        self.arb = Arbiter(backend, clock=lambda: self.now, limits=Limits(quotas=UNLIMITED))
 
     def call(self, conn: bytes, op: m.Op, peer: Peer = ME) -> dict:
         return self.arb.handle(conn, peer, m.Request(1, op))

@@ -23,8 +23,10 @@ from ..backends.base import Backend, BackendError
 from .allocator import GranuleAllocator
 from .leases import LeaseRecord, LeaseTable
 from .placer import Placer, tier_of
+from .quotas import QuotaPolicy, Quotas
 from .scheduler import Action, Grant, Preempt, Scheduler
 from .tenants import Peer, Tenant, TenantRegistry
+from .weights import WeightPolicy
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Limits:
     heartbeat_timeout_s: float = 5.0
     quantum_s: float = 0.1  # GPU time slice before a holder may be preempted
     grace_s: float = 1.0  # time a preempted holder has to page out and yield
+    quotas: QuotaPolicy = QuotaPolicy()  # per uid and per group
+    weights: WeightPolicy = WeightPolicy()  # GPU-time weights, per uid and tenant name
 
 
 class LeaseIds:
@@ -80,6 +84,8 @@ class Arbiter:
                                    quantum=limits.quantum_s, grace=limits.grace_s)
         self._events: list[tuple[bytes, str, dict]] = []
         self.leases = LeaseTable()
+        self.quotas = Quotas(limits.quotas, max_tenants=limits.max_tenants,
+                             capacity=sum(p.capacity for p in self.pools.values()))
         self.limits = limits
         self._clock = clock
         self._new_id = new_id or LeaseIds()
@@ -126,6 +132,7 @@ class Arbiter:
         if tenant is not None:
             for lease_id in list(tenant.leases):
                 self._free(tenant, lease_id)
+            self.quotas.charge(tenant.peer, tenants=-1)
             self._emit(self.scheduler.remove(tenant_id))
         return tenant
 
@@ -178,13 +185,17 @@ class Arbiter:
         why = self.backend.check_owner(peer)
         if why:
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, why)
+        self._check_quota(peer, tenants=1)
+        weight = self.limits.weights.grant(peer.uid, args.tenant, args.weight)
         tenant = self.tenants.add(args.tenant, conn, peer, tuple(args.devices),
-                                  args.weight, self._clock())
+                                  weight, self._clock())
+        self.quotas.charge(peer, tenants=1)
         self.scheduler.add(tenant.id, tenant.devices, tenant.weight)
         return {
             "tenant_id": tenant.id,
             "protocol": m.PROTOCOL_VERSION,
             "backend": self.backend.name,
+            "weight": tenant.weight,
             "heartbeat_interval_s": self.limits.heartbeat_interval_s,
             "heartbeat_timeout_s": self.limits.heartbeat_timeout_s,
             "devices": [self._device_status(d.id) for d in self.topology.devices],
@@ -221,11 +232,13 @@ class Arbiter:
                 details={"requested_bytes": args.nbytes, "largest_free_bytes": largest,
                          "total_free_bytes": total})
         pool = self.pools[device]
+        self._check_quota(tenant.peer, leases=1, nbytes=pool.round_up(args.nbytes))
         try:
             segment = self.backend.create(device, args.nbytes, tenant.peer)
         except BackendError as exc:
             raise ProtocolError(ErrorCode.OUT_OF_MEMORY, str(exc)) from None
         charged = pool.allocate(args.nbytes)
+        self.quotas.charge(tenant.peer, leases=1, nbytes=charged)
         lease = LeaseRecord(self._new_id(), tenant.id, device, args.nbytes, charged,
                             tier_of(self.topology, near, device), segment, self._clock())
         self.leases.add(lease)
@@ -314,11 +327,18 @@ class Arbiter:
                                 f"tenant {tenant.id} holds no lease {lease_id}")
         return lease
 
+    def _check_quota(self, peer: Peer, **wanted: int) -> None:
+        refusal = self.quotas.refusal(peer, **wanted)
+        if refusal is not None:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, refusal.message,
+                                details=refusal.details)
+
     def _free(self, tenant: Tenant, lease_id: str) -> None:
         lease = self.leases.pop(lease_id)
         tenant.leases.discard(lease_id)
         self.backend.destroy(lease.segment)
         self.pools[lease.device].free_bytes(lease.charged)
+        self.quotas.charge(tenant.peer, leases=-1, nbytes=-lease.charged)
 
     @staticmethod
     def _lease_reply(lease: LeaseRecord) -> dict:
@@ -349,6 +369,7 @@ class Arbiter:
                         for d in self.topology.devices],
             "tenants": [
                 {"id": t.id, "name": t.name, "pid": t.peer.pid, "uid": t.peer.uid,
+                 "gid": t.peer.gid,
                  "devices": list(t.devices), "weight": t.weight,
                  "leased_bytes": per_tenant.get(t.id, 0), "leases": len(t.leases),
                  "connected_s": round(now - t.registered_at, 3),
@@ -367,4 +388,5 @@ class Arbiter:
                  "bandwidth_gbps": round(link.bandwidth / 1e9, 3), "nvlinks": link.nvlinks}
                 for (a, b), link in sorted(self.topology.links.items())
             ],
+            "quotas": self.quotas.view(),
         }

@@ -41,6 +41,7 @@ from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol import messages as m
 
 from ..core.arbiter import Arbiter, Limits
+from ..core.quotas import UNLIMITED
 from ..core.tenants import Peer
 from .backend import SimBackend
 from .fabric import Fabric
@@ -334,7 +335,9 @@ class Simulation:
             SimBackend(self.server.topology(spare)), clock=lambda: self.now,
             limits=Limits(max_tenants=len(scenario.tenants), max_leases_per_tenant=1 << 30,
                           heartbeat_timeout_s=math.inf, quantum_s=scenario.quantum_s,
-                          grace_s=scenario.grace_s))
+                          grace_s=scenario.grace_s,
+                          # One operator's server: its engines share one uid.
+                          quotas=UNLIMITED))
         self.fabric = Fabric(self.server, clock=lambda: self.now)
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = itertools.count()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..client import Client, Lease
-from ..errors import OutOfMemory
+from ..errors import LimitExceeded, OutOfMemory
 from .scheduler import Plan, PromptScheduler, Request
 
 
@@ -39,7 +39,7 @@ class LeaseKV:
             if lease is not None:
                 del self._leases[rid]
                 lease.release()
-            lease = self.client.lease(total)  # OutOfMemory: nothing held for rid
+            lease = self.client.lease(total)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
         flat = lease.tensor()
         offset = 0
@@ -114,10 +114,11 @@ class Engine:
             cache = self._caches.pop(r.id)
             try:
                 self.kv.save(r.id, cache)
-            except OutOfMemory:
-                # No offload memory anywhere: drop the cache and recompute it
-                # on resume, and tell the scheduler to start no more prompts
-                # than fit (the simulator showed what happens otherwise).
+            except (OutOfMemory, LimitExceeded):
+                # No offload memory anywhere, or none this tenant may take (a
+                # quota, the lease limit): drop the cache and recompute it on
+                # resume, and tell the scheduler to start no more prompts than
+                # fit (the simulator showed what happens otherwise).
                 self.kv.drop(r.id)
                 self._dropped.add(r.id)
                 self.scheduler.offload_full()
