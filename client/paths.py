@@ -7,6 +7,7 @@ Order: an explicit path, then $AQUA_SOCKET, then the default, which is
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 ENV_SOCKET = "AQUA_SOCKET"
@@ -28,3 +29,11 @@ def resolve_socket(path: str | None = None) -> str:
 
 def endpoint(path: str) -> str:
     return f"ipc://{path}"
+
+
+def segment_prefix(socket_path: str) -> str:
+    """The name prefix of a daemon's shared-memory segments: aquad names its
+    segments with it (a restarted daemon finds its own leftovers, two daemons
+    never collide) and tenants map no segment without it."""
+    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:10]
+    return f"aqua-{digest}-"
