@@ -1,4 +1,4 @@
-"""A hostile local user: an impostor daemon for tenants.
+"""A hostile local user: an impostor daemon for tenants, planted files for aquad.
 
 The attacker is uid 65534; the victim tenant runs as uid 1000, for which
 nothing exists on disk. Both are real processes on real sockets.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket as pysocket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 import aqua
-from aqua.client import check_socket
+from aqua.client import check_socket, wait_for_daemon
 from aqua.memory import SHM_DIR, open_handle
 from aqua.paths import segment_prefix
 
@@ -286,3 +287,65 @@ def test_a_hard_linked_segment_is_refused():
         for leftover in (path, second):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+# --- aquad's side: planted files and open directories ----------------------------
+
+
+def aquad_refuses(socket: str) -> str:
+    """Run aquad on `socket`; it must exit 1 at once. Its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", socket,
+                             "--backend", "host", "--host-devices", "1x16MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        raise AssertionError(f"aquad started on {socket}:\n{err}") from None
+    assert proc.returncode == 1, err
+    return err
+
+
+@pytest.mark.parametrize("plant, words", [(os.symlink, "is a symlink"),
+                                          (os.link, "has 2 links")])
+def test_aquad_does_not_write_through_a_planted_lock(sockdir, plant, words):
+    precious = os.path.join(sockdir, "precious")
+    with open(precious, "w") as f:
+        f.write("root's own data\n")
+    socket = os.path.join(sockdir, "aquad.sock")
+    plant(precious, socket + ".lock")
+    err = aquad_refuses(socket)
+    assert socket + ".lock" in err and words in err
+    with open(precious) as f:
+        assert f.read() == "root's own data\n"
+    assert not os.path.lexists(socket)
+
+
+@pytest.mark.parametrize("owner, mode, words", [
+    (0, 0o777, "writable by group or others (mode 0777"),
+    (0, 0o1777, "writable by group or others (mode 1777"),
+    (ATTACKER, 0o755, f"owned by uid {ATTACKER} (mode 0755)"),
+])
+def test_aquad_refuses_a_socket_directory_others_control(sockdir, owner, mode, words):
+    directory = os.path.join(sockdir, "run")
+    os.mkdir(directory)
+    os.chown(directory, owner, owner)
+    os.chmod(directory, mode)
+    err = aquad_refuses(os.path.join(directory, "aquad.sock"))
+    assert directory in err and words in err
+    assert os.listdir(directory) == []  # no lock, no socket made in it
+
+
+def test_aquad_makes_a_missing_socket_directory_0755(sockdir):
+    socket = os.path.join(sockdir, "new", "aquad.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", socket, "--backend",
+                             "host", "--host-devices", "1x16MiB"], stderr=subprocess.PIPE)
+    try:
+        wait_for_daemon(socket, proc)
+        st = os.lstat(os.path.dirname(socket))
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
+        assert st.st_uid == os.geteuid()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
