@@ -13,7 +13,6 @@ task's wait.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import grp
 import logging
 import os
@@ -29,6 +28,7 @@ from aqua.protocol import messages as m
 from .busypoll import BusyPoll
 from .core.arbiter import Arbiter
 from .core.budget import TimeBudget
+from .rundir import SocketLock, StartupError, prepare_directory
 from .transport import Conn, ConnLimits, Transport
 
 log = logging.getLogger("aquad")
@@ -60,38 +60,6 @@ def _logged(what: str) -> Iterator[None]:
         log.exception("internal error in %s", what)
 
 
-class StartupError(Exception):
-    """aquad cannot start; the message tells the operator what to do."""
-
-
-class SocketLock:
-    """An flock next to the socket: bind() silently replaces an existing
-    socket file, so without it a second daemon would steal the first's clients."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.path = socket_path + ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StartupError(
-                f"another aquad (pid {holder}) is already serving this socket; "
-                f"stop it first or pass a different --socket") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        # The lock file stays: unlinking it would let a newcomer lock a fresh
-        # inode while a slow starter still holds the old one.
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class Server:
@@ -116,17 +84,8 @@ class Server:
 
     def open(self) -> None:
         """Lock, bind and set permissions. Synchronous: fails before serving."""
-        directory = os.path.dirname(self.socket_path)
-        try:
-            if not os.path.isdir(directory):
-                os.makedirs(directory)
-                os.chmod(directory, 0o755)  # tenants of other users must reach the socket
-        except OSError as exc:
-            raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
-        try:
-            self._lock.acquire()
-        except PermissionError:
-            raise StartupError(f"no permission to create {self._lock.path}") from None
+        prepare_directory(self.socket_path)  # refuses one others can write to
+        self._lock.acquire()
         if os.path.lexists(self.socket_path):
             os.unlink(self.socket_path)  # a dead predecessor's; we hold the lock
         gid = -1
@@ -146,8 +105,8 @@ class Server:
             os.umask(old)
         try:
             if gid != -1:
-                os.chown(self.socket_path, -1, gid)
-            os.chmod(self.socket_path, 0o660)
+                # By path, as bind() made it: safe in the checked directory (rundir.py).
+                os.chown(self.socket_path, -1, gid, follow_symlinks=False)
         except OSError as exc:
             self.transport.close()
             os.unlink(self.socket_path)

@@ -31,6 +31,7 @@ from .errors import (
     TurnTimeout,
     UnknownOp,
     UnsupportedVersion,
+    UntrustedDaemon,
 )
 from .paths import resolve_socket
 
@@ -50,5 +51,6 @@ __all__ = [
     "DaemonNotResponding", "DaemonNotRunning", "DaemonUnavailable", "FrameTooLarge",
     "InternalError", "Lease", "TensorPager", "TurnState", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
     "OutOfMemory", "PermissionDenied", "ShuttingDown", "TurnTimeout", "UnknownOp", "UnsupportedVersion",
+    "UntrustedDaemon",
     "connect", "resolve_socket",
 ]

@@ -14,6 +14,7 @@ import logging
 import os
 import socket as pysocket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -33,34 +34,69 @@ from .errors import (
     PermissionDenied,
     ShuttingDown,
     TurnTimeout,
+    UntrustedDaemon,
     error_for,
 )
 from .memory import open_handle
-from .paths import endpoint, resolve_socket
+from .paths import directory_problem, endpoint, resolve_socket, segment_prefix
 
 log = logging.getLogger("aqua")
 
 DEFAULT_TIMEOUT_S = 10.0
+ENV_DAEMON_UID = "AQUA_DAEMON_UID"
+
+
+def trusted_uids() -> frozenset[int]:
+    """Who may run the daemon and own its socket's directory: root, this
+    user, and the uid in $AQUA_DAEMON_UID (for an aquad run as a service user)."""
+    uids = {0, os.geteuid()}
+    extra = os.environ.get(ENV_DAEMON_UID, "").strip()
+    if extra:
+        if not extra.isdecimal():
+            raise UntrustedDaemon(f"${ENV_DAEMON_UID} must be a numeric uid, not {extra!r}")
+        uids.add(int(extra))
+    return frozenset(uids)
+
+
+def _who(trusted: frozenset[int]) -> str:
+    return "uid " + " or ".join(str(uid) for uid in sorted(trusted))
+
+
+def _not_running(path: str) -> DaemonNotRunning:
+    return DaemonNotRunning(
+        f"aquad is not running: no socket at {path} (start aquad, or point "
+        f"AQUA_SOCKET / --socket at the right path)")
 
 
 def check_socket(path: str) -> None:
-    """Say what is wrong before ZeroMQ can hide it: a connect refused by file
-    permissions or a socket with no listener fails silently in ZeroMQ."""
+    """Refuse a daemon this user cannot trust before anything is sent to it,
+    and say what is wrong before ZeroMQ can hide it (a connect refused by file
+    permissions or a socket with no listener fails silently in ZeroMQ).
+
+    The probe's verdict carries over to the connection ZeroMQ makes next,
+    and to its reconnects after a daemon restart, only because the directory
+    is checked first: where no one outside the trusted uids can write the
+    socket's directory or rename anything above it, no one else can put
+    another socket at `path` in between."""
+    trusted = trusted_uids()
+    _check_directory(path, trusted)
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
-        raise DaemonNotRunning(
-            f"aquad is not running: no socket at {path} (start aquad, or point "
-            f"AQUA_SOCKET / --socket at the right path)") from None
+        raise _not_running(path) from None
     except PermissionError:
         raise PermissionDenied(
             f"no permission to reach {path}: ask for membership in the socket's group",
             code="permission_denied") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise DaemonNotRunning(f"{path} is a symlink; point AQUA_SOCKET / --socket at the "
+                               f"socket itself ({os.path.realpath(path)})")
     if not stat.S_ISSOCK(st.st_mode):
         raise DaemonNotRunning(f"{path} exists but is not a socket")
     probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
     try:
         probe.connect(path)
+        _check_daemon(probe, path, trusted)
     except PermissionError:
         raise PermissionDenied(
             f"no permission to connect to {path} (mode {stat.S_IMODE(st.st_mode):o}, "
@@ -71,6 +107,37 @@ def check_socket(path: str) -> None:
             f"aquad is not running: {path} is a stale socket nobody listens on") from None
     finally:
         probe.close()
+
+
+def _check_directory(path: str, trusted: frozenset[int]) -> None:
+    try:
+        problem = directory_problem(os.path.dirname(path), trusted)
+    except FileNotFoundError:
+        raise _not_running(path) from None
+    except PermissionError:
+        raise PermissionDenied(f"no permission to reach {os.path.dirname(path)}",
+                               code="permission_denied") from None
+    if problem:
+        raise UntrustedDaemon(
+            f"refusing {path}: {problem}. The socket's directory and every one above it "
+            f"must be owned by {_who(trusted)} and writable by their owner only (sticky "
+            f"ones like /tmp may sit above it), or someone else could be listening there "
+            f"in aquad's place. Put the socket in a directory of your own "
+            f"($XDG_RUNTIME_DIR, or --socket / AQUA_SOCKET), or fix the owner and mode; for "
+            f"an aquad run as a service user, set {ENV_DAEMON_UID} to its uid")
+
+
+def _check_daemon(probe: pysocket.socket, path: str, trusted: frozenset[int]) -> None:
+    """The kernel's word on who listens: a connecting socket's SO_PEERCRED
+    holds the credentials the daemon had when it called listen()."""
+    ucred = struct.Struct("3i")
+    pid, uid, _ = ucred.unpack(probe.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED,
+                                                ucred.size))
+    if uid not in trusted:
+        raise UntrustedDaemon(
+            f"refusing the daemon at {path}: it runs as uid {uid} (pid {pid}), and only "
+            f"{_who(trusted)} is trusted. If it is the aquad you mean to use, set "
+            f"{ENV_DAEMON_UID}={uid}; otherwise someone else is listening in aquad's place")
 
 
 def wait_for_daemon(path: str, proc: Any = None, timeout: float = 20.0) -> None:
@@ -84,6 +151,8 @@ def wait_for_daemon(path: str, proc: Any = None, timeout: float = 20.0) -> None:
         try:
             check_socket(path)
             return
+        except UntrustedDaemon:
+            raise  # waiting will not make it trustworthy
         except AquaError:
             if time.monotonic() > deadline:
                 raise DaemonNotRunning(f"aquad did not come up on {path} "
@@ -98,6 +167,7 @@ class Connection:
         self.socket_path = resolve_socket(socket)
         self.timeout = timeout
         check_socket(self.socket_path)
+        self.segment_prefix = segment_prefix(self.socket_path)  # of the segments it may map
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
@@ -472,7 +542,8 @@ class Lease:
         self.tier: str = reply["tier"]  # nvlink, peer, host or local
         self.kind: str = reply["handle"].get("kind", "")  # posix_shm or cuda_ipc
         self._client = client
-        self._mapping = open_handle(reply["handle"], populate=populate)
+        self._mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix,
+                                    populate=populate)
         self.released = False
 
     def tensor(self, dtype: Any = None, shape: tuple[int, ...] | None = None):

@@ -26,6 +26,8 @@ import zlib
 from .client import wait_for_daemon
 from .ctl import human_bytes
 from .errors import DaemonNotRunning
+from .memory import SHM_DIR
+from .paths import segment_prefix
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
@@ -119,8 +121,6 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
                     proc.kill()
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
-        from aquad.backends.host import SHM_DIR, segment_prefix  # noqa: PLC0415
-
         prefix = segment_prefix(socket)
         left = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
         print(f"== aquad stopped (exit {daemon.returncode}); shared-memory segments left "

@@ -3,8 +3,9 @@
 Codes from the daemon are the protocol's (aqua.protocol.ErrorCode); the
 library adds its own for failures that never reach a daemon:
 `daemon_not_running`, `daemon_not_responding`, `permission_denied` (on the
-socket file), `daemon_gone` (it said goodbye, or the client was closed) and
-`turn_timeout` (no slice granted in time).
+socket file), `untrusted_daemon` (the socket's path, the daemon or a segment
+it handed out is not one this user can trust), `daemon_gone` (it said goodbye,
+or the client was closed) and `turn_timeout` (no slice granted in time).
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ class LimitExceeded(AquaError):
 
 class InternalError(AquaError):
     code = ErrorCode.INTERNAL.value
+
+
+class UntrustedDaemon(AquaError):
+    """The client refused the daemon before trusting it with anything: its
+    socket's directory, its uid or a segment it handed out is not what the
+    real aquad gives (see aqua.client.check_socket and aqua.memory)."""
+
+    code = "untrusted_daemon"
 
 
 class DaemonUnavailable(AquaError):

@@ -8,25 +8,64 @@ this mapping.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
+import stat
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .errors import AquaError
+from .errors import AquaError, UntrustedDaemon
 
 SHM_DIR = "/dev/shm"
-_SHM_NAME = re.compile(r"aqua-[0-9a-f]{6,32}-[0-9a-f]{8,64}")
+_SEGMENT_SUFFIX = re.compile(r"[0-9a-f]{8,64}")  # after the daemon's prefix
+
+
+def _open_segment(name: str, nbytes: int, prefix: str) -> int:
+    """A read-write descriptor of the segment `name`, once it is what aquad
+    makes for this user: named with the daemon's prefix (aqua.paths), a
+    regular file linked once, owned by this uid with mode 0600, holding at
+    least `nbytes`. Anything else is refused: no aquad hands it out."""
+    if not (name.startswith(prefix) and _SEGMENT_SUFFIX.fullmatch(name[len(prefix):])):
+        raise UntrustedDaemon(f"daemon sent {name!r}, not a segment of this daemon "
+                              f"(named {prefix}<hex>)")
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedDaemon(f"refusing {path}: it is a symlink, and a lease's segment "
+                                  f"never is") from None
+        raise
+    problem = _segment_problem(os.fstat(fd), nbytes)
+    if problem:
+        os.close(fd)
+        raise UntrustedDaemon(f"refusing {path}: {problem}")
+    return fd
+
+
+def _segment_problem(st: os.stat_result, nbytes: int) -> str | None:
+    mode, uid = stat.S_IMODE(st.st_mode), os.geteuid()
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_nlink != 1:
+        # aquad's files have one name; a second one means some other file
+        # (maybe one of this user's own) was linked in under it.
+        return f"it has {st.st_nlink} links; a lease's segment has one"
+    if st.st_uid != uid or mode != 0o600:
+        return (f"it is owned by uid {st.st_uid} with mode {mode:04o}; a lease's segment is "
+                f"owned by you (uid {uid}) with mode 0600")
+    if st.st_size < nbytes:
+        return f"it holds {st.st_size} bytes, fewer than the lease's {nbytes}"
+    return None
 
 
 class ShmMapping:
     """A POSIX shared-memory segment mapped read-write into this process."""
 
-    def __init__(self, name: str, nbytes: int, *, populate: bool = True) -> None:
-        if not _SHM_NAME.fullmatch(name):
-            raise AquaError(f"daemon sent an invalid segment name {name!r}")
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC)
+    def __init__(self, name: str, nbytes: int, *, prefix: str, populate: bool = True) -> None:
+        fd = _open_segment(name, nbytes, prefix)
         try:
             flags = mmap.MAP_SHARED
             if populate:
@@ -134,11 +173,13 @@ class Mapping(Protocol):
     def on_closed(self, callback: Callable[[], object]) -> None: ...
 
 
-def open_handle(handle: dict[str, Any], *, populate: bool = True) -> Mapping:
+def open_handle(handle: dict[str, Any], *, prefix: str, populate: bool = True) -> Mapping:
+    """Map the memory behind `handle`, from the daemon whose segments are
+    named with `prefix` (aqua.paths.segment_prefix of its socket)."""
     kind = handle.get("kind")
     if kind == "posix_shm":
         return ShmMapping(str(handle.get("name")), int(handle.get("nbytes", 0)),
-                          populate=populate)
+                          prefix=prefix, populate=populate)
     if kind == "cuda_ipc":
         from .cuda_memory import IpcMapping  # noqa: PLC0415 - cupy only where needed
 

@@ -16,7 +16,8 @@ import pytest
 from aqua import protocol as p
 from aqua.client import Connection, wait_for_daemon
 from aqua.errors import DaemonNotRunning
-from aquad.backends.host import SHM_DIR, segment_prefix
+from aqua.paths import segment_prefix
+from aquad.backends.host import SHM_DIR
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

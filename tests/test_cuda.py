@@ -333,9 +333,9 @@ def test_a_cuda_handle_without_a_gpu_says_what_is_missing():
     if _NO_GPU is None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(aqua.AquaError, match="GPU memory"):
-        open_handle(handle)
+        open_handle(handle, prefix="")
     with pytest.raises(aqua.AquaError, match="invalid cuda_ipc handle"):
-        open_handle(dict(handle, handle=b"short"))
+        open_handle(dict(handle, handle=b"short"), prefix="")
 
 
 # --- client side, without a GPU ---------------------------------------------------------
@@ -384,7 +384,7 @@ def test_release_of_an_aliased_lease_goes_out_once_unmapped(monkeypatch, daemon)
     import aqua.client as client_module
 
     mapping = LingeringMapping()
-    monkeypatch.setattr(client_module, "open_handle", lambda handle, populate: mapping)
+    monkeypatch.setattr(client_module, "open_handle", lambda handle, **_: mapping)
     with aqua.connect("lingering", 0, socket=daemon.socket) as client:
         lease = client.lease(MiB)
         lease.release()
@@ -404,7 +404,7 @@ def test_closing_with_a_still_mapped_gpu_lease_says_no_bye(monkeypatch, daemon):
     import aqua.client as client_module
 
     mapping = LingeringMapping()
-    monkeypatch.setattr(client_module, "open_handle", lambda handle, populate: mapping)
+    monkeypatch.setattr(client_module, "open_handle", lambda handle, **_: mapping)
     client = aqua.connect("lingering", 0, socket=daemon.socket)
     client.lease(MiB)
     sent = []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from aqua.paths import segment_prefix
+
 from .base import Backend, BackendError
 from .discovery import GpuPolicy, nvml_gpu_count
-from .host import HostBackend, segment_prefix
+from .host import HostBackend
 
 log = logging.getLogger("aquad")
 

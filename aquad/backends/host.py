@@ -10,7 +10,6 @@ aquad promises, so a tenant does not meet SIGBUS halfway through an offload.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -50,13 +49,6 @@ def _unlink(path: str) -> bool:
         # Its pages stay in /dev/shm while the pool counts them free.
         log.error("cannot remove %s: %s", path, exc.strerror)
         return False
-
-
-def segment_prefix(socket_path: str) -> str:
-    """Per-daemon name prefix, so a restarted daemon finds its own leftovers
-    and two daemons on one host never collide."""
-    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:10]
-    return f"aqua-{digest}-"
 
 
 class HostBackend:

@@ -1,0 +1,112 @@
+"""The socket's directory and the lock next to the socket.
+
+aquad (often root) creates and changes files in whatever directory
+`--socket` names, so it first makes sure nobody else can change what that
+directory holds (aqua.paths.directory_problem, the rule tenants check too),
+and opens the lock file without following links. The socket itself is made
+by bind(): only a path names it (fchmod or fchown on a socket's descriptor
+change the socket, not the file), which is safe once the directory is
+checked, because nobody but root and aquad's own uid can replace the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from aqua.paths import directory_problem
+
+
+class StartupError(Exception):
+    """aquad cannot start; the message tells the operator what to do."""
+
+
+def _trusted() -> frozenset[int]:
+    return frozenset({0, os.geteuid()})
+
+
+def _refuse_untrusted(socket_path: str, directory: str, *, holds_socket: bool) -> None:
+    try:
+        problem = directory_problem(directory, _trusted(), holds_socket=holds_socket)
+    except OSError as exc:
+        raise StartupError(f"cannot use {socket_path}: {exc.filename}: {exc.strerror}") from None
+    if problem:
+        raise StartupError(
+            f"refusing to serve {socket_path}: {problem}. The socket's directory and every "
+            f"one above it must belong to root or aquad's own uid ({os.geteuid()}) and be "
+            f"writable by their owner only (sticky ones like /tmp may sit above it); fix "
+            f"the owner and mode, or pass a --socket in such a directory")
+
+
+def prepare_directory(socket_path: str) -> None:
+    """Make the socket's directory if it is missing (mode 0755: tenants of
+    other users must reach the socket), and refuse one others can write."""
+    directory = os.path.dirname(socket_path)
+    # The parent first: mkdir must not go through a symlink or into a
+    # directory where someone else could swap ours for theirs.
+    _refuse_untrusted(socket_path, os.path.dirname(directory), holds_socket=False)
+    old = os.umask(0o022)  # the mode is set at birth, never by path later
+    try:
+        os.mkdir(directory, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    _refuse_untrusted(socket_path, directory, holds_socket=True)
+
+
+class SocketLock:
+    """An flock next to the socket: bind() silently replaces an existing
+    socket file, so without it a second daemon would steal the first's clients."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.path = socket_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(
+                f"another aquad (pid {holder}) is already serving this socket; "
+                f"stop it first or pass a different --socket") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _open(self) -> int:
+        """The lock file, made or reused, but never through a link: one
+        planted here would have aquad truncate the file it points to."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NOCTTY, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StartupError(f"refusing {self.path}: it is a symlink; remove it") from None
+            raise StartupError(f"cannot open {self.path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_uid != os.geteuid():
+            problem = f"is owned by uid {st.st_uid}"
+        elif st.st_nlink != 1:
+            problem = f"has {st.st_nlink} links"  # a hard link to some other file
+        if problem:
+            os.close(fd)
+            raise StartupError(f"refusing {self.path}: it {problem}; remove it")
+        return fd
+
+    def release(self) -> None:
+        # The lock file stays: unlinking it would let a newcomer lock a fresh
+        # inode while a slow starter still holds the old one.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
