@@ -82,8 +82,8 @@ def test_descriptor_exhaustion_turns_connections_away_cleanly(start_daemon):
     finally:
         for s in plain:
             s.close()
-    # Every slot comes back: one uid can register up to its share, the next
-    # is turned away with a clear error, and the daemon keeps serving.
+    # Every slot comes back: one uid can register up to its share, the rest
+    # are turned away with a clear error, and the daemon keeps serving.
     ctx = zmq.Context()
     dealers = []
     try:
@@ -93,8 +93,11 @@ def test_descriptor_exhaustion_turns_connections_away_cleanly(start_daemon):
             dealers.append(d)
             reply = _ask(d, p.Hello(tenant=f"t{i}", devices=[0]))
             codes.append("ok" if reply["ok"] else reply["error"]["code"])
-        assert codes[:200] == ["ok"] * 200
-        assert codes[-1] == "limit_exceeded"
+        # 400 tenants fit the descriptors; one uid may register a quarter of
+        # them (its default quota) and hold half the connections; past either
+        # it is told limit_exceeded.
+        assert codes[:100] == ["ok"] * 100
+        assert set(codes[100:]) == {"limit_exceeded"}
         assert daemon.proc.poll() is None
     finally:
         for d in dealers:
