@@ -3,11 +3,13 @@ bloat or stall it. Each test performs the attack it guards against."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import msgpack
 import zmq
@@ -16,7 +18,7 @@ import aqua
 from aqua import protocol as p
 from aqua.paths import endpoint
 
-from .conftest import wait_until
+from .conftest import Daemon, wait_until
 
 MiB = 2**20
 # libzmq never seeds rand(): in every process its ROUTER's first generated
@@ -156,16 +158,26 @@ def _heartbeat_p99(client: aqua.Client, n: int) -> float:
     return sorted(times)[int(0.99 * len(times))]
 
 
-def test_flooders_that_never_read_cannot_bloat_or_stall_aquad(start_daemon, tmp_path):
-    """4,000 leases make a status reply ~0.4 MB; under libzmq each flooder
-    could queue 1,000 of them in the daemon (two took it to 831 MB), and
-    the daemon spent all its time answering them."""
+@contextlib.contextmanager
+def _holding(start_daemon, leases: int) -> Iterator[tuple[Daemon, zmq.Socket]]:
+    """A daemon whose one tenant holds `leases` leases (status grows with them)."""
     daemon = start_daemon("--host-devices", "2x256MiB", "--heartbeat-timeout", "10")
     ctx = zmq.Context()
     holder = _dealer(ctx, daemon.socket)
     try:
         assert _ask(holder, p.Hello(tenant="many", devices=[0]))["ok"]
-        _lease_many(holder, 4000)
+        _lease_many(holder, leases)
+        yield daemon, holder
+    finally:
+        holder.close()
+        ctx.term()
+
+
+def test_flooders_that_never_read_cannot_bloat_or_stall_aquad(start_daemon, tmp_path):
+    """4,000 leases make a status reply ~0.4 MB; under libzmq each flooder
+    could queue 1,000 of them in the daemon (two took it to 831 MB), and
+    the daemon spent all its time answering them."""
+    with _holding(start_daemon, 4000) as (daemon, _):
         script = tmp_path / "flooder.py"
         script.write_text(textwrap.dedent(FLOODER))
         with aqua.connect("honest", 1, socket=daemon.socket) as honest:
@@ -191,18 +203,10 @@ def test_flooders_that_never_read_cannot_bloat_or_stall_aquad(start_daemon, tmp_
             assert during_p99 < 0.02
             # Once the flooders are gone the daemon answers at once again.
             assert _heartbeat_p99(honest, 50) < 0.02
-    finally:
-        holder.close()
-        ctx.term()
 
 
 def test_status_floods_are_refused_within_the_time_budget(start_daemon):
-    daemon = start_daemon("--host-devices", "2x256MiB", "--heartbeat-timeout", "10")
-    ctx = zmq.Context()
-    holder = _dealer(ctx, daemon.socket)
-    try:
-        assert _ask(holder, p.Hello(tenant="many", devices=[0]))["ok"]
-        _lease_many(holder, 2000)
+    with _holding(start_daemon, 2000) as (daemon, holder):
         codes = []
         started = time.monotonic()
         while time.monotonic() - started < 2.0:
@@ -215,6 +219,3 @@ def test_status_floods_are_refused_within_the_time_budget(start_daemon):
         # 0.25 s of burst, then 0.1 s of status per second for one uid: however
         # fast it asks, status takes a bounded share of the daemon's time.
         assert answered < len(codes)
-    finally:
-        holder.close()
-        ctx.term()

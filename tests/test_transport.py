@@ -50,6 +50,16 @@ def _pump(t: tr.Transport, rounds: int = 5) -> None:
         t.run_once()
 
 
+def _slow_reader(t: tr.Transport, path: str) -> tuple[socket.socket, tr.Conn]:
+    """A handshaken peer with a tiny receive buffer that never reads."""
+    s = _connect(path)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    _pump(t)
+    s.sendall(HANDSHAKE)
+    _pump(t)
+    return s, next(iter(t.conns.values()))
+
+
 def test_a_stalled_handshake_is_closed_by_the_sweep(rig):
     t, clock, path, _, closed = rig
     s = _connect(path)
@@ -79,12 +89,7 @@ def test_connections_beyond_the_per_uid_share_are_refused_with_a_reason(rig):
 
 def test_a_peer_that_stops_reading_is_no_longer_read(rig):
     t, clock, path, seen, _ = rig
-    s = _connect(path)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    _pump(t)
-    s.sendall(HANDSHAKE)
-    _pump(t)
-    conn = next(iter(t.conns.values()))
+    s, conn = _slow_reader(t, path)
     big = b"r" * 300_000
     t._on_message = lambda c, frames: t.send(c.id, big)
     for _ in range(20):  # requests keep coming; the replies are never read
@@ -97,12 +102,7 @@ def test_a_peer_that_stops_reading_is_no_longer_read(rig):
 
 def test_a_peer_whose_queue_overflows_is_closed(rig):
     t, clock, path, _, closed = rig
-    s = _connect(path)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    _pump(t)
-    s.sendall(HANDSHAKE)
-    _pump(t)
-    conn = next(iter(t.conns.values()))
+    s, conn = _slow_reader(t, path)
     for _ in range(tr.MAX_QUEUED // 100_000 + 20):  # events for a peer that never reads
         t.send(conn.id, b"e" * 100_000)
     assert conn.id not in t.conns and t.queued_bytes == 0
