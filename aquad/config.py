@@ -150,26 +150,23 @@ def _quota(table: object, name: str, base: Quota) -> Quota:
     return dataclasses.replace(base, name=name, **given)
 
 
-def _user_id(key: str, where: str) -> int:
-    """A uid, or the uid of a user name."""
+def _named_id(key: str, where: str, kind: str, lookup: Callable[[str], int]) -> int:
+    """A numeric id, or the id of a user or group name."""
     if key.isascii() and key.isdigit():
         return int(key)
     try:
-        return pwd.getpwnam(key).pw_uid
+        return lookup(key)
     except KeyError:
-        raise ConfigError(f"{where}.{key}: no user named {key!r} (write a uid or "
-                          f"a user name)") from None
+        raise ConfigError(f"{where}.{key}: no {kind} named {key!r} (write a "
+                          f"{kind[0]}id or a {kind} name)") from None
+
+
+def _user_id(key: str, where: str) -> int:
+    return _named_id(key, where, "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _group_id(key: str, where: str) -> int:
-    """A gid, or the gid of a group name."""
-    if key.isascii() and key.isdigit():
-        return int(key)
-    try:
-        return grp.getgrnam(key).gr_gid
-    except KeyError:
-        raise ConfigError(f"{where}.{key}: no group named {key!r} (write a gid or "
-                          f"a group name)") from None
+    return _named_id(key, where, "group", lambda name: grp.getgrnam(name).gr_gid)
 
 
 def _by_id(table: object, where: str, to_id: Callable[[str, str], int],
