@@ -51,7 +51,8 @@ from tests.test_quotas import OTHER_TENANT  # noqa: E402
 from tests.test_trust import NBYTES, VICTIM, VICTIM_CODE, Impostor, attacker_dir  # noqa: E402
 
 MiB = 2**20
-BASELINE_S = 0.5  # honest heartbeats sampled before each attack
+BASELINE_S = 1.0  # honest heartbeats sampled before each attack (half in --quick)
+WARMUP_S = 0.3  # a new daemon makes its spare files first; a new probe warms up
 # Peak RSS over RSS before the attack: the regressions these attacks found
 # took aquad to hundreds of MiB; VmHWM also counts the start-up peak, a few MiB.
 RSS_GROWTH_MIB = 32
@@ -104,7 +105,7 @@ class Meter:
     def ready(self) -> None:
         """Setup is done (leases held, tenants in): what follows is the attack."""
         t0 = time.monotonic()
-        time.sleep(BASELINE_S * (0.6 if self.quick else 1))
+        time.sleep(BASELINE_S * (0.5 if self.quick else 1))
         self.baseline = (t0, time.monotonic())
         self.rss_before_kib = _rss_kib(self.daemon.proc.pid)
 
@@ -136,9 +137,12 @@ class Attack:
     p99_ms: float = HONEST_P99_MS
 
 
-def _p99_ms(samples: list[list[float]], windows: list[tuple[float, float]]) -> float | None:
-    inside = [rtt for t, rtt in samples if any(a <= t <= b for a, b in windows)]
-    return percentiles(inside)["p99_us"] / 1e3 if inside else None
+def _inside(samples: list[list[float]], windows: list[tuple[float, float]]) -> list[float]:
+    return [rtt for t, rtt in samples if any(a <= t <= b for a, b in windows)]
+
+
+def _p99_ms(rtts: list[float]) -> float | None:
+    return percentiles(rtts)["p99_us"] / 1e3 if rtts else None
 
 
 # --- the attacks -------------------------------------------------------------
@@ -169,39 +173,64 @@ def squat(d: Aquad, meter: Meter, tmp: str) -> Outcome:
                                f"{leased}/{trials * 8} ordinary clients leased")
 
 
+@contextlib.contextmanager
+def _registered_until_refused(path: str, device: int, cap: int) -> Iterator[list[str]]:
+    """Registers tenants of this uid until one is refused (or `cap` are in);
+    yields each hello's outcome, holding the connections for the block."""
+    ctx = zmq.Context()
+    dealers, codes = [], []
+    try:
+        while len(dealers) < cap and (not codes or codes[-1] == "ok"):
+            dealers.append(_dealer(ctx, path))
+            reply = _ask(dealers[-1], p.Hello(tenant=f"t{len(dealers)}", devices=[device]))
+            codes.append("ok" if reply["ok"] else reply["error"]["code"])
+        yield codes
+    finally:
+        for s in dealers:
+            s.close()
+        ctx.term()
+
+
+def _connect_plain(path: str, n: int) -> list[socket.socket]:
+    """`n` AF_UNIX connects that never speak: each holds a descriptor in aquad."""
+    plain = []
+    try:
+        for _ in range(n):
+            plain.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            plain[-1].connect(path)
+    except BaseException:
+        for s in plain:
+            s.close()
+        raise
+    return plain
+
+
+def _closed_by_peer(sockets: list[socket.socket], timeout: float = 10.0) -> int:
+    """How many of `sockets` the daemon closed (they read EOF within `timeout`)."""
+    closed = 0
+    for s in sockets:
+        s.settimeout(timeout)
+        with contextlib.suppress(OSError):
+            while s.recv(65536):
+                pass
+            closed += 1
+    return closed
+
+
 def fd_exhaustion(d: Aquad, meter: Meter, tmp: str) -> Outcome:
     """1,100 plain connects into a daemon with 1,024 descriptors, then
     registrations from one uid until refused."""
-    plain: list[socket.socket] = []
     with meter.attack():
+        plain = _connect_plain(d.socket, 1100)
         try:
-            for _ in range(1100):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(d.socket)
-                plain.append(s)
-            # Connections past the uid's share are closed (at once or once
-            # their handshake stalls): the newest ones see EOF.
-            closed = 0
-            for s in plain[-50:]:
-                s.settimeout(10)
-                with contextlib.suppress(OSError):
-                    while s.recv(65536):
-                        pass
-                    closed += 1
+            # Connections past the uid's share are closed (at once, or when
+            # their handshake stalls): the newest ones read EOF.
+            closed = _closed_by_peer(plain[-50:])
         finally:
             for s in plain:
                 s.close()
-        ctx = zmq.Context()
-        dealers, codes = [], []
-        try:
-            while len(dealers) < 600 and (not codes or codes[-1] == "ok"):
-                dealers.append(_dealer(ctx, d.socket))
-                reply = _ask(dealers[-1], p.Hello(tenant=f"t{len(dealers)}", devices=[0]))
-                codes.append("ok" if reply["ok"] else reply["error"]["code"])
-        finally:
-            for s in dealers:
-                s.close()
-            ctx.term()
+        with _registered_until_refused(d.socket, 0, cap=600) as codes:
+            pass
     with aqua.connect("after", 0, socket=d.socket) as client:
         client.lease(MiB).release()
     registered = codes.count("ok")
@@ -324,70 +353,81 @@ def churn(d: Aquad, meter: Meter, tmp: str) -> Outcome:
                                f"{status_after:.2f} ms (limit 2x + 0.5)")
 
 
+def _hog_shares(d: Aquad, windows: int, revocations: int) -> list[float]:
+    """The hog's share of device 0's held time over each window, measured as
+    test_hog does: whole cycles, from just after one of its revocations to
+    just after the `revocations`-th one after it."""
+    def revoked() -> int:
+        return _held(d)[2]
+
+    assert wait_until(lambda: revoked() >= 2, timeout=10)
+    first = revoked()
+    assert wait_until(lambda: revoked() > first, timeout=5, interval=0.005)
+    shares = []
+    for _ in range(windows):
+        hog0, all0, seen = _held(d)
+        assert wait_until(lambda: revoked() >= seen + revocations, timeout=10, interval=0.005)
+        hog1, all1, _ = _held(d)
+        shares.append((hog1 - hog0) / (all1 - all0))
+    return shares
+
+
 def hog(d: Aquad, meter: Meter, tmp: str) -> Outcome:
     """A tenant that never yields and asks again after every revocation,
     against two engines that always want the device."""
     engines, windows, revocations = 2, (1 if meter.quick else 2), (4 if meter.quick else 8)
-    procs = [Tenant(d, HOG)] + [Tenant(d, ENGINE) for _ in range(engines)]
-    bound = 1 / (engines + 1) + 0.05  # aquad/core/scheduler.py, engines never idle; slack
+    # docs/architecture.md (revocation): 1/(n+1) when the others never idle;
+    # slack because a window ends a few ms after a revocation, not on it.
+    bound = 1 / (engines + 1) + 0.05
+    meter.ready()
     shares = []
-    try:
-        for proc in procs:
-            assert proc.readline() == "ready"
-
-        def revoked() -> int:
-            return _held(d)[2]
-
-        assert wait_until(lambda: revoked() >= 2, timeout=10)
-        first = revoked()
-        assert wait_until(lambda: revoked() > first, timeout=5, interval=0.005)
-        meter.ready()
-        for _ in range(windows):
-            with meter.attack():
-                hog0, all0, seen = _held(d)
-                assert wait_until(lambda: revoked() >= seen + revocations, timeout=10,
-                                  interval=0.005)
-                hog1, all1, _ = _held(d)
-            shares.append((hog1 - hog0) / (all1 - all0))
-    finally:
-        for proc in procs:
-            proc.kill()
+    with meter.attack():  # from the hog's start: the honest tenant shares the daemon throughout
+        procs = [Tenant(d, HOG)] + [Tenant(d, ENGINE) for _ in range(engines)]
+        try:
+            for proc in procs:
+                assert proc.readline() == "ready"
+            shares = _hog_shares(d, windows, revocations)
+        finally:
+            for proc in procs:
+                proc.kill()
     ok = all(0.1 < s <= bound for s in shares)
     return Outcome(windows, ok, f"hog's share {', '.join(f'{s:.2f}' for s in shares)} over "
                                 f"{revocations} revocations each (limit {bound:.2f}, and > 0.10)")
+
+
+def _leased_until_refused(client: aqua.Client, nbytes: int, cap: int) -> list:
+    held: list = []
+    with contextlib.suppress(aqua.LimitExceeded):
+        while len(held) < cap:
+            held.append(client.lease(nbytes, populate=False))
+    return held
+
+
+def _other_uid_leases_and_registers(d: Aquad) -> str:
+    """test_quotas' bystander, as uid 65534: 'ok <bytes leased> <tenants>'."""
+    other = Tenant(d, OTHER_TENANT, user=(NOBODY.pw_uid, NOBODY.pw_gid))
+    try:
+        said = other.readline(timeout=60)
+        other.send("done")
+        other.finish()
+        return said
+    finally:
+        other.kill()
 
 
 def quota(d: Aquad, meter: Meter, tmp: str) -> Outcome:
     """One uid leases until refused and registers until refused; another uid
     must still lease and register."""
     meter.ready()
-    with meter.attack():
-        client = aqua.connect("greedy", 0, socket=d.socket)
-        held: list = []
+    with meter.attack(), aqua.connect("greedy", 0, socket=d.socket) as client:
+        held = _leased_until_refused(client, 4 * MiB, cap=10000)
         try:
-            with contextlib.suppress(aqua.LimitExceeded):
-                while len(held) < 10000:
-                    held.append(client.lease(4 * MiB, populate=False))
-            lease_refused = len(held) < 10000
-            ctx = zmq.Context()
-            dealers, codes = [], []
-            try:
-                while len(dealers) < 2000 and (not codes or codes[-1] == "ok"):
-                    dealers.append(_dealer(ctx, d.socket))
-                    reply = _ask(dealers[-1], p.Hello(tenant=f"greedy{len(dealers)}", devices=[1]))
-                    codes.append("ok" if reply["ok"] else reply["error"]["code"])
-                other = Tenant(d, OTHER_TENANT, user=(NOBODY.pw_uid, NOBODY.pw_gid))
-                said = other.readline(timeout=60)
-                other.send("done")
-                other.finish()
-            finally:
-                for s in dealers:
-                    s.close()
-                ctx.term()
+            with _registered_until_refused(d.socket, 1, cap=2000) as codes:
+                said = _other_uid_leases_and_registers(d)
         finally:
             for lease in held:
                 lease.release()
-            client.close()
+    lease_refused = len(held) < 10000
     ok = lease_refused and codes[-1] == "limit_exceeded" and said == f"ok {32 * MiB} 3"
     return Outcome(1, ok, f"root: {len(held)} leases of 4 MiB, then "
                           f"{'limit_exceeded' if lease_refused else 'no refusal'}; "
@@ -422,7 +462,9 @@ def run_row(attack: Attack, quick: bool) -> dict:
     try:
         with aquad_process(tmp, "--host-devices", "2x64MiB", *attack.args,
                            prefix=attack.prefix, log=log) as d:
+            time.sleep(WARMUP_S)
             probe = Probe(d.socket)
+            time.sleep(WARMUP_S)
             meter = Meter(d, quick)
             try:
                 outcome = attack.run(d, meter, tmp)
@@ -434,13 +476,15 @@ def run_row(attack: Attack, quick: bool) -> dict:
         crashes = int(died_during or d.proc.returncode not in (0,))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    before = _p99_ms(honest["samples"], [meter.baseline])
-    during = _p99_ms(honest["samples"], meter.windows)
+    before = _p99_ms(_inside(honest["samples"], [meter.baseline]))
+    in_attack = _inside(honest["samples"], meter.windows)
+    during = _p99_ms(in_attack)
     rss_before = meter.rss_before_kib / 1024
     growth = peak / 1024 - rss_before
     row.update(trials=outcome.trials, crashes=crashes, rss_before_mib=rss_before,
                rss_peak_mib=peak / 1024, p99_before_ms=before, p99_during_ms=during,
-               honest_samples=len(honest["samples"]), honest_errors=honest["errors"],
+               honest_samples=len(honest["samples"]), samples_during=len(in_attack),
+               honest_errors=honest["errors"],
                rss_growth_limit_mib=attack.rss_growth_mib, p99_limit_ms=attack.p99_ms,
                check=outcome.check, check_ok=outcome.ok)
     row["passed"] = bool(crashes == 0 and growth <= attack.rss_growth_mib

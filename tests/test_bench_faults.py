@@ -30,7 +30,7 @@ def test_quick_faults_bench_passes_every_attack(tmp_path):
     for row in doc["rows"]:
         assert row["passed"], (row, proc.stdout, proc.stderr)
         assert row["trials"] >= 1 and row["crashes"] == 0 and row["check_ok"]
-        assert row["honest_samples"] > 0 and row["honest_errors"] == []
+        assert row["samples_during"] > 0 and row["honest_errors"] == []
         assert 0 < row["rss_before_mib"] <= row["rss_peak_mib"]
         assert row["p99_during_ms"] <= row["p99_limit_ms"]
     assert proc.returncode == 0, proc.stderr
