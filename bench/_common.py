@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import zmq
 
 from aqua import protocol as p
-from aqua.client import wait_for_daemon
+from aqua.client import Connection, wait_for_daemon
 from aqua.engine.stats import percentile
 from aqua.paths import endpoint
 
@@ -166,19 +167,50 @@ def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,
         return samples
 
 
+@dataclass
+class Aquad:
+    """A running private aquad: its socket and process (for /proc figures)."""
+    socket: str
+    proc: subprocess.Popen
+
+    def request(self, op: p.Op, timeout: float = 5.0) -> dict:
+        conn = Connection(self.socket, timeout=timeout)
+        try:
+            return conn.request(op)
+        finally:
+            conn.close()
+
+    def status(self) -> dict:
+        return self.request(p.Status())
+
+
 @contextlib.contextmanager
-def aquad(tmp: str, *args: str, cpus: set[int] | None = None) -> Iterator[str]:
-    """A private aquad on `tmp` (on `cpus` if given); yields its socket path.
-    The host backend unless `args` name one (`auto` would pick cuda on a GPU
-    machine)."""
+def aquad_process(tmp: str, *args: str, cpus: set[int] | None = None,
+                  prefix: Sequence[str] = (), name: str = "aquad.sock",
+                  log: str | None = None) -> Iterator[Aquad]:
+    """A private aquad on `tmp` (on `cpus` if given, under `prefix`, e.g.
+    prlimit); its output goes to `log` if given. The host backend unless
+    `args` name one (`auto` would pick cuda on a GPU machine)."""
     if "--backend" not in args:
         args = ("--backend", "host", *args)
-    path = os.path.join(tmp, "aquad.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", path,
-                             "--log-level", "warning", *args], preexec_fn=_on_cpus(cpus))
+    path = os.path.join(tmp, name)
+    out = open(log, "w") if log else None
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "aquad", "--socket", path,
+                             "--log-level", "warning", *args], preexec_fn=_on_cpus(cpus),
+                            stdout=out, stderr=subprocess.STDOUT if out else None)
     try:
         wait_for_daemon(path, proc)
-        yield path
+        yield Aquad(path, proc)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+        if out:
+            out.close()
+
+
+@contextlib.contextmanager
+def aquad(tmp: str, *args: str, cpus: set[int] | None = None) -> Iterator[str]:
+    """A private aquad on `tmp`; yields its socket path."""
+    with aquad_process(tmp, *args, cpus=cpus) as daemon:
+        yield daemon.socket
