@@ -8,6 +8,14 @@ Each figure is a ratio against the limit measured in the same run:
   bandwidth  offload + restore of a tensor through a host lease vs the same
              two copies into a plain in-process tensor (the data path must add
              no copy: target ratio >= 0.9).
+  end to end aqua.offload() + restore() with everything they do (lease, map,
+             populate, copy, unmap, release) vs the same two copies into
+             freshly allocated tensors (torch.empty + copy_, twice: the pages
+             are new on both sides), at 1 MiB, 16 MiB, 256 MiB and 2 GiB;
+             and the longest stall of another Python thread during each (a
+             thread sleeping 1 ms at a time that records how late it wakes:
+             what a tenant's heartbeat thread would suffer). Goals: >= 0.9x
+             from 16 MiB up, >= 0.5x at 1 MiB, no stall over 5 ms.
 
 Where the client and the server run decides what a round trip costs (on a
 small VM a wake-up across cores costs twice one on the same core), and left
@@ -17,7 +25,8 @@ path is measured per CPU layout, the echo and aquad pinned alike in each:
   shared  client and server on one CPU (the worst case for a server doing work)
   free    no pinning: the kernel's choice, which may differ between the two
 
-    python bench/core.py [--rounds 5000] [--mib 256] [--layouts split,shared,free] [--json FILE]
+    python bench/core.py [--rounds 5000] [--mib 256] [--layouts split,shared,free]
+                         [--e2e-mib 1,16,256,2048] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import msgpack
@@ -174,6 +184,103 @@ def bench_bandwidth(client: aqua.Client, mib: int, repeats: int = 7) -> dict:
             "ratio": t_plain / t_lease}
 
 
+class StallWatch:
+    """A thread that sleeps 1 ms at a time and keeps the worst lateness of
+    its wake-ups since the last reset(): any stretch in which the process
+    keeps other threads from running (the GIL held) shows up here."""
+
+    TICK = 0.001
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(self.TICK)
+            self.worst = max(self.worst, time.perf_counter() - t0 - self.TICK)
+
+    def reset(self) -> None:
+        self.worst = 0.0
+
+    def __enter__(self) -> StallWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_end_to_end(tmp: str, sizes_mib: list[int], repeats: int = 5) -> list[dict]:
+    """offload() + restore() through a real aquad vs fresh-tensor copies."""
+    big = max(sizes_mib)
+    rows = []
+    # Two devices: a uid may hold half the capacity by default.
+    with aquad(tmp, "--host-devices", f"2x{big + 64}MiB") as path, \
+            aqua.connect("bench-e2e", 0, socket=path) as client, StallWatch() as watch:
+        for mib in sizes_mib:
+            rows.append(end_to_end_row(client, mib * 2**20, watch, repeats))
+    return rows
+
+
+def end_to_end_row(client: aqua.Client, n: int, watch: StallWatch, repeats: int) -> dict:
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8)
+    out: list[torch.Tensor] = []
+
+    def via_aqua() -> None:
+        out[:] = [client.offload(src).restore()]
+
+    def via_plain() -> None:
+        held = torch.empty_like(src)
+        held.copy_(src)
+        back = torch.empty_like(src)
+        back.copy_(held)
+        out[:] = [back]
+
+    stalls: dict[str, list[float]] = {"aqua": [], "plain": []}
+    times: dict[str, list[float]] = {"aqua": [], "plain": []}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, fn in (("aqua", via_aqua), ("plain", via_plain)):
+            out.clear()
+            watch.reset()
+            t0 = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t0
+            time.sleep(3 * StallWatch.TICK)  # a stall at the very end is seen too
+            if i:
+                times[name].append(elapsed)
+                stalls[name].append(watch.worst)
+            if name == "aqua":
+                assert torch.equal(out[0], src), "restore is not bit-exact"
+    t_aqua, t_plain = min(times["aqua"]), min(times["plain"])
+    row = {"bytes": n, "aqua_ms": t_aqua * 1e3, "plain_ms": t_plain * 1e3,
+           "ratio": t_plain / t_aqua}
+    # Median and worst over the repeats: on a loaded 2-CPU machine the
+    # scheduler alone makes a sleeping thread late now and then, and the
+    # plain row shows how much of that any copy suffers.
+    for name, worst in stalls.items():
+        worst.sort()
+        row[f"stall_{name}_p50_ms"] = worst[len(worst) // 2] * 1e3
+        row[f"stall_{name}_max_ms"] = worst[-1] * 1e3
+    return row
+
+
+def print_end_to_end(rows: list[dict]) -> None:
+    print("\nend to end: offload() + restore() (lease, map, copy, unmap, release) vs "
+          "torch.empty + copy_ twice; best of 5")
+    print(f"  {'size':>8} {'aqua ms':>9} {'plain ms':>9} {'ratio':>6} "
+          f"{'stall aqua p50/max ms':>21} {'stall plain p50/max ms':>22}")
+    for r in rows:
+        size = f"{r['bytes'] >> 20} MiB"
+        aqua_stall = f"{r['stall_aqua_p50_ms']:.1f} / {r['stall_aqua_max_ms']:.1f}"
+        plain_stall = f"{r['stall_plain_p50_ms']:.1f} / {r['stall_plain_max_ms']:.1f}"
+        print(f"  {size:>8} {r['aqua_ms']:9.2f} {r['plain_ms']:9.2f} {r['ratio']:6.2f} "
+              f"{aqua_stall:>21} {plain_stall:>22}")
+
+
 def control_rows(control: dict[str, list[float]]) -> dict:
     e = percentiles(control["echo"])
     out = {"echo": e}
@@ -205,6 +312,8 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=256, help="tensor size for bandwidth")
     parser.add_argument("--layouts", default="split,shared,free",
                         help="CPU layouts for the control path (split, shared, free)")
+    parser.add_argument("--e2e-mib", default="1,16,256,2048",
+                        help="sizes for the end-to-end offload + restore rows ('' for none)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
@@ -232,6 +341,11 @@ def main() -> int:
     print(f"  through a host lease   {b['lease_gbps']:6.2f} GB/s")
     print(f"  plain in-process copy  {b['plain_gbps']:6.2f} GB/s")
     print(f"  ratio                  {b['ratio']:6.3f}")
+    sizes = [int(m) for m in args.e2e_mib.split(",") if m]
+    if sizes:
+        with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
+            out["end_to_end"] = bench_end_to_end(tmp, sizes)
+        print_end_to_end(out["end_to_end"])
     if args.json:
         write_json(args.json, out)
     return 0

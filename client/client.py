@@ -30,6 +30,7 @@ from .errors import (
     DaemonGone,
     DaemonNotResponding,
     DaemonNotRunning,
+    LimitExceeded,
     NotRegistered,
     PermissionDenied,
     ShuttingDown,
@@ -158,6 +159,34 @@ def wait_for_daemon(path: str, proc: Any = None, timeout: float = 20.0) -> None:
                 raise DaemonNotRunning(f"aquad did not come up on {path} "
                                        f"within {timeout:g} s") from None
             time.sleep(0.02)
+
+
+def iter_leases(conn: Connection, *, tenant: str | None = None, device: int | None = None,
+                limit: int = p.MAX_STATUS_LEASES) -> Iterator[dict[str, Any]]:
+    """Every lease `status` lists, page by page along its `next` cursor: each
+    lease granted before the walk and alive at its end comes exactly once."""
+    after = None
+    while True:
+        page = _status_page(conn, p.Status(tenant=tenant, device=device, after=after,
+                                           limit=limit))
+        yield from page.get("leases", ())
+        after = page.get("next")  # absent from a daemon without paging: one page is all
+        if after is None:
+            return
+
+
+def _status_page(conn: Connection, op: p.Status, tries: int = 20) -> dict[str, Any]:
+    """One `status` request, waiting out the daemon's rate limit on it (a long
+    walk can use up a uid's budget of daemon time)."""
+    for _ in range(tries - 1):
+        try:
+            return conn.request(op)
+        except LimitExceeded as exc:
+            wait = exc.details.get("retry_after_s")
+            if not isinstance(wait, (int, float)):
+                raise  # some other limit: waiting does not help
+            time.sleep(min(float(wait), 1.0))
+    return conn.request(op)
 
 
 class Connection:
@@ -329,8 +358,15 @@ class Client:
         with self._leases_lock:
             return list(self._leases.values())
 
-    def status(self) -> dict[str, Any]:
-        return self._conn.request(p.Status())
+    def status(self, *, leases: bool = True) -> dict[str, Any]:
+        """The status object (docs/status-schema.md): with the first page of
+        leases, or with `leases=False` the summary alone."""
+        return self._conn.request(p.Status(leases=leases))
+
+    def iter_leases(self, tenant: str | None = None,
+                    device: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every live lease (of `tenant`, on `device`), oldest first, paged."""
+        return iter_leases(self._conn, tenant=tenant, device=device)
 
     def offload(self, tensor: Any, near: int | None = None) -> Any:
         """Copy a torch tensor into a new lease; see aqua.tensors.offload."""

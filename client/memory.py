@@ -8,11 +8,13 @@ this mapping.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import re
 import stat
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,6 +22,30 @@ from .errors import AquaError, UntrustedDaemon
 
 SHM_DIR = "/dev/shm"
 _SEGMENT_SUFFIX = re.compile(r"[0-9a-f]{8,64}")  # after the daemon's prefix
+
+# Page work on a mapping is done by madvise through ctypes, which drops the
+# GIL for the call: MAP_POPULATE and munmap() of a populated mapping run
+# inside the mmap module with the GIL held, and stopped every other thread
+# (the heartbeat's included) for 0.6 s per GiB mapped and 0.1 s per GiB
+# unmapped. Values from <linux/mman.h>; Python 3.11's mmap lacks the first.
+MADV_REMOVE = 9  # free the pages of a shared mapping (a hole punched in the file)
+MADV_POPULATE_WRITE = 23  # fault pages in writable, as a write would (Linux 5.14+)
+# Each call holds the process's mmap lock, which any thread that maps memory
+# (an allocator growing) waits for: chunks keep that wait to a few ms.
+PAGE_CHUNK = 16 * 2**20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+
+
+def madvise_chunked(address: int, nbytes: int, advice: int) -> bool:
+    """madvise(advice) over [address, address + nbytes), PAGE_CHUNK at a
+    time, the GIL released; False if the kernel refuses the advice."""
+    for offset in range(0, nbytes, PAGE_CHUNK):
+        if _libc.madvise(address + offset, min(PAGE_CHUNK, nbytes - offset), advice):
+            return False
+    return True
 
 
 def _open_segment(name: str, nbytes: int, prefix: str) -> int:
@@ -62,40 +88,60 @@ def _segment_problem(st: os.stat_result, nbytes: int) -> str | None:
 
 
 class ShmMapping:
-    """A POSIX shared-memory segment mapped read-write into this process."""
+    """A POSIX shared-memory segment mapped read-write into this process.
+
+    Every view of the memory (tensor(), buffer()) goes through a numpy array
+    of the whole mapping, tracked weakly: while one is alive something may
+    read the bytes, and when none is, close() may free the pages first."""
 
     def __init__(self, name: str, nbytes: int, *, prefix: str, populate: bool = True) -> None:
+        import numpy as np  # noqa: PLC0415
+
         fd = _open_segment(name, nbytes, prefix)
         try:
-            flags = mmap.MAP_SHARED
-            if populate:
-                # Fault every page in now, in one batch: the offload that
-                # follows then runs at memcpy speed instead of page-fault speed.
-                flags |= mmap.MAP_POPULATE
-            self._mm: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=flags,
+            self._mm: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
                                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self.name = name
         self.nbytes = nbytes
+        self._address = np.frombuffer(self._mm, dtype=np.uint8).ctypes.data
+        self._views = 0  # numpy arrays over the mapping still alive
         self._unpin: Callable[[], object] | None = None
         self._pin_tried = False
+        if populate:
+            # Fault every page in now, in batches, with the GIL released: the
+            # copy that follows then runs at memcpy speed, where faulting page
+            # by page during the copy is 4x slower. An old kernel refuses the
+            # advice; the copy then faults the pages in itself.
+            madvise_chunked(self._address, nbytes, MADV_POPULATE_WRITE)
+
+    def _array(self):
+        """A numpy array over the whole mapping, counted as a live view."""
+        import numpy as np  # noqa: PLC0415
+
+        if self._mm is None:
+            raise AquaError("lease memory is no longer mapped")
+        array = np.frombuffer(self._mm, dtype=np.uint8)
+        self._views += 1
+        weakref.finalize(array, self._view_gone)
+        return array
+
+    def _view_gone(self) -> None:
+        self._views -= 1
 
     def buffer(self) -> memoryview:
-        if self._mm is None:
-            raise AquaError("lease memory is no longer mapped")
-        return memoryview(self._mm)
+        # Through a tracked array: slices of the memoryview keep it alive.
+        return memoryview(self._array())
 
     def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
-        import numpy as np  # noqa: PLC0415 - only where tensors are touched
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415 - only where tensors are touched
 
-        if self._mm is None:
-            raise AquaError("lease memory is no longer mapped")
         shape, size = tensor_shape(self.nbytes, dtype, shape)
         # Through numpy on purpose: np.frombuffer holds a buffer export on the
         # mmap, so it cannot be unmapped under a live tensor (torch.frombuffer
         # holds none, and a closed lease would leave tensors dangling).
-        flat = torch.from_numpy(np.frombuffer(self._mm, dtype=np.uint8, count=size))
+        flat = torch.from_numpy(self._array()[:size])
         return flat.view(dtype).view(shape)
 
     def pin(self) -> bool:
@@ -104,14 +150,11 @@ class ShmMapping:
             raise AquaError("lease memory is no longer mapped")
         if not self._pin_tried:
             self._pin_tried = True  # a refusal is not retried on every copy
-            import numpy as np  # noqa: PLC0415
-
             from .cuda_memory import host_register  # noqa: PLC0415
 
-            address = np.frombuffer(self._mm, dtype=np.uint8).ctypes.data
             # Whole pages: the mapping covers them, and that is what gets locked.
             size = -(-self.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
-            self._unpin = host_register(address, size)
+            self._unpin = host_register(self._address, size)
         return self._unpin is not None
 
     def close(self) -> bool:
@@ -126,6 +169,11 @@ class ShmMapping:
             except Exception:  # noqa: BLE001 - unpinned is merely slower
                 pass
             self._unpin = None
+        if not self._views:
+            # Nothing can read the bytes any more: free the pages here, in
+            # chunks with the GIL released, so that munmap() (GIL held) has no
+            # pages left to drop and the daemon's unlink none to free.
+            madvise_chunked(self._address, self.nbytes, MADV_REMOVE)
         try:
             self._mm.close()
         except BufferError:

@@ -9,6 +9,7 @@ from .messages import (
     EVENTS,
     HARD_MAX_FRAME_BYTES,
     MAX_FRAME_BYTES,
+    MAX_STATUS_LEASES,
     OPS,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -35,7 +36,7 @@ from .messages import (
 )
 
 __all__ = [
-    "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "OPS", "PROTOCOL_VERSION",
+    "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "MAX_STATUS_LEASES", "OPS", "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS", "Bye", "ErrorCode", "Event", "Heartbeat", "Hello", "Lease",
     "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status", "Turn",
     "TurnDone", "TurnYield",

@@ -45,6 +45,11 @@ MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 LEASE_ID_RE = re.compile(r"L[A-Za-z0-9_-]{8,64}")
+TENANT_ID_RE = re.compile(r"t[0-9]{1,19}")
+CURSOR_RE = re.compile(r"[0-9]{1,19}")  # opaque to clients; the daemon's grant order
+# Most leases one `status` reply lists, and how many it lists unless told:
+# what keeps every reply, and the daemon's time on it, bounded.
+MAX_STATUS_LEASES = 1000
 
 
 # --- field checks -----------------------------------------------------------
@@ -230,7 +235,18 @@ class TurnYield(Op):
 class Status(Op):
     op = "status"
     needs_tenant = False
-    doc = "Devices, tenants and leases (schema in docs/status-schema.md). No HELLO needed."
+    doc = ("Devices, tenants, slices, quotas and a page of leases (schema in "
+           "docs/status-schema.md). No HELLO needed.")
+    leases: bool = arg(Check(bool), default=True,
+                       doc="list leases (a page of them, with a `next` cursor); false: "
+                           "the summary only, whose cost does not grow with the leases")
+    tenant: str | None = arg(Check(str, pattern=TENANT_ID_RE, max_len=20), default=None,
+                             doc="list only this tenant's leases")
+    device: int | None = arg(DEVICE, default=None, doc="list only the leases on this device")
+    after: str | None = arg(Check(str, pattern=CURSOR_RE, max_len=19), default=None,
+                            doc="the `next` cursor of the previous page")
+    limit: int = arg(_int(1, MAX_STATUS_LEASES), default=MAX_STATUS_LEASES,
+                     doc="most leases to list")
 
 
 _SPECS: dict[type[Op], _Spec] = {}
@@ -327,13 +343,16 @@ class _Spec:
     names: frozenset[str]
     # name, check, may be absent, may be nil (its default is None)
     fields: tuple[tuple[str, Check, bool, bool], ...]
+    # name -> default of the optional fields: what need not be sent
+    defaults: dict[str, Any]
 
 
 def _spec(cls: type[Op]) -> _Spec:
     fields = dataclasses.fields(cls)
     return _Spec(frozenset(f.name for f in fields),
                  tuple((f.name, f.metadata["check"], f.default is not dataclasses.MISSING,
-                        f.default is None) for f in fields))
+                        f.default is None) for f in fields),
+                 {f.name: f.default for f in fields if f.default is not dataclasses.MISSING})
 
 
 _SPECS.update({cls: _spec(cls) for cls in OPS.values()})
@@ -341,10 +360,13 @@ _SPECS.update({cls: _spec(cls) for cls in OPS.values()})
 
 def encode_request(rid: int, op: Op) -> bytes:
     # Not dataclasses.asdict: its deep copy costs more than the send itself.
+    # Defaults are left out: the same request then works with a daemon that
+    # predates an optional field.
+    spec = _SPECS[type(op)]
     args = {}
-    for name, *_ in _SPECS[type(op)].fields:
+    for name, *_ in spec.fields:
         value = getattr(op, name)
-        if value is not None:
+        if value is not None and (name not in spec.defaults or value != spec.defaults[name]):
             args[name] = value
     return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": args})
 

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "core.py"
+STATUS = SCRIPT.with_name("status.py")
 
 
 def test_core_bench_measures_each_layout_against_its_own_echo(tmp_path):
     out = tmp_path / "core.json"
     layouts = "split,shared,free" if len(os.sched_getaffinity(0)) >= 2 else "shared,free"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "500", "--mib", "1",
-                           "--layouts", layouts, "--json", str(out)],
+                           "--layouts", layouts, "--e2e-mib", "1,2", "--json", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -32,6 +33,22 @@ def test_core_bench_measures_each_layout_against_its_own_echo(tmp_path):
     assert doc["layouts"]["shared"]["client_cpus"] == doc["layouts"]["shared"]["server_cpus"]
     assert doc["bandwidth"]["ratio"] > 0 and doc["api"]["n"] == 100
     assert "lease grant" in proc.stdout
+    assert [r["bytes"] for r in doc["end_to_end"]] == [2**20, 2**21]
+    for row in doc["end_to_end"]:
+        assert row["ratio"] == row["plain_ms"] / row["aqua_ms"]
+        assert row["stall_aqua_max_ms"] >= row["stall_aqua_p50_ms"] >= 0
     bad = subprocess.run([sys.executable, str(SCRIPT), "--layouts", "sideways"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown layout" in bad.stderr
+
+
+def test_status_bench_fills_and_walks_at_each_count(tmp_path):
+    out = tmp_path / "status.json"
+    proc = subprocess.run([sys.executable, str(STATUS), "--counts", "50,1200", "--rounds", "5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert list(doc["counts"]) == ["50", "1200"]
+    for count, row in doc["counts"].items():
+        assert row["walked"] == int(count)
+        assert row["summary"]["n"] == 5 and row["summary"]["bytes"] < row["first_page"]["bytes"]

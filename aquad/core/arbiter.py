@@ -137,8 +137,9 @@ class Arbiter:
         return tenant
 
     def maintain(self) -> None:
-        """Deferred backend work; call when no reply is waiting to go out."""
+        """Deferred work; call when no reply is waiting to go out."""
         self.backend.maintain()
+        self.leases.compact()
 
     def tick(self) -> None:
         """Let the scheduler act on the clock (quantum ends, overdue yields)."""
@@ -258,7 +259,12 @@ class Arbiter:
         return self._lease_reply(self._owned(args.lease, tenant))
 
     def _status(self, conn: bytes, peer: Peer, args: m.Status) -> dict:
-        return self.status()
+        if not args.leases:
+            return self.status(leases=False)
+        if args.device is not None:
+            self._device(args.device)
+        return self.status(tenant=args.tenant, device=args.device,
+                           after=0 if args.after is None else int(args.after), limit=args.limit)
 
     def _turn(self, conn: bytes, peer: Peer, args: m.Turn) -> dict:
         tenant = self.tenants.by_conn(conn)
@@ -352,36 +358,22 @@ class Arbiter:
                 "capacity_bytes": pool.capacity, "leased_bytes": pool.used,
                 "free_bytes": pool.free, "granule_bytes": pool.granule}
 
-    def status(self) -> dict:
-        """The `status` reply; its schema is documented in docs/status-schema.md."""
+    def status(self, *, leases: bool = True, tenant: str | None = None,
+               device: int | None = None, after: int = 0,
+               limit: int = m.MAX_STATUS_LEASES) -> dict:
+        """The `status` reply; its schema is documented in docs/status-schema.md.
+        Nothing in it but the page of leases grows with the number of leases:
+        the totals are kept up to date by the lease table."""
         now = self._clock()
-        leases = sorted(self.leases, key=lambda l: (l.created_at, l.id))
-        per_tenant: dict[str, int] = {}
-        per_device: dict[int, int] = {}
-        for lease in leases:
-            per_tenant[lease.tenant] = per_tenant.get(lease.tenant, 0) + lease.charged
-            per_device[lease.device] = per_device.get(lease.device, 0) + 1
-        return {
+        out = {
             "schema": 1,
             "daemon": {"protocol": m.PROTOCOL_VERSION, "backend": self.backend.name,
                        "uptime_s": round(now - self.started_at, 3)},
-            "devices": [dict(self._device_status(d.id), leases=per_device.get(d.id, 0))
+            "devices": [dict(self._device_status(d.id),
+                             leases=self.leases.device_count.get(d.id, 0))
                         for d in self.topology.devices],
-            "tenants": [
-                {"id": t.id, "name": t.name, "pid": t.peer.pid, "uid": t.peer.uid,
-                 "gid": t.peer.gid,
-                 "devices": list(t.devices), "weight": t.weight,
-                 "leased_bytes": per_tenant.get(t.id, 0), "leases": len(t.leases),
-                 "connected_s": round(now - t.registered_at, 3),
-                 "idle_s": round(now - t.last_seen, 3)}
-                for t in sorted(self.tenants, key=lambda t: int(t.id[1:]))
-            ],
-            "leases": [
-                {"id": l.id, "tenant": l.tenant, "device": l.device, "nbytes": l.nbytes,
-                 "charged_bytes": l.charged, "tier": l.tier.label,
-                 "age_s": round(now - l.created_at, 3)}
-                for l in leases
-            ],
+            "tenants": [self._tenant_status(t, now)
+                        for t in sorted(self.tenants, key=lambda t: int(t.id[1:]))],
             "slices": self.scheduler.view(),
             "links": [
                 {"consumer": a, "producer": b, "tier": link.tier.label,
@@ -390,3 +382,21 @@ class Arbiter:
             ],
             "quotas": self.quotas.view(),
         }
+        if leases:
+            page = self.leases.page(after, limit, tenant=tenant, device=device)
+            out["leases"] = [self._lease_status(l, now) for l in page.leases]
+            out["next"] = None if page.next is None else str(page.next)
+        return out
+
+    def _tenant_status(self, t: Tenant, now: float) -> dict:
+        return {"id": t.id, "name": t.name, "pid": t.peer.pid, "uid": t.peer.uid,
+                "gid": t.peer.gid, "devices": list(t.devices), "weight": t.weight,
+                "leased_bytes": self.leases.tenant_bytes.get(t.id, 0), "leases": len(t.leases),
+                "connected_s": round(now - t.registered_at, 3),
+                "idle_s": round(now - t.last_seen, 3)}
+
+    @staticmethod
+    def _lease_status(l: LeaseRecord, now: float) -> dict:
+        return {"id": l.id, "tenant": l.tenant, "device": l.device, "nbytes": l.nbytes,
+                "charged_bytes": l.charged, "tier": l.tier.label,
+                "age_s": round(now - l.created_at, 3)}
