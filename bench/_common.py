@@ -166,11 +166,11 @@ def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,
         return samples
 
 
-@contextlib.contextmanager
-def aquad(tmp: str, *args: str, cpus: set[int] | None = None) -> Iterator[str]:
-    """A private aquad on `tmp` (on `cpus` if given); yields its socket path.
-    The host backend unless `args` name one (`auto` would pick cuda on a GPU
-    machine)."""
+def start_aquad(tmp: str, *args: str, cpus: set[int] | None = None
+                ) -> tuple[subprocess.Popen, str]:
+    """A private aquad on `tmp` (on `cpus` if given), up and answering: its
+    process and socket path. The host backend unless `args` name one (`auto`
+    would pick cuda on a GPU machine)."""
     if "--backend" not in args:
         args = ("--backend", "host", *args)
     path = os.path.join(tmp, "aquad.sock")
@@ -178,6 +178,18 @@ def aquad(tmp: str, *args: str, cpus: set[int] | None = None) -> Iterator[str]:
                              "--log-level", "warning", *args], preexec_fn=_on_cpus(cpus))
     try:
         wait_for_daemon(path, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, path
+
+
+@contextlib.contextmanager
+def aquad(tmp: str, *args: str, cpus: set[int] | None = None) -> Iterator[str]:
+    """start_aquad for a block; yields its socket path and stops it after."""
+    proc, path = start_aquad(tmp, *args, cpus=cpus)
+    try:
         yield path
     finally:
         proc.send_signal(signal.SIGTERM)

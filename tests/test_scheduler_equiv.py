@@ -113,6 +113,26 @@ def test_same_decisions_as_the_reference(ops):
     run(ops)
 
 
+KINDS = ["add", "want", "want", "want", "done", "yield", "yield", "stale", "remove",
+         "tick", "tick", "subset", "view"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 ** 32 - 1))
+def test_same_decisions_over_long_random_histories(seed):
+    """Long histories drawn from a seed: a generator shrinking towards short
+    lists rarely builds the states where a revoked tenant returns below the
+    others (the case where eligibility is recomputed)."""
+    import random
+
+    rng = random.Random(seed)
+    ops = [(rng.choice(KINDS), rng.randrange(10 ** 6),
+            rng.choice([0.0, 0.0, 0.001, 0.02, 0.05, 0.06, 0.21, 0.5, rng.random()]),
+            (rng.sample(DEVICES, rng.randint(1, 4)), rng.choice([0.5, 1.0, 2.0])))
+           for _ in range(300)]
+    run(ops)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(["want", "want", "yield", "done", "tick",
                                            "tick", "stale"]),
@@ -128,9 +148,12 @@ def test_same_decisions_with_few_tenants_and_many_turns(ops, specs):
     run(ops, pair, names)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(op, min_size=50, max_size=200), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op, min_size=10, max_size=30), st.integers(0, 2 ** 32 - 1))
 def test_same_decisions_with_a_thousand_tenants(ops, seed):
+    """1000 tenants, nearly all queued. The reference pays O(n^2) per call,
+    so the bulk of the queue is filled through both schedulers' _enqueue
+    (what want() does before its scheduling pass) and scheduled once."""
     import random
 
     rng = random.Random(seed)
@@ -138,11 +161,15 @@ def test_same_decisions_with_a_thousand_tenants(ops, seed):
     for i in range(1000):
         devices = rng.sample(DEVICES, rng.choice([1, 1, 1, 2, 4]))
         weight = rng.choice([0.5, 1.0, 1.0, 2.0])
-        pair.new.add(f"k{i}", devices, weight)
-        pair.ref.add(f"k{i}", devices, weight)
-        names.append(f"k{i}")
-        if rng.random() < 0.9:
-            pair.clock.now += rng.choice([0.0, 0.001, 0.01])
-            assert pair.new.want(f"k{i}") == pair.ref.want(f"k{i}")
-    pair.check()
+        name = f"k{i}"
+        pair.new.add(name, devices, weight)
+        pair.ref.add(name, devices, weight)
+        names.append(name)
+        pair.clock.now += rng.choice([0.0, 0.001, 0.01])
+        if i < 8:
+            pair.both("want", name)
+        elif rng.random() < 0.95:
+            pair.new._enqueue(pair.new.runners[name])
+            pair.ref._enqueue(pair.ref.runners[name])
+    pair.both("tick")
     run(ops, pair, names)
