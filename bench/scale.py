@@ -181,7 +181,7 @@ def _table(title: str, rows: dict[int, dict[str, float]]) -> None:
     sizes = list(rows)
     print(title)
     print(f"  {'':34}" + "".join(f"{'n=' + str(n) + ' us':>14}" for n in sizes)
-          + "".join(f"{'x n=' + str(sizes[0]):>9}" for n in sizes[1:]))
+          + "".join(f"{str(n) + '/' + str(sizes[0]):>9}" for n in sizes[1:]))
     for key in rows[sizes[0]]:
         print(f"  {key:34}" + "".join(f"{rows[n][key] * 1e6:14.1f}" for n in sizes)
               + "".join(f"{ratios[n][key]:9.2f}" for n in sizes[1:]))
