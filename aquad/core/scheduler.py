@@ -25,10 +25,11 @@ drive the same code. Policy:
 
 Cost: every call is O(D·G·log n) for n waiting tenants, D devices and G
 distinct device sets among the waiters (one for single-device tenants), with
-these exceptions, each paid at most once per revocation: a revocation sums
-the wait it caused (O(n)); a revoked tenant returning to the comparison may
-lower a device's least vruntime, and the groups there recompute eligibility
-(O(n)); revoked tenants still waiting are checked on every call (O(revoked)).
+exceptions that only revocations bring: a revocation sums the wait it caused
+(O(n)); a revoked tenant returning to the comparison (or a tenant joining
+where only such tenants wait) may lower a device's least vruntime, and the
+groups there then recompute eligibility (O(n)); revoked tenants still
+waiting are checked on every call (O(revoked)).
 view() orders the queue once (O(n log n)). The decisions are exactly those of
 aquad.core.scheduler_ref (the former scan-everyone implementation, kept as the
 test oracle): the same comparisons on the same floating-point values.
@@ -185,7 +186,7 @@ class _Group:
             _push(self.eligible, (runner.seq, runner.ticket, runner), self.members, _is_eligible)
 
     def _reset(self) -> None:
-        members = [e[-1] for e in self.by_vruntime if _live(e)]
+        members = self.live()
         self.by_vruntime, self.eligible, self.ahead = [], [], []
         self.members = 0
         for runner in members:
