@@ -57,10 +57,10 @@ class Pair:
              for k, r in self.ref.runners.items()}
 
 
-def make_pair() -> Pair:
+def make_pair(quantum: float = QUANTUM, grace: float = GRACE) -> Pair:
     clock = Clock()
-    return Pair(Scheduler(DEVICES, clock=clock, quantum=QUANTUM, grace=GRACE),
-                ReferenceScheduler(DEVICES, clock=clock, quantum=QUANTUM, grace=GRACE),
+    return Pair(Scheduler(DEVICES, clock=clock, quantum=quantum, grace=grace),
+                ReferenceScheduler(DEVICES, clock=clock, quantum=quantum, grace=grace),
                 clock)
 
 
@@ -117,6 +117,12 @@ KINDS = ["add", "want", "want", "want", "done", "yield", "yield", "stale", "remo
          "tick", "tick", "subset"]
 
 
+def random_history(rng, steps: list[float], weights: list[float], length: int = 300) -> list:
+    return [(rng.choice(KINDS), rng.randrange(10 ** 6), rng.choice(steps),
+             (rng.sample(DEVICES, rng.randint(1, 4)), rng.choice(weights)))
+            for _ in range(length)]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2 ** 32 - 1))
 def test_same_decisions_over_long_random_histories(seed):
@@ -126,11 +132,20 @@ def test_same_decisions_over_long_random_histories(seed):
     import random
 
     rng = random.Random(seed)
-    ops = [(rng.choice(KINDS), rng.randrange(10 ** 6),
-            rng.choice([0.0, 0.0, 0.001, 0.02, 0.05, 0.06, 0.21, 0.5, rng.random()]),
-            (rng.sample(DEVICES, rng.randint(1, 4)), rng.choice([0.5, 1.0, 2.0])))
-           for _ in range(300)]
-    run(ops)
+    steps = [0.0, 0.0, 0.001, 0.02, 0.05, 0.06, 0.21, 0.5, rng.random()]
+    run(random_history(rng, steps, [0.5, 1.0, 2.0]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 ** 32 - 1))
+def test_same_decisions_when_vruntimes_tie_exactly(seed):
+    """Dyadic clock steps, weights and quantum make vruntimes exact binary
+    fractions, so equal vruntimes (ordered by registration) are common."""
+    import random
+
+    rng = random.Random(seed)
+    steps = [0.0, 0.0, 1 / 64, 1 / 16, 1 / 8, 5 / 16, 1 / 2]
+    run(random_history(rng, steps, [0.5, 1.0, 2.0]), make_pair(1 / 16, 1 / 4))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
