@@ -28,6 +28,7 @@ from . import protocol as p
 from .errors import (
     AquaError,
     DaemonGone,
+    DaemonUnavailable,
     DaemonNotResponding,
     DaemonNotRunning,
     NotRegistered,
@@ -43,6 +44,13 @@ from .paths import directory_problem, endpoint, resolve_socket, segment_prefix
 log = logging.getLogger("aqua")
 
 DEFAULT_TIMEOUT_S = 10.0
+# How long a request waits on the reply alone before it also watches the
+# connection: a live daemon answers well within it, so the common round trip
+# costs exactly one poll, and a dead one is noticed within one such window.
+REPLY_FIRST_MS = 50
+# Connection events that mean the daemon is gone: its end closed (it died or
+# stopped), or a connect to its socket was refused.
+_LINK_LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 ENV_DAEMON_UID = "AQUA_DAEMON_UID"
 
 
@@ -171,6 +179,12 @@ class Connection:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        # Watched only while a caller waits, never on the hot path: a daemon
+        # that dies closes its end, and every waiter then fails at once.
+        self._link = self._sock.get_monitor_socket(_LINK_LOST)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._link, zmq.POLLIN)
         self._sock.connect(endpoint(self.socket_path))
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -187,12 +201,11 @@ class Connection:
             rid = self._send(op)
             deadline = time.monotonic() + timeout
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                msg = self._next_message(deadline)
+                if msg is None:
                     raise DaemonNotResponding(
                         f"aquad did not answer {op.op!r} within {timeout:g} s "
                         f"({self.socket_path})")
-                msg = self._read()
                 if isinstance(msg, p.Event):
                     self._on_event(msg)
                     continue
@@ -203,6 +216,33 @@ class Connection:
                 if msg.ok:
                     return msg.result
                 raise error_for(msg.code, msg.message, msg.details)
+
+    def _next_message(self, deadline: float) -> p.Reply | p.Event | None:
+        """The next frame from the daemon, None at the deadline; raises
+        DaemonGone once the connection is lost. Called with the lock held.
+        The first wait is on the reply alone (the hot path: one poll, as
+        before); only a reply that is late also watches the connection."""
+        remaining = deadline - time.monotonic()
+        if remaining > 0 and self._sock.poll(min(REPLY_FIRST_MS, int(remaining * 1000) + 1),
+                                              zmq.POLLIN):
+            return self._read()
+        while True:
+            self._check_link()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready = dict(self._poller.poll(int(remaining * 1000) + 1))
+            if self._sock in ready:
+                return self._read()  # what the daemon sent before it went comes first
+
+    def _check_link(self) -> None:
+        """Raise DaemonGone if the monitor reported the connection lost.
+        Called with the lock held, by a waiting caller or the heartbeat."""
+        if self.gone is None and self._link.poll(0, zmq.POLLIN):
+            self._link.recv_multipart()
+            self.gone = f"lost the connection to aquad ({self.socket_path})"
+        if self.gone:
+            raise DaemonGone(self.gone)
 
     def _on_event(self, event: p.Event) -> None:
         if event.event == "shutdown":
@@ -241,8 +281,11 @@ class Connection:
                 if now - self._last_sent > self.keepalive_s:
                     self._send(p.Heartbeat())  # its reply is dropped as stale
                 window = 0.05 if deadline is None else min(0.05, deadline - now)
-                if self._sock.poll(max(1, int(window * 1000)), zmq.POLLIN):
-                    self._dispatch(self._read())
+                ready = dict(self._poller.poll(max(1, int(window * 1000))))
+                if self._sock in ready:
+                    self._dispatch(self._read())  # a farewell before the loss
+                else:
+                    self._check_link()
             time.sleep(0)  # let a thread blocked on the lock have it
 
     def _dispatch(self, msg: p.Reply | p.Event) -> None:
@@ -252,7 +295,13 @@ class Connection:
 
     def _send(self, op: p.Op) -> int:
         rid = next(self._ids)
-        self._sock.send(p.encode_request(rid, op))
+        try:
+            # Never blocks: a DEALER queues for its peer, and one that queued
+            # a thousand frames unread has a daemon that is not coming back.
+            self._sock.send(p.encode_request(rid, op), zmq.NOBLOCK)
+        except zmq.Again:
+            self.gone = f"aquad stopped reading requests ({self.socket_path})"
+            raise DaemonGone(self.gone) from None
         self._last_sent = time.monotonic()
         return rid
 
@@ -266,6 +315,8 @@ class Connection:
         with self._lock:
             if self.gone is None:
                 self.gone = "connection closed"
+            self._sock.disable_monitor()
+            self._link.close(linger=0)
             self._sock.close(linger=0)
 
 
@@ -318,7 +369,10 @@ class Client:
         try:
             lease = Lease(self, reply, populate=populate)
         except BaseException:
-            self._conn.request(p.Release(lease=reply["lease"]))
+            try:
+                self._conn.request(p.Release(lease=reply["lease"]))
+            except DaemonUnavailable:
+                pass  # the daemon took the lease with it; the first error matters
             raise
         with self._leases_lock:
             self._leases[lease.id] = lease
@@ -339,10 +393,17 @@ class Client:
         return offload(self, tensor, near=near)
 
     def _release(self, lease: Lease) -> None:
+        """Forget a lease and tell aquad, best effort: a daemon that is gone
+        has lost the lease already (or its successor frees it), and the bytes
+        were copied out before this is called, so its failure costs nothing."""
         with self._leases_lock:
             self._leases.pop(lease.id, None)
-        if not self._conn.gone:
+        if self._conn.gone:
+            return
+        try:
             self._conn.request(p.Release(lease=lease.id))
+        except DaemonUnavailable as exc:
+            log.debug("release of %s not confirmed: %s", lease.id, exc)
 
     def _release_later(self, lease: Lease) -> None:
         """Queue a release for the heartbeat thread (it runs from the
@@ -410,13 +471,17 @@ class Client:
         st.holding = False
         st.yields += 1
         st.yielded_at = time.monotonic()
-        reply = self._conn.request(p.TurnYield(slice=slice_id))
-        if reply["state"] == "granted":
-            st.hold(reply)
-        else:
-            self._conn.wait_for(lambda: st.holding, None)
-        if page_in is not None:
-            page_in()
+        try:
+            reply = self._conn.request(p.TurnYield(slice=slice_id))
+            if reply["state"] == "granted":
+                st.hold(reply)
+            else:
+                self._conn.wait_for(lambda: st.holding, None)
+        finally:
+            # Also when the daemon is gone: the context comes back from the
+            # leases' mappings, which outlive it; only the slice is lost.
+            if page_in is not None:
+                page_in()
         return True
 
     def on_preempt(self, page_out: Callable[[], object] | None,
