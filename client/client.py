@@ -51,6 +51,10 @@ REPLY_FIRST_MS = 50
 # Connection events that mean the daemon is gone: its end closed (it died or
 # stopped), or a connect to its socket was refused.
 _LINK_LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+# Reconnecting after a lost daemon: the first try soon (a restart takes a
+# moment), then doubling, never longer apart than the cap.
+RECONNECT_FIRST_S = 0.05
+RECONNECT_MAX_S = 0.25
 ENV_DAEMON_UID = "AQUA_DAEMON_UID"
 
 
@@ -215,6 +219,10 @@ class Connection:
                 # read at all; one request is in flight at a time, so it is ours.)
                 if msg.ok:
                     return msg.result
+                if msg.code == p.ErrorCode.NOT_REGISTERED:
+                    # libzmq reconnects by itself, and a restarted aquad does
+                    # not know us: that is the daemon we lost, not a drop.
+                    self._check_link()
                 raise error_for(msg.code, msg.message, msg.details)
 
     def _next_message(self, deadline: float) -> p.Reply | p.Event | None:
@@ -300,10 +308,18 @@ class Connection:
             # a thousand frames unread has a daemon that is not coming back.
             self._sock.send(p.encode_request(rid, op), zmq.NOBLOCK)
         except zmq.Again:
-            self.gone = f"aquad stopped reading requests ({self.socket_path})"
-            raise DaemonGone(self.gone) from None
+            self._no_peer()
         self._last_sent = time.monotonic()
         return rid
+
+    def _no_peer(self) -> None:
+        """A send found nobody to take it: raise DaemonGone, saying why with
+        what the daemon left before it went (its farewell, if it sent one)."""
+        while self.gone is None and self._sock.poll(0, zmq.POLLIN):
+            self._dispatch(self._read())  # a `shutdown` event raises ShuttingDown
+        self._check_link()
+        self.gone = f"aquad stopped reading requests ({self.socket_path})"
+        raise DaemonGone(self.gone)
 
     def _read(self) -> p.Reply | p.Event:
         try:
@@ -330,34 +346,46 @@ class Client:
     """A registered tenant. Make one with `aqua.connect()`."""
 
     def __init__(self, tenant: str, devices: Iterable[int], *, socket: str | None = None,
-                 weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self._conn = Connection(socket, timeout=timeout)
-        try:
-            # None: the operator's weight for this tenant; a weight may ask for less.
-            hello = self._conn.request(p.Hello(tenant=tenant, devices=list(devices),
-                                               weight=None if weight is None else float(weight)))
-        except BaseException:
-            self._conn.close()
-            raise
+                 weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 reconnect: bool = False) -> None:
+        devices = list(devices)
+        # None: the operator's weight for this tenant; a weight may ask for less.
+        self._hello = p.Hello(tenant=tenant, devices=devices,
+                              weight=None if weight is None else float(weight))
+        self._conn, hello = self._register(Connection(socket, timeout=timeout))
+        self.reconnect = reconnect
         self.name = tenant
-        self.id: str = hello["tenant_id"]
         self.devices: tuple[int, ...] = tuple(devices)
-        self.backend: str = hello["backend"]
-        self.daemon_devices: list[dict] = hello["devices"]
+        self._registered(self._conn, hello)
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
         # GPU leases whose last alias died after release(): finalizers append
         # (any thread, maybe inside a request), the heartbeat thread sends.
         self._deferred: collections.deque[Lease] = collections.deque()
+        # Released while no daemon answered: reclaimed and released again
+        # after a reconnect, so a restarted aquad need not wait out its grace.
+        self._unreleased: collections.deque[Lease] = collections.deque()
         self._stop = threading.Event()
         self._turn = TurnState()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
-        self._conn.on_event = self._on_event
-        self._conn.keepalive_s = hello["heartbeat_interval_s"]
-        self._heartbeat = threading.Thread(
-            target=self._beat, args=(hello["heartbeat_interval_s"],),
-            name=f"aqua-heartbeat-{self.id}", daemon=True)
+        self._heartbeat = threading.Thread(target=self._beat, name=f"aqua-heartbeat-{self.id}",
+                                           daemon=True)
         self._heartbeat.start()
+
+    def _register(self, conn: Connection) -> tuple[Connection, dict[str, Any]]:
+        try:
+            hello = conn.request(self._hello)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, hello
+
+    def _registered(self, conn: Connection, hello: dict[str, Any]) -> None:
+        self.id: str = hello["tenant_id"]
+        self.backend: str = hello["backend"]
+        self.daemon_devices: list[dict] = hello["devices"]
+        conn.on_event = self._on_event
+        conn.keepalive_s = hello["heartbeat_interval_s"]
 
     # --- leases -----------------------------------------------------------------
 
@@ -398,12 +426,16 @@ class Client:
         were copied out before this is called, so its failure costs nothing."""
         with self._leases_lock:
             self._leases.pop(lease.id, None)
-        if self._conn.gone:
+        if lease.lost:
             return
         try:
+            if self._conn.gone:
+                raise DaemonGone(self._conn.gone)
             self._conn.request(p.Release(lease=lease.id))
         except DaemonUnavailable as exc:
             log.debug("release of %s not confirmed: %s", lease.id, exc)
+            if self.reconnect and lease.capability:
+                self._unreleased.append(lease)  # a restarted aquad may hold it for us
 
     def _release_later(self, lease: Lease) -> None:
         """Queue a release for the heartbeat thread (it runs from the
@@ -434,9 +466,9 @@ class Client:
         if st.active:
             raise AquaError("already inside a turn")
         st.active = True  # before asking: another thread may read the grant
+        st.wanted = None if devices is None else list(devices)
         try:
-            reply = self._conn.request(
-                p.Turn(devices=None if devices is None else list(devices)))
+            reply = self._conn.request(p.Turn(devices=st.wanted))
         except BaseException:
             st.active = False
             raise
@@ -460,19 +492,21 @@ class Client:
         st = self._turn
         if not st.active:
             return False
-        if not (st.preempted or st.revoked):
+        if not (st.preempted or st.revoked or st.requeued):
             self._conn.poll_events()
-            if not (st.preempted or st.revoked):
+            if not (st.preempted or st.revoked or st.requeued):
                 return False
         page_out, page_in = self._hooks
         if page_out is not None:
             page_out()
         slice_id = st.slice
+        requeued = st.requeued  # a restarted aquad has us queued already
         st.holding = False
         st.yields += 1
         st.yielded_at = time.monotonic()
         try:
-            reply = self._conn.request(p.TurnYield(slice=slice_id))
+            reply = {"state": "queued"} if requeued else \
+                self._conn.request(p.TurnYield(slice=slice_id))
             if reply["state"] == "granted":
                 st.hold(reply)
             else:
@@ -509,13 +543,14 @@ class Client:
 
     # --- lifecycle ----------------------------------------------------------
 
-    def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+    def _beat(self) -> None:
+        while not self._stop.wait(self._conn.keepalive_s):
             try:
                 self._send_deferred()
-                self._conn.request(p.Heartbeat(), timeout=max(interval * 3, 1.0))
+                self._conn.request(p.Heartbeat(), timeout=max(self._conn.keepalive_s * 3, 1.0))
             except DaemonGone:
-                return
+                if not (self.reconnect and self._rejoin()):
+                    return
             except NotRegistered:
                 # aquad dropped us (the process was frozen past the heartbeat
                 # timeout, say): our leases and slice are gone. Say so to every
@@ -524,6 +559,104 @@ class Client:
                 return
             except AquaError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    # --- after a lost daemon (reconnect=True) ----------------------------------
+
+    def _rejoin(self) -> bool:
+        """On the heartbeat thread: connect again, with backoff, until a
+        daemon registers us (False if the client is closed first or the
+        daemon cannot be trusted), then reclaim leases and the turn."""
+        log.warning("lost aquad (%s); reconnecting", self._conn.gone)
+        delay = RECONNECT_FIRST_S
+        while not self._stop.wait(delay):
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            try:
+                conn, hello = self._register(
+                    Connection(self._conn.socket_path, timeout=min(self._conn.timeout, 2.0)))
+            except UntrustedDaemon as exc:
+                log.error("not reconnecting: %s", exc)
+                return False
+            except AquaError as exc:
+                log.debug("reconnect failed: %s", exc)
+                continue
+            conn.timeout = self._conn.timeout
+            # Leases and the turn first, then the swap: whoever waits for
+            # `connected` finds the books of the new daemon complete.
+            self._registered(conn, hello)
+            try:
+                adopted, lost = self._adopt_leases(conn)
+                self._release_unreleased(conn)
+            except DaemonUnavailable as exc:
+                conn.close()  # that one went too: nothing is lost, try again
+                log.debug("reconnect failed: %s", exc)
+                continue
+            self._turn.forget_slices()
+            self._ask_turn_again(conn)
+            old, self._conn = self._conn, conn
+            old.close()
+            log.warning("reconnected to aquad as %s: %d lease(s) reclaimed, %d lost",
+                        self.id, adopted, lost)
+            return True
+        return False
+
+    def _adopt_leases(self, conn: Connection) -> tuple[int, int]:
+        """Reclaim each mapped lease from the new daemon. One it does not
+        give back (its daemon had no journal, or it freed the lease) stays
+        readable here through its mapping, but is no longer accounted."""
+        adopted = lost = 0
+        for lease in self.leases:
+            try:
+                if not lease.capability:
+                    raise AquaError("the daemon gave this lease no capability")
+                reply = conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
+                if reply["handle"] != lease.handle:
+                    raise AquaError(f"adopted {lease.id} names other memory: {reply['handle']}")
+                adopted += 1
+            except DaemonUnavailable:
+                raise  # no answer is not a refusal: the lease may still be kept
+            except AquaError as exc:
+                log.debug("lease %s not reclaimed: %s", lease.id, exc)
+                lease.lost = True
+                with self._leases_lock:
+                    self._leases.pop(lease.id, None)
+                lost += 1
+        return adopted, lost
+
+    def _release_unreleased(self, conn: Connection) -> None:
+        while self._unreleased:
+            lease = self._unreleased.popleft()
+            try:
+                conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
+                conn.request(p.Release(lease=lease.id))
+            except AquaError as exc:
+                log.debug("lease %s released while aquad was away: %s", lease.id, exc)
+
+    def _ask_turn_again(self, conn: Connection) -> None:
+        """A turn in progress asks the new daemon for its slice again; until
+        it is granted, the next respond() pages out and waits."""
+        st = self._turn
+        if not st.active:
+            return
+        try:
+            reply = conn.request(p.Turn(devices=st.wanted))
+        except AquaError as exc:
+            log.warning("could not ask for the turn again: %s", exc)
+            return
+        if reply["state"] == "granted":
+            st.hold(reply)
+        else:
+            st.holding = False
+            st.requeued = True
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until the client is connected and registered (True), or the
+        timeout passes (False): after DaemonGone, while it reconnects."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.connected:
+            if self._stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(0.01)
+        return True
 
     @property
     def connected(self) -> bool:
@@ -578,12 +711,19 @@ class TurnState:
         self.revocations = 0
         self.yielded_at = 0.0  # time.monotonic() of the last yield sent
         self.granted_at = 0.0  # ... and of the last grant seen
+        self.wanted: list[int] | None = None  # the devices turn() asked for
+        self.requeued = False  # asked again of a restarted daemon, not yet granted
+
+    def forget_slices(self) -> None:
+        """A new daemon numbers its slices afresh."""
+        self.slice = self.asked = self.revoked_slice = 0
 
     def hold(self, grant: dict[str, Any]) -> None:
         self.granted_at = time.monotonic()
         self.slice = int(grant["slice"])
         self.devices = list(grant["devices"])
         self.quantum_s = float(grant["quantum_s"])
+        self.requeued = False
         self.holding = True
 
     @property
@@ -606,6 +746,10 @@ class Lease:
         self.nbytes: int = reply["nbytes"]
         self.tier: str = reply["tier"]  # nvlink, peer, host or local
         self.kind: str = reply["handle"].get("kind", "")  # posix_shm or cuda_ipc
+        self.handle: dict[str, Any] = reply["handle"]
+        # The proof of ownership a restarted daemon asks for (host leases).
+        self.capability: str = reply.get("capability", "")
+        self.lost = False  # a restarted daemon did not give it back
         self._client = client
         self._mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix,
                                     populate=populate)
@@ -666,7 +810,11 @@ class Lease:
 
 
 def connect(tenant: str, device: int | Iterable[int] = 0, *, socket: str | None = None,
-            weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
-    """Register with aquad as `tenant` computing on `device` (an id or a list)."""
+            weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+            reconnect: bool = True) -> Client:
+    """Register with aquad as `tenant` computing on `device` (an id or a list).
+    With `reconnect`, a client that lost its daemon (DaemonGone) connects
+    again by itself and reclaims its leases and its turn."""
     devices = [device] if isinstance(device, int) else list(device)
-    return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout)
+    return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout,
+                  reconnect=reconnect)

@@ -12,6 +12,7 @@ from .messages import (
     OPS,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    Adopt,
     Bye,
     Event,
     Heartbeat,
@@ -36,7 +37,7 @@ from .messages import (
 
 __all__ = [
     "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "OPS", "PROTOCOL_VERSION",
-    "SUPPORTED_VERSIONS", "Bye", "ErrorCode", "Event", "Heartbeat", "Hello", "Lease",
+    "SUPPORTED_VERSIONS", "Adopt", "Bye", "ErrorCode", "Event", "Heartbeat", "Hello", "Lease",
     "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status", "Turn",
     "TurnDone", "TurnYield",
     "decode_reply", "decode_request", "encode_error", "encode_event", "encode_request",

@@ -45,6 +45,7 @@ MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 LEASE_ID_RE = re.compile(r"L[A-Za-z0-9_-]{8,64}")
+CAPABILITY_RE = re.compile(r"[0-9a-f]{32}")
 
 
 # --- field checks -----------------------------------------------------------
@@ -197,6 +198,17 @@ class LeaseInfo(Op):
     op = "lease_info"
     doc = "Describe one of the tenant's own leases (with its handle, to map it again)."
     lease: str = arg(LEASE_ID, doc="lease id from a `lease` reply")
+
+
+@operation
+@dataclass(slots=True)
+class Adopt(Op):
+    op = "adopt"
+    doc = ("Reclaim a lease granted before the daemon restarted (host backend), proving "
+           "ownership with the capability from its `lease` reply. Reply as for `lease`.")
+    lease: str = arg(LEASE_ID, doc="lease id from the `lease` reply of the previous daemon")
+    capability: str = arg(Check(str, pattern=CAPABILITY_RE, max_len=32),
+                          doc="the secret from that reply (32 hex digits)")
 
 
 @operation

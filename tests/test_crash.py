@@ -54,7 +54,7 @@ def _gone_promptly(thread: threading.Thread, out: dict, killed_at: float) -> Bas
 
 
 def _connect(daemon: Daemon, name: str = "crash") -> aqua.Client:
-    return aqua.connect(name, 0, socket=daemon.socket)
+    return aqua.connect(name, 0, socket=daemon.socket, reconnect=False)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

@@ -18,6 +18,7 @@ class LeaseRecord:
     tier: Tier
     segment: Any  # the backend's object for the backing memory
     created_at: float
+    capability: str = ""  # the owner's proof for `adopt` after a restart ("": none)
 
 
 class LeaseTable:
