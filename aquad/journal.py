@@ -5,7 +5,7 @@ rundir.py has checked. Append-only lines, one record each:
 
     <crc32 of the JSON, 8 hex digits> <JSON>\\n
 
-a grant ({"g": lease id, "seg", "n", "d", "uid", "gid", "pid", "cap"}) or a
+a grant ({"g": lease id, "seg", "n", "d", "uid", "gid", "pid", "cap", "t"}) or a
 free ({"f": lease id}). Records are buffered and written in maintain(), off
 the request path; one write() per batch, with O_APPEND, so a daemon that is
 killed leaves whole records behind, at most missing the last batch (those
@@ -32,7 +32,7 @@ log = logging.getLogger("aquad")
 
 
 _KEYS = {"lease": "g", "segment": "seg", "nbytes": "n", "device": "d", "uid": "uid",
-         "gid": "gid", "pid": "pid", "capability": "cap"}
+         "gid": "gid", "pid": "pid", "capability": "cap", "tenant": "t"}
 
 
 def _line(record: dict) -> bytes:

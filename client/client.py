@@ -117,6 +117,8 @@ def check_socket(path: str) -> None:
     except ConnectionRefusedError:
         raise DaemonNotRunning(
             f"aquad is not running: {path} is a stale socket nobody listens on") from None
+    except FileNotFoundError:
+        raise _not_running(path) from None  # a starting aquad replaces a stale socket
     finally:
         probe.close()
 
@@ -354,6 +356,7 @@ class Client:
                               weight=None if weight is None else float(weight))
         self._conn, hello = self._register(Connection(socket, timeout=timeout))
         self.reconnect = reconnect
+        self.reconnects = 0  # times a lost daemon was replaced by a new one
         self.name = tenant
         self.devices: tuple[int, ...] = tuple(devices)
         self._registered(self._conn, hello)
@@ -362,9 +365,6 @@ class Client:
         # GPU leases whose last alias died after release(): finalizers append
         # (any thread, maybe inside a request), the heartbeat thread sends.
         self._deferred: collections.deque[Lease] = collections.deque()
-        # Released while no daemon answered: reclaimed and released again
-        # after a reconnect, so a restarted aquad need not wait out its grace.
-        self._unreleased: collections.deque[Lease] = collections.deque()
         self._stop = threading.Event()
         self._turn = TurnState()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
@@ -433,9 +433,8 @@ class Client:
                 raise DaemonGone(self._conn.gone)
             self._conn.request(p.Release(lease=lease.id))
         except DaemonUnavailable as exc:
+            # A restarted aquad frees it once we reconnect (see `adopt`).
             log.debug("release of %s not confirmed: %s", lease.id, exc)
-            if self.reconnect and lease.capability:
-                self._unreleased.append(lease)  # a restarted aquad may hold it for us
 
     def _release_later(self, lease: Lease) -> None:
         """Queue a release for the heartbeat thread (it runs from the
@@ -585,7 +584,6 @@ class Client:
             self._registered(conn, hello)
             try:
                 adopted, lost = self._adopt_leases(conn)
-                self._release_unreleased(conn)
             except DaemonUnavailable as exc:
                 conn.close()  # that one went too: nothing is lost, try again
                 log.debug("reconnect failed: %s", exc)
@@ -593,6 +591,7 @@ class Client:
             self._turn.forget_slices()
             self._ask_turn_again(conn)
             old, self._conn = self._conn, conn
+            self.reconnects += 1
             old.close()
             log.warning("reconnected to aquad as %s: %d lease(s) reclaimed, %d lost",
                         self.id, adopted, lost)
@@ -621,15 +620,6 @@ class Client:
                     self._leases.pop(lease.id, None)
                 lost += 1
         return adopted, lost
-
-    def _release_unreleased(self, conn: Connection) -> None:
-        while self._unreleased:
-            lease = self._unreleased.popleft()
-            try:
-                conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
-                conn.request(p.Release(lease=lease.id))
-            except AquaError as exc:
-                log.debug("lease %s released while aquad was away: %s", lease.id, exc)
 
     def _ask_turn_again(self, conn: Connection) -> None:
         """A turn in progress asks the new daemon for its slice again; until

@@ -13,7 +13,7 @@ from aquad.rundir import StartupError
 
 def grant(n: int, pid: int = 1) -> JournaledLease:
     return JournaledLease(f"Lid{n:08d}", f"aqua-x-{n:024x}", 4096 * n, 0, os.getuid(), os.getgid(),
-                 pid, f"{n:032x}")
+                 pid, f"{n:032x}", "llama")
 
 
 def written(journal: Journal, *grants: JournaledLease, freed: tuple[str, ...] = ()) -> bytes:

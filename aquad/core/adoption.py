@@ -27,6 +27,7 @@ class JournaledLease:
     gid: int
     pid: int
     capability: str
+    tenant: str  # its owner's name: one process may register several tenants
 
 
 @dataclass

@@ -128,6 +128,8 @@ class Arbiter:
                     raise ProtocolError(ErrorCode.PERMISSION_DENIED,
                                         "connection does not belong to this tenant")
                 tenant.last_seen = self._clock()
+                if self.orphans and not tenant.adopted:
+                    self._end_adoption(tenant, request.args)
             elif request.args.needs_tenant:
                 raise ProtocolError(ErrorCode.NOT_REGISTERED,
                                     f"send hello before {request.op!r}")
@@ -208,6 +210,20 @@ class Arbiter:
             self._free_orphan(orphan)
         return expired
 
+    def _end_adoption(self, tenant: Tenant, args: m.Op) -> None:
+        """A reconnected tenant adopts all it still holds right after hello;
+        its first other request ends that, and the remaining orphans of the
+        same process and tenant name (leases it released while no daemon
+        answered, or whose free was not journaled yet) are freed then
+        instead of at the grace's end."""
+        if isinstance(args, m.Adopt):
+            return
+        tenant.adopted = True
+        mine = (tenant.peer.pid, tenant.name)
+        for orphan in [o for o in self.orphans.values()
+                       if (o.grant.pid, o.grant.tenant) == mine]:
+            self._free_orphan(orphan)
+
     def _free_orphan(self, orphan: Orphan) -> None:
         del self.orphans[orphan.grant.lease]
         self.backend.destroy(orphan.segment)
@@ -286,7 +302,7 @@ class Arbiter:
                             tier_of(self.topology, near, device), segment, self._clock())
         if self.journal is not None:
             lease.capability = self._new_capability()
-            self._journal_grant(lease, tenant.peer)
+            self._journal_grant(lease, tenant)
         self.leases.add(lease)
         tenant.leases.add(lease.id)
         return self._lease_reply(lease)
@@ -314,14 +330,16 @@ class Arbiter:
         lease = LeaseRecord(grant.lease, tenant.id, grant.device, grant.nbytes, orphan.charged,
                             tier_of(self.topology, tenant.devices[0], grant.device),
                             orphan.segment, self._clock(), grant.capability)
-        self._journal_grant(lease, tenant.peer)  # its new owner pid
+        self._journal_grant(lease, tenant)  # its new owner
         self.leases.add(lease)
         tenant.leases.add(lease.id)
         return self._lease_reply(lease)
 
-    def _journal_grant(self, lease: LeaseRecord, peer: Peer) -> None:
-        self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes, lease.device,
-                                   peer.uid, peer.gid, peer.pid, lease.capability))
+    def _journal_grant(self, lease: LeaseRecord, tenant: Tenant) -> None:
+        peer = tenant.peer
+        self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes,
+                                            lease.device, peer.uid, peer.gid, peer.pid,
+                                            lease.capability, tenant.name))
 
     def _release(self, conn: bytes, peer: Peer, args: m.Release) -> dict:
         tenant = self.tenants.by_conn(conn)
