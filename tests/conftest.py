@@ -69,7 +69,14 @@ class Daemon:
         """Lease segments in /dev/shm that hold pages. The daemon also keeps
         spare files ready for grants, sparse until a tenant maps one (the
         client populates its mappings, so every mapped lease has pages)."""
-        return [f for f in self.files() if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0]
+        held = []
+        for f in self.files():
+            try:
+                if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0:
+                    held.append(f)
+            except FileNotFoundError:
+                pass  # unlinked since the listing: the daemon is freeing it
+        return held
 
     def files(self) -> list[str]:
         """Every file of this daemon in /dev/shm, spares included."""
