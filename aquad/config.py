@@ -242,6 +242,9 @@ class Config:
     heartbeat_timeout_s: float = 5.0
     quantum_ms: float = 100.0
     grace_ms: float = 1000.0
+    # How long leases of a crashed predecessor wait for their owners to
+    # reclaim them (host backend) before they are freed.
+    adopt_grace_s: float = 30.0
     max_tenants: int = 1024
     max_leases_per_tenant: int = 4096
     log_level: str = "info"
@@ -263,6 +266,9 @@ class Config:
             raise ConfigError(f"quantum_ms must be within 1..60000, got {self.quantum_ms:g}")
         if not 0 <= self.grace_ms <= 600_000:
             raise ConfigError(f"grace_ms must be within 0..600000, got {self.grace_ms:g}")
+        if not 0 <= self.adopt_grace_s <= 3600:
+            raise ConfigError(f"adopt_grace_s must be within 0..3600 seconds, got "
+                              f"{self.adopt_grace_s:g}")
         if self.max_tenants < 1 or self.max_leases_per_tenant < 1:
             raise ConfigError("max_tenants and max_leases_per_tenant must be >= 1")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -331,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU time slice before a holder may be preempted (default 100)")
     p.add_argument("--grace-ms", dest="grace_ms", type=float, metavar="MS",
                    help="time a preempted holder has to yield before revocation (default 1000)")
+    p.add_argument("--adopt-grace", dest="adopt_grace_s", type=float, metavar="SECONDS",
+                   help="after a crash, how long a predecessor's host leases wait for their "
+                        "owners to reclaim them (default 30)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return p
 

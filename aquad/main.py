@@ -25,6 +25,8 @@ from .config import (
     parse_weights,
 )
 from .core.arbiter import Arbiter, Limits
+from .journal import Journal
+from .recovery import recover
 from .server import Server, StartupError
 from .transport import descriptor_budget
 
@@ -100,18 +102,32 @@ def build(config: Config) -> Server:
         quotas=parse_quotas(config.quota),
         weights=parse_weights(config.weights),
     )
-    arbiter = Arbiter(backend, clock=time.monotonic, limits=limits)
+    # Only host segments outlive the daemon: GPU memory dies with its context.
+    journal = Journal(config.socket) if backend.name == "host" else None
+    arbiter = Arbiter(backend, clock=time.monotonic, limits=limits, journal=journal)
     server = Server(arbiter, config.socket, socket_group=config.socket_group,
                     heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4))
     server.open()
-    stale = backend.remove_stale()  # only after the lock: they are ours
-    if stale:
-        log.warning("removed %d shared-memory segment(s) left by a previous aquad", stale)
+    got = recover(arbiter, journal, config.adopt_grace_s)  # only after the lock: ours
+    if got.kept or got.freed:
+        log.warning("a previous aquad left %d live lease(s): %d kept for their owners to "
+                    "adopt within %g s, %d freed", got.kept + got.freed, got.kept,
+                    config.adopt_grace_s, got.freed)
+    if got.stale:
+        log.warning("removed %d shared-memory segment(s) left by a previous aquad", got.stale)
     return server
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 async def run(server: Server) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        # Held back since main() began: a stop that came during startup is
+        # answered now, with the full cleanup, instead of killing a daemon
+        # that already answers connects but has not yet cleaned up after
+        # its predecessor (recover()).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             devices = server.arbiter.topology.devices
@@ -136,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s aquad %(levelname)s %(message)s")
     # Everything aquad creates is private unless it says otherwise (the socket).
     os.umask(0o077)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # until run() can answer
     try:
         server = build(config)
     except (StartupError, BackendError, ConfigError, ValueError) as exc:

@@ -359,6 +359,11 @@ class Server:
             await trio.sleep(self.heartbeat_check_s)
             with _logged("the heartbeat reaper"):
                 expired = self.arbiter.expire()
+                orphans = self.arbiter.expire_orphans()
+                if orphans:
+                    log.warning("freed %d lease(s) of a previous aquad nobody reclaimed",
+                                len(orphans))
+                    self.arbiter.maintain()
                 for tenant in expired:
                     log.warning("tenant %s (%s, pid %d) missed its heartbeats; its leases "
                                 "are released", tenant.id, tenant.name, tenant.peer.pid)

@@ -28,6 +28,7 @@ from . import protocol as p
 from .errors import (
     AquaError,
     DaemonGone,
+    DaemonUnavailable,
     DaemonNotResponding,
     DaemonNotRunning,
     LimitExceeded,
@@ -44,6 +45,17 @@ from .paths import directory_problem, endpoint, resolve_socket, segment_prefix
 log = logging.getLogger("aqua")
 
 DEFAULT_TIMEOUT_S = 10.0
+# How long a request waits on the reply alone before it also watches the
+# connection: a live daemon answers well within it, so the common round trip
+# costs exactly one poll, and a dead one is noticed within one such window.
+REPLY_FIRST_MS = 50
+# Connection events that mean the daemon is gone: its end closed (it died or
+# stopped), or a connect to its socket was refused.
+_LINK_LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+# Reconnecting after a lost daemon: the first try soon (a restart takes a
+# moment), then doubling, never longer apart than the cap.
+RECONNECT_FIRST_S = 0.05
+RECONNECT_MAX_S = 0.25
 ENV_DAEMON_UID = "AQUA_DAEMON_UID"
 
 
@@ -106,6 +118,8 @@ def check_socket(path: str) -> None:
     except ConnectionRefusedError:
         raise DaemonNotRunning(
             f"aquad is not running: {path} is a stale socket nobody listens on") from None
+    except FileNotFoundError:
+        raise _not_running(path) from None  # a starting aquad replaces a stale socket
     finally:
         probe.close()
 
@@ -200,6 +214,12 @@ class Connection:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        # Watched only while a caller waits, never on the hot path: a daemon
+        # that dies closes its end, and every waiter then fails at once.
+        self._link = self._sock.get_monitor_socket(_LINK_LOST)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._link, zmq.POLLIN)
         self._sock.connect(endpoint(self.socket_path))
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -216,12 +236,11 @@ class Connection:
             rid = self._send(op)
             deadline = time.monotonic() + timeout
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                msg = self._next_message(deadline)
+                if msg is None:
                     raise DaemonNotResponding(
                         f"aquad did not answer {op.op!r} within {timeout:g} s "
                         f"({self.socket_path})")
-                msg = self._read()
                 if isinstance(msg, p.Event):
                     self._on_event(msg)
                     continue
@@ -231,7 +250,38 @@ class Connection:
                 # read at all; one request is in flight at a time, so it is ours.)
                 if msg.ok:
                     return msg.result
+                if msg.code == p.ErrorCode.NOT_REGISTERED:
+                    # libzmq reconnects by itself, and a restarted aquad does
+                    # not know us: that is the daemon we lost, not a drop.
+                    self._check_link()
                 raise error_for(msg.code, msg.message, msg.details)
+
+    def _next_message(self, deadline: float) -> p.Reply | p.Event | None:
+        """The next frame from the daemon, None at the deadline; raises
+        DaemonGone once the connection is lost. Called with the lock held.
+        The first wait is on the reply alone (the hot path: one poll, as
+        before); only a reply that is late also watches the connection."""
+        remaining = deadline - time.monotonic()
+        if remaining > 0 and self._sock.poll(min(REPLY_FIRST_MS, int(remaining * 1000) + 1),
+                                              zmq.POLLIN):
+            return self._read()
+        while True:
+            self._check_link()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready = dict(self._poller.poll(int(remaining * 1000) + 1))
+            if self._sock in ready:
+                return self._read()  # what the daemon sent before it went comes first
+
+    def _check_link(self) -> None:
+        """Raise DaemonGone if the monitor reported the connection lost.
+        Called with the lock held, by a waiting caller or the heartbeat."""
+        if self.gone is None and self._link.poll(0, zmq.POLLIN):
+            self._link.recv_multipart()
+            self.gone = f"lost the connection to aquad ({self.socket_path})"
+        if self.gone:
+            raise DaemonGone(self.gone)
 
     def _on_event(self, event: p.Event) -> None:
         if event.event == "shutdown":
@@ -270,8 +320,11 @@ class Connection:
                 if now - self._last_sent > self.keepalive_s:
                     self._send(p.Heartbeat())  # its reply is dropped as stale
                 window = 0.05 if deadline is None else min(0.05, deadline - now)
-                if self._sock.poll(max(1, int(window * 1000)), zmq.POLLIN):
-                    self._dispatch(self._read())
+                ready = dict(self._poller.poll(max(1, int(window * 1000))))
+                if self._sock in ready:
+                    self._dispatch(self._read())  # a farewell before the loss
+                else:
+                    self._check_link()
             time.sleep(0)  # let a thread blocked on the lock have it
 
     def _dispatch(self, msg: p.Reply | p.Event) -> None:
@@ -281,9 +334,23 @@ class Connection:
 
     def _send(self, op: p.Op) -> int:
         rid = next(self._ids)
-        self._sock.send(p.encode_request(rid, op))
+        try:
+            # Never blocks: a DEALER queues for its peer, and one that queued
+            # a thousand frames unread has a daemon that is not coming back.
+            self._sock.send(p.encode_request(rid, op), zmq.NOBLOCK)
+        except zmq.Again:
+            self._no_peer()
         self._last_sent = time.monotonic()
         return rid
+
+    def _no_peer(self) -> None:
+        """A send found nobody to take it: raise DaemonGone, saying why with
+        what the daemon left before it went (its farewell, if it sent one)."""
+        while self.gone is None and self._sock.poll(0, zmq.POLLIN):
+            self._dispatch(self._read())  # a `shutdown` event raises ShuttingDown
+        self._check_link()
+        self.gone = f"aquad stopped reading requests ({self.socket_path})"
+        raise DaemonGone(self.gone)
 
     def _read(self) -> p.Reply | p.Event:
         try:
@@ -295,6 +362,8 @@ class Connection:
         with self._lock:
             if self.gone is None:
                 self.gone = "connection closed"
+            self._sock.disable_monitor()
+            self._link.close(linger=0)
             self._sock.close(linger=0)
 
 
@@ -308,20 +377,18 @@ class Client:
     """A registered tenant. Make one with `aqua.connect()`."""
 
     def __init__(self, tenant: str, devices: Iterable[int], *, socket: str | None = None,
-                 weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self._conn = Connection(socket, timeout=timeout)
-        try:
-            # None: the operator's weight for this tenant; a weight may ask for less.
-            hello = self._conn.request(p.Hello(tenant=tenant, devices=list(devices),
-                                               weight=None if weight is None else float(weight)))
-        except BaseException:
-            self._conn.close()
-            raise
+                 weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 reconnect: bool = False) -> None:
+        devices = list(devices)
+        # None: the operator's weight for this tenant; a weight may ask for less.
+        self._hello = p.Hello(tenant=tenant, devices=devices,
+                              weight=None if weight is None else float(weight))
+        self._conn, hello = self._register(Connection(socket, timeout=timeout))
+        self.reconnect = reconnect
+        self.reconnects = 0  # times a lost daemon was replaced by a new one
         self.name = tenant
-        self.id: str = hello["tenant_id"]
         self.devices: tuple[int, ...] = tuple(devices)
-        self.backend: str = hello["backend"]
-        self.daemon_devices: list[dict] = hello["devices"]
+        self._registered(self._conn, hello)
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
         # GPU leases whose last alias died after release(): finalizers append
@@ -330,12 +397,24 @@ class Client:
         self._stop = threading.Event()
         self._turn = TurnState()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
-        self._conn.on_event = self._on_event
-        self._conn.keepalive_s = hello["heartbeat_interval_s"]
-        self._heartbeat = threading.Thread(
-            target=self._beat, args=(hello["heartbeat_interval_s"],),
-            name=f"aqua-heartbeat-{self.id}", daemon=True)
+        self._heartbeat = threading.Thread(target=self._beat, name=f"aqua-heartbeat-{self.id}",
+                                           daemon=True)
         self._heartbeat.start()
+
+    def _register(self, conn: Connection) -> tuple[Connection, dict[str, Any]]:
+        try:
+            hello = conn.request(self._hello)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, hello
+
+    def _registered(self, conn: Connection, hello: dict[str, Any]) -> None:
+        self.id: str = hello["tenant_id"]
+        self.backend: str = hello["backend"]
+        self.daemon_devices: list[dict] = hello["devices"]
+        conn.on_event = self._on_event
+        conn.keepalive_s = hello["heartbeat_interval_s"]
 
     # --- leases -----------------------------------------------------------------
 
@@ -347,7 +426,10 @@ class Client:
         try:
             lease = Lease(self, reply, populate=populate)
         except BaseException:
-            self._conn.request(p.Release(lease=reply["lease"]))
+            try:
+                self._conn.request(p.Release(lease=reply["lease"]))
+            except DaemonUnavailable:
+                pass  # the daemon took the lease with it; the first error matters
             raise
         with self._leases_lock:
             self._leases[lease.id] = lease
@@ -375,10 +457,20 @@ class Client:
         return offload(self, tensor, near=near)
 
     def _release(self, lease: Lease) -> None:
+        """Forget a lease and tell aquad, best effort: a daemon that is gone
+        has lost the lease already (or its successor frees it), and the bytes
+        were copied out before this is called, so its failure costs nothing."""
         with self._leases_lock:
             self._leases.pop(lease.id, None)
-        if not self._conn.gone:
+        if lease.lost:
+            return
+        try:
+            if self._conn.gone:
+                raise DaemonGone(self._conn.gone)
             self._conn.request(p.Release(lease=lease.id))
+        except DaemonUnavailable as exc:
+            # A restarted aquad frees it once we reconnect (see `adopt`).
+            log.debug("release of %s not confirmed: %s", lease.id, exc)
 
     def _release_later(self, lease: Lease) -> None:
         """Queue a release for the heartbeat thread (it runs from the
@@ -409,9 +501,9 @@ class Client:
         if st.active:
             raise AquaError("already inside a turn")
         st.active = True  # before asking: another thread may read the grant
+        st.wanted = None if devices is None else list(devices)
         try:
-            reply = self._conn.request(
-                p.Turn(devices=None if devices is None else list(devices)))
+            reply = self._conn.request(p.Turn(devices=st.wanted))
         except BaseException:
             st.active = False
             raise
@@ -435,24 +527,30 @@ class Client:
         st = self._turn
         if not st.active:
             return False
-        if not (st.preempted or st.revoked):
+        if not (st.preempted or st.revoked or st.requeued):
             self._conn.poll_events()
-            if not (st.preempted or st.revoked):
+            if not (st.preempted or st.revoked or st.requeued):
                 return False
         page_out, page_in = self._hooks
         if page_out is not None:
             page_out()
         slice_id = st.slice
+        requeued = st.requeued  # a restarted aquad has us queued already
         st.holding = False
         st.yields += 1
         st.yielded_at = time.monotonic()
-        reply = self._conn.request(p.TurnYield(slice=slice_id))
-        if reply["state"] == "granted":
-            st.hold(reply)
-        else:
-            self._conn.wait_for(lambda: st.holding, None)
-        if page_in is not None:
-            page_in()
+        try:
+            reply = {"state": "queued"} if requeued else \
+                self._conn.request(p.TurnYield(slice=slice_id))
+            if reply["state"] == "granted":
+                st.hold(reply)
+            else:
+                self._conn.wait_for(lambda: st.holding, None)
+        finally:
+            # Also when the daemon is gone: the context comes back from the
+            # leases' mappings, which outlive it; only the slice is lost.
+            if page_in is not None:
+                page_in()
         return True
 
     def on_preempt(self, page_out: Callable[[], object] | None,
@@ -480,13 +578,14 @@ class Client:
 
     # --- lifecycle ----------------------------------------------------------
 
-    def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+    def _beat(self) -> None:
+        while not self._stop.wait(self._conn.keepalive_s):
             try:
                 self._send_deferred()
-                self._conn.request(p.Heartbeat(), timeout=max(interval * 3, 1.0))
+                self._conn.request(p.Heartbeat(), timeout=max(self._conn.keepalive_s * 3, 1.0))
             except DaemonGone:
-                return
+                if not (self.reconnect and self._rejoin()):
+                    return
             except NotRegistered:
                 # aquad dropped us (the process was frozen past the heartbeat
                 # timeout, say): our leases and slice are gone. Say so to every
@@ -495,6 +594,95 @@ class Client:
                 return
             except AquaError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    # --- after a lost daemon (reconnect=True) ----------------------------------
+
+    def _rejoin(self) -> bool:
+        """On the heartbeat thread: connect again, with backoff, until a
+        daemon registers us (False if the client is closed first or the
+        daemon cannot be trusted), then reclaim leases and the turn."""
+        log.warning("lost aquad (%s); reconnecting", self._conn.gone)
+        delay = RECONNECT_FIRST_S
+        while not self._stop.wait(delay):
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            try:
+                conn, hello = self._register(
+                    Connection(self._conn.socket_path, timeout=min(self._conn.timeout, 2.0)))
+            except UntrustedDaemon as exc:
+                log.error("not reconnecting: %s", exc)
+                return False
+            except AquaError as exc:
+                log.debug("reconnect failed: %s", exc)
+                continue
+            conn.timeout = self._conn.timeout
+            # Leases and the turn first, then the swap: whoever waits for
+            # `connected` finds the books of the new daemon complete.
+            self._registered(conn, hello)
+            try:
+                adopted, lost = self._adopt_leases(conn)
+            except DaemonUnavailable as exc:
+                conn.close()  # that one went too: nothing is lost, try again
+                log.debug("reconnect failed: %s", exc)
+                continue
+            self._turn.forget_slices()
+            self._ask_turn_again(conn)
+            old, self._conn = self._conn, conn
+            self.reconnects += 1
+            old.close()
+            log.warning("reconnected to aquad as %s: %d lease(s) reclaimed, %d lost",
+                        self.id, adopted, lost)
+            return True
+        return False
+
+    def _adopt_leases(self, conn: Connection) -> tuple[int, int]:
+        """Reclaim each mapped lease from the new daemon. One it does not
+        give back (its daemon had no journal, or it freed the lease) stays
+        readable here through its mapping, but is no longer accounted."""
+        adopted = lost = 0
+        for lease in self.leases:
+            try:
+                if not lease.capability:
+                    raise AquaError("the daemon gave this lease no capability")
+                reply = conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
+                if reply["handle"] != lease.handle:
+                    raise AquaError(f"adopted {lease.id} names other memory: {reply['handle']}")
+                adopted += 1
+            except DaemonUnavailable:
+                raise  # no answer is not a refusal: the lease may still be kept
+            except AquaError as exc:
+                log.debug("lease %s not reclaimed: %s", lease.id, exc)
+                lease.lost = True
+                with self._leases_lock:
+                    self._leases.pop(lease.id, None)
+                lost += 1
+        return adopted, lost
+
+    def _ask_turn_again(self, conn: Connection) -> None:
+        """A turn in progress asks the new daemon for its slice again; until
+        it is granted, the next respond() pages out and waits."""
+        st = self._turn
+        if not st.active:
+            return
+        try:
+            reply = conn.request(p.Turn(devices=st.wanted))
+        except AquaError as exc:
+            log.warning("could not ask for the turn again: %s", exc)
+            return
+        if reply["state"] == "granted":
+            st.hold(reply)
+        else:
+            st.holding = False
+            st.requeued = True
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until the client is connected and registered (True), or the
+        timeout passes (False): after DaemonGone, while it reconnects."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.connected:
+            if self._stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(0.01)
+        return True
 
     @property
     def connected(self) -> bool:
@@ -549,12 +737,19 @@ class TurnState:
         self.revocations = 0
         self.yielded_at = 0.0  # time.monotonic() of the last yield sent
         self.granted_at = 0.0  # ... and of the last grant seen
+        self.wanted: list[int] | None = None  # the devices turn() asked for
+        self.requeued = False  # asked again of a restarted daemon, not yet granted
+
+    def forget_slices(self) -> None:
+        """A new daemon numbers its slices afresh."""
+        self.slice = self.asked = self.revoked_slice = 0
 
     def hold(self, grant: dict[str, Any]) -> None:
         self.granted_at = time.monotonic()
         self.slice = int(grant["slice"])
         self.devices = list(grant["devices"])
         self.quantum_s = float(grant["quantum_s"])
+        self.requeued = False
         self.holding = True
 
     @property
@@ -577,6 +772,10 @@ class Lease:
         self.nbytes: int = reply["nbytes"]
         self.tier: str = reply["tier"]  # nvlink, peer, host or local
         self.kind: str = reply["handle"].get("kind", "")  # posix_shm or cuda_ipc
+        self.handle: dict[str, Any] = reply["handle"]
+        # The proof of ownership a restarted daemon asks for (host leases).
+        self.capability: str = reply.get("capability", "")
+        self.lost = False  # a restarted daemon did not give it back
         self._client = client
         self._mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix,
                                     populate=populate)
@@ -637,7 +836,11 @@ class Lease:
 
 
 def connect(tenant: str, device: int | Iterable[int] = 0, *, socket: str | None = None,
-            weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
-    """Register with aquad as `tenant` computing on `device` (an id or a list)."""
+            weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+            reconnect: bool = True) -> Client:
+    """Register with aquad as `tenant` computing on `device` (an id or a list).
+    With `reconnect`, a client that lost its daemon (DaemonGone) connects
+    again by itself and reclaims its leases and its turn."""
     devices = [device] if isinstance(device, int) else list(device)
-    return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout)
+    return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout,
+                  reconnect=reconnect)

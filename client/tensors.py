@@ -122,6 +122,8 @@ class OffloadedTensor:
                           device=self.device if device is None else device)
         self.restore_into(out)
         if release:
+            # Bytes first, then the round trip, which is best effort: a daemon
+            # that died costs the lease, never the tensor (Client._release).
             self.lease.release()
         return out
 

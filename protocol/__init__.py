@@ -13,6 +13,7 @@ from .messages import (
     OPS,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    Adopt,
     Bye,
     Event,
     Heartbeat,
@@ -36,8 +37,9 @@ from .messages import (
 )
 
 __all__ = [
-    "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "MAX_STATUS_LEASES", "OPS", "PROTOCOL_VERSION",
-    "SUPPORTED_VERSIONS", "Bye", "ErrorCode", "Event", "Heartbeat", "Hello", "Lease",
+    "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "MAX_STATUS_LEASES", "OPS",
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Adopt", "Bye", "ErrorCode", "Event", "Heartbeat",
+    "Hello", "Lease",
     "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status", "Turn",
     "TurnDone", "TurnYield",
     "decode_reply", "decode_request", "encode_error", "encode_event", "encode_request",

@@ -50,6 +50,7 @@ CURSOR_RE = re.compile(r"[0-9]{1,19}")  # opaque to clients; the daemon's grant 
 # Most leases one `status` reply lists, and how many it lists unless told:
 # what keeps every reply, and the daemon's time on it, bounded.
 MAX_STATUS_LEASES = 1000
+CAPABILITY_RE = re.compile(r"[0-9a-f]{32}")
 
 
 # --- field checks -----------------------------------------------------------
@@ -202,6 +203,17 @@ class LeaseInfo(Op):
     op = "lease_info"
     doc = "Describe one of the tenant's own leases (with its handle, to map it again)."
     lease: str = arg(LEASE_ID, doc="lease id from a `lease` reply")
+
+
+@operation
+@dataclass(slots=True)
+class Adopt(Op):
+    op = "adopt"
+    doc = ("Reclaim a lease granted before the daemon restarted (host backend), proving "
+           "ownership with the capability from its `lease` reply. Reply as for `lease`.")
+    lease: str = arg(LEASE_ID, doc="lease id from the `lease` reply of the previous daemon")
+    capability: str = arg(Check(str, pattern=CAPABILITY_RE, max_len=32),
+                          doc="the secret from that reply (32 hex digits)")
 
 
 @operation

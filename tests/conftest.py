@@ -40,7 +40,7 @@ class Daemon:
         self.log_path = socket + ".log"
 
     def start(self) -> Daemon:
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "aquad", "--socket", self.socket, *self.args],
             stdout=self._log, stderr=subprocess.STDOUT)
@@ -69,12 +69,29 @@ class Daemon:
         """Lease segments in /dev/shm that hold pages. The daemon also keeps
         spare files ready for grants, sparse until a tenant maps one (the
         client populates its mappings, so every mapped lease has pages)."""
-        return [f for f in self.files() if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0]
+        held = []
+        for f in self.files():
+            try:
+                if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0:
+                    held.append(f)
+            except FileNotFoundError:
+                pass  # unlinked since the listing: the daemon is freeing it
+        return held
 
     def files(self) -> list[str]:
         """Every file of this daemon in /dev/shm, spares included."""
         prefix = segment_prefix(self.socket)
         return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the daemon cannot clean up after."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> Daemon:
+        """A new aquad on the same socket and arguments (after a kill)."""
+        if self.proc.poll() is None:
+            self.stop()
+        return self.start()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -111,6 +128,7 @@ def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
     for daemon in started:
         if daemon.proc.poll() is None:
             daemon.stop()
+    for daemon in started:  # after every one stopped: they may share a socket
         leftover = daemon.files()
         assert not leftover, f"aquad left shared memory behind: {leftover}"
 

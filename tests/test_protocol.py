@@ -72,6 +72,7 @@ SAMPLES = {
     "release": Release(lease=LEASE_ID),
     "lease_info": LeaseInfo(lease=LEASE_ID),
     "status": Status(),
+    "adopt": m.Adopt(lease=LEASE_ID, capability="0123456789abcdef" * 2),
 }
 
 

@@ -49,6 +49,10 @@ class Backend(Protocol):
     def check_capacity(self) -> str | None:
         """At startup: None if the backing store can hold what is promised."""
 
+    # Backends whose memory outlives the daemon (host) also have
+    # adopt(name, nbytes, uid) -> Segment | None, used at startup, before
+    # remove_stale(), for leases the journal says are live (aquad/recovery.py).
+
     def remove_stale(self) -> int:
         """At startup, once the lock is held: delete what a crashed
         predecessor left; returns how many."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,25 @@ class HostBackend:
         ours = {*self._live, *self._doomed, *self.spares}
         return sum(_unlink(os.path.join(self._dir, entry)) for entry in os.listdir(self._dir)
                    if entry.startswith(self._prefix) and entry not in ours)
+
+    def adopt(self, name: str, nbytes: int, uid: int) -> ShmSegment | None:
+        """At startup, before remove_stale(): take over a predecessor's
+        segment if it is still what that daemon made for `uid` (named with
+        our prefix, a regular file linked once, owned by that uid, private,
+        at least `nbytes`); None if anything about it is off."""
+        suffix = name[len(self._prefix):]
+        if not name.startswith(self._prefix) or not suffix.isalnum() or name in self._live:
+            return None
+        try:
+            st = os.lstat(os.path.join(self._dir, name))
+        except OSError:
+            return None
+        owner = uid if self._euid == 0 else self._euid  # as create() left it
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != owner
+                or stat.S_IMODE(st.st_mode) != 0o600 or st.st_size < nbytes):
+            return None
+        seg = self._live[name] = ShmSegment(name, nbytes)
+        return seg
 
     def check_capacity(self) -> str | None:
         st = os.statvfs(self._dir)

@@ -11,6 +11,7 @@ changes anything, so a refused request leaves no trace.
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from aqua.protocol import ErrorCode, ProtocolError
 from aqua.protocol import messages as m
 
 from ..backends.base import Backend, BackendError
+from .adoption import Capabilities, JournaledLease, Orphan
 from .allocator import GranuleAllocator
 from .leases import LeaseRecord, LeaseTable
 from .placer import Placer, tier_of
@@ -72,6 +74,7 @@ class Arbiter:
         clock: Callable[[], float],
         limits: Limits = Limits(),
         new_id: Callable[[], str] | None = None,
+        journal: Any = None,
     ) -> None:
         self.backend = backend
         self.topology = backend.topology()
@@ -91,6 +94,12 @@ class Arbiter:
         self._new_id = new_id or LeaseIds()
         self.started_at = clock()
         self.closing = False
+        # Where grants and frees are recorded so that a restarted daemon can
+        # give leases back to their owners (aquad/journal.py); None: nothing
+        # outlives the daemon (the cuda backend, the simulator).
+        self.journal = journal
+        self._new_capability = Capabilities()
+        self.orphans: dict[str, Orphan] = {}  # a predecessor's leases, by id
         self._handlers: dict[type, Callable[[bytes, Peer, Any], dict]] = {
             m.Hello: self._hello,
             m.Heartbeat: self._heartbeat,
@@ -99,6 +108,7 @@ class Arbiter:
             m.Release: self._release,
             m.LeaseInfo: self._lease_info,
             m.Status: self._status,
+            m.Adopt: self._adopt,
             m.Turn: self._turn,
             m.TurnDone: self._turn_done,
             m.TurnYield: self._turn_yield,
@@ -118,6 +128,8 @@ class Arbiter:
                     raise ProtocolError(ErrorCode.PERMISSION_DENIED,
                                         "connection does not belong to this tenant")
                 tenant.last_seen = self._clock()
+                if self.orphans and not tenant.adopted:
+                    self._end_adoption(tenant, request.args)
             elif request.args.needs_tenant:
                 raise ProtocolError(ErrorCode.NOT_REGISTERED,
                                     f"send hello before {request.op!r}")
@@ -138,6 +150,8 @@ class Arbiter:
 
     def maintain(self) -> None:
         """Deferred work; call when no reply is waiting to go out."""
+        if self.journal is not None:
+            self.journal.flush()
         self.backend.maintain()
         self.leases.compact()
 
@@ -169,9 +183,54 @@ class Arbiter:
         conns = [t.conn for t in self.tenants]
         for tenant in self.tenants:
             self.drop_tenant(tenant.id)
+        for orphan in list(self.orphans.values()):
+            self._free_orphan(orphan)
         self._events.clear()  # everyone gets the farewell instead
         self.backend.close()
+        if self.journal is not None:
+            self.journal.close()  # nothing left to adopt
         return conns
+
+    # --- leases of a predecessor (see core/adoption.py) --------------------
+
+    def keep_orphan(self, grant: JournaledLease, segment: Any, grace_s: float) -> bool:
+        """At startup: hold a crashed predecessor's lease for its owner for
+        `grace_s`; False if this daemon's devices cannot hold it."""
+        pool = self.pools.get(grant.device)
+        if pool is None or not pool.fits(grant.nbytes):
+            return False
+        self.orphans[grant.lease] = Orphan(grant, segment, pool.allocate(grant.nbytes),
+                                           self._clock() + grace_s)
+        return True
+
+    def expire_orphans(self) -> list[Orphan]:
+        """Free the orphans whose grace period ended; returns them."""
+        now = self._clock()
+        expired = [o for o in self.orphans.values() if o.deadline <= now]
+        for orphan in expired:
+            self._free_orphan(orphan)
+        return expired
+
+    def _end_adoption(self, tenant: Tenant, args: m.Op) -> None:
+        """A reconnected tenant adopts all it still holds right after hello;
+        its first other request ends that, and the remaining orphans of the
+        same process and tenant name (leases it released while no daemon
+        answered, or whose free was not journaled yet) are freed then
+        instead of at the grace's end."""
+        if isinstance(args, m.Adopt):
+            return
+        tenant.adopted = True
+        mine = (tenant.peer.pid, tenant.name)
+        for orphan in [o for o in self.orphans.values()
+                       if (o.grant.pid, o.grant.tenant) == mine]:
+            self._free_orphan(orphan)
+
+    def _free_orphan(self, orphan: Orphan) -> None:
+        del self.orphans[orphan.grant.lease]
+        self.backend.destroy(orphan.segment)
+        self.pools[orphan.grant.device].free_bytes(orphan.charged)
+        if self.journal is not None:
+            self.journal.freed(orphan.grant.lease)
 
     # --- handlers -----------------------------------------------------------
 
@@ -242,9 +301,46 @@ class Arbiter:
         self.quotas.charge(tenant.peer, leases=1, nbytes=charged)
         lease = LeaseRecord(self._new_id(), tenant.id, device, args.nbytes, charged,
                             tier_of(self.topology, near, device), segment, self._clock())
+        if self.journal is not None:
+            lease.capability = self._new_capability()
+            self._journal_grant(lease, tenant)
         self.leases.add(lease)
         tenant.leases.add(lease.id)
         return self._lease_reply(lease)
+
+    def _adopt(self, conn: bytes, peer: Peer, args: m.Adopt) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        assert tenant is not None
+        orphan = self.orphans.get(args.lease)
+        # A wrong secret, another uid's lease, one freed or never granted:
+        # one answer, so neither ids nor secrets can be probed.
+        if (orphan is None or orphan.grant.uid != peer.uid
+                or not hmac.compare_digest(orphan.grant.capability, args.capability)):
+            raise ProtocolError(ErrorCode.NO_SUCH_LEASE,
+                                f"no lease {args.lease} awaits adoption by this tenant")
+        if len(tenant.leases) >= self.limits.max_leases_per_tenant:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"tenant holds {len(tenant.leases)} leases; the limit is "
+                f"{self.limits.max_leases_per_tenant}")
+        del self.orphans[args.lease]
+        grant = orphan.grant
+        # Not checked against the quota: it was within it when granted, and
+        # refusing now would only free memory its owner is using.
+        self.quotas.charge(tenant.peer, leases=1, nbytes=orphan.charged)
+        lease = LeaseRecord(grant.lease, tenant.id, grant.device, grant.nbytes, orphan.charged,
+                            tier_of(self.topology, tenant.devices[0], grant.device),
+                            orphan.segment, self._clock(), grant.capability)
+        self._journal_grant(lease, tenant)  # its new owner
+        self.leases.add(lease)
+        tenant.leases.add(lease.id)
+        return self._lease_reply(lease)
+
+    def _journal_grant(self, lease: LeaseRecord, tenant: Tenant) -> None:
+        peer = tenant.peer
+        self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes,
+                                            lease.device, peer.uid, peer.gid, peer.pid,
+                                            lease.capability, tenant.name))
 
     def _release(self, conn: bytes, peer: Peer, args: m.Release) -> dict:
         tenant = self.tenants.by_conn(conn)
@@ -345,11 +441,16 @@ class Arbiter:
         self.backend.destroy(lease.segment)
         self.pools[lease.device].free_bytes(lease.charged)
         self.quotas.charge(tenant.peer, leases=-1, nbytes=-lease.charged)
+        if self.journal is not None:
+            self.journal.freed(lease_id)
 
     @staticmethod
     def _lease_reply(lease: LeaseRecord) -> dict:
-        return {"lease": lease.id, "device": lease.device, "nbytes": lease.nbytes,
-                "tier": lease.tier.label, "handle": lease.segment.handle}
+        reply = {"lease": lease.id, "device": lease.device, "nbytes": lease.nbytes,
+                 "tier": lease.tier.label, "handle": lease.segment.handle}
+        if lease.capability:
+            reply["capability"] = lease.capability  # the owner's alone: never in status
+        return reply
 
     def _device_status(self, device: int) -> dict:
         dev = self.topology.device(device)

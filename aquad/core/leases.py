@@ -28,6 +28,7 @@ class LeaseRecord:
     segment: Any  # the backend's object for the backing memory
     created_at: float
     seq: int = 0  # grant order, set by LeaseTable.add; what paging cursors name
+    capability: str = ""  # the owner's proof for `adopt` after a restart ("": none)
 
 
 class GrantOrder:

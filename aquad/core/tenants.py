@@ -25,6 +25,8 @@ class Tenant:
     registered_at: float
     last_seen: float
     leases: set[str] = field(default_factory=set)
+    # Done reclaiming a predecessor's leases (its first request but `adopt`).
+    adopted: bool = False
 
 
 class TenantRegistry:

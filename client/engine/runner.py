@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..client import Client, Lease
-from ..errors import LimitExceeded, OutOfMemory
+from ..errors import DaemonUnavailable, LimitExceeded, OutOfMemory
 from .scheduler import Plan, PromptScheduler, Request
 
 
@@ -88,6 +88,7 @@ class Engine:
         self.clock = clock
         self._caches: dict[int, Any] = {}
         self._dropped: set[int] = set()  # paused with no saved cache
+        self._held: dict[int, Any] = {}  # paused, cache kept here (no daemon)
         self.recomputed_tokens = 0
         self._next_id = 0
 
@@ -114,6 +115,12 @@ class Engine:
             cache = self._caches.pop(r.id)
             try:
                 self.kv.save(r.id, cache)
+            except DaemonUnavailable:
+                # No daemon to page into (it died or stopped): the cache stays
+                # in this process, whole, and comes back from here on resume.
+                self.kv.drop(r.id)
+                self._held[r.id] = cache
+                self.scheduler.offload_full()
             except (OutOfMemory, LimitExceeded):
                 # No offload memory anywhere, or none this tenant may take (a
                 # quota, the lease limit): drop the cache and recompute it on
@@ -126,7 +133,9 @@ class Engine:
                 self.scheduler.offload_ok(r)
         fresh = set()
         for r in plan.resume:
-            if r.id in self._dropped:
+            if r.id in self._held:
+                self._caches[r.id] = self._held.pop(r.id)
+            elif r.id in self._dropped:
                 self._dropped.discard(r.id)
                 self._recompute(r)
             elif r.prefilled:
