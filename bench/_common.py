@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import zmq
 
 from aqua import protocol as p
-from aqua.client import Connection, wait_for_daemon
+from aqua.client import request_once, wait_for_daemon
 from aqua.engine.stats import percentile
 from aqua.paths import endpoint
 
@@ -174,11 +174,7 @@ class Aquad:
     proc: subprocess.Popen
 
     def request(self, op: p.Op, timeout: float = 5.0) -> dict:
-        conn = Connection(self.socket, timeout=timeout)
-        try:
-            return conn.request(op)
-        finally:
-            conn.close()
+        return request_once(self.socket, op, timeout=timeout)
 
     def status(self) -> dict:
         return self.request(p.Status())

@@ -367,6 +367,17 @@ class Connection:
             self._sock.close(linger=0)
 
 
+def request_once(socket: str | None, op: p.Op, *, timeout: float = DEFAULT_TIMEOUT_S
+                 ) -> dict[str, Any]:
+    """One request on a connection of its own, closed after (launchers,
+    benchmarks, tests: whoever asks the daemon something once)."""
+    conn = Connection(socket, timeout=timeout)
+    try:
+        return conn.request(op)
+    finally:
+        conn.close()
+
+
 def _gpu_unmap_failed() -> bool:
     # Only if GPU leases were ever opened here (no cupy import otherwise).
     mod = sys.modules.get("aqua.cuda_memory")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from aqua import protocol as p
-from aqua.client import Connection, wait_for_daemon
+from aqua.client import request_once, wait_for_daemon
 from aqua.errors import DaemonNotRunning
 from aqua.paths import segment_prefix
 from aquad.backends.host import SHM_DIR
@@ -56,11 +56,7 @@ class Daemon:
             return f.read()
 
     def request(self, op: p.Op, timeout: float = 5.0) -> dict:
-        conn = Connection(self.socket, timeout=timeout)
-        try:
-            return conn.request(op)
-        finally:
-            conn.close()
+        return request_once(self.socket, op, timeout=timeout)
 
     def status(self) -> dict:
         return self.request(p.Status())
