@@ -266,9 +266,7 @@ class Server:
         if tenant is None:
             log.debug("connection of pid %d closed: %s", conn.peer.pid, why)
             return
-        # Its process may live on and still map its leases (Backend.quarantine).
-        self.arbiter.backend.quarantine(tenant.peer)
-        self._drop(tenant.id, f"lost its connection ({why})")
+        self._drop(tenant.id, f"lost its connection ({why})", may_live=True)
 
     # --- scheduler events and time ------------------------------------------
 
@@ -321,9 +319,9 @@ class Server:
                 scope.cancel()
                 del self._watchers[tid]
 
-    def _drop(self, tenant_id: str, why: str) -> None:
+    def _drop(self, tenant_id: str, why: str, *, may_live: bool = False) -> None:
         with _logged("dropping a tenant"):
-            tenant = self.arbiter.drop_tenant(tenant_id)
+            tenant = self.arbiter.drop_tenant(tenant_id, may_live=may_live)
             if tenant is not None:
                 log.warning("tenant %s (%s, pid %d) %s; its leases and slices are released",
                             tenant.id, tenant.name, tenant.peer.pid, why)

@@ -120,6 +120,7 @@ class Transport:
         self._by_fd: dict[int, Conn] = {}
         self._per_uid: dict[int, int] = {}
         self._backlog: deque[Conn] = deque()  # conns with messages read, not handled
+        self._ready: list[tuple[int, int]] = []  # what pending() saw, for run_once()
         self._ids = itertools.count(1)
         self.queued_bytes = 0  # in every conn's `out`
         self._reserve: int | None = None
@@ -164,8 +165,12 @@ class Transport:
     # --- the socket task's calls ---------------------------------------------
 
     def pending(self) -> bool:
-        """Anything to do now (cheap enough to poll)."""
-        return bool(self._backlog) or bool(self._ep.poll(0))
+        """Anything to do now (cheap enough to poll). What it finds is kept
+        for run_once(): the busy-poll's hit costs one epoll_wait, not two."""
+        if self._backlog:
+            return True
+        self._ready = self._ep.poll(0)
+        return bool(self._ready)
 
     def run_once(self) -> int:
         """Handle what is ready without blocking; returns how many events."""
@@ -176,7 +181,8 @@ class Transport:
                 n += 1
                 self._handle_inbox(conn)
         listener = self._listener.fileno() if self._listener is not None else -1
-        for fd, mask in self._ep.poll(0):
+        ready, self._ready = self._ready or self._ep.poll(0), []
+        for fd, mask in ready:
             n += 1
             if fd == listener:
                 self._accept()

@@ -138,10 +138,15 @@ class Arbiter:
             exc.request_id = request.id
             raise
 
-    def drop_tenant(self, tenant_id: str) -> Tenant | None:
-        """Forget a tenant (it left, died or went silent) and free its leases."""
+    def drop_tenant(self, tenant_id: str, *, may_live: bool = False) -> Tenant | None:
+        """Forget a tenant (it left, died or went silent) and free its leases.
+        `may_live`: its process may still run and map them (it went silent,
+        or only its connection closed), so the backend quarantines first
+        (see Backend.quarantine)."""
         tenant = self.tenants.remove(tenant_id)
         if tenant is not None:
+            if may_live:
+                self.backend.quarantine(tenant.peer)
             for lease_id in list(tenant.leases):
                 self._free(tenant, lease_id)
             self.quotas.charge(tenant.peer, tenants=-1)
@@ -172,9 +177,7 @@ class Arbiter:
         """Drop tenants whose heartbeats stopped; returns who was dropped."""
         stale = self.tenants.stale(self._clock(), self.limits.heartbeat_timeout_s)
         for tenant in stale:
-            # It may still be alive and map its leases (see Backend.quarantine).
-            self.backend.quarantine(tenant.peer)
-            self.drop_tenant(tenant.id)
+            self.drop_tenant(tenant.id, may_live=True)
         return stale
 
     def shutdown(self) -> list[bytes]:
