@@ -23,7 +23,6 @@ import logging
 import os
 import stat
 import zlib
-from dataclasses import asdict
 
 from .core.adoption import JournaledLease
 from .rundir import StartupError
@@ -76,7 +75,8 @@ class Journal:
     def __init__(self, socket_path: str) -> None:
         self.path = socket_path + ".journal"
         self._fd: int | None = None
-        self._pending: list[bytes] = []
+        # Records as objects: encoded in flush(), never before a reply.
+        self._pending: list[JournaledLease | str] = []
 
     # --- startup (the lock is held) ----------------------------------------
 
@@ -117,16 +117,18 @@ class Journal:
     # --- serving -------------------------------------------------------------
 
     def granted(self, grant: JournaledLease) -> None:
-        self._pending.append(_line(self._grant_record(grant)))
+        self._pending.append(grant)
 
     def freed(self, lease_id: str) -> None:
-        self._pending.append(_line({"f": lease_id}))
+        self._pending.append(lease_id)
 
     def flush(self) -> None:
         """Write what is buffered: one write, off the request path."""
         if not self._pending or self._fd is None:
             return
-        data, self._pending = b"".join(self._pending), []
+        pending, self._pending = self._pending, []
+        data = b"".join(_line({"f": r}) if isinstance(r, str) else _line(self._grant_record(r))
+                        for r in pending)
         try:
             os.write(self._fd, data)
         except OSError as exc:
@@ -146,7 +148,8 @@ class Journal:
 
     @staticmethod
     def _grant_record(grant: JournaledLease) -> dict:
-        return {_KEYS[name]: value for name, value in asdict(grant).items()}
+        # Not dataclasses.asdict: its deep copy cost more than the rest of a grant.
+        return {key: getattr(grant, name) for name, key in _KEYS.items()}
 
     def _check(self, fd: int) -> None:
         st = os.fstat(fd)
