@@ -11,8 +11,8 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from aqua.paths import resolve_socket
-from aqua.protocol.messages import MAX_WEIGHT, MIN_WEIGHT, NAME_RE
+from aqua_protocol.paths import resolve_socket
+from aqua_protocol.messages import MAX_WEIGHT, MIN_WEIGHT, NAME_RE
 
 from .core.quotas import DEFAULT_QUOTA, Quota, QuotaPolicy, Share
 from .core.weights import WeightPolicy

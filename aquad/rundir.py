@@ -2,7 +2,7 @@
 
 aquad (often root) creates and changes files in whatever directory
 `--socket` names, so it first makes sure nobody else can change what that
-directory holds (aqua.paths.directory_problem, the rule tenants check too),
+directory holds (aqua_protocol.paths.directory_problem, the rule tenants check too),
 and opens the lock file without following links. The socket itself is made
 by bind(): only a path names it (fchmod or fchown on a socket's descriptor
 change the socket, not the file), which is safe once the directory is
@@ -16,7 +16,7 @@ import fcntl
 import os
 import stat
 
-from aqua.paths import directory_problem
+from aqua_protocol.paths import directory_problem
 
 
 class StartupError(Exception):

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 import trio
 
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol import messages as m
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol import messages as m
 
 from .busypoll import BusyPoll
 from .core.arbiter import Arbiter

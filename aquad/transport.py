@@ -36,8 +36,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol import messages as m
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol import messages as m
 
 from . import zmtp
 from .core.tenants import Peer

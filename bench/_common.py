@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import zmq
 
-from aqua import protocol as p
+import aqua_protocol as p
 from aqua.client import request_once, wait_for_daemon
-from aqua.engine.stats import percentile
-from aqua.paths import endpoint
+from aqua_demo.stats import percentile
+from aqua_protocol.paths import endpoint
 
 # The fastest a Python peer can answer: a blocking ROUTER echo, nothing else.
 ECHO_SERVER = """

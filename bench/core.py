@@ -43,8 +43,8 @@ import torch
 import zmq
 
 import aqua
-from aqua import protocol as p
-from aqua.paths import endpoint
+import aqua_protocol as p
+from aqua_protocol.paths import endpoint
 
 from _common import aquad, echo_server, percentiles, pinned, write_json
 

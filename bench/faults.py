@@ -35,7 +35,7 @@ import msgpack
 import zmq
 
 import aqua
-from aqua import protocol as p
+import aqua_protocol as p
 from aqua.ctl import table
 
 from _common import Aquad, aquad_process, percentiles, write_json
@@ -65,7 +65,7 @@ NOBODY = pwd.getpwnam("nobody")
 # shares, so the samples can be cut by the attack's windows afterwards.
 PROBE = """
 import json, select, sys, time, aqua
-from aqua import protocol as p
+import aqua_protocol as p
 client = aqua.connect(tenant="honest", device=0, socket=sys.argv[1])
 print("ready", flush=True)
 samples, errors = [], []

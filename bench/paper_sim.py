@@ -6,7 +6,7 @@
     python bench/paper_sim.py --workload trace --time-scale 4
     python bench/paper_sim.py --json sim.json --plot sim.png
 
-Policies (aquad/sim/simulator.py): fcfs (admission control, no preemption),
+Policies (sim/simulator.py): fcfs (admission control, no preemption),
 host_swap (fair time sharing, paging to host DRAM over PCIe), aqua (the same,
 paging into producer GPUs' spare HBM over NVLink first), recompute (the same,
 dropping and recomputing). The decisions are aquad's own Arbiter, Scheduler,
@@ -26,12 +26,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
-from aqua.engine.trace import read_trace  # noqa: E402
-from aquad.sim import GPUS, MODELS, POLICIES, Server, load_server  # noqa: E402
-from aquad.sim.long_prompt import long_prompt  # noqa: E402
-from aquad.sim.report import long_prompt_table, plot, table  # noqa: E402
-from aquad.sim.scenarios import paper_scenario  # noqa: E402
-from aquad.sim.simulator import Simulation  # noqa: E402
+from aqua_demo.trace import read_trace  # noqa: E402
+from aqua_sim import GPUS, MODELS, POLICIES, Server, load_server  # noqa: E402
+from aqua_sim.long_prompt import long_prompt  # noqa: E402
+from aqua_sim.report import long_prompt_table, plot, table  # noqa: E402
+from aqua_sim.scenarios import paper_scenario  # noqa: E402
+from aqua_sim.simulator import Simulation  # noqa: E402
 
 TRACES = os.path.join(HERE, "traces")
 

@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-from aqua.engine.replay import compare, default_tenants, trace_tenants
-from aqua.engine.report import plot_ttft_cdf, table
+from aqua_demo.replay import compare, default_tenants, trace_tenants
+from aqua_demo.report import plot_ttft_cdf, table
 
 TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces")
 

@@ -30,10 +30,10 @@ import tempfile
 import time
 
 from aqua.client import Connection, wait_for_daemon
-from aqua.engine.stats import percentile
-from aqua.paths import segment_prefix
+from aqua_demo.stats import percentile
+from aqua_protocol.paths import segment_prefix
 
-from aqua import protocol as p
+import aqua_protocol as p
 
 SHM = "/dev/shm"
 

@@ -28,8 +28,8 @@ from collections.abc import Callable
 import zmq
 
 from _common import Aquad, aquad_process, write_json
-from aqua import protocol as p
-from aqua.paths import endpoint
+import aqua_protocol as p
+from aqua_protocol.paths import endpoint
 from aquad.core.scheduler import Preempt, Scheduler
 from aquad.core.scheduler_ref import ReferenceScheduler
 

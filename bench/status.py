@@ -26,9 +26,9 @@ import time
 import msgpack
 import zmq
 
-from aqua import protocol as p
+import aqua_protocol as p
 from aqua.client import Connection, iter_leases
-from aqua.paths import endpoint
+from aqua_protocol.paths import endpoint
 
 from _common import aquad, percentiles, write_json
 

@@ -33,7 +33,7 @@ from .errors import (
     UnsupportedVersion,
     UntrustedDaemon,
 )
-from .paths import resolve_socket
+from aqua_protocol.paths import resolve_socket
 
 
 def __getattr__(name: str):

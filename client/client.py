@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol as p
+import aqua_protocol as p
 from .errors import (
     AquaError,
     DaemonGone,
@@ -40,7 +40,7 @@ from .errors import (
     error_for,
 )
 from .memory import open_handle
-from .paths import directory_problem, endpoint, resolve_socket, segment_prefix
+from aqua_protocol.paths import directory_problem, endpoint, resolve_socket, segment_prefix
 
 log = logging.getLogger("aqua")
 

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from . import protocol as p
+import aqua_protocol as p
 from .client import Connection, iter_leases
 from .errors import AquaError, DaemonUnavailable
 

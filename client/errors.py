@@ -1,6 +1,6 @@
 """Exceptions of the tenant library. Each carries the wire error code.
 
-Codes from the daemon are the protocol's (aqua.protocol.ErrorCode); the
+Codes from the daemon are the protocol's (aqua_protocol.ErrorCode); the
 library adds its own for failures that never reach a daemon:
 `daemon_not_running`, `daemon_not_responding`, `permission_denied` (on the
 socket file), `untrusted_daemon` (the socket's path, the daemon or a segment
@@ -10,7 +10,7 @@ or the client was closed) and `turn_timeout` (no slice granted in time).
 
 from __future__ import annotations
 
-from .protocol import ErrorCode
+from aqua_protocol import ErrorCode
 
 
 class AquaError(Exception):

@@ -50,7 +50,7 @@ def madvise_chunked(address: int, nbytes: int, advice: int) -> bool:
 
 def _open_segment(name: str, nbytes: int, prefix: str) -> int:
     """A read-write descriptor of the segment `name`, once it is what aquad
-    makes for this user: named with the daemon's prefix (aqua.paths), a
+    makes for this user: named with the daemon's prefix (aqua_protocol.paths), a
     regular file linked once, owned by this uid with mode 0600, holding at
     least `nbytes`. Anything else is refused: no aquad hands it out."""
     if not (name.startswith(prefix) and _SEGMENT_SUFFIX.fullmatch(name[len(prefix):])):
@@ -223,7 +223,7 @@ class Mapping(Protocol):
 
 def open_handle(handle: dict[str, Any], *, prefix: str, populate: bool = True) -> Mapping:
     """Map the memory behind `handle`, from the daemon whose segments are
-    named with `prefix` (aqua.paths.segment_prefix of its socket)."""
+    named with `prefix` (aqua_protocol.paths.segment_prefix of its socket)."""
     kind = handle.get("kind")
     if kind == "posix_shm":
         return ShmMapping(str(handle.get("name")), int(handle.get("nbytes", 0)),

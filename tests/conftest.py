@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from aqua import protocol as p
+import aqua_protocol as p
 from aqua.client import request_once, wait_for_daemon
 from aqua.errors import DaemonNotRunning
-from aqua.paths import segment_prefix
+from aqua_protocol.paths import segment_prefix
 from aquad.backends.host import SHM_DIR
 
 

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol import messages as m
-from aqua.protocol.messages import (
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol import messages as m
+from aqua_protocol.messages import (
     Bye,
     Heartbeat,
     Hello,

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from aqua.ctl import quotas_table, render_status
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol.messages import Bye, Hello, Lease, Release
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol.messages import Bye, Hello, Lease, Release
 from aquad.core.arbiter import Limits
 from aquad.core.quotas import Quota, QuotaPolicy, Share
 from aquad.core.tenants import Peer

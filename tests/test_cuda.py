@@ -18,11 +18,11 @@ import time
 import pytest
 
 import aqua
-from aqua import protocol as p
+import aqua_protocol as p
 from aqua.ctl import render_status, topology_table
 from aqua.memory import open_handle
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol import messages as m
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol import messages as m
 from aquad.backends import BackendError, cuda_unavailable, make_backend
 from aquad.backends import discovery as disc
 from aquad.backends.cuda import GRANULE, CudaBackend, CudaSegment
@@ -408,8 +408,8 @@ def test_closing_with_a_still_mapped_gpu_lease_says_no_bye(monkeypatch, daemon):
     client = aqua.connect("lingering", 0, socket=daemon.socket)
     client.lease(MiB)
     sent = []
-    encode = aqua.protocol.encode_request
-    monkeypatch.setattr(aqua.protocol, "encode_request",
+    encode = p.encode_request
+    monkeypatch.setattr(p, "encode_request",
                         lambda rid, op: sent.append(op.op) or encode(rid, op))
     client.close()
     assert "bye" not in sent

@@ -18,8 +18,8 @@ import torch
 import zmq
 
 import aqua
-from aqua import protocol as p
-from aqua.paths import endpoint
+import aqua_protocol as p
+from aqua_protocol.paths import endpoint
 
 from .conftest import start_holder, wait_until
 
@@ -28,12 +28,12 @@ MiB = 2**20
 
 def test_lease_write_and_read_back_from_a_second_mapping(daemon, tenants):
     tenant = tenants(daemon, """
-        import sys, torch, aqua
+        import sys, torch, aqua, aqua_protocol as p
         client = aqua.connect(tenant="writer", device=0)
         lease = client.lease(3 * 2**20)
         t = lease.tensor(torch.int32)
         t.copy_(torch.arange(t.numel(), dtype=torch.int32))
-        info = client._conn.request(aqua.protocol.LeaseInfo(lease=lease.id))
+        info = client._conn.request(p.LeaseInfo(lease=lease.id))
         print(lease.id, info["handle"]["name"], lease.device, flush=True)
         sys.stdin.readline()
         lease.release()
@@ -343,11 +343,11 @@ def test_leases_belong_to_the_tenants_uid(start_daemon, tenants):
     st = os.stat(daemon.socket)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == nobody.pw_gid
     tenant = tenants(daemon, """
-        import sys, aqua
+        import sys, aqua, aqua_protocol as p
         client = aqua.connect(tenant="unprivileged", device=0)
         lease = client.lease(2**20)
         lease.tensor().fill_(7)
-        info = client._conn.request(aqua.protocol.LeaseInfo(lease=lease.id))
+        info = client._conn.request(p.LeaseInfo(lease=lease.id))
         print(info["handle"]["name"], flush=True)
         sys.stdin.readline()
     """, user=(nobody.pw_uid, nobody.pw_gid))
@@ -401,7 +401,7 @@ def test_a_claimed_routing_id_names_no_tenant(daemon, tenants):
     routing id a tenant announced gets nothing of the tenant's, and the
     tenant goes on being served on its own connection."""
     victim = tenants(daemon, """
-        import sys, time, zmq, msgpack, aqua.protocol as p
+        import sys, time, zmq, msgpack, aqua_protocol as p
         ctx = zmq.Context(); s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.ROUTING_ID, b"fixed-id")
         s.connect("ipc://" + __import__("os").environ["AQUA_SOCKET"])

@@ -8,7 +8,7 @@ import sys
 
 def test_demo_runs_end_to_end(tmp_path):
     plot = tmp_path / "ttft.png"
-    out = subprocess.run([sys.executable, "-m", "aqua.demo", "--layers", "2", "--layer-mib",
+    out = subprocess.run([sys.executable, "-m", "aqua_demo.main", "--layers", "2", "--layer-mib",
                           "2", "--host-devices", "2x32MiB", "--requests", "6", "--burst", "4",
                           "--plot", str(plot)],
                          capture_output=True, text=True, timeout=300)

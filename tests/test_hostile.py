@@ -15,8 +15,8 @@ import msgpack
 import zmq
 
 import aqua
-from aqua import protocol as p
-from aqua.paths import endpoint
+import aqua_protocol as p
+from aqua_protocol.paths import endpoint
 
 from .conftest import Daemon, wait_until
 

@@ -1,5 +1,9 @@
-"""What `pip install .` ships: every module of the three source trees, under
-the names tenants import, and no bare `client` or `protocol` package."""
+"""What `pip install .` ships, and what importing each part loads.
+
+Every module of the source trees ships under its import name (no bare
+`client`, `protocol`, `demo` or `sim` package), and the import graph is the
+design's: the protocol imports neither side, the daemon never loads the
+tenant library, the tenant library loads neither the daemon nor the tools."""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TREES = {"client": "aqua", "protocol": "aqua/protocol", "aquad": "aquad"}
+TREES = {"client": "aqua", "protocol": "aqua_protocol", "aquad": "aquad", "demo": "aqua_demo",
+         "sim": "aqua_sim"}
 
 
 def test_the_wheel_holds_every_module(tmp_path):
@@ -21,4 +28,25 @@ def test_the_wheel_holds_every_module(tmp_path):
     want = {f"{TREES[tree]}/{path.relative_to(ROOT / tree).as_posix()}"
             for tree in TREES for path in (ROOT / tree).rglob("*.py")}
     assert want - names == set()
-    assert not any(n.startswith(("client/", "protocol/")) for n in names)
+    assert not any(n.startswith(("client/", "protocol/", "demo/", "sim/")) for n in names)
+
+
+def _loaded_by(module: str) -> set[str]:
+    # A fresh interpreter: what `import module` pulls in, by top-level name.
+    code = (f"import sys, {module}; "
+            "print(' '.join(sorted({m.split('.')[0] if not m.startswith('aqua.') else m "
+            "for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize(("module", "forbidden"), [
+    ("aqua_protocol", {"aqua", "aquad", "aqua_demo", "aqua_sim", "zmq", "torch", "trio"}),
+    ("aquad.core.arbiter", {"aqua", "aqua_demo", "aqua_sim", "zmq", "torch", "trio"}),
+    ("aquad.main", {"aqua", "aqua_demo", "aqua_sim", "zmq", "torch"}),
+    ("aqua", {"aquad", "aqua_demo", "aqua_sim", "torch", "trio"}),
+    ("aqua.engine", {"aquad", "aqua_demo", "aqua_sim", "torch"}),
+])
+def test_the_import_graph_is_the_designs(module, forbidden):
+    assert _loaded_by(module) & forbidden == set()

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aqua.protocol import (
+from aqua_protocol import (
     EVENTS,
     MAX_FRAME_BYTES,
     OPS,
@@ -38,7 +38,7 @@ from aqua.protocol import (
     encode_request,
     encode_result,
 )
-from aqua.protocol import messages as m
+from aqua_protocol import messages as m
 
 LEASE_ID = "L" + "a" * 22
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import aqua
-from aqua import protocol as p
+import aqua_protocol as p
 from aqua.client import Connection
 from tests.conftest import wait_until
 

@@ -11,13 +11,13 @@ from aqua.engine.scheduler import PromptScheduler
 from aquad.core.arbiter import Arbiter
 from aquad.core.scheduler import Scheduler
 from aquad.core.topology import Tier
-from aquad.sim import GPUS, MODELS, Arrival, Costs, Scenario, Server, Simulation, TenantSpec
-from aquad.sim.fabric import Fabric
-from aquad.sim.hardware import GB, load_server, server_from_dict
-from aquad.sim.long_prompt import long_prompt
-from aquad.sim.report import table
-from aquad.sim.scenarios import paper_scenario
-from aquad.sim.workload import bursty, fit, from_trace
+from aqua_sim import GPUS, MODELS, Arrival, Costs, Scenario, Server, Simulation, TenantSpec
+from aqua_sim.fabric import Fabric
+from aqua_sim.hardware import GB, load_server, server_from_dict
+from aqua_sim.long_prompt import long_prompt
+from aqua_sim.report import table
+from aqua_sim.scenarios import paper_scenario
+from aqua_sim.workload import bursty, fit, from_trace
 
 H100 = GPUS["h100-sxm"]
 

@@ -19,7 +19,7 @@ import pytest
 import aqua
 from aqua.client import check_socket, wait_for_daemon
 from aqua.memory import SHM_DIR, open_handle
-from aqua.paths import segment_prefix
+from aqua_protocol.paths import segment_prefix
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play other users")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from aqua.paths import segment_prefix
+from aqua_protocol.paths import segment_prefix
 
 from .base import Backend, BackendError
 from .discovery import GpuPolicy, nvml_gpu_count

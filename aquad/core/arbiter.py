@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol import messages as m
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol import messages as m
 
 from ..backends.base import Backend, BackendError
 from .adoption import Capabilities, JournaledLease, Orphan

@@ -23,11 +23,11 @@ import tempfile
 import time
 import zlib
 
-from .client import wait_for_daemon
-from .ctl import human_bytes
-from .errors import DaemonNotRunning
-from .memory import SHM_DIR
-from .paths import segment_prefix
+from aqua.client import wait_for_daemon
+from aqua.ctl import human_bytes
+from aqua.errors import DaemonNotRunning
+from aqua.memory import SHM_DIR
+from aqua_protocol.paths import segment_prefix
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
@@ -95,7 +95,7 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
             print(f"== starting {len(TENANTS)} tenant processes", flush=True)
             for name, device in TENANTS:
                 tenants.append(subprocess.Popen(
-                    [sys.executable, "-m", "aqua.demo", "--tenant", name,
+                    [sys.executable, "-m", "aqua_demo.main", "--tenant", name,
                      "--device", str(device), "--layers", str(layers),
                      "--layer-mib", str(layer_mib), "--socket", socket],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
@@ -131,8 +131,8 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
 
 
 def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
-    from .engine.replay import compare, default_tenants  # noqa: PLC0415
-    from .engine.report import plot_ttft_cdf, table  # noqa: PLC0415
+    from aqua_demo.replay import compare, default_tenants  # noqa: PLC0415
+    from aqua_demo.report import plot_ttft_cdf, table  # noqa: PLC0415
 
     tenants = default_tenants(requests, burst, seed)
     print(f"\n== a burst: {len(tenants)} tenant processes "

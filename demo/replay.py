@@ -161,7 +161,7 @@ def tenant_main(spec_json: str) -> int:
 def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
              progress: bool = False) -> list[dict]:
     """Run one mode end to end; returns each tenant's result document."""
-    from ..client import wait_for_daemon  # noqa: PLC0415
+    from aqua.client import wait_for_daemon  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="aqua-replay-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
@@ -178,7 +178,7 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
                 job = {"mode": mode, "start": start, "seed": seed + i, "socket": socket, "device": i,
                        "tenant": asdict(spec)}
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "aqua.engine.replay", json.dumps(job)],
+                    [sys.executable, "-m", "aqua_demo.replay", json.dumps(job)],
                     stdout=subprocess.PIPE, text=True))
             for proc in procs:
                 if proc.stdout.readline().strip() != "ready":

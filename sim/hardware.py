@@ -12,8 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.discovery import GB, Discovery, GpuInfo, GpuPolicy, PairInfo, build_topology
-from ..core.topology import Link, Tier, Topology
+from aquad.backends.discovery import GB, Discovery, GpuInfo, GpuPolicy, PairInfo, build_topology
+from aquad.core.topology import Link, Tier, Topology
 
 GiB = 2**30
 

@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aqua.engine.scheduler import PromptScheduler, Request
-from aqua.engine.stats import service_summary
-from aqua.protocol import ErrorCode, ProtocolError
-from aqua.protocol import messages as m
+from aqua_demo.stats import service_summary
+from aqua_protocol import ErrorCode, ProtocolError
+from aqua_protocol import messages as m
 
-from ..core.arbiter import Arbiter, Limits
-from ..core.quotas import UNLIMITED
-from ..core.tenants import Peer
+from aquad.core.arbiter import Arbiter, Limits
+from aquad.core.quotas import UNLIMITED
+from aquad.core.tenants import Peer
 from .backend import SimBackend
 from .fabric import Fabric
 from .hardware import Server

@@ -12,9 +12,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.cuda import GRANULE
-from ..core.tenants import Peer
-from ..core.topology import Topology
+from aquad.backends.cuda import GRANULE
+from aquad.core.tenants import Peer
+from aquad.core.topology import Topology
 
 
 @dataclass

@@ -16,7 +16,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Callable
 
-from ..core.topology import Tier
+from aquad.core.topology import Tier
 from .hardware import Server
 
 Port = tuple[str, int, str]  # (link kind, device, "in" | "out")
