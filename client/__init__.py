@@ -10,7 +10,10 @@
 Importing aqua does not import torch; tensors are touched only on demand.
 """
 
-from .client import Client, Connection, Lease, TurnState, connect
+from aqua_protocol.paths import resolve_socket
+from aqua_protocol.turns import TurnMachine
+
+from .client import Client, Connection, Lease, connect
 from .errors import (
     AlreadyRegistered,
     AquaError,
@@ -33,7 +36,6 @@ from .errors import (
     UnsupportedVersion,
     UntrustedDaemon,
 )
-from aqua_protocol.paths import resolve_socket
 
 
 def __getattr__(name: str):
@@ -49,7 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyRegistered", "AquaError", "BadRequest", "Client", "Connection", "DaemonGone",
     "DaemonNotResponding", "DaemonNotRunning", "DaemonUnavailable", "FrameTooLarge",
-    "InternalError", "Lease", "TensorPager", "TurnState", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
+    "InternalError", "Lease", "TensorPager", "TurnMachine", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
     "OutOfMemory", "PermissionDenied", "ShuttingDown", "TurnTimeout", "UnknownOp", "UnsupportedVersion",
     "UntrustedDaemon",
     "connect", "resolve_socket",

@@ -25,6 +25,9 @@ from typing import Any
 import zmq
 
 import aqua_protocol as p
+from aqua_protocol.paths import directory_problem, endpoint, resolve_socket, segment_prefix
+from aqua_protocol.turns import TurnMachine
+
 from .errors import (
     AquaError,
     DaemonGone,
@@ -40,7 +43,6 @@ from .errors import (
     error_for,
 )
 from .memory import open_handle
-from aqua_protocol.paths import directory_problem, endpoint, resolve_socket, segment_prefix
 
 log = logging.getLogger("aqua")
 
@@ -406,7 +408,7 @@ class Client:
         # (any thread, maybe inside a request), the heartbeat thread sends.
         self._deferred: collections.deque[Lease] = collections.deque()
         self._stop = threading.Event()
-        self._turn = TurnState()
+        self._turn = TurnMachine()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
         self._heartbeat = threading.Thread(target=self._beat, name=f"aqua-heartbeat-{self.id}",
                                            daemon=True)
@@ -504,31 +506,27 @@ class Client:
 
     @contextmanager
     def turn(self, devices: Iterable[int] | None = None,
-             timeout: float | None = None) -> Iterator[TurnState]:
+             timeout: float | None = None) -> Iterator[TurnMachine]:
         """Hold a GPU time slice on `devices` (default: all home devices) for the
         block; blocks until granted. Call respond() at the top of every engine
         iteration inside it. Raises TurnTimeout if not granted within timeout."""
         st = self._turn
         if st.active:
             raise AquaError("already inside a turn")
-        st.active = True  # before asking: another thread may read the grant
-        st.wanted = None if devices is None else list(devices)
+        request = st.begin(devices)
         try:
-            reply = self._conn.request(p.Turn(devices=st.wanted))
+            reply = self._conn.request(request)
         except BaseException:
-            st.active = False
+            st.done()
             raise
         try:
-            if reply["state"] == "granted":
-                st.hold(reply)
-            elif not self._conn.wait_for(lambda: st.holding, timeout):
+            if not st.on_reply(reply) and not self._conn.wait_for(lambda: st.holding, timeout):
                 raise TurnTimeout(f"no slice granted within {timeout:g} s")
             yield st
         finally:
-            st.active = False
-            st.holding = False
+            request = st.done()
             if self._conn.gone is None:
-                self._conn.request(p.TurnDone())
+                self._conn.request(request)
 
     def respond(self) -> bool:
         """The engine's per-iteration check (the paper's respond()). Returns
@@ -538,24 +536,16 @@ class Client:
         st = self._turn
         if not st.active:
             return False
-        if not (st.preempted or st.revoked or st.requeued):
+        if not st.must_yield:
             self._conn.poll_events()
-            if not (st.preempted or st.revoked or st.requeued):
+            if not st.must_yield:
                 return False
         page_out, page_in = self._hooks
         if page_out is not None:
             page_out()
-        slice_id = st.slice
-        requeued = st.requeued  # a restarted aquad has us queued already
-        st.holding = False
-        st.yields += 1
-        st.yielded_at = time.monotonic()
+        request = st.yield_()
         try:
-            reply = {"state": "queued"} if requeued else \
-                self._conn.request(p.TurnYield(slice=slice_id))
-            if reply["state"] == "granted":
-                st.hold(reply)
-            else:
+            if request is None or not st.on_reply(self._conn.request(request)):
                 self._conn.wait_for(lambda: st.holding, None)
         finally:
             # Also when the daemon is gone: the context comes back from the
@@ -572,20 +562,8 @@ class Client:
         self._hooks = (page_out, page_in)
 
     def _on_event(self, event: p.Event) -> None:
-        st, data = self._turn, event.data
-        if event.event == "grant":
-            if st.active and not st.holding and data.get("slice", 0) > st.slice:
-                st.hold(data)
-        elif event.event == "preempt":
-            # Remembered by slice id even if the grant is not processed yet.
-            st.asked = max(st.asked, int(data.get("slice", 0)))
-        elif event.event == "revoked":
-            slice_id = int(data.get("slice", 0))
-            st.revoked_slice = max(st.revoked_slice, slice_id)
-            if st.holding and slice_id == st.slice:
-                st.holding = False
-                st.revocations += 1
-                log.warning("aquad revoked slice %s: %s", slice_id, data.get("reason"))
+        if self._turn.on_event(event.event, event.data) == "revoked":
+            log.warning("aquad revoked slice %s: %s", self._turn.slice, event.data.get("reason"))
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -635,7 +613,6 @@ class Client:
                 conn.close()  # that one went too: nothing is lost, try again
                 log.debug("reconnect failed: %s", exc)
                 continue
-            self._turn.forget_slices()
             self._ask_turn_again(conn)
             old, self._conn = self._conn, conn
             self.reconnects += 1
@@ -671,19 +648,13 @@ class Client:
     def _ask_turn_again(self, conn: Connection) -> None:
         """A turn in progress asks the new daemon for its slice again; until
         it is granted, the next respond() pages out and waits."""
-        st = self._turn
-        if not st.active:
-            return
-        try:
-            reply = conn.request(p.Turn(devices=st.wanted))
-        except AquaError as exc:
-            log.warning("could not ask for the turn again: %s", exc)
-            return
-        if reply["state"] == "granted":
-            st.hold(reply)
-        else:
-            st.holding = False
-            st.requeued = True
+        st, reply = self._turn, None
+        if st.active:
+            try:
+                reply = conn.request(p.Turn(devices=st.wanted))
+            except AquaError as exc:
+                log.warning("could not ask for the turn again: %s", exc)
+        st.restarted(reply)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until the client is connected and registered (True), or the
@@ -731,47 +702,6 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<aqua.Client {self.id} {self.name!r} devices={list(self.devices)}>"
-
-
-class TurnState:
-    """What the tenant holds. Written by whichever thread reads the event."""
-
-    def __init__(self) -> None:
-        self.active = False  # inside turn()
-        self.holding = False
-        self.slice = 0
-        self.devices: list[int] = []
-        self.quantum_s = 0.0
-        self.asked = 0  # highest slice id aquad asked us to yield
-        self.revoked_slice = 0  # highest slice id aquad revoked
-        self.yields = 0
-        self.revocations = 0
-        self.yielded_at = 0.0  # time.monotonic() of the last yield sent
-        self.granted_at = 0.0  # ... and of the last grant seen
-        self.wanted: list[int] | None = None  # the devices turn() asked for
-        self.requeued = False  # asked again of a restarted daemon, not yet granted
-
-    def forget_slices(self) -> None:
-        """A new daemon numbers its slices afresh."""
-        self.slice = self.asked = self.revoked_slice = 0
-
-    def hold(self, grant: dict[str, Any]) -> None:
-        self.granted_at = time.monotonic()
-        self.slice = int(grant["slice"])
-        self.devices = list(grant["devices"])
-        self.quantum_s = float(grant["quantum_s"])
-        self.requeued = False
-        self.holding = True
-
-    @property
-    def preempted(self) -> bool:
-        """aquad wants the current slice back."""
-        return self.holding and self.asked == self.slice
-
-    @property
-    def revoked(self) -> bool:
-        """The current slice was taken away without a yield."""
-        return self.active and not self.holding and self.revoked_slice == self.slice != 0
 
 
 class Lease:

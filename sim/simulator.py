@@ -39,6 +39,7 @@ from aqua.engine.scheduler import PromptScheduler, Request
 from aqua_demo.stats import service_summary
 from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
+from aqua_protocol.turns import TurnMachine
 
 from aquad.core.arbiter import Arbiter, Limits
 from aquad.core.quotas import UNLIMITED
@@ -130,9 +131,8 @@ class Engine:
         self.peer = Peer(pid=100_000 + index, uid=0, gid=0)
         self._ids = itertools.count(1)
         self.call(m.Hello(tenant=spec.name, devices=[spec.gpu]))
-        self.state = "idle"  # idle | queued | stepping
-        self.yield_slice: int | None = None  # a preempt arrived mid-step
-        self.revoked = False
+        # The client library's own turn machine, on the virtual clock.
+        self.turns = TurnMachine(clock=lambda: sim.now)
         self.requests: list[Request] = []
         self.leases: dict[int, Held] = {}  # request -> its offload copy
         self.dropped: set[int] = set()  # paused requests whose KV must be recomputed
@@ -152,51 +152,36 @@ class Engine:
                       arrival.t, self.spec.name)
         self.sched.arrive(req)
         self.requests.append(req)
-        if self.state == "idle":
+        if not self.turns.active:
             self._want_turn()
 
     def on_event(self, name: str, data: dict) -> None:
-        if name == "grant" and self.state == "queued":
+        # A revocation does not cut the step in flight short (a step cannot
+        # be); _after_step sees it.
+        if self.turns.on_event(name, data) == "granted":
             self._run_or_finish()
-        elif name == "preempt" and self.state == "stepping":
-            self.yield_slice = data["slice"]
-        elif name == "revoked":
-            # The step in flight completes (a step cannot be cut short); then
-            # the engine asks again. Its pending yield is moot now.
-            self.revoked = True
-            self.yield_slice = None
 
     # --- turns ----------------------------------------------------------------
 
     def _want_turn(self) -> None:
-        self.revoked = False
-        if self.call(m.Turn())["state"] == "granted":
+        if self.turns.on_reply(self.call(self.turns.begin())):
             self._start_step()
-        else:
-            self.state = "queued"
 
     def _run_or_finish(self) -> None:
         """Holding a slice: step if there is work, else give the slice back."""
         if self.sched.pending:
             self._start_step()
         else:
-            self.call(m.TurnDone())
-            self.state = "idle"
+            self.call(self.turns.done())
 
     def _after_step(self) -> None:
-        if self.revoked:  # the slice is gone; ask again
-            self.state = "idle"
-            if self.sched.pending:
-                self._want_turn()
-        elif self.yield_slice is not None and self.sched.pending:
-            slice_id, self.yield_slice = self.yield_slice, None
-            if self.call(m.TurnYield(slice=slice_id))["state"] == "granted":
+        # Preempted or revoked with work left: yield (for a revoked slice
+        # that queues us again). With nothing left, done serves as the yield.
+        if self.turns.must_yield and self.sched.pending:
+            request = self.turns.yield_()
+            if request is not None and self.turns.on_reply(self.call(request)):
                 self._start_step()
-            else:
-                self.state = "queued"
         else:
-            # Asked to yield with nothing left to do: done serves as the yield.
-            self.yield_slice = None
             self._run_or_finish()
 
     # --- one engine step -----------------------------------------------------
@@ -205,7 +190,6 @@ class Engine:
         return len(r.prompt) + len(r.tokens)
 
     def _start_step(self) -> None:
-        self.state = "stepping"
         self.steps += 1
         sim, now = self.sim, self.sim.now
         plan = self.sched.plan()

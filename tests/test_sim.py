@@ -202,7 +202,7 @@ def test_a_tenant_asked_to_yield_after_its_last_request_gives_the_gpu_back():
         sim = Simulation(Scenario(server, tenants, arrivals, quantum_s=0.05), "aqua")
         r = sim.run()
         assert r["completed"] == 2
-        assert all(e.state == "idle" for e in sim.engines)
+        assert all(not e.turns.active for e in sim.engines)
         assert all(run.state == "idle" for run in sim.arbiter.scheduler.runners.values())
 
 
