@@ -5,17 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
-import zmq
 
 import aqua_protocol as p
-from aqua.client import request_once, wait_for_daemon
+import zmq
+from aqua.testing import PrivateDaemon, private_daemon
 from aqua_demo.stats import percentile
 from aqua_protocol.paths import endpoint
 
@@ -167,42 +164,19 @@ def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,
         return samples
 
 
-@dataclass
-class Aquad:
-    """A running private aquad: its socket and process (for /proc figures)."""
-    socket: str
-    proc: subprocess.Popen
-
-    def request(self, op: p.Op, timeout: float = 5.0) -> dict:
-        return request_once(self.socket, op, timeout=timeout)
-
-    def status(self) -> dict:
-        return self.request(p.Status())
+# The benchmarks' daemon is the one tests and the demo use.
+Aquad = PrivateDaemon
 
 
 @contextlib.contextmanager
 def aquad_process(tmp: str, *args: str, cpus: set[int] | None = None,
                   prefix: Sequence[str] = (), name: str = "aquad.sock",
-                  log: str | None = None) -> Iterator[Aquad]:
+                  log: str | None = None) -> Iterator[PrivateDaemon]:
     """A private aquad on `tmp` (on `cpus` if given, under `prefix`, e.g.
-    prlimit); its output goes to `log` if given. The host backend unless
-    `args` name one (`auto` would pick cuda on a GPU machine)."""
-    if "--backend" not in args:
-        args = ("--backend", "host", *args)
-    path = os.path.join(tmp, name)
-    out = open(log, "w") if log else None
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "aquad", "--socket", path,
-                             "--log-level", "warning", *args], preexec_fn=_on_cpus(cpus),
-                            stdout=out, stderr=subprocess.STDOUT if out else None)
-    try:
-        wait_for_daemon(path, proc)
-        yield Aquad(path, proc)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        if out:
-            out.close()
+    prlimit), logging warnings and worse to `log` if given."""
+    with private_daemon(tmp, "--log-level", "warning", *args, name=name, prefix=prefix,
+                        log=log, preexec_fn=_on_cpus(cpus)) as daemon:
+        yield daemon
 
 
 @contextlib.contextmanager

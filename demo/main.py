@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
 
-from aqua.client import wait_for_daemon
 from aqua.ctl import human_bytes
 from aqua.errors import DaemonNotRunning
-from aqua.memory import SHM_DIR
-from aqua_protocol.paths import segment_prefix
+from aqua.testing import PrivateDaemon
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
 
 def tenant_main(name: str, device: int, layers: int, layer_mib: int) -> int:
     """One tenant: offload a fake KV cache, wait for 'go', restore, verify."""
-    import torch  # noqa: PLC0415
-
     import aqua  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     per_layer = layer_mib * 2**20 // 2  # fp16 elements
@@ -83,13 +79,11 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
     with tempfile.TemporaryDirectory(prefix="aqua-demo-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
         print(f"== starting aquad (host backend, {devices}) on {socket}", flush=True)
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "aquad", "--socket", socket, "--backend", "host",
-             "--host-devices", devices, "--log-level", "warning"], env=env)
+        daemon = PrivateDaemon(socket, ["--host-devices", devices, "--log-level", "warning"])
         tenants: list[subprocess.Popen] = []
         try:
             try:
-                wait_for_daemon(socket, daemon)
+                daemon.start()
             except DaemonNotRunning as exc:
                 raise SystemExit(f"aqua-demo: {exc}") from None
             print(f"== starting {len(TENANTS)} tenant processes", flush=True)
@@ -119,13 +113,11 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
             for proc in tenants:
                 if proc.poll() is None:
                     proc.kill()
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=30)
-        prefix = segment_prefix(socket)
-        left = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
-        print(f"== aquad stopped (exit {daemon.returncode}); shared-memory segments left "
+            code = daemon.stop()
+        left = daemon.files()
+        print(f"== aquad stopped (exit {code}); shared-memory segments left "
               f"behind: {len(left)}", flush=True)
-        ok = failures == 0 and daemon.returncode == 0 and not left
+        ok = failures == 0 and code == 0 and not left
         print("== demo " + ("passed" if ok else "FAILED"), flush=True)
         return 0 if ok else 1
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -104,9 +103,8 @@ def build_model(size: str, seed: int):
 
 def tenant_main(spec_json: str) -> int:
     """One tenant process: replay its arrivals, print one JSON line of results."""
-    import torch  # noqa: PLC0415
-
     import aqua  # noqa: PLC0415
+    import torch  # noqa: PLC0415
     from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
 
     job = json.loads(spec_json)
@@ -161,18 +159,16 @@ def tenant_main(spec_json: str) -> int:
 def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
              progress: bool = False) -> list[dict]:
     """Run one mode end to end; returns each tenant's result document."""
-    from aqua.client import wait_for_daemon  # noqa: PLC0415
+    from aqua.testing import PrivateDaemon  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="aqua-replay-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
-        daemon = subprocess.Popen(
-            # The CPU models page host tensors: the host backend even on a GPU host.
-            [sys.executable, "-m", "aquad", "--socket", socket, "--backend", "host",
-             "--host-devices", f"{max(2, len(tenants))}x512MiB",
-             "--quantum-ms", "20", "--log-level", "warning"])
+        # The CPU models page host tensors: the host backend even on a GPU host.
+        daemon = PrivateDaemon(socket, ["--host-devices", f"{max(2, len(tenants))}x512MiB",
+                                        "--quantum-ms", "20", "--log-level", "warning"])
         procs = []
         try:
-            wait_for_daemon(socket, daemon)
+            daemon.start()
             start = time.monotonic() + 3.0 + 0.5 * len(tenants)  # after imports
             for i, spec in enumerate(tenants):
                 job = {"mode": mode, "start": start, "seed": seed + i, "socket": socket, "device": i,
@@ -197,8 +193,7 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=30)
+            daemon.stop()
 
 
 def _progress(mode: str, procs: list[subprocess.Popen], start: float, expected: float) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,12 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-
-import aqua_protocol as p
-from aqua.client import request_once, wait_for_daemon
-from aqua.errors import DaemonNotRunning
-from aqua_protocol.paths import segment_prefix
-from aquad.backends.host import SHM_DIR
+from aqua.testing import PrivateDaemon
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -29,73 +23,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
-class Daemon:
-    """A real aquad subprocess on a private socket."""
-
-    def __init__(self, socket: str, args: list[str], prefix: list[str] = ()) -> None:
-        self.socket = socket
-        self.args = args
-        self.prefix = list(prefix)  # e.g. prlimit, to run aquad under limits
-        self.proc: subprocess.Popen | None = None
-        self.log_path = socket + ".log"
-
-    def start(self) -> Daemon:
-        self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "aquad", "--socket", self.socket, *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT)
-
-        try:
-            wait_for_daemon(self.socket, self.proc)
-        except DaemonNotRunning as exc:
-            raise AssertionError(f"{exc}:\n{self.log()}") from None
-        return self
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def request(self, op: p.Op, timeout: float = 5.0) -> dict:
-        return request_once(self.socket, op, timeout=timeout)
-
-    def status(self) -> dict:
-        return self.request(p.Status())
-
-    def segments(self) -> list[str]:
-        """Lease segments in /dev/shm that hold pages. The daemon also keeps
-        spare files ready for grants, sparse until a tenant maps one (the
-        client populates its mappings, so every mapped lease has pages)."""
-        held = []
-        for f in self.files():
-            try:
-                if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0:
-                    held.append(f)
-            except FileNotFoundError:
-                pass  # unlinked since the listing: the daemon is freeing it
-        return held
-
-    def files(self) -> list[str]:
-        """Every file of this daemon in /dev/shm, spares included."""
-        prefix = segment_prefix(self.socket)
-        return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
-
-    def kill(self) -> None:
-        """SIGKILL: the crash the daemon cannot clean up after."""
-        self.stop(signal.SIGKILL)
-
-    def restart(self) -> Daemon:
-        """A new aquad on the same socket and arguments (after a kill)."""
-        if self.proc.poll() is None:
-            self.stop()
-        return self.start()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=15)
-        finally:
-            self._log.close()
+# The one launcher tests, the demo and the benchmarks share.
+Daemon = PrivateDaemon
 
 
 @pytest.fixture
@@ -116,14 +45,14 @@ def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
         # --backend host: `auto` would pick the cuda backend on a GPU machine.
         base = ["--backend", "host", "--host-devices", "2x64MiB",
                 "--heartbeat-timeout", "2"] if defaults else []
-        daemon = Daemon(os.path.join(sockdir, name), [*base, *args], prefix).start()
+        socket = os.path.join(sockdir, name)
+        daemon = Daemon(socket, [*base, *args], prefix=prefix, log=socket + ".log").start()
         started.append(daemon)
         return daemon
 
     yield start
     for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.stop()
+        daemon.stop()
     for daemon in started:  # after every one stopped: they may share a socket
         leftover = daemon.files()
         assert not leftover, f"aquad left shared memory behind: {leftover}"
