@@ -1,0 +1,80 @@
+"""protocol/README.md and the message definitions say the same thing.
+
+The definitions in protocol/messages.py are what the daemon validates; the
+README is what implementers read. Every operation, argument, requirement,
+event and error code must appear in both, the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+import pytest
+
+from aqua_protocol import EVENTS, OPS, ErrorCode
+
+README = (pathlib.Path(__file__).resolve().parent.parent / "protocol" / "README.md").read_text()
+
+
+def _section(title_re: str) -> str:
+    """The text under a heading matching `title_re`, up to the next heading
+    of the same or a higher level."""
+    match = re.search(rf"^(#+) {title_re}\s*$", README, flags=re.M)
+    assert match, f"protocol/README.md has no section {title_re!r}"
+    level = len(match.group(1))
+    rest = README[match.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
+    return rest[:end.start()] if end else rest
+
+
+def _table(text: str, first_header: str) -> list[list[str]]:
+    """Rows (cells stripped) of the first table whose first header cell is
+    `first_header`."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_header:
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            return rows
+    return []
+
+
+def _name(cell: str) -> str:
+    return cell.strip("`")
+
+
+def test_every_operation_is_listed_with_whether_it_needs_hello():
+    rows = {_name(r[0]): r[1] for r in _table(_section(r"4\. Operations"), "op")}
+    assert set(rows) == set(OPS)
+    for name, cls in OPS.items():
+        assert rows[name] == ("yes" if cls.needs_tenant else "no"), name
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_each_operations_arguments_are_documented_as_defined(name):
+    section = _section(rf"`{name}`")
+    rows = _table(section, "argument")
+    fields = dataclasses.fields(OPS[name])
+    if not fields:
+        assert not rows and "No arguments" in section, name
+        return
+    documented = {_name(r[0]): r[-1] for r in rows}
+    assert set(documented) == {f.name for f in fields}, name
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        assert (documented[f.name] == "required") == required, (name, f.name)
+
+
+def test_every_event_is_documented():
+    rows = _table(_section(r"5\. Events"), "event")
+    assert {_name(r[0]) for r in rows} == set(EVENTS)
+
+
+def test_every_wire_error_code_is_documented():
+    rows = _table(_section(r"6\. Error codes"), "code")
+    assert {_name(r[0]) for r in rows} == {code.value for code in ErrorCode}
