@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slice", type=int, default=5, help="decode steps per CFS slice")
     ap.add_argument("--max-overhead", default="0.02",
                     help="paging time cap as a fraction of compute, or 'none'")
-    ap.add_argument("--incremental", choices=("host", "all", "none"), default="host",
+    ap.add_argument("--incremental", choices=("host", "all", "none"), default="all",
                     help="which leases a resumed request keeps, so its next page-out "
                          "copies only new blocks")
     ap.add_argument("--seed", type=int, default=0)

@@ -112,10 +112,11 @@ class Server:
                     order.append(group.pop(0))
         return order
 
-    def topology(self, spare: dict[int, int]) -> Topology:
+    def topology(self, spare: dict[int, int], extra_host_bytes: int = 0) -> Topology:
         """The Topology aquad's cuda backend builds for this server, by its own
         builder (discovery.build_topology), with `spare` bytes leasable per
-        GPU: what NVML would report, and a reserve that leaves exactly that."""
+        GPU: what NVML would report, and a reserve that leaves exactly that;
+        `extra_host_bytes` more of pinned host memory than the server has."""
         total = int(self.gpu.hbm_bytes)
         gpus = [GpuInfo(g, f"gpu{g}", total, total, pcie_gbps=self.pcie / GB)
                 for g in range(self.gpus)]
@@ -130,8 +131,20 @@ class Server:
                     pairs.append(PairInfo(a, b, p2p=True))
         policy = GpuPolicy(per_gpu_reserve={g: total - int(spare.get(g, 0))
                                             for g in range(self.gpus)},
-                           headroom=0, host_pinned=int(self.host_pool_bytes))
+                           headroom=0,
+                           host_pinned=int(self.host_pool_bytes) + extra_host_bytes)
         return build_topology(Discovery(gpus, pairs), policy, host_id=self.host_device)
+
+
+def vllm_limits(gpu: GpuSpec) -> tuple[int, int]:
+    """`vllm serve`'s default (max_num_seqs, max_num_batched_tokens) on this
+    GPU, as vLLM 0.32 chooses them (engine/arg_utils.py): the larger ones on
+    GPUs of 70 GiB and more that are not A100s."""
+    if gpu.hbm_bytes >= 160 * GiB:
+        return 1024, 16384
+    if gpu.hbm_bytes >= 70 * GiB and "a100" not in gpu.name.lower():
+        return 1024, 8192
+    return 256, 2048
 
 
 def load_server(path: str) -> Server:

@@ -15,10 +15,15 @@ in the engine: page out the preempted, then page in or prefill the resumed,
 then decode one token for every other resident request.
 
 Policies on the same workload:
-- fcfs: admission by KV room in arrival order, no preemption (what batching
-  engines do under a burst);
+- fcfs: vLLM's scheduler (PromptScheduler's fcfs): admission on prompt blocks
+  within `vllm serve`'s default sequence and token limits for the GPU,
+  newest-first preemption by recompute when blocks run out;
+- reserve: admission only while a request's whole reservation (prompt + max
+  new tokens) fits, no preemption: weaker than vLLM, kept for comparison;
 - host_swap: fair prompt-level time sharing; preempted KV caches go to host
-  DRAM over PCIe (no GPU offers spare memory);
+  DRAM over PCIe (no GPU offers spare memory), with as much offload memory as
+  aqua has in all (the host pool grows by the peers' spare) and the same
+  lease policy, so that aqua vs host_swap isolates the link;
 - aqua: the same, with producer GPUs' spare memory leased over NVLink first
   and host DRAM as the fallback, as aquad places it;
 - recompute: the same scheduling, but a preempted request's KV cache is
@@ -46,10 +51,10 @@ from aquad.core.quotas import UNLIMITED
 from aquad.core.tenants import Peer
 from .backend import SimBackend
 from .fabric import Fabric
-from .hardware import Server
+from .hardware import Server, vllm_limits
 from .workload import MODELS, Arrival, Costs, kv_budget_tokens
 
-POLICIES = ("fcfs", "host_swap", "aqua", "recompute")
+POLICIES = ("fcfs", "reserve", "host_swap", "aqua", "recompute")
 BLOCK_TOKENS = 16  # KV-cache block (vLLM's default): the unit of a dirty copy
 
 
@@ -73,10 +78,11 @@ class Scenario:
     quantum_s: float = 0.1  # GPU time slice between tenants sharing a GPU
     grace_s: float = 10.0  # longer than any one engine step (a burst's prefill)
     # The paper's incremental swap-out: a resumed request keeps its lease,
-    # so its next page-out copies only what changed. "host": only leases in
-    # host DRAM are kept (peer HBM is scarce: a resident request must not
-    # sit on it); "all"; "none".
-    incremental: str = "host"
+    # so its next page-out copies only what changed. "all"; "none"; "host":
+    # only leases in host DRAM are kept (peer HBM is scarce: a resident
+    # request does not sit on it), which treats aqua's leases differently from
+    # host_swap's, so it is not the default.
+    incremental: str = "all"
     # Cap on paging time as a fraction of compute (PromptScheduler stretches
     # its slices to keep it); None rotates every slice_tokens steps whatever
     # paging costs.
@@ -125,8 +131,11 @@ class Engine:
                      if t.gpu == spec.gpu and t is not spec)
         budget = kv_budget_tokens(model, sim.server.gpu, share=spec.share,
                                   other_weights=others)
-        self.sched = PromptScheduler("fcfs" if sim.policy == "fcfs" else "fair", budget,
-                                     sim.scenario.slice_tokens, sim.scenario.max_overhead)
+        seqs, tokens = vllm_limits(sim.server.gpu)
+        self.sched = PromptScheduler(
+            sim.policy if sim.policy in ("fcfs", "reserve") else "fair", budget,
+            sim.scenario.slice_tokens, sim.scenario.max_overhead,
+            max_num_seqs=seqs, max_batched_tokens=tokens, block_tokens=BLOCK_TOKENS)
         self.conn = f"engine-{index}".encode()
         self.peer = Peer(pid=100_000 + index, uid=0, gid=0)
         self._ids = itertools.count(1)
@@ -193,6 +202,7 @@ class Engine:
         self.steps += 1
         sim, now = self.sim, self.sim.now
         plan = self.sched.plan()
+        self.dropped.update(r.id for r in plan.drop)  # preempted by recompute
         if not plan.run:
             raise RuntimeError(f"{self.spec.name}: pending requests but nothing to run")
         fabric = sim.fabric
@@ -315,8 +325,10 @@ class Simulation:
         self.policy = policy
         self.now = 0.0
         spare = scenario.spare if policy == "aqua" else {}
+        # host_swap gets what aqua leases from peers as host memory instead.
+        extra_host = sum(scenario.spare.values()) if policy == "host_swap" else 0
         self.arbiter = Arbiter(
-            SimBackend(self.server.topology(spare)), clock=lambda: self.now,
+            SimBackend(self.server.topology(spare, extra_host)), clock=lambda: self.now,
             limits=Limits(max_tenants=len(scenario.tenants), max_leases_per_tenant=1 << 30,
                           heartbeat_timeout_s=math.inf, quantum_s=scenario.quantum_s,
                           grace_s=scenario.grace_s,

@@ -30,8 +30,8 @@ def prompts(n: int, seed: int = 1) -> list[list[int]]:
 # --- the policy alone ---------------------------------------------------------
 
 
-def test_fcfs_admits_in_order_within_the_budget_and_never_preempts():
-    s = PromptScheduler("fcfs", kv_budget_tokens=100)
+def test_reserve_admits_in_order_within_the_budget_and_never_preempts():
+    s = PromptScheduler("reserve", kv_budget_tokens=100)
     reqs = [Request(i, [0] * 30, 10, float(i)) for i in range(4)]  # 40 tokens each
     for r in reqs:
         s.arrive(r)
@@ -41,6 +41,49 @@ def test_fcfs_admits_in_order_within_the_budget_and_never_preempts():
     s.finished(reqs[0])
     plan = s.plan()
     assert [r.id for r in plan.resume] == [2] and plan.preempt == []
+
+
+def test_fcfs_admits_on_prompt_blocks_as_vllm_does():
+    # 16-token blocks, 8 of them: four 30-token prompts fit (2 blocks each)
+    # although their whole reservations (40 tokens, 3 blocks) would not.
+    s = PromptScheduler("fcfs", kv_budget_tokens=128)
+    reqs = [Request(i, [0] * 30, 10, float(i)) for i in range(5)]
+    for r in reqs:
+        s.arrive(r)
+    plan = s.plan()
+    assert [r.id for r in plan.resume] == [0, 1, 2, 3] and plan.drop == []
+
+
+def test_fcfs_preempts_the_newest_by_recompute_when_blocks_run_out():
+    s = PromptScheduler("fcfs", kv_budget_tokens=128)
+    reqs = [Request(i, [0] * 30, 10, float(i)) for i in range(4)]
+    for r in reqs:
+        s.arrive(r)
+    s.plan()
+    for r in reqs:
+        r.tokens += [1, 1]  # each now needs a third block for its next token
+    plan = s.plan()
+    assert [r.id for r in plan.drop] == [3, 2] and plan.resume == []
+    assert [r.id for r in plan.run] == [0, 1]
+    assert reqs[3].preemptions == 1 and reqs[3].state == "paused"
+    s.finished(reqs[0])
+    plan = s.plan()  # the oldest dropped one resumes first, with what it generated
+    assert [r.id for r in plan.resume] == [2] and plan.drop == []  # 3 blocks each now
+
+
+def test_fcfs_respects_the_sequence_and_token_limits_of_a_step():
+    s = PromptScheduler("fcfs", kv_budget_tokens=10_000, max_num_seqs=3,
+                        max_batched_tokens=70)
+    for i in range(5):
+        s.arrive(Request(i, [0] * 30, 10, float(i)))
+    assert [r.id for r in s.plan().resume] == [0, 1]  # 60 of 70 tokens; 30 more do not fit
+    assert [r.id for r in s.plan().resume] == [2]  # three running: the sequence limit
+
+
+def test_a_big_prompt_still_starts_as_a_steps_first_prefill():
+    s = PromptScheduler("fcfs", kv_budget_tokens=10_000, max_batched_tokens=64)
+    s.arrive(Request(1, [0] * 200, 4, 0.0))
+    assert [r.id for r in s.plan().resume] == [1]
 
 
 def test_fair_lets_a_new_arrival_displace_running_prompts_at_once():
@@ -89,7 +132,7 @@ def run(engine: Engine) -> None:
         engine.step()
 
 
-@pytest.mark.parametrize("policy", ["fair", "fcfs"])
+@pytest.mark.parametrize("policy", ["fair", "fcfs", "reserve"])
 def test_greedy_tokens_match_an_uninterrupted_generate(daemon, policy):
     model = tiny_llama()
     ps = prompts(6)
@@ -104,6 +147,9 @@ def test_greedy_tokens_match_an_uninterrupted_generate(daemon, policy):
             assert engine.kv.bytes_out > 0 and engine.kv.bytes_in == engine.kv.bytes_out
         else:
             assert engine.bytes_paged == 0
+        if policy == "fcfs":  # admitted on prompt blocks: the budget runs out mid-decode
+            assert engine.recomputed_tokens > 0
+            assert any(r.preemptions for r in reqs)
         engine.close()
         assert daemon.status()["leases"] == []
     with torch.inference_mode():

@@ -322,3 +322,68 @@ def test_paper_sim_writes_one_object_per_policy(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--policies", "lifo"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown policies" in bad.stderr
+
+
+# --- what the figures rest on: checked against outside facts, not formulas ------
+
+
+# Published architectures (each model's config.json): hidden size, layers,
+# attention heads, KV heads. The KV bytes per token are what transformers'
+# own cache holds for that architecture, measured on the meta device.
+PUBLISHED = {
+    "llama-2-7b": ("llama", 4096, 32, 32, 32),
+    "llama-2-13b": ("llama", 5120, 40, 40, 40),
+    "mistral-7b": ("mistral", 4096, 32, 32, 8),
+    "opt-30b": ("opt", 7168, 48, 56, 56),
+}
+
+
+@pytest.mark.parametrize("key", sorted(PUBLISHED))
+def test_each_models_kv_bytes_per_token_is_what_its_architecture_caches(key):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    kind, hidden, layers, heads, kv_heads = PUBLISHED[key]
+    one_layer = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                 "opt": transformers.OPTConfig}[kind]
+    if kind == "opt":
+        cfg = one_layer(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads,
+                        ffn_dim=4 * hidden, word_embed_proj_dim=hidden)
+    else:
+        cfg = one_layer(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads,
+                        num_key_value_heads=kv_heads, intermediate_size=4 * hidden)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
+        out = model(torch.zeros((1, 3), dtype=torch.long), use_cache=True)
+    layer = out.past_key_values.layers[0]
+    per_layer = (layer.keys.numel() + layer.values.numel()) // 3 * layer.keys.element_size()
+    assert MODELS[key].kv_bytes_per_token == per_layer * layers
+    assert MODELS[key].layers == layers
+
+
+def test_copies_run_at_the_h100_datasheets_link_speeds():
+    # NVIDIA H100 SXM5 datasheet: NVLink 900 GB/s and PCIe Gen5 x16 128 GB/s,
+    # both bidirectional. A 10 GB copy on an idle simulated server takes what
+    # those speeds say (one direction each, at the achieved fraction the
+    # server names as its assumption), whatever the spec table says.
+    server = Server(H100, gpus=2)
+    nvlink = Fabric(server).copy(0, 1, 10 * GB, 0.0)
+    pcie = Fabric(server).copy(0, server.host_device, 10 * GB, 0.0)
+    assert nvlink == pytest.approx(10e9 / (450e9 * server.nvlink_efficiency), rel=0.02)
+    assert pcie == pytest.approx(10e9 / (64e9 * server.pcie_efficiency), rel=0.02)
+
+
+def test_the_baseline_admits_and_preempts_as_vllm_does():
+    # Short prompts, long outputs, far beyond the KV room: vLLM admits on
+    # prompt blocks, runs out of blocks mid-decode and preempts by recompute;
+    # only strict reservation never preempts, and it admits fewer at once.
+    server = Server(H100, gpus=1)
+    arrivals = tuple(Arrival(0.001 * i, 200, 1500, 0) for i in range(400))
+    sc = Scenario(server, (TenantSpec("chat", "llama-2-13b", 0),), arrivals)
+    fcfs, reserve = Simulation(sc, "fcfs"), Simulation(sc, "reserve")
+    a, b = fcfs.run(), reserve.run()
+    assert fcfs.engines[0].sched.policy == "fcfs"
+    assert (fcfs.engines[0].sched.max_num_seqs, fcfs.engines[0].sched.max_batched_tokens) == \
+        (1024, 8192)  # `vllm serve`'s defaults on an 80 GB H100
+    assert a["recomputed_tokens"] > 0 and a["preemptions"] > 0 and a["bytes_paged"] == 0
+    assert b["preemptions"] == 0 and b["recomputed_tokens"] == 0
+    assert a["ttft_p50_s"] < b["ttft_p50_s"]  # admitted sooner on prompt blocks

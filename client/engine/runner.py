@@ -109,6 +109,9 @@ class Engine:
     def step(self) -> bool:
         """Plan and run one step. False when nothing was resident to run."""
         plan: Plan = self.scheduler.plan()
+        for r in plan.drop:  # preempted by recompute (vLLM's way)
+            del self._caches[r.id]
+            self._dropped.add(r.id)
         for r in plan.preempt:
             if self.kv is None:
                 raise RuntimeError("preemption needs an aqua client to page into")

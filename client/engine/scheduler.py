@@ -1,10 +1,20 @@
 """Which prompts run next: a deterministic, I/O-free prompt scheduler.
 
-Two policies over the same requests and the same KV-cache budget:
+Three policies over the same requests and the same KV-cache budget:
 
-- ``fcfs``: what batching engines do under a burst. Requests are admitted in
-  arrival order while their whole KV cache (prompt + max new tokens) fits;
-  an admitted request runs to completion; the rest wait. No preemption.
+- ``fcfs``: what vLLM's scheduler does (v1, the default configuration).
+  Requests are admitted in arrival order while the KV blocks of their prompt
+  fit, within `max_num_seqs` running and `max_batched_tokens` tokens per step
+  (a prompt bigger than what is left of the step's tokens is admitted only
+  as the step's first prefill: chunked prefill spreads it over steps, which
+  this plan does not split). Every step each running request needs room for
+  one more token; when the blocks run out the newest running request is
+  preempted by recompute (its KV cache dropped, `Plan.drop`) and waits at the
+  head of the queue; no request is admitted in a step that preempted.
+- ``reserve``: strict reservation. Admitted in arrival order only while the
+  whole KV cache a request can grow to (prompt + max new tokens) fits; an
+  admitted request runs to completion; the rest wait. No preemption. Weaker
+  than what engines ship (kept to compare with earlier figures).
 - ``fair``: prompt-level time sharing in the paper's manner. Every arrived
   request is active; the resident set (whose KV cache is in memory) holds the
   requests with the fewest generated tokens (ties by arrival) that fit, so a
@@ -57,11 +67,16 @@ class Request:
         return self.token_times[0] - self.arrival if self.token_times else None
 
 
+POLICIES = ("fcfs", "reserve", "fair")
+BLOCK_TOKENS = 16  # vLLM's default KV block
+
+
 @dataclass
 class Plan:
     preempt: list[Request]  # page out, then they are no longer resident
-    resume: list[Request]  # page in (prefilled before) or prefill (new)
+    resume: list[Request]  # page in (prefilled before) or prefill (new, or dropped)
     run: list[Request]  # decode one token each (resident, in this order)
+    drop: list[Request] = field(default_factory=list)  # cache discarded: recompute on resume
 
 
 class PromptScheduler:
@@ -69,21 +84,28 @@ class PromptScheduler:
     so the simulator can drive the same object through 10^4 requests."""
 
     def __init__(self, policy: str, kv_budget_tokens: int, slice_tokens: int = 5,
-                 max_overhead: float | None = None) -> None:
-        if policy not in ("fcfs", "fair"):
-            raise ValueError(f"policy must be fcfs or fair, got {policy!r}")
+                 max_overhead: float | None = None, *, max_num_seqs: int = 256,
+                 max_batched_tokens: int = 8192, block_tokens: int = BLOCK_TOKENS) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if kv_budget_tokens <= 0 or slice_tokens <= 0:
             raise ValueError("budget and slice must be positive")
         if max_overhead is not None and not 0 < max_overhead <= 1:
             raise ValueError("max_overhead must be in (0, 1]")
+        if min(max_num_seqs, max_batched_tokens, block_tokens) <= 0:
+            raise ValueError("max_num_seqs, max_batched_tokens and block_tokens must be positive")
         self.policy = policy
         self.budget = kv_budget_tokens
+        # fcfs (vLLM's rules): the engine's limits, and its block size.
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.block_tokens = block_tokens
         self.slice_tokens = slice_tokens
         self.max_overhead = max_overhead
         self._switch_s = 0.0  # moving average of what a re-plan costs to carry out
         self._compute_s = 0.0  # moving average of a step's compute
         self.active: dict[int, Request] = {}  # not done, in submission order
-        self._waiting: deque[Request] = deque()  # fcfs: never admitted yet
+        self._waiting: deque[Request] = deque()  # fcfs, reserve: not running, in order
         self._resident: list[Request] = []  # in submission order
         self._fresh: list[Request] = []  # may still lack a first token
         self._seq: dict[int, int] = {}  # request id -> submission order
@@ -104,7 +126,7 @@ class PromptScheduler:
             raise ValueError(f"request {request.id} is already active")
         self.active[request.id] = request
         self._seq[request.id] = next(self._arrivals)
-        if self.policy == "fcfs":
+        if self.policy != "fair":
             self._waiting.append(request)
         self._fresh.append(request)
         self._dirty = True
@@ -152,9 +174,51 @@ class PromptScheduler:
     def plan(self) -> Plan:
         if self.policy == "fcfs":
             return self._plan_fcfs()
+        if self.policy == "reserve":
+            return self._plan_reserve()
         return self._plan_fair()
 
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.block_tokens)
+
     def _plan_fcfs(self) -> Plan:
+        budget = self.budget // self.block_tokens
+        running, waiting = self._resident, self._waiting
+        # Room for the token this step adds to every running request; the
+        # newest go first when there is none (vLLM preempts by recompute).
+        # The oldest always runs: arrive() made sure it fits, up to the
+        # rounding to whole blocks.
+        need = sum(self._blocks(_context(r) + 1) for r in running)
+        drop: list[Request] = []
+        while need > budget and len(running) > 1:
+            victim = running.pop()
+            need -= self._blocks(_context(victim) + 1)
+            victim.state = "paused"
+            victim.preemptions += 1
+            drop.append(victim)
+        for victim in drop:  # oldest first at the head of the queue
+            waiting.appendleft(victim)
+        resume: list[Request] = []
+        tokens = self.max_batched_tokens - len(running)  # one per decode
+        while waiting and not drop and len(running) < self.max_num_seqs:
+            r = waiting[0]
+            if r.state == "done":
+                waiting.popleft()
+                continue
+            prefill = _context(r)  # the prompt, plus what it had generated if dropped
+            if need + self._blocks(prefill + 1) > budget:
+                break  # head-of-line blocking, as in vLLM
+            if prefill > tokens and resume:
+                break  # this step's tokens are spent; it starts next step
+            waiting.popleft()
+            r.state = "resident"
+            running.append(r)
+            resume.append(r)
+            need += self._blocks(prefill + 1)
+            tokens -= prefill
+        return Plan([], resume, list(running), drop)
+
+    def _plan_reserve(self) -> Plan:
         resume = []
         waiting = self._waiting
         while waiting:  # arrival order; head-of-line blocking is the point
@@ -289,3 +353,8 @@ class PromptScheduler:
         self._resident = sorted(chosen, key=lambda r: seq[r.id])
         self._used = sum(r.reserve for r in chosen)
         return Plan(preempt, resume, list(self._resident))
+
+
+def _context(r: Request) -> int:
+    """Tokens in a request's KV cache once its next token is computed from them."""
+    return len(r.prompt) + len(r.tokens)
