@@ -33,8 +33,12 @@ from .transport import Conn, ConnLimits, Transport
 
 log = logging.getLogger("aquad")
 
-# Requests after which the scheduler may have news for other tenants.
-_SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye)
+# Requests after which the scheduler, or a reclaim, may have news for others.
+_SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye, m.Reclaim, m.Drain, m.Undrain,
+                   m.Lend, m.Unlend)
+# How often the cuda backend's GPUs are asked how much memory is free, to see
+# their own processes grow into aquad's share (the paper's reference: 4 s).
+MEMORY_WATCH_S = 0.5
 # Deferred backend work (unlinks, closes, spare files) runs when we go idle,
 # and in a streak of back-to-back requests every MAINTAIN_EVERY of them: done
 # after every reply it slows the next request of a tenant on the same core.
@@ -124,6 +128,8 @@ class Server:
                 nursery.start_soon(self._socket_loop)
                 nursery.start_soon(self._reaper)
                 nursery.start_soon(self._timer)
+                if hasattr(self.arbiter.backend, "gpu_free"):
+                    nursery.start_soon(self._watch_memory)
                 task_status.started()
         finally:
             self._close()
@@ -223,7 +229,7 @@ class Server:
                     conn.tenant = False
                     log.info("tenant %s (%s, pid %d) left", tenant.id, tenant.name, peer.pid)
                     self._forget_watchers()
-                if isinstance(request.args, _SCHEDULING_OPS):
+                if isinstance(request.args, _SCHEDULING_OPS) or self.arbiter.has_events():
                     self._dispatch()
                     self._flush()  # the next holder's grant goes out before this reply
         except ProtocolError as exc:
@@ -298,6 +304,21 @@ class Server:
             self._timer_scope = None
             with _logged("the scheduler timer"):
                 self.arbiter.tick()
+                self._dispatch()
+
+    async def _watch_memory(self) -> None:
+        """Reclaim by itself when a GPU's own processes take memory: NVML's
+        free memory below what aquad may still allocate there plus the
+        headroom. NVML is asked in a worker thread: it can take a while."""
+        backend = self.arbiter.backend
+        while True:
+            await trio.sleep(MEMORY_WATCH_S)
+            with _logged("the GPU memory watcher"):
+                free = await trio.to_thread.run_sync(backend.gpu_free)
+                for reply in self.arbiter.watch_memory(free, backend.headroom):
+                    log.warning("GPU %d: its own processes need memory; reclaiming %d "
+                                "bytes (%d lease(s) to move)", reply["device"],
+                                reply["taken_bytes"], len(reply["leases"]))
                 self._dispatch()
 
     # --- tenant liveness ------------------------------------------------------

@@ -12,6 +12,7 @@ import collections
 import itertools
 import logging
 import os
+import select
 import socket as pysocket
 import stat
 import struct
@@ -30,19 +31,22 @@ from aqua_protocol.turns import TurnMachine
 
 from .errors import (
     AquaError,
+    BadRequest,
     DaemonGone,
     DaemonUnavailable,
     DaemonNotResponding,
     DaemonNotRunning,
     LimitExceeded,
+    NoSuchLease,
     NotRegistered,
+    OutOfMemory,
     PermissionDenied,
     ShuttingDown,
     TurnTimeout,
     UntrustedDaemon,
     error_for,
 )
-from .memory import open_handle
+from .memory import LocalMapping, copy_between, open_handle
 
 log = logging.getLogger("aqua")
 
@@ -59,6 +63,9 @@ _LINK_LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 RECONNECT_FIRST_S = 0.05
 RECONNECT_MAX_S = 0.25
 ENV_DAEMON_UID = "AQUA_DAEMON_UID"
+# The event thread looks at the socket at least this often even when its
+# descriptor stays quiet (a safety net: events are read as they come).
+EVENT_POLL_S = 0.2
 
 
 def trusted_uids() -> frozenset[int]:
@@ -223,6 +230,10 @@ class Connection:
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._link, zmq.POLLIN)
         self._sock.connect(endpoint(self.socket_path))
+        # Readable when the socket may have something to read: what a thread
+        # that does not hold the lock may wait on (select), never the socket.
+        # Edge-triggered: whoever reads under the lock reads until empty.
+        self.fd: int = self._sock.getsockopt(zmq.FD)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.gone: str | None = None  # why the daemon is unusable, once it is
@@ -250,6 +261,7 @@ class Connection:
                     continue  # the late answer to a request that timed out
                 # (An error without an id answers a request the daemon could not
                 # read at all; one request is in flight at a time, so it is ours.)
+                self._drain_events()
                 if msg.ok:
                     return msg.result
                 if msg.code == p.ErrorCode.NOT_REGISTERED:
@@ -294,16 +306,29 @@ class Connection:
         else:
             log.debug("ignoring event %r", event.event)
 
-    def poll_events(self) -> None:
-        """Read pushed events without sending or blocking. Skips the check if
-        another thread is mid-request: that thread dispatches events too."""
-        if not self._lock.acquire(blocking=False):
-            return
+    def _drain_events(self) -> None:
+        """Dispatch what arrived behind a reply, before the lock goes: `fd`
+        signals only what comes after the socket was last read empty, so
+        leaving a pushed event queued would leave it unseen by a waiter on
+        `fd` (a `reclaim` notice, with a deadline)."""
+        try:
+            while self.gone is None and self._sock.poll(0, zmq.POLLIN):
+                self._dispatch(self._read())
+        except ShuttingDown:
+            pass  # `gone` says so to the next call; this one has its answer
+
+    def poll_events(self, *, block: bool = False) -> bool:
+        """Read pushed events without sending. Skips the check (False) if
+        another thread is mid-request and `block` is not set: that thread
+        dispatches events too."""
+        if not self._lock.acquire(blocking=block):
+            return False
         try:
             while not self.gone and self._sock.poll(0, zmq.POLLIN):
                 self._dispatch(self._read())
         finally:
             self._lock.release()
+        return True
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Read events until predicate() holds (True) or timeout passes (False).
@@ -313,6 +338,7 @@ class Connection:
         while True:
             with self._lock:
                 if predicate():
+                    self._drain_events()
                     return True
                 if self.gone:
                     raise DaemonGone(self.gone)
@@ -410,6 +436,14 @@ class Client:
         self._stop = threading.Event()
         self._turn = TurnMachine()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
+        # Elastic memory: `reclaim` notices wait here for the event thread,
+        # which moves the leases; `reclaim_done` reports, by reclaim id.
+        self._notices: collections.deque[dict[str, Any]] = collections.deque()
+        self._reclaims_done: dict[int, dict[str, Any]] = {}
+        self.moves = 0  # leases moved to other memory on aquad's notice
+        self.evictions = 0  # ... or, with no room anywhere, into this process
+        self.fenced = 0  # leases lost to a fence (not moved by the deadline)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._heartbeat = threading.Thread(target=self._beat, name=f"aqua-heartbeat-{self.id}",
                                            daemon=True)
         self._heartbeat.start()
@@ -475,7 +509,7 @@ class Client:
         were copied out before this is called, so its failure costs nothing."""
         with self._leases_lock:
             self._leases.pop(lease.id, None)
-        if lease.lost:
+        if lease.lost or lease.kind == "local":
             return
         try:
             if self._conn.gone:
@@ -484,6 +518,19 @@ class Client:
         except DaemonUnavailable as exc:
             # A restarted aquad frees it once we reconnect (see `adopt`).
             log.debug("release of %s not confirmed: %s", lease.id, exc)
+
+    def _release_id(self, lease_id: str) -> None:
+        """Release a lease id this client no longer maps (a moved lease's old
+        memory), best effort like _release."""
+        try:
+            if self._conn.gone:
+                raise DaemonGone(self._conn.gone)
+            self._conn.request(p.Release(lease=lease_id))
+        except (DaemonUnavailable, NoSuchLease) as exc:
+            log.debug("release of %s not confirmed: %s", lease_id, exc)
+
+    def _release_id_later(self, lease_id: str) -> None:
+        self._deferred.append(_Retired(lease_id))
 
     def _release_later(self, lease: Lease) -> None:
         """Queue a release for the heartbeat thread (it runs from the
@@ -562,19 +609,127 @@ class Client:
         self._hooks = (page_out, page_in)
 
     def _on_event(self, event: p.Event) -> None:
-        if self._turn.on_event(event.event, event.data) == "revoked":
+        if event.event in ("reclaim", "fenced", "reclaim_done"):
+            self._on_elastic(event.event, event.data)
+        elif self._turn.on_event(event.event, event.data) == "revoked":
             log.warning("aquad revoked slice %s: %s", self._turn.slice, event.data.get("reason"))
+
+    # --- elastic memory -----------------------------------------------------
+
+    def _on_elastic(self, name: str, data: dict[str, Any]) -> None:
+        """On whichever thread read the event, with the connection's lock
+        held: note it, and leave the work (requests, copies) to the event
+        thread."""
+        if name == "reclaim":
+            self._notices.append(data)
+            self._wake()
+        elif name == "fenced":
+            held = set(data.get("held", ()))
+            for lease_id in data.get("leases", ()):
+                with self._leases_lock:
+                    lease = self._leases.get(lease_id)
+                if lease is not None:
+                    lease._fenced(still_held=lease_id in held)
+                    self.fenced += 1
+                    log.error("aquad fenced lease %s (not moved by its deadline): its "
+                              "bytes are gone", lease_id)
+        elif name == "reclaim_done":
+            rid = data.get("reclaim")
+            if isinstance(rid, int):
+                self._reclaims_done[rid] = data
+
+    def _wake(self) -> None:
+        try:
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or closed
+
+    def _run_notices(self) -> None:
+        """Move every lease a `reclaim` notice names (on the event thread)."""
+        while self._notices:
+            notice = self._notices.popleft()
+            for lease_id in notice.get("leases", ()):
+                with self._leases_lock:
+                    lease = self._leases.get(lease_id)
+                if lease is not None:
+                    try:
+                        lease.move()
+                    except DaemonUnavailable:
+                        raise
+                    except AquaError as exc:
+                        log.warning("could not move lease %s: %s", lease_id, exc)
+
+    def lend(self, nbytes: int, device: int | None = None) -> dict[str, Any]:
+        """Offer `nbytes` of spare memory of a home device (default: the first)
+        to other tenants. Free it yourself first (torch.cuda.empty_cache())."""
+        dev = self.devices[0] if device is None else device
+        return self._conn.request(p.Lend(device=dev, nbytes=int(nbytes)))
+
+    def unlend(self, nbytes: int, device: int | None = None, *,
+               deadline_ms: int = p.messages.DEFAULT_DEADLINE_MS,
+               timeout: float | None = None) -> dict[str, Any]:
+        """Take back up to `nbytes` of what this tenant lent on `device`;
+        blocks until borrowers moved away (or were fenced) and returns the
+        report (protocol/README.md 4.3)."""
+        dev = self.devices[0] if device is None else device
+        return self._reclaimed(self._conn.request(
+            p.Unlend(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms)), timeout)
+
+    def reclaim(self, nbytes: int, device: int | None = None, *,
+                deadline_ms: int = p.messages.DEFAULT_DEADLINE_MS,
+                timeout: float | None = None) -> dict[str, Any]:
+        """Take `nbytes` of a home device's capacity back from aquad (this
+        tenant's own work needs it); blocks like unlend()."""
+        dev = self.devices[0] if device is None else device
+        return self._reclaimed(self._conn.request(
+            p.Reclaim(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms)), timeout)
+
+    def _reclaimed(self, reply: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        if reply["state"] == "done":
+            return reply["report"]
+        rid = reply["reclaim"]
+        # The deadline bounds it: by then every lease is moved or fenced.
+        limit = timeout if timeout is not None else reply["deadline_s"] + self._conn.timeout
+        if not self._conn.wait_for(lambda: rid in self._reclaims_done, limit):
+            raise DaemonNotResponding(f"reclaim {rid} did not end within {limit:g} s")
+        return self._reclaims_done.pop(rid)
 
     # --- lifecycle ----------------------------------------------------------
 
     def _beat(self) -> None:
-        while not self._stop.wait(self._conn.keepalive_s):
+        """The event thread: heartbeats, and pushed events read as they come
+        (it waits on the socket's descriptor, not the socket), so a
+        `reclaim` notice is acted on at once, whatever the tenant's own
+        threads are doing."""
+        next_beat = time.monotonic() + self._conn.keepalive_s
+        while not self._stop.is_set():
+            conn = self._conn
+            wait = max(0.0, min(next_beat - time.monotonic(), EVENT_POLL_S))
             try:
+                ready, _, _ = select.select([conn.fd, self._wake_r], [], [], wait)
+            except (OSError, ValueError):
+                ready = []  # the connection was swapped or closed under us
+            if self._stop.is_set():
+                return
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            try:
+                if not conn.poll_events(block=conn.fd in ready or not ready):
+                    time.sleep(0.001)  # a caller reads now: let it
+                self._run_notices()
+                if time.monotonic() < next_beat:
+                    continue
+                next_beat = time.monotonic() + self._conn.keepalive_s
                 self._send_deferred()
                 self._conn.request(p.Heartbeat(), timeout=max(self._conn.keepalive_s * 3, 1.0))
             except DaemonGone:
                 if not (self.reconnect and self._rejoin()):
                     return
+                next_beat = time.monotonic() + self._conn.keepalive_s
             except NotRegistered:
                 # aquad dropped us (the process was frozen past the heartbeat
                 # timeout, say): our leases and slice are gone. Say so to every
@@ -628,6 +783,8 @@ class Client:
         readable here through its mapping, but is no longer accounted."""
         adopted = lost = 0
         for lease in self.leases:
+            if lease.kind == "local":
+                continue  # moved into this process: nothing for a daemon to keep
             try:
                 if not lease.capability:
                     raise AquaError("the daemon gave this lease no capability")
@@ -673,6 +830,7 @@ class Client:
     def close(self) -> None:
         """Release every lease and unregister. Safe to call twice."""
         self._stop.set()
+        self._wake()
         if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)  # no heartbeat may follow the bye
         aliased = [lease for lease in self.leases if not lease._unmap()]
@@ -693,6 +851,10 @@ class Client:
             except AquaError as exc:
                 log.debug("bye failed: %s", exc)
         self._conn.close()
+        if not self._heartbeat.is_alive() and self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def __enter__(self) -> Client:
         return self
@@ -702,6 +864,16 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<aqua.Client {self.id} {self.name!r} devices={list(self.devices)}>"
+
+
+class _Retired:
+    """The old lease id of a moved lease, for a release deferred until its
+    memory is unmapped (what _send_deferred hands to _release)."""
+
+    def __init__(self, lease_id: str) -> None:
+        self.id = lease_id
+        self.lost = False
+        self.kind = ""
 
 
 class Lease:
@@ -716,16 +888,33 @@ class Lease:
         self.handle: dict[str, Any] = reply["handle"]
         # The proof of ownership a restarted daemon asks for (host leases).
         self.capability: str = reply.get("capability", "")
-        self.lost = False  # a restarted daemon did not give it back
+        self.lost = False  # a restarted daemon did not give it back, or it was fenced
+        self.fenced = False  # not moved by a reclaim's deadline: the bytes are gone
+        self.moves = 0  # times its bytes moved to other memory (see move())
         self._client = client
         self._mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix,
                                     populate=populate)
         self.released = False
+        # Held by whoever copies through the memory (offload, restore, the
+        # pager, the engine) and by move(): a move never runs under a copy.
+        self.lock = threading.RLock()
+        # Called (with the lease) after each move, on the event thread: for
+        # code that keeps tensors aliasing the lease, to take new ones.
+        self.on_move: Callable[[Lease], object] | None = None
 
-    def tensor(self, dtype: Any = None, shape: tuple[int, ...] | None = None):
-        """A torch tensor aliasing the leased memory (uint8 by default)."""
+    def _check(self) -> None:
+        if self.fenced:
+            raise AquaError(f"lease {self.id} was fenced: aquad took the memory back at a "
+                            f"reclaim's deadline and its bytes are gone")
         if self.released:
             raise AquaError(f"lease {self.id} was released")
+
+    def tensor(self, dtype: Any = None, shape: tuple[int, ...] | None = None):
+        """A torch tensor aliasing the leased memory (uint8 by default).
+        After a move (aquad reclaiming the memory) it aliases the new memory;
+        tensors taken before alias the old one: take them under `lock`, and
+        again after a move (`on_move`)."""
+        self._check()
         if dtype is None:
             import torch  # noqa: PLC0415
 
@@ -734,17 +923,81 @@ class Lease:
 
     def buffer(self) -> memoryview:
         """The leased bytes as a writable memoryview (no torch needed)."""
-        if self.released:
-            raise AquaError(f"lease {self.id} was released")
+        self._check()
         return self._mapping.buffer()
 
     def pin(self) -> bool:
         """Page-lock a host lease so GPU copies run at PCIe speed (done once;
         aqua's offload does it for CUDA tensors). False for GPU leases and
         where no CUDA runtime is present."""
-        if self.released:
-            raise AquaError(f"lease {self.id} was released")
+        self._check()
         return self._mapping.pin()
+
+    def move(self) -> bool:
+        """Move the bytes out of memory aquad is reclaiming: a replacement
+        lease on the next-best device (`move`), a copy, a swap, and the old
+        lease released; with no room anywhere, into this process's own
+        memory. The client does this by itself on a `reclaim` notice; the
+        lease keeps working throughout (same object, same bytes). False if
+        there was nothing to move (released, or the reclaim ended)."""
+        client = self._client
+        with self.lock:
+            if self.released or self.lost or self.kind == "local":
+                return False
+            old_id = self.id
+            try:
+                reply = client._conn.request(p.Move(lease=old_id))
+            except (OutOfMemory, LimitExceeded):
+                self._evict()
+                return True
+            except (BadRequest, NoSuchLease):
+                return False  # the reclaim ended, or the lease is no longer ours
+            try:
+                mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix)
+            except BaseException:
+                client._release_id(reply["lease"])
+                raise
+            copy_between(mapping, self._mapping, self.nbytes)
+            client.moves += 1  # before the old lease's release ends the reclaim
+            with client._leases_lock:
+                client._leases.pop(old_id, None)
+                client._leases[reply["lease"]] = self
+            self._swap(mapping, reply)
+        if self.on_move is not None:
+            self.on_move(self)
+        return True
+
+    def _evict(self) -> None:
+        """No room anywhere: the bytes go into this process's memory, and the
+        lease lives on there (kind `local`), unaccounted by aquad."""
+        mapping = LocalMapping(self.nbytes)
+        copy_between(mapping, self._mapping, self.nbytes)
+        self._swap(mapping, {"lease": self.id, "device": -1, "tier": "process",
+                             "handle": {"kind": "local", "nbytes": self.nbytes}})
+        self._client.evictions += 1
+
+    def _swap(self, mapping: Any, reply: dict[str, Any]) -> None:
+        """Make the lease the one in `reply`, mapped by `mapping`; the old
+        memory is unmapped and its lease released (after the unmap: cuda)."""
+        client = self._client
+        old_id, old = self.id, self._mapping
+        self._mapping = mapping
+        self.id, self.device, self.tier = reply["lease"], reply["device"], reply["tier"]
+        self.handle, self.kind = reply["handle"], reply["handle"].get("kind", "")
+        self.capability = reply.get("capability", "")
+        self.moves += 1
+        if old.close():
+            client._release_id(old_id)
+        else:
+            old.on_closed(lambda: client._release_id_later(old_id))
+
+    def _fenced(self, *, still_held: bool) -> None:
+        """aquad fenced the lease: the memory is no longer ours to touch (on
+        the host backend, touching it faults). GPU memory stays held until
+        this lease is released (`still_held`)."""
+        self.fenced = True
+        if not still_held:
+            self.lost = True  # nothing left to release at aquad
 
     def _unmap(self) -> bool:
         """True if the memory is unmapped now, False if tensors still alias it."""
@@ -758,12 +1011,13 @@ class Lease:
         process only, until they are dropped. GPU leases: CUDA must not free
         memory a process still maps, so while tensors alias the lease the
         release waits, and goes out once the last of them is gone."""
-        if self.released:
-            return
-        if self._unmap():
-            self._client._release(self)
-        else:
-            self._mapping.on_closed(lambda: self._client._release_later(self))
+        with self.lock:  # not in the middle of a move
+            if self.released:
+                return
+            if self._unmap():
+                self._client._release(self)
+            else:
+                self._mapping.on_closed(lambda: self._client._release_later(self))
 
     def __enter__(self) -> Lease:
         return self

@@ -163,14 +163,91 @@ VIEWS = {
 }
 
 
+# --- elastic memory: drain, undrain, reclaim ---------------------------------
+
+ELASTIC_COMMANDS = ("drain", "undrain", "reclaim")
+
+
+def parse_size(text: str) -> int:
+    """`1GiB`, `512MiB`, `64KiB`, `4096` (bytes)."""
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "B": 1,
+             "T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10}
+    t = text.strip().upper()
+    for unit, size in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip():
+            return int(float(t[:-len(unit)]) * size)
+    return int(t)
+
+
+def render_reclaim(report: dict) -> str:
+    """What moved where, what was fenced, and how long it took."""
+    head = (f"reclaim {report['reclaim']} of device {report['device']}: {report['state']} "
+            f"in {report['elapsed_s'] * 1000:.1f} ms; took back "
+            f"{human_bytes(report['taken_bytes'])}, capacity now "
+            f"{human_bytes(report['capacity_bytes'])}")
+    if report.get("over_bytes"):
+        head += f", {human_bytes(report['over_bytes'])} still held (quarantined)"
+    rows = [[m["lease"], m["tenant"], human_bytes(m["nbytes"]), "moved",
+             f"device {m['to']['device']} ({m['to']['tier']})"] for m in report["moved"]]
+    rows += [[r["lease"], r["tenant"], human_bytes(r["nbytes"]), "released", "-"]
+             for r in report["released"]]
+    rows += [[f["lease"], f["tenant"], human_bytes(f["nbytes"]),
+              "fenced (held)" if f["quarantined"] else "fenced", "-"]
+             for f in report["fenced"]]
+    counts = (f"{report['moved_count']} moved ({human_bytes(report['moved_bytes'])}), "
+              f"{report['released_count']} released, {report['fenced_count']} fenced")
+    if not rows:
+        return head + "\nno lease had to move"
+    return "\n".join([head, table(["LEASE", "TENANT", "SIZE", "WHAT", "TO"], rows), counts])
+
+
+def run_elastic(conn: Connection, args: argparse.Namespace) -> dict:
+    """Send drain / undrain / reclaim and wait for the report (the daemon
+    ends every reclaim by its deadline, moving or fencing)."""
+    operands = args.operands
+    want = 2 if args.command == "reclaim" else 1
+    if len(operands) != want:
+        raise AquaError("usage: aquactl reclaim DEV SIZE [--deadline-ms N], "
+                        "aquactl drain DEV, aquactl undrain DEV")
+    device = int(operands[0])
+    if args.command == "undrain":
+        return conn.request(p.Undrain(device=device))
+    if args.command == "drain":
+        op: p.Op = p.Drain(device=device, deadline_ms=args.deadline_ms)
+    else:
+        op = p.Reclaim(device=device, nbytes=parse_size(operands[1]),
+                       deadline_ms=args.deadline_ms)
+    done: dict[int, dict] = {}
+
+    def on_event(event: p.Event) -> None:
+        if event.event == "reclaim_done":
+            done[event.data.get("reclaim")] = event.data
+
+    conn.on_event = on_event
+    reply = conn.request(op)
+    if reply["state"] == "done":
+        return reply["report"]
+    rid = reply["reclaim"]
+    if not conn.wait_for(lambda: rid in done, reply["deadline_s"] + args.timeout):
+        raise AquaError(f"reclaim {rid} sent no report within its deadline")
+    return done[rid]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquactl", description="Inspect a running aquad.")
     parser.add_argument("--socket", metavar="PATH",
                         help="aquad socket (default: $AQUA_SOCKET, then the system default)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for aquad (default 5)")
-    parser.add_argument("command", nargs="?", default="status", choices=sorted(VIEWS),
-                        help="what to show (default: status)")
+    parser.add_argument("command", nargs="?", default="status",
+                        choices=sorted([*VIEWS, *ELASTIC_COMMANDS]),
+                        help="what to show (default: status); drain DEV, undrain DEV, "
+                             "reclaim DEV SIZE take memory back")
+    parser.add_argument("operands", nargs="*", metavar="ARG",
+                        help="for drain / undrain: DEV; for reclaim: DEV SIZE (e.g. 1GiB)")
+    parser.add_argument("--deadline-ms", type=int, default=p.messages.DEFAULT_DEADLINE_MS,
+                        metavar="N", help="drain / reclaim: how long holders have to move "
+                                          "their leases before the rest is fenced")
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output (schema: docs/status-schema.md)")
     parser.add_argument("--pretty", action="store_true",
@@ -235,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     except AquaError as exc:  # not running, stale socket, no permission
         print(f"aquactl: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    if args.command in ELASTIC_COMMANDS:
+        return elastic_main(conn, args)
+    if args.operands:
+        print(f"aquactl: {args.command} takes no operands", file=sys.stderr)
+        conn.close()
+        return 1
     try:
         status = fetch(conn, args)
     except DaemonUnavailable as exc:
@@ -252,6 +335,27 @@ def main(argv: list[str] | None = None) -> int:
         print(leases_table(status, filtered_total(status, args)))
     else:
         print(render(status))
+    return 0
+
+
+def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
+    try:
+        result = run_elastic(conn, args)
+    except DaemonUnavailable as exc:
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (AquaError, ValueError) as exc:
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if args.json:
+        write_json(result, args.pretty or sys.stdout.isatty())
+    elif args.command == "undrain":
+        print(f"device {result['device']} open again: capacity "
+              f"{human_bytes(result['capacity_bytes'])}, free {human_bytes(result['free_bytes'])}")
+    else:
+        print(render_reclaim(result))
     return 0
 
 

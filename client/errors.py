@@ -68,6 +68,12 @@ class LimitExceeded(AquaError):
     code = ErrorCode.LIMIT_EXCEEDED.value
 
 
+class Busy(AquaError):
+    """Another reclaim of the device is in progress (details.reclaim)."""
+
+    code = ErrorCode.BUSY.value
+
+
 class InternalError(AquaError):
     code = ErrorCode.INTERNAL.value
 
@@ -110,7 +116,7 @@ _BY_CODE: dict[str, type[AquaError]] = {
     cls.code: cls
     for cls in (BadRequest, FrameTooLarge, UnsupportedVersion, UnknownOp, NotRegistered,
                 AlreadyRegistered, PermissionDenied, NoSuchDevice, NoSuchLease, OutOfMemory,
-                LimitExceeded, InternalError, ShuttingDown)
+                LimitExceeded, Busy, InternalError, ShuttingDown)
 }
 
 

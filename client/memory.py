@@ -188,6 +188,58 @@ class ShmMapping:
         callback()
 
 
+class LocalMapping:
+    """A lease's bytes in this process's own memory: where a lease goes when
+    aquad reclaims its memory and has no room elsewhere (kind `local`)."""
+
+    def __init__(self, nbytes: int) -> None:
+        import numpy as np  # noqa: PLC0415
+
+        self.nbytes = nbytes
+        self._array = np.empty(nbytes, dtype=np.uint8)
+
+    def buffer(self) -> memoryview:
+        return memoryview(self._array)
+
+    def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
+        import torch  # noqa: PLC0415
+
+        shape, size = tensor_shape(self.nbytes, dtype, shape)
+        return torch.from_numpy(self._array[:size]).view(dtype).view(shape)
+
+    def pin(self) -> bool:
+        return False
+
+    def close(self) -> bool:
+        return True  # numpy frees it with the last view
+
+    def on_closed(self, callback: Callable[[], object]) -> None:
+        callback()
+
+
+def copy_between(dst: Mapping, src: Mapping, nbytes: int) -> None:
+    """Copy the first `nbytes` of one mapping into another (a lease moving).
+    Host memory on both sides: a plain memcpy, no torch. GPU memory on
+    either: torch copies it (peer-to-peer or over PCIe) and waits."""
+    if not nbytes:
+        return
+    if isinstance(dst, (ShmMapping, LocalMapping)) and isinstance(src, (ShmMapping,
+                                                                        LocalMapping)):
+        to, of = dst.buffer(), src.buffer()
+        try:
+            to[:nbytes] = of[:nbytes]
+        finally:
+            to.release()
+            of.release()
+        return
+    import torch  # noqa: PLC0415
+
+    from .tensors import Copies  # noqa: PLC0415
+
+    with Copies() as copy:
+        copy(dst.tensor(torch.uint8, (nbytes,)), src.tensor(torch.uint8, (nbytes,)))
+
+
 def tensor_shape(nbytes: int, dtype: Any,
                  shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:
     """(shape, bytes it takes) of a `dtype` tensor over an `nbytes` lease;

@@ -16,6 +16,7 @@ device-wide synchronisation.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import torch
@@ -111,7 +112,9 @@ class OffloadedTensor:
         if self.lease.released:
             raise AquaError("the lease holding this tensor was released")
         if self.nbytes:
-            with Copies() as copy:
+            # Under the lease's lock: aquad may be moving it (a reclaim), and
+            # the copy reads wherever the bytes are once that is done.
+            with self.lease.lock, Copies() as copy:
                 copy(out.reshape(-1).view(torch.uint8), _lease_bytes(self.lease, self.nbytes, out))
         return out
 
@@ -141,7 +144,7 @@ def offload(client: Client, tensor: torch.Tensor, near: int | None = None) -> Of
     lease = client.lease(max(src.numel(), 1), near=near)
     try:
         if src.numel():
-            with Copies() as copy:
+            with lease.lock, Copies() as copy:
                 copy(_lease_bytes(lease, src.numel(), src), src)
     except BaseException:
         lease.release()
@@ -208,7 +211,8 @@ class TensorPager:
                     e.lease = None
                 e.lease = self.client.lease(max(n, 1), near=self.near)
         # Then every copy, and only once all have landed, drop the storage.
-        with Copies() as copy:
+        # The leases' locks are held meanwhile: none moves under a copy.
+        with self._locked(), Copies() as copy:
             for e in self._entries:
                 t = e.tensor
                 e.shape, e.dtype, e.device = t.shape, t.dtype, t.device
@@ -228,7 +232,7 @@ class TensorPager:
         if not self.paged_out:
             return
         fresh = [torch.empty(e.shape, dtype=e.dtype, device=e.device) for e in self._entries]
-        with Copies() as copy:
+        with self._locked(), Copies() as copy:
             for e, out in zip(self._entries, fresh):
                 if e.nbytes:
                     copy(out.reshape(-1).view(torch.uint8), _lease_bytes(e.lease, e.nbytes, out))
@@ -236,6 +240,15 @@ class TensorPager:
             e.tensor.data = out
             self.bytes_in += e.nbytes
         self.paged_out = False
+
+    def _locked(self) -> ExitStack:
+        """Every lease's lock, in registration order (a move holds one at a
+        time, so this order cannot deadlock with it)."""
+        stack = ExitStack()
+        for e in self._entries:
+            if e.lease is not None:
+                stack.enter_context(e.lease.lock)
+        return stack
 
     def close(self) -> None:
         """Release the leases (paging in first if needed)."""

@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     LIMIT_EXCEEDED = "limit_exceeded"
     SHUTTING_DOWN = "shutting_down"
+    BUSY = "busy"
     INTERNAL = "internal"
 
 

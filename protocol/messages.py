@@ -51,6 +51,10 @@ CURSOR_RE = re.compile(r"[0-9]{1,19}")  # opaque to clients; the daemon's grant 
 # what keeps every reply, and the daemon's time on it, bounded.
 MAX_STATUS_LEASES = 1000
 CAPABILITY_RE = re.compile(r"[0-9a-f]{32}")
+# How long holders of leases on a device being reclaimed get to move them
+# before what is left is fenced; and the default when a request names none.
+MAX_DEADLINE_MS = 10 * 60 * 1000
+DEFAULT_DEADLINE_MS = 2000
 
 
 # --- field checks -----------------------------------------------------------
@@ -261,6 +265,80 @@ class Status(Op):
                      doc="most leases to list")
 
 
+DEADLINE = Check(int, min=1, max=MAX_DEADLINE_MS)
+
+
+# --- elastic memory (added within v1) ---------------------------------------
+
+
+@operation
+@dataclass(slots=True)
+class Reclaim(Op):
+    op = "reclaim"
+    needs_tenant = False
+    doc = ("Take `nbytes` of device `device` back from aquad (the operator, or a tenant "
+           "whose home device it is): its leasable capacity drops at once, holders of "
+           "leases beyond it get a `reclaim` event and move them, and what is not moved "
+           "by the deadline is fenced. The requester gets `reclaim_done`.")
+    device: int = arg(DEVICE, doc="the device whose memory is taken back")
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes of capacity to take back")
+    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS,
+                           doc="how long holders have to move their leases")
+
+
+@operation
+@dataclass(slots=True)
+class Drain(Op):
+    op = "drain"
+    needs_tenant = False
+    doc = ("Operator only: reclaim all of `device` and lease nothing more on it until "
+           "`undrain`. Reply and event as for `reclaim`.")
+    device: int = arg(DEVICE, doc="the device to empty")
+    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS,
+                           doc="how long holders have to move their leases")
+
+
+@operation
+@dataclass(slots=True)
+class Undrain(Op):
+    op = "undrain"
+    needs_tenant = False
+    doc = ("Operator only: give a drained or reclaimed device its capacity back "
+           "(what it started with plus what tenants lend on it now).")
+    device: int = arg(DEVICE, doc="the device to open again")
+
+
+@operation
+@dataclass(slots=True)
+class Lend(Op):
+    op = "lend"
+    doc = "Offer `nbytes` of spare memory of one of the tenant's home devices to others."
+    device: int = arg(DEVICE, doc="a home device of the tenant")
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes offered")
+
+
+@operation
+@dataclass(slots=True)
+class Unlend(Op):
+    op = "unlend"
+    doc = ("Take back up to `nbytes` of what this tenant lent on `device`: a reclaim "
+           "of that much. Reply and event as for `reclaim`.")
+    device: int = arg(DEVICE, doc="a home device of the tenant it lent on")
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes to take back")
+    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS,
+                           doc="how long holders have to move their leases")
+
+
+@operation
+@dataclass(slots=True)
+class Move(Op):
+    op = "move"
+    doc = ("For a lease under a `reclaim` notice: a replacement lease of the same size "
+           "on the next-best device (reply as for `lease`, plus `replaces`). The tenant "
+           "copies the bytes over and then sends `release` for the old lease.")
+    lease: str = arg(LEASE_ID, doc="the lease being reclaimed")
+
+
 _SPECS: dict[type[Op], _Spec] = {}
 
 
@@ -410,6 +488,14 @@ EVENTS = {
                "`turn_yield` within {grace_s}. Data: {slice, grace_s}.",
     "revoked": "The holder did not yield in time; the slice was given away. "
                "Data: {slice, reason}. Work already launched on the device is not stopped.",
+    "reclaim": "Leases of this tenant sit on memory being taken back: move each (`move`, "
+               "copy, `release`) within {deadline_s}. Data: {reclaim, device, deadline_s, "
+               "leases}.",
+    "fenced": "These leases were not moved in time and are gone (host: the memory is "
+              "truncated, touching it faults; cuda: held until released). Data: "
+              "{reclaim, device, leases}.",
+    "reclaim_done": "To whoever asked: the reclaim ended. Data: the report "
+                    "(protocol/README.md, section 4.3).",
 }
 
 

@@ -60,6 +60,9 @@ class SimBackend:
     def destroy(self, segment: SimSegment) -> None:
         del self.live[segment.id]
 
+    def fence(self, segment: SimSegment) -> bool:
+        return True  # records only: revoking is free (destroy() forgets it)
+
     def maintain(self) -> None:
         pass
 

@@ -38,7 +38,8 @@ from ..config import ConfigError
 from ..core.tenants import Peer
 from ..core.topology import Topology
 from .base import BackendError
-from .discovery import Discovery, GpuPolicy, build_topology, match_ordinals, query_nvml
+from .discovery import (Discovery, GpuPolicy, build_topology, match_ordinals, query_free,
+                        query_nvml)
 from .host import HostBackend, ShmSegment
 
 log = logging.getLogger("aquad")
@@ -95,8 +96,14 @@ class CudaBackend:
     granule = GRANULE
 
     def __init__(self, topology: Topology, gpus: dict[int, tuple[int, str]], *,
-                 runtime: Runtime, host: HostBackend | None = None) -> None:
-        """`gpus`: aqua device id -> (CUDA ordinal here, PCI bus id)."""
+                 runtime: Runtime, host: HostBackend | None = None, headroom: int = 0,
+                 free_memory: Any = None) -> None:
+        """`gpus`: aqua device id -> (CUDA ordinal here, PCI bus id).
+        `headroom`: bytes kept below each GPU's free memory (the watcher's
+        margin too); `free_memory`: indices -> NVML free bytes (a fake in
+        tests; default: NVML)."""
+        self.headroom = headroom
+        self._free_memory = free_memory or query_free
         self._topology = topology
         self._gpus = gpus
         self._rt = runtime
@@ -139,7 +146,7 @@ class CudaBackend:
         host = HostBackend(1, policy.host_pinned, prefix=prefix, granule=GRANULE) \
             if policy.host_pinned else None
         gpus = {g.index: (ordinals[g.index], g.pci_bus_id) for g in served.gpus}
-        return cls(topology, gpus, runtime=runtime, host=host)
+        return cls(topology, gpus, runtime=runtime, host=host, headroom=policy.headroom)
 
     # --- Backend --------------------------------------------------------------
 
@@ -192,6 +199,31 @@ class CudaBackend:
             self._held.append(segment)
         else:
             self._doomed.append(segment)
+
+    def fence(self, segment: CudaSegment | ShmSegment) -> bool:
+        """A reclaim's deadline passed with this lease still in place. Host
+        tier: revoked as on the host backend. GPU memory cannot be: legacy
+        IPC has no revocation and freeing it under a mapping is undefined,
+        so it stays allocated, charged and unusable by anyone (False) until
+        its holder releases it or exits."""
+        if isinstance(segment, ShmSegment):
+            return self._host.fence(segment)
+        return False
+
+    def gpu_free(self) -> dict[int, int]:
+        """NVML's free memory of each served GPU, now (the reclaim watcher)."""
+        return self._free_memory(sorted(self._gpus))
+
+    def can_lend(self, device: int, nbytes: int, unallocated: int) -> str | None:
+        """None if the GPU has `nbytes` free beyond what aquad may still
+        allocate there and the headroom; else why not."""
+        if device == self._host_id:
+            return self._host.can_lend(0, nbytes, unallocated)
+        free = self.gpu_free().get(device, 0)
+        if free < unallocated + nbytes + self.headroom:
+            return (f"GPU {device} has {free} bytes free; aquad may still allocate "
+                    f"{unallocated} there and keeps {self.headroom} headroom")
+        return None
 
     def quarantine(self, owner: Peer) -> None:
         """The owner is being dropped while its process may live on with its

@@ -221,6 +221,13 @@ def query_nvml() -> Discovery:
         return Discovery(gpus, pairs)
 
 
+def query_free(indices: Iterable[int]) -> dict[int, int]:
+    """NVML's free memory, in bytes, of the GPUs with these indices, now."""
+    with _nvml() as nv:
+        return {i: int(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i)).free)
+                for i in indices}
+
+
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 

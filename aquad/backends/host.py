@@ -162,6 +162,35 @@ class HostBackend:
         if self._live.pop(segment.name, None) is not None:
             self._doomed.append(segment.name)
 
+    def fence(self, segment: ShmSegment) -> bool:
+        """Revoke a lease whose holder did not give it up by a reclaim's
+        deadline: truncate the file to nothing, so the holder's mapping,
+        still there, faults (SIGBUS) on its next touch instead of writing
+        into memory the pool now gives to others, and unlink it now (not in
+        maintain(): the point is that it is gone at the deadline)."""
+        if self._live.pop(segment.name, None) is None:
+            return True
+        path = os.path.join(self._dir, segment.name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot truncate %s at its fence: %s", path, exc.strerror)
+        _unlink(path)
+        return True
+
+    def can_lend(self, device: int, nbytes: int, unallocated: int) -> str | None:
+        """None if /dev/shm has room for `nbytes` more on top of what the
+        device may still hand out; else why not."""
+        st = os.statvfs(self._dir)
+        room = st.f_bavail * st.f_frsize
+        if unallocated + nbytes > room:
+            return f"{self._dir} has {room} bytes available"
+        return None
+
     def maintain(self) -> None:
         """Deferred work: unlink destroyed segments, close granted files'
         descriptors, make spare files for the next grants."""

@@ -27,6 +27,8 @@ class GranuleAllocator:
     capacity: int
     granule: int
     used: int = 0
+    # Being reclaimed or drained (core/reclaim.py): nothing new lands here.
+    closed: bool = False
 
     def __post_init__(self) -> None:
         if self.granule <= 0 or self.granule & (self.granule - 1):
@@ -38,13 +40,14 @@ class GranuleAllocator:
 
     @property
     def free(self) -> int:
-        return self.capacity - self.used
+        # Below zero while a reclaim waits for leases to move away.
+        return max(0, self.capacity - self.used)
 
     def round_up(self, nbytes: int) -> int:
         return -(-nbytes // self.granule) * self.granule
 
     def fits(self, nbytes: int) -> bool:
-        return 0 < nbytes and self.round_up(nbytes) <= self.free
+        return 0 < nbytes and not self.closed and self.round_up(nbytes) <= self.free
 
     def allocate(self, nbytes: int) -> int:
         """Reserve room for `nbytes`; returns the bytes charged (granule multiple)."""
@@ -70,3 +73,14 @@ class GranuleAllocator:
         if capacity < self.used:
             raise OutOfCapacity(self.used - capacity, self.free)
         self.capacity = capacity
+
+    def set_capacity(self, capacity: int) -> None:
+        """Take capacity back even below what is in use (a reclaim): the
+        excess (`over`) is what leases must move away before it is done."""
+        capacity = max(0, capacity - capacity % self.granule)
+        self.capacity = capacity
+
+    @property
+    def over(self) -> int:
+        """Bytes in use beyond capacity: what a reclaim still has to move."""
+        return max(0, self.used - self.capacity)

@@ -11,6 +11,7 @@ changes anything, so a refused request leaves no trace.
 from __future__ import annotations
 
 import base64
+import collections
 import hmac
 import os
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from .allocator import GranuleAllocator
 from .leases import LeaseRecord, LeaseTable
 from .placer import Placer, tier_of
 from .quotas import QuotaPolicy, Quotas
+from .reclaim import Elastic, shortfall
 from .scheduler import Action, Grant, Preempt, Scheduler
 from .tenants import Peer, Tenant, TenantRegistry
 from .weights import WeightPolicy
@@ -100,6 +102,10 @@ class Arbiter:
         self.journal = journal
         self._new_capability = Capabilities()
         self.orphans: dict[str, Orphan] = {}  # a predecessor's leases, by id
+        # Who may reclaim any device and drain it: root and the daemon's own uid.
+        self.operators = frozenset({0, os.geteuid()})
+        self.elastic = Elastic(self)
+        self.reclaims_done: collections.deque[dict] = collections.deque(maxlen=64)
         self._handlers: dict[type, Callable[[bytes, Peer, Any], dict]] = {
             m.Hello: self._hello,
             m.Heartbeat: self._heartbeat,
@@ -112,6 +118,12 @@ class Arbiter:
             m.Turn: self._turn,
             m.TurnDone: self._turn_done,
             m.TurnYield: self._turn_yield,
+            m.Reclaim: self._reclaim,
+            m.Drain: self._drain,
+            m.Undrain: self._undrain,
+            m.Lend: self._lend,
+            m.Unlend: self._unlend,
+            m.Move: self._move,
         }
 
     # --- entry points from the shell ---------------------------------------
@@ -161,12 +173,43 @@ class Arbiter:
         self.leases.compact()
 
     def tick(self) -> None:
-        """Let the scheduler act on the clock (quantum ends, overdue yields)."""
+        """Act on the clock: quantum ends, overdue yields, reclaim deadlines."""
         self._emit(self.scheduler.tick())
+        if self.elastic.active:
+            self.elastic.tick()
 
     def next_deadline(self) -> float | None:
         """Clock time at which tick() has work, or None."""
-        return self.scheduler.next_deadline()
+        ours = self.scheduler.next_deadline()
+        if not self.elastic.active:
+            return ours
+        theirs = self.elastic.next_deadline()
+        return theirs if ours is None else min(ours, theirs)
+
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    def clock(self) -> float:
+        return self._clock()
+
+    def emit_event(self, conn: bytes, name: str, data: dict) -> None:
+        self._events.append((conn, name, data))
+
+    def watch_memory(self, free: dict[int, int], headroom: int,
+                     deadline_s: float = m.DEFAULT_DEADLINE_MS / 1000) -> list[dict]:
+        """GPUs whose own processes took memory (NVML's `free` per device
+        below what aquad may still allocate there plus `headroom`): reclaim
+        the difference, unless a reclaim runs there already. Returns the
+        replies of the reclaims started."""
+        started = []
+        for device, nbytes in sorted(free.items()):
+            pool = self.pools.get(device)
+            if pool is None or device in self.elastic.active:
+                continue
+            want = shortfall(nbytes, pool.capacity, pool.used, headroom)
+            if want >= pool.granule and pool.capacity:
+                started.append(self.elastic.reclaim(device, want, deadline_s, None))
+        return started
 
     def take_events(self) -> list[tuple[bytes, str, dict]]:
         """Events for tenants produced since the last call: (conn, name, data)."""
@@ -286,30 +329,46 @@ class Arbiter:
                 f"{self.limits.max_leases_per_tenant}")
         device = self._place(self.pools, args.nbytes, near, tenant.devices)
         if device is None:
-            largest = max((p.free for p in self.pools.values()), default=0)
-            total = sum(p.free for p in self.pools.values())
-            raise ProtocolError(
-                ErrorCode.OUT_OF_MEMORY,
-                f"no device can hold {args.nbytes} bytes: largest free is {largest} "
-                f"bytes on one device, {total} bytes free in all",
-                details={"requested_bytes": args.nbytes, "largest_free_bytes": largest,
-                         "total_free_bytes": total})
+            raise self._out_of_memory(args.nbytes)
+        self._check_quota(tenant.peer, leases=1,
+                          nbytes=self.pools[device].round_up(args.nbytes))
+        return self._lease_reply(self._grant(tenant, device, args.nbytes, near))
+
+    def grant(self, tenant: Tenant, nbytes: int, near: int) -> LeaseRecord:
+        """A lease placed as `lease` places it, without its quota and count
+        checks (a move's replacement): out_of_memory if nothing has room."""
+        device = self._place(self.pools, nbytes, near, tenant.devices)
+        if device is None:
+            raise self._out_of_memory(nbytes)
+        return self._grant(tenant, device, nbytes, near)
+
+    def _grant(self, tenant: Tenant, device: int, nbytes: int, near: int) -> LeaseRecord:
         pool = self.pools[device]
-        self._check_quota(tenant.peer, leases=1, nbytes=pool.round_up(args.nbytes))
         try:
-            segment = self.backend.create(device, args.nbytes, tenant.peer)
+            segment = self.backend.create(device, nbytes, tenant.peer)
         except BackendError as exc:
             raise ProtocolError(ErrorCode.OUT_OF_MEMORY, str(exc)) from None
-        charged = pool.allocate(args.nbytes)
+        charged = pool.allocate(nbytes)
         self.quotas.charge(tenant.peer, leases=1, nbytes=charged)
-        lease = LeaseRecord(self._new_id(), tenant.id, device, args.nbytes, charged,
-                            tier_of(self.topology, near, device), segment, self._clock())
+        lease = LeaseRecord(self._new_id(), tenant.id, device, nbytes, charged,
+                            tier_of(self.topology, near, device), segment, self._clock(),
+                            near=near)
         if self.journal is not None:
             lease.capability = self._new_capability()
             self._journal_grant(lease, tenant)
         self.leases.add(lease)
         tenant.leases.add(lease.id)
-        return self._lease_reply(lease)
+        return lease
+
+    def _out_of_memory(self, nbytes: int) -> ProtocolError:
+        largest = max((p.free for p in self.pools.values() if not p.closed), default=0)
+        total = sum(p.free for p in self.pools.values() if not p.closed)
+        return ProtocolError(
+            ErrorCode.OUT_OF_MEMORY,
+            f"no device can hold {nbytes} bytes: largest free is {largest} "
+            f"bytes on one device, {total} bytes free in all",
+            details={"requested_bytes": nbytes, "largest_free_bytes": largest,
+                     "total_free_bytes": total})
 
     def _adopt(self, conn: bytes, peer: Peer, args: m.Adopt) -> dict:
         tenant = self.tenants.by_conn(conn)
@@ -333,7 +392,8 @@ class Arbiter:
         self.quotas.charge(tenant.peer, leases=1, nbytes=orphan.charged)
         lease = LeaseRecord(grant.lease, tenant.id, grant.device, grant.nbytes, orphan.charged,
                             tier_of(self.topology, tenant.devices[0], grant.device),
-                            orphan.segment, self._clock(), grant.capability)
+                            orphan.segment, self._clock(), grant.capability,
+                            near=tenant.devices[0])
         self._journal_grant(lease, tenant)  # its new owner
         self.leases.add(lease)
         tenant.leases.add(lease.id)
@@ -364,6 +424,69 @@ class Arbiter:
             self._device(args.device)
         return self.status(tenant=args.tenant, device=args.device,
                            after=0 if args.after is None else int(args.after), limit=args.limit)
+
+    # --- elastic memory (core/reclaim.py) -------------------------------------
+
+    def _may_reclaim(self, conn: bytes, peer: Peer, device: int, op: str) -> None:
+        """The operator may take back any device; a tenant only its home ones."""
+        self._device(device)
+        if peer.uid in self.operators:
+            return
+        tenant = self.tenants.by_conn(conn)
+        if op == "reclaim" and tenant is not None and device in tenant.devices:
+            return
+        raise ProtocolError(ErrorCode.PERMISSION_DENIED,
+                            f"{op} of device {device} is for the operator (uid "
+                            f"{' or '.join(map(str, sorted(self.operators)))})"
+                            + (" or a tenant whose home device it is" if op == "reclaim"
+                               else ""))
+
+    def _reclaim(self, conn: bytes, peer: Peer, args: m.Reclaim) -> dict:
+        self._may_reclaim(conn, peer, args.device, "reclaim")
+        return self.elastic.reclaim(args.device, args.nbytes, args.deadline_ms / 1000, conn)
+
+    def _drain(self, conn: bytes, peer: Peer, args: m.Drain) -> dict:
+        self._may_reclaim(conn, peer, args.device, "drain")
+        pool = self.pools[args.device]
+        return self.elastic.reclaim(args.device, max(pool.capacity, 1),
+                                    args.deadline_ms / 1000, conn, drain=True)
+
+    def _undrain(self, conn: bytes, peer: Peer, args: m.Undrain) -> dict:
+        self._may_reclaim(conn, peer, args.device, "undrain")
+        return self.elastic.undrain(args.device)
+
+    def _home(self, conn: bytes, device: int, op: str) -> Tenant:
+        tenant = self.tenants.by_conn(conn)
+        self._device(device)
+        if device not in tenant.devices:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{op}: device {device} is not a home device of tenant "
+                                f"{tenant.id} ({list(tenant.devices)})")
+        return tenant
+
+    def _lend(self, conn: bytes, peer: Peer, args: m.Lend) -> dict:
+        return self.elastic.lend(self._home(conn, args.device, "lend"), args.device,
+                                 args.nbytes)
+
+    def _unlend(self, conn: bytes, peer: Peer, args: m.Unlend) -> dict:
+        return self.elastic.unlend(self._home(conn, args.device, "unlend"), args.device,
+                                   args.nbytes, args.deadline_ms / 1000)
+
+    def _move(self, conn: bytes, peer: Peer, args: m.Move) -> dict:
+        tenant = self.tenants.by_conn(conn)
+        return self.elastic.move(tenant, self._owned(args.lease, tenant))
+
+    def fence(self, lease: LeaseRecord) -> bool:
+        """A reclaim's deadline passed with `lease` still in place. True: the
+        backend revoked the memory (host: truncated and unlinked) and the
+        lease is freed; False: it cannot be revoked (cuda), so it stays
+        charged and unusable until its holder releases it or exits."""
+        fence = getattr(self.backend, "fence", None)
+        if fence is not None and fence(lease.segment):
+            self._free(self.tenants.get(lease.tenant), lease.id)
+            return True
+        lease.fenced = True
+        return False
 
     def _turn(self, conn: bytes, peer: Peer, args: m.Turn) -> dict:
         tenant = self.tenants.by_conn(conn)
@@ -446,6 +569,11 @@ class Arbiter:
         self.quotas.charge(tenant.peer, leases=-1, nbytes=-lease.charged)
         if self.journal is not None:
             self.journal.freed(lease_id)
+        if self.elastic.active:
+            self.elastic.freed(lease)
+
+    def lease_reply(self, lease: LeaseRecord) -> dict:
+        return self._lease_reply(lease)
 
     @staticmethod
     def _lease_reply(lease: LeaseRecord) -> dict:
@@ -485,6 +613,7 @@ class Arbiter:
                 for (a, b), link in sorted(self.topology.links.items())
             ],
             "quotas": self.quotas.view(),
+            "elastic": self.elastic.view(),
         }
         if leases:
             page = self.leases.page(after, limit, tenant=tenant, device=device)

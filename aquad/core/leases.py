@@ -29,6 +29,9 @@ class LeaseRecord:
     created_at: float
     seq: int = 0  # grant order, set by LeaseTable.add; what paging cursors name
     capability: str = ""  # the owner's proof for `adopt` after a restart ("": none)
+    near: int = -1  # the device it was placed for (a move places its replacement so)
+    # Fenced by a reclaim but not revocable (cuda): held, unusable, until released.
+    fenced: bool = False
 
 
 class GrantOrder:
@@ -158,6 +161,18 @@ class LeaseTable:
         if device is not None:
             candidates.append(self._by_device.get(device, empty))
         return min(candidates, key=lambda o: len(o._ids))
+
+    def on_device(self, device: int) -> list[LeaseRecord]:
+        """Every live lease on `device`, oldest first (a reclaim's candidates)."""
+        order = self._by_device.get(device)
+        if order is None:
+            return []
+        out = []
+        for seq, lease_id in order.scan(0):
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.seq == seq:
+                out.append(lease)
+        return out
 
     def compact(self) -> None:
         """Drop freed entries from the indexes once they are half dead: off

@@ -41,30 +41,37 @@ class LeaseKV:
                 lease.release()
             lease = self.client.lease(total)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
-        flat = lease.tensor()
-        offset = 0
-        for k, v in layers:
-            for t in (k, v):
-                n = t.numel() * t.element_size()
-                flat[offset:offset + n].copy_(t.contiguous().view(-1).view(torch.uint8))
-                offset += n
+        # Under the lease's lock: aquad may move it (a reclaim) any time the
+        # copy is not running, and the bytes follow it (Lease.move).
+        with lease.lock:
+            flat = lease.tensor()
+            offset = 0
+            for k, v in layers:
+                for t in (k, v):
+                    n = t.numel() * t.element_size()
+                    flat[offset:offset + n].copy_(t.contiguous().view(-1).view(torch.uint8))
+                    offset += n
+            del flat
         self._meta[rid] = [(k.shape, v.shape) for k, v in layers]
         self._dtype = layers[0][0].dtype
         self.bytes_out += total
 
     def load(self, rid: int, make_cache: Callable[[], Any]) -> Any:
-        flat = self._leases[rid].tensor()
+        lease = self._leases[rid]
         cache = make_cache()
         offset = 0
-        for i, shapes in enumerate(self._meta.pop(rid)):
-            pair = []
-            for shape in shapes:
-                t = torch.empty(shape, dtype=self._dtype)
-                n = t.numel() * t.element_size()
-                t.view(-1).view(torch.uint8).copy_(flat[offset:offset + n])
-                offset += n
-                pair.append(t)
-            cache.update(pair[0], pair[1], i)
+        with lease.lock:
+            flat = lease.tensor()
+            for i, shapes in enumerate(self._meta.pop(rid)):
+                pair = []
+                for shape in shapes:
+                    t = torch.empty(shape, dtype=self._dtype)
+                    n = t.numel() * t.element_size()
+                    t.view(-1).view(torch.uint8).copy_(flat[offset:offset + n])
+                    offset += n
+                    pair.append(t)
+                cache.update(pair[0], pair[1], i)
+            del flat
         self.bytes_in += offset
         return cache
 
