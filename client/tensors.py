@@ -17,6 +17,7 @@ device-wide synchronisation.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,6 +92,34 @@ class Copies:
     def __exit__(self, *exc: object) -> None:
         # Also on error: nothing may still be copying when leases are released.
         self.wait()
+
+
+def pack(lease: Lease, tensors: Sequence[torch.Tensor]) -> int:
+    """Copy `tensors` back to back into `lease`, as one batch; returns the
+    bytes written. The lease's lock is held meanwhile: none moves under a copy."""
+    offset = 0
+    with lease.lock, Copies() as copy:
+        for t in tensors:
+            src = _bytes_of(t)
+            n = src.numel()
+            if n:
+                copy(_lease_bytes(lease, offset + n, src)[offset:], src)
+            offset += n
+    return offset
+
+
+def unpack(lease: Lease, specs: Sequence[tuple[torch.Size, torch.dtype]],
+           device: torch.device) -> list[torch.Tensor]:
+    """New tensors on `device` with the bytes pack() wrote, back to back."""
+    out = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    offset = 0
+    with lease.lock, Copies() as copy:
+        for t in out:
+            n = t.numel() * t.element_size()
+            if n:
+                copy(t.view(-1).view(torch.uint8), _lease_bytes(lease, offset + n, t)[offset:])
+            offset += n
+    return out
 
 
 class OffloadedTensor:

@@ -132,6 +132,25 @@ def run(engine: Engine) -> None:
         engine.step()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: a CUDA model's paged caches must come back on it")
+def test_a_cuda_models_paged_caches_come_back_on_its_gpu(daemon):
+    model = tiny_llama().cuda()
+    ps = prompts(4)
+    with aqua.connect("engine", 0, socket=daemon.socket) as client:
+        engine = Engine(model, PromptScheduler("fair", kv_budget_tokens=2 * 24 + 40,
+                                               slice_tokens=3), client)
+        reqs = [engine.submit(p, max_new_tokens=12) for p in ps]
+        run(engine)
+        assert engine.kv.bytes_in > 0
+        engine.close()
+    with torch.inference_mode():
+        for p, r in zip(ps, reqs):
+            want = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=12,
+                                  do_sample=False)[0, len(p):].tolist()
+            assert r.tokens == want
+
+
 @pytest.mark.parametrize("policy", ["fair", "fcfs", "reserve"])
 def test_greedy_tokens_match_an_uninterrupted_generate(daemon, policy):
     model = tiny_llama()

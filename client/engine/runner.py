@@ -17,23 +17,25 @@ import torch
 
 from ..client import Client, Lease
 from ..errors import DaemonUnavailable, LimitExceeded, OutOfMemory
+from ..tensors import pack, unpack
 from .scheduler import Plan, PromptScheduler, Request
 
 
 class LeaseKV:
-    """Paged-out KV caches, one lease per request, reused while big enough."""
+    """Paged-out KV caches, one lease per request (every layer's keys and
+    values back to back), reused while big enough. Caches come back on the
+    device they left, bytes copied as aqua.tensors copies them."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self._leases: dict[int, Lease] = {}
-        self._meta: dict[int, list[tuple[torch.Size, torch.Size]]] = {}
+        self._meta: dict[int, tuple[list[tuple[torch.Size, torch.dtype]], torch.device]] = {}
         self.bytes_out = 0
         self.bytes_in = 0
 
     def save(self, rid: int, cache: Any) -> None:
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        total = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                    for k, v in layers)
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        total = sum(t.numel() * t.element_size() for t in tensors)
         lease = self._leases.get(rid)
         if lease is None or lease.nbytes < total:
             if lease is not None:
@@ -41,38 +43,17 @@ class LeaseKV:
                 lease.release()
             lease = self.client.lease(total)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
-        # Under the lease's lock: aquad may move it (a reclaim) any time the
-        # copy is not running, and the bytes follow it (Lease.move).
-        with lease.lock:
-            flat = lease.tensor()
-            offset = 0
-            for k, v in layers:
-                for t in (k, v):
-                    n = t.numel() * t.element_size()
-                    flat[offset:offset + n].copy_(t.contiguous().view(-1).view(torch.uint8))
-                    offset += n
-            del flat
-        self._meta[rid] = [(k.shape, v.shape) for k, v in layers]
-        self._dtype = layers[0][0].dtype
+        pack(lease, tensors)
+        self._meta[rid] = ([(t.shape, t.dtype) for t in tensors], tensors[0].device)
         self.bytes_out += total
 
     def load(self, rid: int, make_cache: Callable[[], Any]) -> Any:
-        lease = self._leases[rid]
+        specs, device = self._meta.pop(rid)
+        tensors = unpack(self._leases[rid], specs, device)
         cache = make_cache()
-        offset = 0
-        with lease.lock:
-            flat = lease.tensor()
-            for i, shapes in enumerate(self._meta.pop(rid)):
-                pair = []
-                for shape in shapes:
-                    t = torch.empty(shape, dtype=self._dtype)
-                    n = t.numel() * t.element_size()
-                    t.view(-1).view(torch.uint8).copy_(flat[offset:offset + n])
-                    offset += n
-                    pair.append(t)
-                cache.update(pair[0], pair[1], i)
-            del flat
-        self.bytes_in += offset
+        for i in range(len(tensors) // 2):
+            cache.update(tensors[2 * i], tensors[2 * i + 1], i)
+        self.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
         return cache
 
     def drop(self, rid: int) -> None:
@@ -167,9 +148,12 @@ class Engine:
                 self.kv.drop(r.id)
             self.scheduler.finished(r)
 
+    def _ids(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor([tokens], device=self.model.device)
+
     def _prefill(self, r: Request) -> None:
         cache = self._new_cache()
-        out = self.model(torch.tensor([r.prompt]), cache=cache, use_cache=True)
+        out = self.model(self._ids(r.prompt), cache=cache, use_cache=True)
         r.prefilled = True
         self._caches[r.id] = out.cache
         self._emit(r, out.logits)
@@ -180,13 +164,13 @@ class Engine:
         batched prefill can differ from incremental decoding in the last
         bits, so a recomputed request is not guaranteed bit-identical.)"""
         context = r.prompt + r.tokens[:-1]
-        out = self.model(torch.tensor([context]), cache=self._new_cache(), use_cache=True)
+        out = self.model(self._ids(context), cache=self._new_cache(), use_cache=True)
         self._caches[r.id] = out.cache
         self.recomputed_tokens += len(context)
 
     def _decode(self, r: Request) -> None:
         cache = self._caches[r.id]
-        out = self.model(torch.tensor([[r.tokens[-1]]]), cache=cache, use_cache=True)
+        out = self.model(self._ids(r.tokens[-1:]), cache=cache, use_cache=True)
         self._caches[r.id] = out.cache
         self._emit(r, out.logits)
 
