@@ -11,9 +11,10 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from aqua_protocol.paths import resolve_socket
 from aqua_protocol.messages import MAX_WEIGHT, MIN_WEIGHT, NAME_RE
+from aqua_protocol.paths import resolve_socket
 
+from .core.limits import Limits
 from .core.quotas import DEFAULT_QUOTA, Quota, QuotaPolicy, Share
 from .core.weights import WeightPolicy
 
@@ -239,14 +240,15 @@ class Config:
     gpu_reserve: str = "0"
     gpu_headroom: str = "1GiB"
     host_pinned: str = "4GiB"
-    heartbeat_timeout_s: float = 5.0
-    quantum_ms: float = 100.0
-    grace_ms: float = 1000.0
+    # Defaults are the core's (Limits), in the units operators write.
+    heartbeat_timeout_s: float = Limits.heartbeat_timeout_s
+    quantum_ms: float = Limits.quantum_s * 1000
+    grace_ms: float = Limits.grace_s * 1000
     # How long leases of a crashed predecessor wait for their owners to
     # reclaim them (host backend) before they are freed.
     adopt_grace_s: float = 30.0
-    max_tenants: int = 1024
-    max_leases_per_tenant: int = 4096
+    max_tenants: int = Limits.max_tenants
+    max_leases_per_tenant: int = Limits.max_leases_per_tenant
     log_level: str = "info"
     # The [quota] and [weights] tables as read (parse_quotas, parse_weights).
     quota: dict = field(default_factory=dict)

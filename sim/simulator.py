@@ -75,7 +75,7 @@ class Scenario:
     arrivals: tuple[Arrival, ...]
     spare: dict[int, int] = field(default_factory=dict)  # GPU -> bytes others may lease
     slice_tokens: int = 5  # the paper's CFS slice: 5 decode iterations
-    quantum_s: float = 0.1  # GPU time slice between tenants sharing a GPU
+    quantum_s: float = Limits.quantum_s  # GPU time slice between tenants sharing a GPU
     grace_s: float = 10.0  # longer than any one engine step (a burst's prefill)
     # The paper's incremental swap-out: a resumed request keeps its lease,
     # so its next page-out copies only what changed. "all"; "none"; "host":

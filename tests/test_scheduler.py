@@ -301,16 +301,16 @@ def shares(held: dict[str, float], names) -> dict[str, float]:
 @pytest.mark.parametrize("quantum", [0, 0.0, -0.05])
 def test_nonpositive_quantum_raises(quantum):
     with pytest.raises(ValueError):
-        Scheduler([0], clock=FakeClock(), quantum=quantum)
+        Scheduler([0], clock=FakeClock(), quantum=quantum, grace=0.5)
 
 
 def test_negative_grace_raises():
     with pytest.raises(ValueError):
-        Scheduler([0], clock=FakeClock(), grace=-1)
+        Scheduler([0], clock=FakeClock(), quantum=0.05, grace=-1)
 
 
 def test_add_validates_devices_and_weight():
-    s = Scheduler([0, 1], clock=FakeClock())
+    s = Scheduler([0, 1], clock=FakeClock(), quantum=0.05, grace=0.5)
     with pytest.raises(ValueError, match="unknown"):
         s.add("a", [2])
     with pytest.raises(ValueError):

@@ -15,7 +15,6 @@ import collections
 import hmac
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aqua_protocol import ErrorCode, ProtocolError
@@ -25,24 +24,12 @@ from ..backends.base import Backend, BackendError
 from .adoption import Capabilities, JournaledLease, Orphan
 from .allocator import GranuleAllocator
 from .leases import LeaseRecord, LeaseTable
+from .limits import Limits
 from .placer import Placer, tier_of
-from .quotas import QuotaPolicy, Quotas
+from .quotas import Quotas
 from .reclaim import Elastic, shortfall
 from .scheduler import Action, Grant, Preempt, Scheduler
 from .tenants import Peer, Tenant, TenantRegistry
-from .weights import WeightPolicy
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_tenants: int = 1024
-    max_leases_per_tenant: int = 4096
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 5.0
-    quantum_s: float = 0.1  # GPU time slice before a holder may be preempted
-    grace_s: float = 1.0  # time a preempted holder has to page out and yield
-    quotas: QuotaPolicy = QuotaPolicy()  # per uid and per group
-    weights: WeightPolicy = WeightPolicy()  # GPU-time weights, per uid and tenant name
 
 
 class LeaseIds:

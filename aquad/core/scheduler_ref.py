@@ -15,8 +15,9 @@ from .scheduler import _EPS, Action, Grant, Preempt, Revoke, Runner, _pct
 
 class ReferenceScheduler:
     def __init__(self, devices: Iterable[int], *, clock: Callable[[], float],
-                 quantum: float = 0.05, grace: float = 0.5,
+                 quantum: float, grace: float,
                  min_quantum: float | None = None) -> None:
+        # No defaults here: the daemon's are Limits' (aquad/core/arbiter.py).
         if quantum <= 0 or grace < 0:
             raise ValueError("quantum must be > 0 and grace >= 0")
         self.devices = tuple(devices)
