@@ -26,16 +26,15 @@ from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
 
 from .busypoll import BusyPoll
-from .core.arbiter import Arbiter
+from .core.arbiter import Arbiter, Outcome
 from .core.budget import TimeBudget
+from .core.tenants import Tenant
 from .rundir import SocketLock, StartupError, prepare_directory
 from .transport import Conn, ConnLimits, Transport
 
 log = logging.getLogger("aquad")
 
 # Requests after which the scheduler, or a reclaim, may have news for others.
-_SCHEDULING_OPS = (m.Turn, m.TurnDone, m.TurnYield, m.Bye, m.Reclaim, m.Drain, m.Undrain,
-                   m.Lend, m.Unlend)
 # How often the cuda backend's GPUs are asked how much memory is free, to see
 # their own processes grow into aquad's share (the paper's reference: 4 s).
 MEMORY_WATCH_S = 0.5
@@ -210,28 +209,15 @@ class Server:
 
     def _on_message(self, conn: Conn, payload: bytes) -> None:
         rid = None
-        tenant = None
-        peer = conn.peer
         try:
             request = m.decode_request(payload)
             rid = request.id
-            if isinstance(request.args, m.Status):
-                reply = self._status(conn, request)
+            if request.args.budgeted:
+                reply = self._budgeted(conn, request)
             else:
-                if isinstance(request.args, m.Bye):
-                    tenant = self.arbiter.tenants.by_conn(conn.id)
-                result = self.arbiter.handle(conn.id, peer, request)
-                reply = m.encode_result(request.id, result)
-                if isinstance(request.args, m.Hello):
-                    conn.tenant = True
-                    self._on_registered(conn.id)
-                elif tenant is not None:
-                    conn.tenant = False
-                    log.info("tenant %s (%s, pid %d) left", tenant.id, tenant.name, peer.pid)
-                    self._forget_watchers()
-                if isinstance(request.args, _SCHEDULING_OPS) or self.arbiter.has_events():
-                    self._dispatch()
-                    self._flush()  # the next holder's grant goes out before this reply
+                out = self.arbiter.handle(conn.id, conn.peer, request)
+                reply = m.encode_result(request.id, out.result)
+                self._apply(conn, out)
         except ProtocolError as exc:
             if exc.request_id is None:
                 exc.request_id = rid
@@ -242,25 +228,38 @@ class Server:
                 ErrorCode.INTERNAL, "internal error; see the aquad log", request_id=rid))
         self.transport.send(conn.id, reply)
 
-    def _status(self, conn: Conn, request: m.Request) -> bytes:
-        """`status` within its budgets: of the daemon's time per uid and in
-        all, and of the replies left unread (it is the one big reply)."""
+    def _apply(self, conn: Conn, out: Outcome) -> None:
+        """Act on what a request did, besides answering it."""
+        if out.registered is not None:
+            conn.tenant = True
+            self._on_registered(out.registered)
+        if out.gone is not None:
+            conn.tenant = False
+            log.info("tenant %s (%s, pid %d) left", out.gone.id, out.gone.name, out.gone.peer.pid)
+            self._forget_watchers()
+        if out.reschedule:
+            self._dispatch()
+            self._flush()  # the next holder's grant goes out before this reply
+
+    def _budgeted(self, conn: Conn, request: m.Request) -> bytes:
+        """A request whose reply is big (`status`) within its budgets: of the
+        daemon's time per uid and in all, and of the replies left unread."""
         wait = self.status_budget.retry_after(conn.peer.uid)
         if wait > 0:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"status is rate-limited for uid {conn.peer.uid}: retry in {wait:.2f} s",
+                f"{request.op} is rate-limited for uid {conn.peer.uid}: retry in {wait:.2f} s",
                 details={"retry_after_s": max(0.001, round(wait, 3))})
         if self.transport.queued_bytes > STATUS_QUEUE_LIMIT:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
                 f"{self.transport.queued_bytes} bytes of replies are unread by their "
-                f"peers; status is refused until they drain",
+                f"peers; {request.op} is refused until they drain",
                 details={"retry_after_s": 0.1})
         started = time.perf_counter()
         try:
-            result = self.arbiter.handle(conn.id, conn.peer, request)
-            return m.encode_result(request.id, result)
+            out = self.arbiter.handle(conn.id, conn.peer, request)
+            return m.encode_result(request.id, out.result)
         finally:
             self.status_budget.charge(conn.peer.uid, time.perf_counter() - started)
 
@@ -323,8 +322,7 @@ class Server:
 
     # --- tenant liveness ------------------------------------------------------
 
-    def _on_registered(self, conn: bytes) -> None:
-        tenant = self.arbiter.tenants.by_conn(conn)
+    def _on_registered(self, tenant: Tenant) -> None:
         log.info("tenant %s (%s) registered: pid %d uid %d devices %s",
                  tenant.id, tenant.name, tenant.peer.pid, tenant.peer.uid,
                  list(tenant.devices))

@@ -142,6 +142,9 @@ class Op:
 
     op: ClassVar[str]
     needs_tenant: ClassVar[bool] = True
+    # Its reply can be big (it grows with the daemon's books): the daemon
+    # spends time on it within a per-uid budget (section 4, `status`).
+    budgeted: ClassVar[bool] = False
     doc: ClassVar[str] = ""
 
 
@@ -251,6 +254,7 @@ class TurnYield(Op):
 class Status(Op):
     op = "status"
     needs_tenant = False
+    budgeted = True
     doc = ("Devices, tenants, slices, quotas and a page of leases (schema in "
            "docs/status-schema.md). No HELLO needed.")
     leases: bool = arg(Check(bool), default=True,

@@ -152,7 +152,7 @@ class Engine:
         self._last_tier = ""  # tier of the last lease aquad placed for us
 
     def call(self, op: m.Op) -> dict:
-        return self.sim.arbiter.handle(self.conn, self.peer, m.Request(next(self._ids), op))
+        return self.sim.arbiter.handle(self.conn, self.peer, m.Request(next(self._ids), op)).result
 
     # --- events ---------------------------------------------------------------
 

@@ -75,7 +75,7 @@ class World:
     def call(self, conn: bytes, op: m.Op, pid: int = 0, *, peer: Peer | None = None) -> dict:
         self.last_rid = next(self._ids)
         peer = peer or Peer(pid or _pid_of(conn), UID, GID)
-        return self.arb.handle(conn, peer, Request(self.last_rid, op))
+        return self.arb.handle(conn, peer, Request(self.last_rid, op)).result
 
     def refused(self, code: ErrorCode, conn: bytes, op: m.Op, pid: int = 0,
                 **kw) -> ProtocolError:
@@ -648,3 +648,25 @@ def test_lease_ids_are_random_well_formed_and_span_batches():
     assert all(m.LEASE_ID_RE.fullmatch(i) and len(i) == 25 for i in drawn)
     # 144 bits each: no id shares a long prefix with another by chance.
     assert len({i[:9] for i in drawn}) == len(drawn)
+
+
+def test_a_request_reports_its_effects_for_the_shell_to_act_on(w):
+    # The shell does not look at request types: the outcome says who joined,
+    # who left, and when events and the timer need attention.
+    def outcome(conn: bytes, op: m.Op):
+        return w.arb.handle(conn, Peer(_pid_of(conn), UID, GID), Request(next(w._ids), op))
+
+    joined = outcome(b"a", Hello(tenant="a", devices=[0]))
+    assert joined.registered is not None and joined.registered.name == "a"
+    assert joined.gone is None and not joined.reschedule
+    leased = outcome(b"a", Lease(nbytes=G))
+    assert leased.registered is None and leased.gone is None and not leased.reschedule
+    assert outcome(b"a", m.Turn()).reschedule
+    assert not outcome(b"b", m.Status(leases=False)).reschedule
+    outcome(b"b", Hello(tenant="b", devices=[0]))
+    waiting = outcome(b"b", m.Turn())
+    assert waiting.result["state"] == "queued" and waiting.reschedule
+    left = outcome(b"a", m.Bye())
+    assert left.gone is not None and left.gone.name == "a" and left.reschedule
+    # a's leaving granted b its slice: an event the shell must send now
+    assert [name for _, name, _ in w.arb.take_events()] == ["grant"]

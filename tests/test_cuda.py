@@ -116,7 +116,7 @@ class World:
         self.arb = Arbiter(backend, clock=lambda: self.now, limits=Limits(quotas=UNLIMITED))
 
     def call(self, conn: bytes, op: m.Op, peer: Peer = ME) -> dict:
-        return self.arb.handle(conn, peer, m.Request(1, op))
+        return self.arb.handle(conn, peer, m.Request(1, op)).result
 
     def files(self) -> list[str]:
         """Host-tier segments (the spare files kept for grants aside)."""

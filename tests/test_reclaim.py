@@ -42,7 +42,7 @@ class World:
                            limits=Limits(quotas=UNLIMITED))
 
     def call(self, conn: bytes, op: m.Op, peer: Peer = ME) -> dict:
-        return self.arb.handle(conn, peer, m.Request(1, op))
+        return self.arb.handle(conn, peer, m.Request(1, op)).result
 
     def events(self, name: str | None = None) -> list[tuple[bytes, str, dict]]:
         return [e for e in self.arb.take_events() if name is None or e[1] == name]

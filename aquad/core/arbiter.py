@@ -15,6 +15,7 @@ import collections
 import hmac
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aqua_protocol import ErrorCode, ProtocolError
@@ -55,6 +56,32 @@ class LeaseIds:
         return "L" + self._text[start:self._at]
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: the connection, its kernel credentials, and the
+    tenant registered on it (looked up once, before the handler runs)."""
+
+    conn: bytes
+    peer: Peer
+    tenant: Tenant | None
+
+    @property
+    def registered(self) -> Tenant:
+        # Ops that need hello never reach their handler without a tenant.
+        assert self.tenant is not None
+        return self.tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a request did: its result, and what the shell must act on."""
+
+    result: dict[str, Any]
+    registered: Tenant | None = None  # a tenant joined on this connection
+    gone: Tenant | None = None  # the connection's tenant left (bye)
+    reschedule: bool = False  # events to send, the timer to re-arm
+
+
 class Arbiter:
     def __init__(
         self,
@@ -93,30 +120,34 @@ class Arbiter:
         self.operators = frozenset({0, os.geteuid()})
         self.elastic = Elastic(self)
         self.reclaims_done: collections.deque[dict] = collections.deque(maxlen=64)
-        self._handlers: dict[type, Callable[[bytes, Peer, Any], dict]] = {
-            m.Hello: self._hello,
-            m.Heartbeat: self._heartbeat,
-            m.Bye: self._bye,
-            m.Lease: self._lease,
-            m.Release: self._release,
-            m.LeaseInfo: self._lease_info,
-            m.Status: self._status,
-            m.Adopt: self._adopt,
-            m.Turn: self._turn,
-            m.TurnDone: self._turn_done,
-            m.TurnYield: self._turn_yield,
-            m.Reclaim: self._reclaim,
-            m.Drain: self._drain,
-            m.Undrain: self._undrain,
-            m.Lend: self._lend,
-            m.Unlend: self._unlend,
-            m.Move: self._move,
+        # Per op: its handler, and whether it may change what the scheduler
+        # (or a reclaim) owes anyone: then the shell sends events and re-arms
+        # its timer after the reply.
+        self._handlers: dict[type, tuple[Callable[[Caller, Any], dict], bool]] = {
+            m.Hello: (self._hello, False),
+            m.Heartbeat: (self._heartbeat, False),
+            m.Bye: (self._bye, True),
+            m.Lease: (self._lease, False),
+            m.Release: (self._release, False),
+            m.LeaseInfo: (self._lease_info, False),
+            m.Status: (self._status, False),
+            m.Adopt: (self._adopt, False),
+            m.Turn: (self._turn, True),
+            m.TurnDone: (self._turn_done, True),
+            m.TurnYield: (self._turn_yield, True),
+            m.Reclaim: (self._reclaim, True),
+            m.Drain: (self._drain, True),
+            m.Undrain: (self._undrain, True),
+            m.Lend: (self._lend, True),
+            m.Unlend: (self._unlend, True),
+            m.Move: (self._move, False),
         }
 
     # --- entry points from the shell ---------------------------------------
 
-    def handle(self, conn: bytes, peer: Peer, request: m.Request) -> dict:
-        """Run one validated request; returns the result or raises ProtocolError."""
+    def handle(self, conn: bytes, peer: Peer, request: m.Request) -> Outcome:
+        """Run one validated request; returns what it did (the result and its
+        effects) or raises ProtocolError, having changed nothing."""
         try:
             if self.closing:
                 raise ProtocolError(ErrorCode.SHUTTING_DOWN, "aquad is shutting down")
@@ -132,10 +163,16 @@ class Arbiter:
             elif request.args.needs_tenant:
                 raise ProtocolError(ErrorCode.NOT_REGISTERED,
                                     f"send hello before {request.op!r}")
-            return self._handlers[type(request.args)](conn, peer, request.args)
+            handler, reschedules = self._handlers[type(request.args)]
+            result = handler(Caller(conn, peer, tenant), request.args)
         except ProtocolError as exc:
             exc.request_id = request.id
             raise
+        after = self.tenants.by_conn(conn)
+        return Outcome(result,
+                       registered=after if tenant is None and after is not None else None,
+                       gone=tenant if tenant is not None and after is None else None,
+                       reschedule=reschedules or bool(self._events))
 
     def drop_tenant(self, tenant_id: str, *, may_live: bool = False) -> Tenant | None:
         """Forget a tenant (it left, died or went silent) and free its leases.
@@ -172,9 +209,6 @@ class Arbiter:
             return ours
         theirs = self.elastic.next_deadline()
         return theirs if ours is None else min(ours, theirs)
-
-    def has_events(self) -> bool:
-        return bool(self._events)
 
     def clock(self) -> float:
         return self._clock()
@@ -267,8 +301,9 @@ class Arbiter:
 
     # --- handlers -----------------------------------------------------------
 
-    def _hello(self, conn: bytes, peer: Peer, args: m.Hello) -> dict:
-        if self.tenants.by_conn(conn) is not None:
+    def _hello(self, caller: Caller, args: m.Hello) -> dict:
+        peer = caller.peer
+        if caller.tenant is not None:
             raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
                                 "this connection is already registered")
         self._check_devices("hello", args.devices)
@@ -280,7 +315,7 @@ class Arbiter:
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, why)
         self._check_quota(peer, tenants=1)
         weight = self.limits.weights.grant(peer.uid, args.tenant, args.weight)
-        tenant = self.tenants.add(args.tenant, conn, peer, tuple(args.devices),
+        tenant = self.tenants.add(args.tenant, caller.conn, peer, tuple(args.devices),
                                   weight, self._clock())
         self.quotas.charge(peer, tenants=1)
         self.scheduler.add(tenant.id, tenant.devices, tenant.weight)
@@ -294,19 +329,17 @@ class Arbiter:
             "devices": [self._device_status(d.id) for d in self.topology.devices],
         }
 
-    def _heartbeat(self, conn: bytes, peer: Peer, args: m.Heartbeat) -> dict:
+    def _heartbeat(self, caller: Caller, args: m.Heartbeat) -> dict:
         return {}
 
-    def _bye(self, conn: bytes, peer: Peer, args: m.Bye) -> dict:
-        tenant = self.tenants.by_conn(conn)
-        assert tenant is not None
+    def _bye(self, caller: Caller, args: m.Bye) -> dict:
+        tenant = caller.registered
         freed = sum(self.leases.owned(l, tenant.id).nbytes for l in tenant.leases)
         self.drop_tenant(tenant.id)
         return {"released_bytes": freed}
 
-    def _lease(self, conn: bytes, peer: Peer, args: m.Lease) -> dict:
-        tenant = self.tenants.by_conn(conn)
-        assert tenant is not None
+    def _lease(self, caller: Caller, args: m.Lease) -> dict:
+        tenant = caller.registered
         near = tenant.devices[0] if args.near is None else args.near
         self._device(near)
         if len(tenant.leases) >= self.limits.max_leases_per_tenant:
@@ -357,13 +390,12 @@ class Arbiter:
             details={"requested_bytes": nbytes, "largest_free_bytes": largest,
                      "total_free_bytes": total})
 
-    def _adopt(self, conn: bytes, peer: Peer, args: m.Adopt) -> dict:
-        tenant = self.tenants.by_conn(conn)
-        assert tenant is not None
+    def _adopt(self, caller: Caller, args: m.Adopt) -> dict:
+        tenant = caller.registered
         orphan = self.orphans.get(args.lease)
         # A wrong secret, another uid's lease, one freed or never granted:
         # one answer, so neither ids nor secrets can be probed.
-        if (orphan is None or orphan.grant.uid != peer.uid
+        if (orphan is None or orphan.grant.uid != caller.peer.uid
                 or not hmac.compare_digest(orphan.grant.capability, args.capability)):
             raise ProtocolError(ErrorCode.NO_SUCH_LEASE,
                                 f"no lease {args.lease} awaits adoption by this tenant")
@@ -392,19 +424,17 @@ class Arbiter:
                                             lease.device, peer.uid, peer.gid, peer.pid,
                                             lease.capability, tenant.name))
 
-    def _release(self, conn: bytes, peer: Peer, args: m.Release) -> dict:
-        tenant = self.tenants.by_conn(conn)
-        assert tenant is not None
+    def _release(self, caller: Caller, args: m.Release) -> dict:
+        tenant = caller.registered
         lease = self._owned(args.lease, tenant)
         self._free(tenant, lease.id)
         return {"released_bytes": lease.nbytes}
 
-    def _lease_info(self, conn: bytes, peer: Peer, args: m.LeaseInfo) -> dict:
-        tenant = self.tenants.by_conn(conn)
-        assert tenant is not None
+    def _lease_info(self, caller: Caller, args: m.LeaseInfo) -> dict:
+        tenant = caller.registered
         return self._lease_reply(self._owned(args.lease, tenant))
 
-    def _status(self, conn: bytes, peer: Peer, args: m.Status) -> dict:
+    def _status(self, caller: Caller, args: m.Status) -> dict:
         if not args.leases:
             return self.status(leases=False)
         if args.device is not None:
@@ -414,12 +444,12 @@ class Arbiter:
 
     # --- elastic memory (core/reclaim.py) -------------------------------------
 
-    def _may_reclaim(self, conn: bytes, peer: Peer, device: int, op: str) -> None:
+    def _may_reclaim(self, caller: Caller, device: int, op: str) -> None:
         """The operator may take back any device; a tenant only its home ones."""
         self._device(device)
-        if peer.uid in self.operators:
+        if caller.peer.uid in self.operators:
             return
-        tenant = self.tenants.by_conn(conn)
+        tenant = caller.tenant
         if op == "reclaim" and tenant is not None and device in tenant.devices:
             return
         raise ProtocolError(ErrorCode.PERMISSION_DENIED,
@@ -428,22 +458,23 @@ class Arbiter:
                             + (" or a tenant whose home device it is" if op == "reclaim"
                                else ""))
 
-    def _reclaim(self, conn: bytes, peer: Peer, args: m.Reclaim) -> dict:
-        self._may_reclaim(conn, peer, args.device, "reclaim")
-        return self.elastic.reclaim(args.device, args.nbytes, args.deadline_ms / 1000, conn)
+    def _reclaim(self, caller: Caller, args: m.Reclaim) -> dict:
+        self._may_reclaim(caller, args.device, "reclaim")
+        return self.elastic.reclaim(args.device, args.nbytes, args.deadline_ms / 1000,
+                                    caller.conn)
 
-    def _drain(self, conn: bytes, peer: Peer, args: m.Drain) -> dict:
-        self._may_reclaim(conn, peer, args.device, "drain")
+    def _drain(self, caller: Caller, args: m.Drain) -> dict:
+        self._may_reclaim(caller, args.device, "drain")
         pool = self.pools[args.device]
         return self.elastic.reclaim(args.device, max(pool.capacity, 1),
-                                    args.deadline_ms / 1000, conn, drain=True)
+                                    args.deadline_ms / 1000, caller.conn, drain=True)
 
-    def _undrain(self, conn: bytes, peer: Peer, args: m.Undrain) -> dict:
-        self._may_reclaim(conn, peer, args.device, "undrain")
+    def _undrain(self, caller: Caller, args: m.Undrain) -> dict:
+        self._may_reclaim(caller, args.device, "undrain")
         return self.elastic.undrain(args.device)
 
-    def _home(self, conn: bytes, device: int, op: str) -> Tenant:
-        tenant = self.tenants.by_conn(conn)
+    def _home(self, caller: Caller, device: int, op: str) -> Tenant:
+        tenant = caller.registered
         self._device(device)
         if device not in tenant.devices:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
@@ -451,16 +482,16 @@ class Arbiter:
                                 f"{tenant.id} ({list(tenant.devices)})")
         return tenant
 
-    def _lend(self, conn: bytes, peer: Peer, args: m.Lend) -> dict:
-        return self.elastic.lend(self._home(conn, args.device, "lend"), args.device,
+    def _lend(self, caller: Caller, args: m.Lend) -> dict:
+        return self.elastic.lend(self._home(caller, args.device, "lend"), args.device,
                                  args.nbytes)
 
-    def _unlend(self, conn: bytes, peer: Peer, args: m.Unlend) -> dict:
-        return self.elastic.unlend(self._home(conn, args.device, "unlend"), args.device,
+    def _unlend(self, caller: Caller, args: m.Unlend) -> dict:
+        return self.elastic.unlend(self._home(caller, args.device, "unlend"), args.device,
                                    args.nbytes, args.deadline_ms / 1000)
 
-    def _move(self, conn: bytes, peer: Peer, args: m.Move) -> dict:
-        tenant = self.tenants.by_conn(conn)
+    def _move(self, caller: Caller, args: m.Move) -> dict:
+        tenant = caller.registered
         return self.elastic.move(tenant, self._owned(args.lease, tenant))
 
     def fence(self, lease: LeaseRecord) -> bool:
@@ -475,8 +506,8 @@ class Arbiter:
         lease.fenced = True
         return False
 
-    def _turn(self, conn: bytes, peer: Peer, args: m.Turn) -> dict:
-        tenant = self.tenants.by_conn(conn)
+    def _turn(self, caller: Caller, args: m.Turn) -> dict:
+        tenant = caller.registered
         if args.devices is not None:
             self._check_devices("turn", args.devices)
             outside = sorted(set(args.devices) - set(tenant.devices))
@@ -487,13 +518,12 @@ class Arbiter:
                     f"{list(tenant.devices)}")
         return self._turn_reply(tenant, self.scheduler.want(tenant.id, args.devices))
 
-    def _turn_done(self, conn: bytes, peer: Peer, args: m.TurnDone) -> dict:
-        tenant = self.tenants.by_conn(conn)
-        self._emit(self.scheduler.done(tenant.id))
+    def _turn_done(self, caller: Caller, args: m.TurnDone) -> dict:
+        self._emit(self.scheduler.done(caller.registered.id))
         return {}
 
-    def _turn_yield(self, conn: bytes, peer: Peer, args: m.TurnYield) -> dict:
-        tenant = self.tenants.by_conn(conn)
+    def _turn_yield(self, caller: Caller, args: m.TurnYield) -> dict:
+        tenant = caller.registered
         return self._turn_reply(tenant, self.scheduler.yield_(tenant.id, args.slice))
 
     def _turn_reply(self, tenant: Tenant, actions: list[Action]) -> dict:
