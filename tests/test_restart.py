@@ -59,6 +59,24 @@ def test_a_restart_gives_leases_back_and_restore_is_bit_exact(daemon):
     client.close()
 
 
+def test_an_adopted_lease_survives_the_next_restart_too(daemon):
+    # Adoption journals the lease again for its new owner: with the same
+    # capability, or the second crash would lose it.
+    client = aqua.connect("twice", 0, socket=daemon.socket)
+    original = _pattern(2 * MiB, 3)
+    saved = client.offload(original)
+    for _ in range(2):
+        _settled(daemon, saved.lease)
+        daemon.kill()
+        assert wait_until(lambda: not client.connected, 2)
+        daemon.restart()
+        assert client.wait_connected(5)
+        assert [l["id"] for l in daemon.status()["leases"]] == [saved.lease.id]
+    assert client.reconnects == 2
+    assert torch.equal(saved.restore(), original)
+    client.close()
+
+
 def test_leases_of_dead_owners_and_unclaimed_ones_are_freed(start_daemon, tenants):
     daemon = start_daemon("--adopt-grace", "1")
     dead = tenants(daemon, """

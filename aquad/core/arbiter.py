@@ -411,7 +411,7 @@ class Arbiter:
         self.quotas.charge(tenant.peer, leases=1, nbytes=orphan.charged)
         lease = LeaseRecord(grant.lease, tenant.id, grant.device, grant.nbytes, orphan.charged,
                             tier_of(self.topology, tenant.devices[0], grant.device),
-                            orphan.segment, self._clock(), grant.capability,
+                            orphan.segment, self._clock(), capability=grant.capability,
                             near=tenant.devices[0])
         self._journal_grant(lease, tenant)  # its new owner
         self.leases.add(lease)
