@@ -7,6 +7,7 @@ is never renamed or reused. Every code is documented in protocol/README.md.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -39,7 +40,7 @@ class ProtocolError(Exception):
         message: str,
         *,
         request_id: int | None = None,
-        details: dict | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code

@@ -21,11 +21,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import msgpack
 
 from .errors import ErrorCode, ProtocolError
+
+# msgpack ships no type hints; what packb returns is bytes.
+_pack: Callable[[Any], bytes] = msgpack.packb
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -74,7 +78,7 @@ class Check:
     exclusive_min: bool = False
 
     def validate(self, name: str, value: Any) -> Any:
-        kind = self.kind
+        kind: type[Any] = self.kind
         # bool is an int subclass; a boolean where a number belongs is a bug.
         if isinstance(value, bool) and kind is not bool:
             raise _bad(f"field {name!r} must be {_TYPE_NAMES[kind]}, got a boolean")
@@ -164,7 +168,7 @@ class Hello(Op):
     doc = "Register this connection as a tenant. Must be the first tenant request."
     tenant: str = arg(Check(str, pattern=NAME_RE, max_len=64),
                       doc="tenant name shown to operators (model name, say)")
-    devices: list = arg(Check(list, min_len=1, max_len=64, item=DEVICE),
+    devices: list[Any] = arg(Check(list, min_len=1, max_len=64, item=DEVICE),
                         doc="home device ids the tenant computes on")
     weight: float | None = arg(
         Check(float, min=MIN_WEIGHT, max=MAX_WEIGHT), default=None,
@@ -229,7 +233,7 @@ class Turn(Op):
     op = "turn"
     doc = ("Ask for a GPU time slice on `devices` (default: all home devices). The reply "
            "says granted (with the slice) or queued; a queued tenant gets a `grant` event.")
-    devices: list | None = arg(Check(list, min_len=1, max_len=64, item=DEVICE), default=None,
+    devices: list[Any] | None = arg(Check(list, min_len=1, max_len=64, item=DEVICE), default=None,
                                doc="subset of the tenant's home devices for this turn")
 
 
@@ -411,7 +415,7 @@ def decode_request(frame: bytes) -> Request:
         raise
 
 
-def _build(cls: type[Op], args: dict) -> Op:
+def _build(cls: type[Op], args: dict[str, Any]) -> Op:
     spec = _SPECS[cls]
     if not spec.names.issuperset(args):
         unknown = set(args) - spec.names
@@ -442,7 +446,7 @@ class _Spec:
 
 
 def _spec(cls: type[Op]) -> _Spec:
-    fields = dataclasses.fields(cls)
+    fields = dataclasses.fields(cast(Any, cls))  # every registered op is a dataclass
     return _Spec(frozenset(f.name for f in fields),
                  tuple((f.name, f.metadata["check"], f.default is not dataclasses.MISSING,
                         f.default is None) for f in fields),
@@ -462,24 +466,24 @@ def encode_request(rid: int, op: Op) -> bytes:
         value = getattr(op, name)
         if value is not None and (name not in spec.defaults or value != spec.defaults[name]):
             args[name] = value
-    return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": args})
+    return _pack({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": args})
 
 
-def encode_result(rid: int, result: dict) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
+def encode_result(rid: int, result: dict[str, Any]) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
 
 
 def encode_error(err: ProtocolError) -> bytes:
-    body = {"code": err.code.value, "message": err.message}
+    body: dict[str, Any] = {"code": err.code.value, "message": err.message}
     if err.details:
         body["details"] = err.details
-    return msgpack.packb(
+    return _pack(
         {"v": PROTOCOL_VERSION, "id": err.request_id, "ok": False, "error": body}
     )
 
 
-def encode_event(event: str, data: dict | None = None) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "event": event, "data": data or {}})
+def encode_event(event: str, data: dict[str, Any] | None = None) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "event": event, "data": data or {}})
 
 
 # --- what the tenant side reads ---------------------------------------------
@@ -507,16 +511,16 @@ EVENTS = {
 class Reply:
     id: int | None
     ok: bool
-    result: dict
+    result: dict[str, Any]
     code: str = ""
     message: str = ""
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Event:
     event: str
-    data: dict
+    data: dict[str, Any]
 
 
 def decode_reply(frame: bytes) -> Reply | Event:

@@ -101,7 +101,7 @@ class Arbiter:
         self.tenants = TenantRegistry()
         self.scheduler = Scheduler([d.id for d in self.topology.devices], clock=clock,
                                    quantum=limits.quantum_s, grace=limits.grace_s)
-        self._events: list[tuple[bytes, str, dict]] = []
+        self._events: list[tuple[bytes, str, dict[str, Any]]] = []
         self.leases = LeaseTable()
         self.quotas = Quotas(limits.quotas, max_tenants=limits.max_tenants,
                              capacity=sum(p.capacity for p in self.pools.values()))
@@ -119,11 +119,11 @@ class Arbiter:
         # Who may reclaim any device and drain it: root and the daemon's own uid.
         self.operators = frozenset({0, os.geteuid()})
         self.elastic = Elastic(self)
-        self.reclaims_done: collections.deque[dict] = collections.deque(maxlen=64)
+        self.reclaims_done: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)
         # Per op: its handler, and whether it may change what the scheduler
         # (or a reclaim) owes anyone: then the shell sends events and re-arms
         # its timer after the reply.
-        self._handlers: dict[type, tuple[Callable[[Caller, Any], dict], bool]] = {
+        self._handlers: dict[type, tuple[Callable[[Caller, Any], dict[str, Any]], bool]] = {
             m.Hello: (self._hello, False),
             m.Heartbeat: (self._heartbeat, False),
             m.Bye: (self._bye, True),
@@ -208,16 +208,18 @@ class Arbiter:
         if not self.elastic.active:
             return ours
         theirs = self.elastic.next_deadline()
-        return theirs if ours is None else min(ours, theirs)
+        if ours is None or theirs is None:
+            return theirs if ours is None else ours
+        return min(ours, theirs)
 
     def clock(self) -> float:
         return self._clock()
 
-    def emit_event(self, conn: bytes, name: str, data: dict) -> None:
+    def emit_event(self, conn: bytes, name: str, data: dict[str, Any]) -> None:
         self._events.append((conn, name, data))
 
     def watch_memory(self, free: dict[int, int], headroom: int,
-                     deadline_s: float = m.DEFAULT_DEADLINE_MS / 1000) -> list[dict]:
+                     deadline_s: float = m.DEFAULT_DEADLINE_MS / 1000) -> list[dict[str, Any]]:
         """GPUs whose own processes took memory (NVML's `free` per device
         below what aquad may still allocate there plus `headroom`): reclaim
         the difference, unless a reclaim runs there already. Returns the
@@ -232,7 +234,7 @@ class Arbiter:
                 started.append(self.elastic.reclaim(device, want, deadline_s, None))
         return started
 
-    def take_events(self) -> list[tuple[bytes, str, dict]]:
+    def take_events(self) -> list[tuple[bytes, str, dict[str, Any]]]:
         """Events for tenants produced since the last call: (conn, name, data)."""
         events, self._events = self._events, []
         return events
@@ -301,7 +303,7 @@ class Arbiter:
 
     # --- handlers -----------------------------------------------------------
 
-    def _hello(self, caller: Caller, args: m.Hello) -> dict:
+    def _hello(self, caller: Caller, args: m.Hello) -> dict[str, Any]:
         peer = caller.peer
         if caller.tenant is not None:
             raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
@@ -329,16 +331,16 @@ class Arbiter:
             "devices": [self._device_status(d.id) for d in self.topology.devices],
         }
 
-    def _heartbeat(self, caller: Caller, args: m.Heartbeat) -> dict:
+    def _heartbeat(self, caller: Caller, args: m.Heartbeat) -> dict[str, Any]:
         return {}
 
-    def _bye(self, caller: Caller, args: m.Bye) -> dict:
+    def _bye(self, caller: Caller, args: m.Bye) -> dict[str, Any]:
         tenant = caller.registered
-        freed = sum(self.leases.owned(l, tenant.id).nbytes for l in tenant.leases)
+        freed = sum(self._owned(l, tenant).nbytes for l in tenant.leases)
         self.drop_tenant(tenant.id)
         return {"released_bytes": freed}
 
-    def _lease(self, caller: Caller, args: m.Lease) -> dict:
+    def _lease(self, caller: Caller, args: m.Lease) -> dict[str, Any]:
         tenant = caller.registered
         near = tenant.devices[0] if args.near is None else args.near
         self._device(near)
@@ -390,7 +392,7 @@ class Arbiter:
             details={"requested_bytes": nbytes, "largest_free_bytes": largest,
                      "total_free_bytes": total})
 
-    def _adopt(self, caller: Caller, args: m.Adopt) -> dict:
+    def _adopt(self, caller: Caller, args: m.Adopt) -> dict[str, Any]:
         tenant = caller.registered
         orphan = self.orphans.get(args.lease)
         # A wrong secret, another uid's lease, one freed or never granted:
@@ -424,17 +426,17 @@ class Arbiter:
                                             lease.device, peer.uid, peer.gid, peer.pid,
                                             lease.capability, tenant.name))
 
-    def _release(self, caller: Caller, args: m.Release) -> dict:
+    def _release(self, caller: Caller, args: m.Release) -> dict[str, Any]:
         tenant = caller.registered
         lease = self._owned(args.lease, tenant)
         self._free(tenant, lease.id)
         return {"released_bytes": lease.nbytes}
 
-    def _lease_info(self, caller: Caller, args: m.LeaseInfo) -> dict:
+    def _lease_info(self, caller: Caller, args: m.LeaseInfo) -> dict[str, Any]:
         tenant = caller.registered
         return self._lease_reply(self._owned(args.lease, tenant))
 
-    def _status(self, caller: Caller, args: m.Status) -> dict:
+    def _status(self, caller: Caller, args: m.Status) -> dict[str, Any]:
         if not args.leases:
             return self.status(leases=False)
         if args.device is not None:
@@ -458,18 +460,18 @@ class Arbiter:
                             + (" or a tenant whose home device it is" if op == "reclaim"
                                else ""))
 
-    def _reclaim(self, caller: Caller, args: m.Reclaim) -> dict:
+    def _reclaim(self, caller: Caller, args: m.Reclaim) -> dict[str, Any]:
         self._may_reclaim(caller, args.device, "reclaim")
         return self.elastic.reclaim(args.device, args.nbytes, args.deadline_ms / 1000,
                                     caller.conn)
 
-    def _drain(self, caller: Caller, args: m.Drain) -> dict:
+    def _drain(self, caller: Caller, args: m.Drain) -> dict[str, Any]:
         self._may_reclaim(caller, args.device, "drain")
         pool = self.pools[args.device]
         return self.elastic.reclaim(args.device, max(pool.capacity, 1),
                                     args.deadline_ms / 1000, caller.conn, drain=True)
 
-    def _undrain(self, caller: Caller, args: m.Undrain) -> dict:
+    def _undrain(self, caller: Caller, args: m.Undrain) -> dict[str, Any]:
         self._may_reclaim(caller, args.device, "undrain")
         return self.elastic.undrain(args.device)
 
@@ -482,15 +484,15 @@ class Arbiter:
                                 f"{tenant.id} ({list(tenant.devices)})")
         return tenant
 
-    def _lend(self, caller: Caller, args: m.Lend) -> dict:
+    def _lend(self, caller: Caller, args: m.Lend) -> dict[str, Any]:
         return self.elastic.lend(self._home(caller, args.device, "lend"), args.device,
                                  args.nbytes)
 
-    def _unlend(self, caller: Caller, args: m.Unlend) -> dict:
+    def _unlend(self, caller: Caller, args: m.Unlend) -> dict[str, Any]:
         return self.elastic.unlend(self._home(caller, args.device, "unlend"), args.device,
                                    args.nbytes, args.deadline_ms / 1000)
 
-    def _move(self, caller: Caller, args: m.Move) -> dict:
+    def _move(self, caller: Caller, args: m.Move) -> dict[str, Any]:
         tenant = caller.registered
         return self.elastic.move(tenant, self._owned(args.lease, tenant))
 
@@ -501,12 +503,14 @@ class Arbiter:
         charged and unusable until its holder releases it or exits."""
         fence = getattr(self.backend, "fence", None)
         if fence is not None and fence(lease.segment):
-            self._free(self.tenants.get(lease.tenant), lease.id)
+            holder = self.tenants.get(lease.tenant)
+            assert holder is not None  # a lease dies with its tenant
+            self._free(holder, lease.id)
             return True
         lease.fenced = True
         return False
 
-    def _turn(self, caller: Caller, args: m.Turn) -> dict:
+    def _turn(self, caller: Caller, args: m.Turn) -> dict[str, Any]:
         tenant = caller.registered
         if args.devices is not None:
             self._check_devices("turn", args.devices)
@@ -518,15 +522,15 @@ class Arbiter:
                     f"{list(tenant.devices)}")
         return self._turn_reply(tenant, self.scheduler.want(tenant.id, args.devices))
 
-    def _turn_done(self, caller: Caller, args: m.TurnDone) -> dict:
+    def _turn_done(self, caller: Caller, args: m.TurnDone) -> dict[str, Any]:
         self._emit(self.scheduler.done(caller.registered.id))
         return {}
 
-    def _turn_yield(self, caller: Caller, args: m.TurnYield) -> dict:
+    def _turn_yield(self, caller: Caller, args: m.TurnYield) -> dict[str, Any]:
         tenant = caller.registered
         return self._turn_reply(tenant, self.scheduler.yield_(tenant.id, args.slice))
 
-    def _turn_reply(self, tenant: Tenant, actions: list[Action]) -> dict:
+    def _turn_reply(self, tenant: Tenant, actions: list[Action]) -> dict[str, Any]:
         # The caller learns of its own grant from the reply, not an event.
         self._emit([a for a in actions if not (isinstance(a, Grant) and a.tenant == tenant.id)])
         runner = self.scheduler.runners[tenant.id]
@@ -589,19 +593,20 @@ class Arbiter:
         if self.elastic.active:
             self.elastic.freed(lease)
 
-    def lease_reply(self, lease: LeaseRecord) -> dict:
+    def lease_reply(self, lease: LeaseRecord) -> dict[str, Any]:
         return self._lease_reply(lease)
 
     @staticmethod
-    def _lease_reply(lease: LeaseRecord) -> dict:
+    def _lease_reply(lease: LeaseRecord) -> dict[str, Any]:
         reply = {"lease": lease.id, "device": lease.device, "nbytes": lease.nbytes,
                  "tier": lease.tier.label, "handle": lease.segment.handle}
         if lease.capability:
             reply["capability"] = lease.capability  # the owner's alone: never in status
         return reply
 
-    def _device_status(self, device: int) -> dict:
+    def _device_status(self, device: int) -> dict[str, Any]:
         dev = self.topology.device(device)
+        assert dev is not None, device  # callers pass the daemon's own ids
         pool = self.pools[device]
         return {"id": dev.id, "name": dev.name, "backend": dev.backend,
                 "capacity_bytes": pool.capacity, "leased_bytes": pool.used,
@@ -609,7 +614,7 @@ class Arbiter:
 
     def status(self, *, leases: bool = True, tenant: str | None = None,
                device: int | None = None, after: int = 0,
-               limit: int = m.MAX_STATUS_LEASES) -> dict:
+               limit: int = m.MAX_STATUS_LEASES) -> dict[str, Any]:
         """The `status` reply; its schema is documented in docs/status-schema.md.
         Nothing in it but the page of leases grows with the number of leases:
         the totals are kept up to date by the lease table."""
@@ -638,7 +643,7 @@ class Arbiter:
             out["next"] = None if page.next is None else str(page.next)
         return out
 
-    def _tenant_status(self, t: Tenant, now: float) -> dict:
+    def _tenant_status(self, t: Tenant, now: float) -> dict[str, Any]:
         return {"id": t.id, "name": t.name, "pid": t.peer.pid, "uid": t.peer.uid,
                 "gid": t.peer.gid, "devices": list(t.devices), "weight": t.weight,
                 "leased_bytes": self.leases.tenant_bytes.get(t.id, 0), "leases": len(t.leases),
@@ -646,7 +651,7 @@ class Arbiter:
                 "idle_s": round(now - t.last_seen, 3)}
 
     @staticmethod
-    def _lease_status(l: LeaseRecord, now: float) -> dict:
+    def _lease_status(l: LeaseRecord, now: float) -> dict[str, Any]:
         return {"id": l.id, "tenant": l.tenant, "device": l.device, "nbytes": l.nbytes,
                 "charged_bytes": l.charged, "tier": l.tier.label,
                 "age_s": round(now - l.created_at, 3)}

@@ -88,7 +88,7 @@ class LeaseTable:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[LeaseRecord]:
         return iter(list(self._leases.values()))
 
     def __contains__(self, lease_id: str) -> bool:

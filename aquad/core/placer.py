@@ -9,11 +9,12 @@ devices come last within a tier: their memory is what it is trying to free.
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Collection, Mapping
 
 from .allocator import GranuleAllocator
 from .topology import Tier, Topology
-
 
 MAX_RANKINGS = 1024  # (consumer, home devices) pairs remembered
 
@@ -49,7 +50,7 @@ class Placer:
         return None
 
     def _rank(self, near: int, home: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-        by_key: dict[tuple, list[int]] = {}
+        by_key: dict[tuple[Any, ...], list[int]] = {}
         for dev in self.topology.devices:
             link = self.topology.link(near, dev.id)
             by_key.setdefault((link.tier, dev.id in home, -link.bandwidth), []).append(dev.id)

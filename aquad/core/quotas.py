@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .tenants import Peer
 
@@ -108,7 +109,7 @@ class Refusal:
                 f"{self.holder} holds {self.used} and this request needs {self.requested} more")
 
     @property
-    def details(self) -> dict:
+    def details(self) -> dict[str, Any]:
         return {"quota": self.quota, "resource": self.resource, "limit": self.limit,
                 "used": self.used, "requested": self.requested}
 
@@ -176,7 +177,7 @@ class Quotas:
         if group is not None:
             group.add(tenants, leases, nbytes)
 
-    def view(self) -> dict:
+    def view(self) -> dict[str, Any]:
         """The `quotas` object of `status` (docs/status-schema.md)."""
         uids = sorted(self._by_uid.keys() | self._uids.keys())
         return {
@@ -188,9 +189,9 @@ class Quotas:
         }
 
 
-def _limits(bound: Bound) -> dict:
+def _limits(bound: Bound) -> dict[str, Any]:
     return {"tenants": bound.tenants, "leases": bound.leases, "bytes": bound.bytes}
 
 
-def _row(bound: Bound, use: Usage) -> dict:
+def _row(bound: Bound, use: Usage) -> dict[str, Any]:
     return {"quota": bound.name, "limit": _limits(bound), "used": asdict(use)}

@@ -54,15 +54,15 @@ class Reclaim:
     deadline: float
     drain: bool = False
     pending: dict[str, str] = field(default_factory=dict)  # lease id -> tenant id
-    replacements: dict[str, dict] = field(default_factory=dict)  # old id -> where to
-    moved: list[dict] = field(default_factory=list)
-    released: list[dict] = field(default_factory=list)
-    fenced: list[dict] = field(default_factory=list)
+    replacements: dict[str, dict[str, Any]] = field(default_factory=dict)  # old id -> where to
+    moved: list[dict[str, Any]] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
+    fenced: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"moved": 0, "released": 0,
                                                             "fenced": 0})
     moved_bytes: int = 0
 
-    def record(self, kind: str, entry: dict) -> None:
+    def record(self, kind: str, entry: dict[str, Any]) -> None:
         self.counts[kind] += 1
         items = getattr(self, kind)
         if len(items) < MAX_REPORT_ENTRIES:
@@ -105,7 +105,7 @@ class Elastic:
     # --- requests -----------------------------------------------------------
 
     def reclaim(self, device: int, nbytes: int, deadline_s: float,
-                requester: bytes | None, *, drain: bool = False) -> dict:
+                requester: bytes | None, *, drain: bool = False) -> dict[str, Any]:
         arb = self._arb
         self.check_idle(device)
         pool = arb.pools[device]
@@ -147,7 +147,7 @@ class Elastic:
                                 f"reclaim {current.id} of device {device} is in progress",
                                 details={"reclaim": current.id})
 
-    def undrain(self, device: int) -> dict:
+    def undrain(self, device: int) -> dict[str, Any]:
         """Capacity back to what the device started with plus what is lent
         on it now; a reclaim in progress there ends as cancelled."""
         arb = self._arb
@@ -160,7 +160,7 @@ class Elastic:
         pool.closed = False
         return {"device": device, "capacity_bytes": pool.capacity, "free_bytes": pool.free}
 
-    def lend(self, tenant: Tenant, device: int, nbytes: int) -> dict:
+    def lend(self, tenant: Tenant, device: int, nbytes: int) -> dict[str, Any]:
         arb = self._arb
         pool = arb.pools[device]
         nbytes -= nbytes % pool.granule
@@ -178,7 +178,7 @@ class Elastic:
         return {"device": device, "lent_bytes": mine[tenant.id],
                 "capacity_bytes": pool.capacity, "free_bytes": pool.free}
 
-    def unlend(self, tenant: Tenant, device: int, nbytes: int, deadline_s: float) -> dict:
+    def unlend(self, tenant: Tenant, device: int, nbytes: int, deadline_s: float) -> dict[str, Any]:
         mine = self.lent.get(device, {})
         have = mine.get(tenant.id, 0)
         if not have:
@@ -194,7 +194,7 @@ class Elastic:
         reply["lent_bytes"] = mine.get(tenant.id, 0)
         return reply
 
-    def move(self, tenant: Tenant, lease: LeaseRecord) -> dict:
+    def move(self, tenant: Tenant, lease: LeaseRecord) -> dict[str, Any]:
         """A replacement for a lease under notice, on the next-best device."""
         arb = self._arb
         r = self.by_lease.get(lease.id)
@@ -202,9 +202,9 @@ class Elastic:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"move: lease {lease.id} is not being reclaimed")
         done = r.replacements.get(lease.id)
-        if done is not None and done["lease"] in arb.leases:
-            return arb.lease_reply(arb.leases.owned(done["lease"], tenant.id)) | {
-                "replaces": lease.id}
+        replacement = None if done is None else arb.leases.owned(done["lease"], tenant.id)
+        if replacement is not None:
+            return arb.lease_reply(replacement) | {"replaces": lease.id}
         near = lease.near if lease.near >= 0 else tenant.devices[0]
         # Not checked against the tenant's quotas or lease limit: it holds
         # both for one copy, and the old one goes by the deadline either way.
@@ -272,7 +272,7 @@ class Elastic:
         if self.active.get(r.device) is r:
             self._finish(r, "fenced" if r.counts["fenced"] else "done")
 
-    def _finish(self, r: Reclaim, state: str, *, tell: bool = True) -> dict:
+    def _finish(self, r: Reclaim, state: str, *, tell: bool = True) -> dict[str, Any]:
         arb = self._arb
         del self.active[r.device]
         for lease_id in r.pending:
@@ -295,7 +295,7 @@ class Elastic:
         arb.reclaims_done.append(report)
         return report
 
-    def view(self) -> list[dict]:
+    def view(self) -> list[dict[str, Any]]:
         """Per device: base, lent, drained, reclaim in progress (status)."""
         out = []
         for dev in sorted(self.base):

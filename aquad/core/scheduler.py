@@ -43,6 +43,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 WAIT_SAMPLES = 1024  # per tenant, for wait-time percentiles
 _EPS = 1e-9  # vruntime slack so float rounding cannot flip an eligibility test
@@ -114,17 +115,17 @@ class Runner:
 # runner's, which changes whenever the runner enters or leaves a pool.
 
 
-def _live(entry: tuple) -> bool:
-    return entry[-2] == entry[-1].ticket
+def _live(entry: tuple[Any, ...]) -> bool:
+    return bool(entry[-2] == entry[-1].ticket)
 
 
-def _top(heap: list, live: Callable[[tuple], bool] = _live) -> tuple | None:
+def _top(heap: list[Any], live: Callable[[tuple[Any, ...]], bool] = _live) -> tuple[Any, ...] | None:
     while heap and not live(heap[0]):
         heapq.heappop(heap)
     return heap[0] if heap else None
 
 
-def _push(heap: list, entry: tuple, members: int, live: Callable[[tuple], bool] = _live) -> None:
+def _push(heap: list[Any], entry: tuple[Any, ...], members: int, live: Callable[[tuple[Any, ...]], bool] = _live) -> None:
     heapq.heappush(heap, entry)
     # Dead entries deep in a heap surface only when all above them go; drop
     # them in one pass once they outnumber the live ones (amortized O(1)).
@@ -133,11 +134,11 @@ def _push(heap: list, entry: tuple, members: int, live: Callable[[tuple], bool] 
         heapq.heapify(heap)
 
 
-def _is_eligible(entry: tuple) -> bool:
+def _is_eligible(entry: tuple[Any, ...]) -> bool:
     return _live(entry) and entry[-1].eligible
 
 
-def _is_ahead(entry: tuple) -> bool:
+def _is_ahead(entry: tuple[Any, ...]) -> bool:
     return _live(entry) and not entry[-1].eligible
 
 
@@ -146,16 +147,19 @@ class _Group:
     """Pooled waiters that want exactly `devices`."""
     devices: tuple[int, ...]
     members: int = 0
-    by_vruntime: list = field(default_factory=list)  # (vruntime, order, ticket, runner)
-    eligible: list = field(default_factory=list)  # (seq, ticket, runner)
-    ahead: list = field(default_factory=list)  # (vruntime, order, ticket, runner): not eligible yet
+    by_vruntime: list[Any] = field(default_factory=list)  # (vruntime, order, ticket, runner)
+    eligible: list[Any] = field(default_factory=list)  # (seq, ticket, runner)
+    ahead: list[Any] = field(default_factory=list)  # (vruntime, order, ticket, runner): not eligible yet
     threshold: float = -math.inf  # eligibility bound at the last promotion
 
-    def least(self) -> Runner | None:
+    def least(self) -> Runner:
+        # A group is dropped when its last member leaves: never empty here.
         entry = _top(self.by_vruntime)
-        return None if entry is None else entry[-1]
+        assert entry is not None, "an empty group"
+        runner: Runner = entry[-1]
+        return runner
 
-    def head(self) -> tuple[tuple, Runner] | None:
+    def head(self) -> tuple[tuple[Any, ...], Runner] | None:
         """The member first in grant order, with its sort key."""
         entry = _top(self.eligible, _is_eligible)
         if entry is not None:
@@ -226,8 +230,8 @@ class Scheduler:
         self._groups_on: dict[int, set[tuple[int, ...]]] = {d: set() for d in self.devices}
         # Per device, waiters that are not sitting out: by arrival (whom a
         # revoked tenant waits behind) and by vruntime (the floor).
-        self._first: dict[int, list] = {d: [] for d in self.devices}
-        self._lowest: dict[int, list] = {d: [] for d in self.devices}
+        self._first: dict[int, list[Any]] = {d: [] for d in self.devices}
+        self._lowest: dict[int, list[Any]] = {d: [] for d in self.devices}
         self._normal: dict[int, int] = {d: 0 for d in self.devices}  # live entries there
         self._revoked: dict[str, Runner] = {}  # waiting, and sitting out
 
@@ -390,6 +394,7 @@ class Scheduler:
         blocked: dict[str, float] = {}
         for runner in list(self._revoked.values()):
             until = runner.sit_out_until
+            assert until is not None  # set when it was revoked
             if any(self._first_since(d) <= until for d in runner.devices):
                 blocked[runner.id] = math.inf
             elif now < until:
@@ -404,12 +409,12 @@ class Scheduler:
 
     def _first_since(self, device: int) -> float:
         entry = _top(self._first[device])
-        return math.inf if entry is None else entry[0]
+        return math.inf if entry is None else float(entry[0])
 
     # --- internals: vruntimes -----------------------------------------------------
 
     def _quantum_for(self, runner: Runner) -> float:
-        return max(self.min_quantum, self.quantum / (2 ** runner.strikes))
+        return max(self.min_quantum, math.ldexp(self.quantum, -runner.strikes))
 
     def _rejoin(self, runner: Runner, now: float) -> None:
         """Re-enter no earlier than the devices' floor, which includes the
@@ -477,9 +482,11 @@ class Scheduler:
             if self._least_waiting(d) < target:
                 continue  # inf on this device
             at = start
-            held = self._holder_vruntime(d, start)
-            if held is not None and held < target:
-                at = max(at, start + (target - held) * self.runners[self.holder[d]].weight + _EPS)
+            holder = self.holder[d]
+            if holder is not None:
+                held = self._running_vruntime(self.runners[holder], start)
+                if held < target:
+                    at = max(at, start + (target - held) * self.runners[holder].weight + _EPS)
             best = min(best, at)
         return best
 
@@ -602,7 +609,7 @@ class Scheduler:
 
     # --- visibility -----------------------------------------------------------
 
-    def view(self) -> list[dict]:
+    def view(self) -> list[dict[str, Any]]:
         """Per device: holder, queue, quantum, time shares, waits, revocations.
         The queue is ordered once and wait percentiles sorted once per tenant,
         not once per device."""
@@ -636,7 +643,7 @@ class Scheduler:
             })
         return out
 
-    def _tenant_stats(self, r: Runner) -> dict:
+    def _tenant_stats(self, r: Runner) -> dict[str, Any]:
         waits = sorted(r.waits)
         return {
             "grants": r.grants,

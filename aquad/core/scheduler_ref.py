@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .scheduler import _EPS, Action, Grant, Preempt, Revoke, Runner, _pct
 
@@ -124,7 +125,7 @@ class ReferenceScheduler:
     # --- internals ------------------------------------------------------------
 
     def _quantum_for(self, runner: Runner) -> float:
-        return max(self.min_quantum, self.quantum / (2 ** runner.strikes))
+        return max(self.min_quantum, math.ldexp(self.quantum, -runner.strikes))
 
     def _enqueue(self, runner: Runner, *, rejoin: bool = True) -> None:
         now = self._clock()
@@ -191,10 +192,12 @@ class ReferenceScheduler:
                 first[d] = min(first.get(d, r.waiting_since), r.waiting_since)
         blocked: dict[str, float] = {}
         for r in revoked:
-            if any(first.get(d, math.inf) <= r.sit_out_until for d in r.devices):
+            until = r.sit_out_until
+            assert until is not None  # set when it was revoked
+            if any(first.get(d, math.inf) <= until for d in r.devices):
                 blocked[r.id] = math.inf
-            elif now < r.sit_out_until:
-                blocked[r.id] = r.sit_out_until
+            elif now < until:
+                blocked[r.id] = until
         return blocked
 
     def _caused_wait(self, runner: Runner, now: float) -> float:
@@ -303,7 +306,7 @@ class ReferenceScheduler:
                 for d in r.devices:
                     least[d] = min(least.get(d, v), v)
 
-        def key(r: Runner) -> tuple:
+        def key(r: Runner) -> tuple[Any, ...]:
             if r.id in blocked:
                 return (2, r.seq, 0.0)  # last, whatever its vruntime
             eligible = r.vruntime <= max(least[d] for d in r.devices) + self.quantum + _EPS
@@ -323,7 +326,7 @@ class ReferenceScheduler:
 
     # --- visibility -----------------------------------------------------------
 
-    def view(self) -> list[dict]:
+    def view(self) -> list[dict[str, Any]]:
         """Per device: holder, queue, quantum, time shares, waits, revocations."""
         now = self._clock()
         out = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -38,7 +39,7 @@ class TenantRegistry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tenant]:
         return iter(list(self._by_id.values()))
 
     def get(self, tenant_id: str) -> Tenant | None:
