@@ -37,7 +37,7 @@ from aqua.testing import PrivateDaemon
 
 LENDER_DEVICE, BORROWER_DEVICE, SPARE_DEVICE = 0, 1, 2
 BORROWERS = ("borrower-a", "borrower-b")
-DEADLINE_MS = 5000
+DEADLINE_MS = 10_000  # ample: a reclaim ends as soon as the moves are done
 
 
 def lender_main(job: dict[str, Any]) -> int:

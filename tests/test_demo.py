@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end(tmp_path):
                           "--plot", str(plot), "--elastic-leases", "2",
                           "--elastic-lease-mib", "2", "--elastic-plot", str(moves)],
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     text = out.stdout
     assert len(re.findall(r"\] restored .*: bit-exact", text)) == 2
     assert "aquactl status, while the tenants hold their leases" in text
