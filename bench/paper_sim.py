@@ -5,12 +5,18 @@
     python bench/paper_sim.py --gpu a100-sxm       # the paper's first version
     python bench/paper_sim.py --workload trace --time-scale 4
     python bench/paper_sim.py --json sim.json --plot sim.png
+    python bench/paper_sim.py --policies aqua --reclaim-at 90 --reclaim-gib 40
 
 Policies (sim/simulator.py): fcfs (admission control, no preemption),
 host_swap (fair time sharing, paging to host DRAM over PCIe), aqua (the same,
 paging into producer GPUs' spare HBM over NVLink first), recompute (the same,
 dropping and recomputing). The decisions are aquad's own Arbiter, Scheduler,
 placer and allocators and the engine's PromptScheduler, in virtual time.
+
+--reclaim-at T adds a lender's load step (sim/reclaim.py): at T a producer
+GPU's own model reclaims its spare memory (--reclaim-gib, default all of
+it) with a deadline; aqua runs again with it and a table says what the
+reclaim cost the borrowers against the run without it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 from aqua_demo.trace import read_trace  # noqa: E402
 from aqua_sim import GPUS, MODELS, POLICIES, Server, load_server  # noqa: E402
 from aqua_sim.long_prompt import long_prompt  # noqa: E402
+from aqua_sim.reclaim import LoadStep, reclaim_cost, reclaim_table  # noqa: E402
 from aqua_sim.report import long_prompt_table, plot, table  # noqa: E402
 from aqua_sim.scenarios import paper_scenario  # noqa: E402
 from aqua_sim.simulator import Simulation  # noqa: E402
@@ -61,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--incremental", choices=("host", "all", "none"), default="all",
                     help="which leases a resumed request keeps, so its next page-out "
                          "copies only new blocks")
+    ap.add_argument("--reclaim-at", type=float, metavar="T",
+                    help="a producer GPU's own model takes its spare memory back at T s "
+                         "(aqua policy; the run is repeated with it)")
+    ap.add_argument("--reclaim-gib", type=float, metavar="N",
+                    help="GiB it takes back (default: all it lends)")
+    ap.add_argument("--reclaim-gpu", type=int, metavar="G",
+                    help="the producer GPU (default: the one lending most at T)")
+    ap.add_argument("--reclaim-deadline", type=float, default=2.0, metavar="S",
+                    help="seconds the borrowers have to move (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
@@ -71,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown policies {bad}; known: {', '.join(POLICIES)}")
     max_overhead = None if args.max_overhead == "none" else float(args.max_overhead)
+    step = None
+    if args.reclaim_at is not None:
+        if "aqua" not in policies:
+            ap.error("--reclaim-at needs the aqua policy (the others lease no GPU memory)")
+        try:
+            step = LoadStep(args.reclaim_at, None if args.reclaim_gib is None
+                            else int(args.reclaim_gib * 2**30), args.reclaim_gpu,
+                            args.reclaim_deadline)
+        except ValueError as exc:
+            ap.error(str(exc))
     server = load_server(args.topology) if args.topology else Server(GPUS[args.gpu])
     rows = read_trace(os.path.join(TRACES, f"azure-llm-2023-{args.trace}.csv"))
     if args.workload == "trace":
@@ -97,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     scenario = replace(scenario, slice_tokens=args.slice, max_overhead=max_overhead,
                        incremental=args.incremental)
+    if step is not None and step.gpu is not None and step.gpu not in scenario.spare:
+        ap.error(f"--reclaim-gpu {step.gpu} lends nothing; producer GPUs: "
+                 f"{sorted(scenario.spare)}")
 
     print("$ python bench/paper_sim.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     spare = sorted(set(scenario.spare.values()))
@@ -107,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tenants: {args.model} on GPUs {consumers}; GPUs {sorted(scenario.spare)} lend "
           f"{[round(s / 1e9) for s in spare]} GB spare each; {args.requests} requests: {load}")
     t0 = time.perf_counter()
-    results = {}
+    results, sims = {}, {}
     for policy in policies:
-        results[policy] = Simulation(scenario, policy).run()
+        sims[policy] = Simulation(scenario, policy)
+        results[policy] = sims[policy].run()
         r = results[policy]
         print(f"  {policy}: simulated {r['makespan_s']:.0f} s in {r['wall_s']:.1f} s",
               file=sys.stderr)
@@ -127,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paging stall: host_swap {h['paging_stall_s']:.1f} s, aqua {a['paging_stall_s']:.1f} s"
               + (f" ({h['paging_stall_s'] / a['paging_stall_s']:.1f}x less)"
                  if a["paging_stall_s"] else ""))
+    reclaim = None
+    if step is not None:
+        reclaim = reclaim_cost(scenario, step, plain=sims["aqua"])
+        print()
+        print(reclaim_table(reclaim["cost"]))
     lp = long_prompt(server)
     print()
     print(long_prompt_table(lp))
@@ -138,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                for p, r in results.items()}
         doc["wall_s"] = wall
         doc["long_prompt"] = lp
+        if reclaim is not None:
+            doc["reclaim"] = reclaim["cost"]
+            doc["aqua_with_reclaim"] = {k: v for k, v in reclaim["with"].items()
+                                        if k not in ("ttft_s", "tbt_s")}
         doc["setup"] = {"argv": argv if argv is not None else sys.argv[1:],
                         "gpu": server.gpu.name, "gpus": server.gpus, "load": load}
         with open(args.json, "w") as f:

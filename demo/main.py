@@ -10,6 +10,12 @@ Part 2, a burst: three tenant processes serving small Llama models replay
 the same bursty arrivals twice, as a vLLM-style engine (fcfs, admission
 control) and with aqua (prompt-level time sharing, KV caches paged into
 leases); one table compares them and a PNG shows the TTFT distributions.
+
+Part 3, elastic memory (demo/elastic.py): a lender tenant lends spare memory
+of its device, two borrowers offload into it and keep serving, then the
+lender's own burst takes the memory back; the borrowers' leases move and
+their bytes stay bit-exact. A table says what moved where; a second PNG
+shows the moves over time.
 """
 
 from __future__ import annotations
@@ -141,7 +147,7 @@ def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aqua-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "leases", "burst"), default="all")
+    parser.add_argument("--part", choices=("all", "leases", "burst", "elastic"), default="all")
     parser.add_argument("--layers", type=int, default=8, help="leases per tenant (default 8)")
     parser.add_argument("--layer-mib", type=int, default=32,
                         help="MiB per layer of fake KV cache (default 32)")
@@ -154,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="aqua-demo-ttft.png",
                         help="where the TTFT plot goes (default ./aqua-demo-ttft.png)")
+    parser.add_argument("--elastic-leases", type=int, default=4,
+                        help="elastic part: leases per borrower (default 4)")
+    parser.add_argument("--elastic-lease-mib", type=int, default=8,
+                        help="elastic part: MiB per lease (default 8)")
+    parser.add_argument("--elastic-plot", default="aqua-demo-reclaim.png",
+                        help="where the move timeline goes (default ./aqua-demo-reclaim.png)")
+    # Flips a byte of a moved lease: shows that the demo catches it.
+    parser.add_argument("--elastic-corrupt", action="store_true", help=argparse.SUPPRESS)
     # The tenant role, run by the demo itself in child processes.
     parser.add_argument("--tenant", help=argparse.SUPPRESS)
     parser.add_argument("--device", type=int, default=0, help=argparse.SUPPRESS)
@@ -166,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     if args.part in ("all", "leases"):
         code = run_demo(args.layers, args.layer_mib, args.host_devices)
+    if code == 0 and args.part in ("all", "elastic"):
+        from aqua_demo.elastic import run_elastic  # noqa: PLC0415
+
+        code = run_elastic(args.elastic_leases, args.elastic_lease_mib, args.elastic_plot,
+                           corrupt=args.elastic_corrupt)
     if code == 0 and args.part in ("all", "burst"):
         code = run_burst(args.requests, args.burst, args.seed, args.plot)
     return code

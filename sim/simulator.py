@@ -28,6 +28,10 @@ Policies on the same workload:
   and host DRAM as the fallback, as aquad places it;
 - recompute: the same scheduling, but a preempted request's KV cache is
   dropped and recomputed by a prefill when it resumes.
+
+A scenario may add a lender's load step (sim/reclaim.py): a producer GPU's
+own model reclaims its spare memory through the Arbiter, and the engines
+move their leases there as the client library does.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from aquad.core.tenants import Peer
 from .backend import SimBackend
 from .fabric import Fabric
 from .hardware import Server, vllm_limits
+from .reclaim import Lender, LoadStep
 from .workload import MODELS, Arrival, Costs, kv_budget_tokens
 
 POLICIES = ("fcfs", "reserve", "host_swap", "aqua", "recompute")
@@ -87,6 +92,9 @@ class Scenario:
     # its slices to keep it); None rotates every slice_tokens steps whatever
     # paging costs.
     max_overhead: float | None = 0.02
+    # A producer GPU's own model takes its spare memory back (aqua only:
+    # the other policies lease no GPU memory).
+    reclaim: LoadStep | None = None
 
     def __post_init__(self) -> None:
         if not self.tenants:
@@ -113,6 +121,8 @@ class Held:
     tier: str
     nbytes: int  # lease size
     valid: int  # tokens the copy holds
+    ready_at: float = 0.0  # when copies into it (a page-out, a move) are done
+    releasing: bool = False  # released when the step reading it ends
 
 
 class Engine:
@@ -148,6 +158,15 @@ class Engine:
         self.recomputed_tokens = 0
         self.lease_failures = 0
         self.paging_stall_s = 0.0  # step time spent waiting for copies
+        # Elastic memory: every live lease by id (also those a step releases
+        # at its end), moves in flight by the old lease's id, and what the
+        # reclaims cost this engine.
+        self.by_lease: dict[str, tuple[int, Held]] = {}
+        self.inflight: dict[str, tuple[int, Held]] = {}
+        self.fenced_ids: set[str] = set()
+        self.moves: list[dict] = []
+        self.fenced = 0
+        self.move_drops = 0
         self.steps = 0
         self._last_tier = ""  # tier of the last lease aquad placed for us
 
@@ -165,10 +184,91 @@ class Engine:
             self._want_turn()
 
     def on_event(self, name: str, data: dict) -> None:
+        if name == "reclaim":
+            self._move_leases(data["leases"])
+        elif name == "fenced":
+            self._fenced(data["leases"])
         # A revocation does not cut the step in flight short (a step cannot
         # be); _after_step sees it.
-        if self.turns.on_event(name, data) == "granted":
+        elif self.turns.on_event(name, data) == "granted":
             self._run_or_finish()
+
+    # --- elastic memory: a lender takes its memory back ------------------------
+
+    def _hold(self, rid: int, held: Held) -> None:
+        self.leases[rid] = held
+        self.by_lease[held.lease] = (rid, held)
+
+    def _let_go(self, held: Held) -> None:
+        """Release a lease now (a move in flight releases the old one itself;
+        a fenced one is gone already)."""
+        if self.by_lease.pop(held.lease, None) is not None:
+            self.call(m.Release(lease=held.lease))
+
+    def _move_leases(self, ids: list[str]) -> None:
+        """What the client library does on a notice: for each lease, a
+        replacement (`move`), a copy of what it holds, then the old lease
+        released once the copy is done."""
+        now = self.sim.now
+        for lease_id in ids:
+            rid, held = self.by_lease.get(lease_id, (-1, None))
+            if held is None or held.releasing:
+                continue  # gone already, or freed when the step reading it ends
+            try:
+                reply = self.call(m.Move(lease=lease_id))
+            except ProtocolError as exc:
+                if exc.code != ErrorCode.OUT_OF_MEMORY:
+                    raise
+                # No room anywhere: a GPU engine has no memory of its own to
+                # spare, so the copy is dropped (recomputed on resume).
+                self.move_drops += 1
+                self._lose(rid, held)
+                self._let_go(held)
+                continue
+            nbytes = held.valid * self.kv_bytes  # the engine copies what is current
+            fabric = self.sim.fabric
+            busy = sum(fabric.busy_s.values())
+            end = fabric.copy(held.device, reply["device"], nbytes, max(now, held.ready_at))
+            self.moves.append({"from": held.device, "to": reply["device"], "tier": reply["tier"],
+                               "nbytes": nbytes, "lease_bytes": held.nbytes, "notice": now,
+                               "end": end, "copy_s": sum(fabric.busy_s.values()) - busy})
+            del self.by_lease[lease_id]
+            held.lease, held.device, held.tier = reply["lease"], reply["device"], reply["tier"]
+            held.ready_at = end
+            self.by_lease[held.lease] = (rid, held)
+            self.inflight[lease_id] = (rid, held)
+            self.sim.at(end, self._moved, lease_id)
+
+    def _moved(self, old_id: str) -> None:
+        self.inflight.pop(old_id, None)
+        if old_id not in self.fenced_ids:
+            self.call(m.Release(lease=old_id))
+
+    def _fenced(self, ids: list[str]) -> None:
+        """aquad fenced leases at the deadline: their bytes are gone, and a
+        move still copying out of one has copied nothing usable."""
+        for lease_id in ids:
+            self.fenced_ids.add(lease_id)
+            self.fenced += 1
+            moving = self.inflight.get(lease_id)
+            if moving is not None:
+                rid, held = moving
+                if held.lease in self.by_lease and not held.releasing:
+                    self._lose(rid, held)
+                    self._let_go(held)  # the half-filled replacement
+                continue
+            rid, held = self.by_lease.pop(lease_id, (-1, None))
+            if held is not None:
+                self._lose(rid, held)
+
+    def _lose(self, rid: int, held: Held) -> None:
+        """The offload copy of request `rid` is gone: a paused request
+        recomputes its cache on resume; a resident one still has it."""
+        if self.leases.get(rid) is held:
+            del self.leases[rid]
+        req = self.requests[rid]
+        if req.state != "resident" and not req.done:
+            self.dropped.add(rid)
 
     # --- turns ----------------------------------------------------------------
 
@@ -216,12 +316,13 @@ class Engine:
             if held is not None:
                 ctx = self._context(r)
                 in_end = max(in_end, fabric.copy(held.device, self.gpu, ctx * self.kv_bytes,
-                                                 out_end))
+                                                 max(out_end, held.ready_at)))
                 if self._keeps(held.tier):
                     held.valid = ctx
                 else:
                     del self.leases[r.id]
-                    releases.append(held.lease)  # freed once the copy is done
+                    held.releasing = True
+                    releases.append(held)  # freed once the copy is done
             else:
                 # A new prompt, or one whose cache was dropped: prefill it.
                 # Either way the prefill yields the request's next token.
@@ -268,7 +369,10 @@ class Engine:
             # (partly filled, so dirty) one.
             start = held.valid - held.valid % BLOCK_TOKENS
             held.valid = ctx
-            return self.sim.fabric.copy(self.gpu, held.device, (ctx - start) * self.kv_bytes, now)
+            held.ready_at = self.sim.fabric.copy(self.gpu, held.device,
+                                                 (ctx - start) * self.kv_bytes,
+                                                 max(now, held.ready_at))
+            return held.ready_at
         if held is not None or self._keeps(self._last_tier):
             # A lease that will be kept is sized for all the request can
             # grow to, so it never moves again. Where the last lease landed
@@ -276,7 +380,7 @@ class Engine:
             nbytes = r.reserve * self.kv_bytes
         if held is not None:  # outgrown: start over in a bigger lease
             del self.leases[r.id]
-            self.call(m.Release(lease=held.lease))
+            self._let_go(held)
         try:
             reply = self.call(m.Lease(nbytes=nbytes, near=self.gpu))
         except ProtocolError as exc:
@@ -289,15 +393,17 @@ class Engine:
             self.sched.offload_full()
             return now
         self._last_tier = reply["tier"]
-        self.leases[r.id] = Held(reply["lease"], reply["device"], reply["tier"], nbytes, ctx)
+        held = Held(reply["lease"], reply["device"], reply["tier"], nbytes, ctx)
+        self._hold(r.id, held)
         self.sched.offload_ok(r)
         self.sim.note_leased()
-        return self.sim.fabric.copy(self.gpu, reply["device"], ctx * self.kv_bytes, now)
+        held.ready_at = self.sim.fabric.copy(self.gpu, reply["device"], ctx * self.kv_bytes, now)
+        return held.ready_at
 
     def _step_done(self, args: tuple) -> None:
         fresh, firsts, decode, decode_end, releases = args
-        for lease_id in releases:
-            self.call(m.Release(lease=lease_id))
+        for held in releases:
+            self._let_go(held)
         for r, t in zip(fresh, firsts):
             r.prefilled = True
             self._emit(r, t)
@@ -313,7 +419,7 @@ class Engine:
             self.sched.finished(r)
             held = self.leases.pop(r.id, None)
             if held is not None:
-                self.call(m.Release(lease=held.lease))
+                self._let_go(held)
 
 
 class Simulation:
@@ -329,7 +435,7 @@ class Simulation:
         extra_host = sum(scenario.spare.values()) if policy == "host_swap" else 0
         self.arbiter = Arbiter(
             SimBackend(self.server.topology(spare, extra_host)), clock=lambda: self.now,
-            limits=Limits(max_tenants=len(scenario.tenants), max_leases_per_tenant=1 << 30,
+            limits=Limits(max_tenants=len(scenario.tenants) + 1, max_leases_per_tenant=1 << 30,
                           heartbeat_timeout_s=math.inf, quantum_s=scenario.quantum_s,
                           grace_s=scenario.grace_s,
                           # One operator's server: its engines share one uid.
@@ -340,7 +446,11 @@ class Simulation:
         self._tick_at: float | None = None
         self.peak_leased: dict[int, int] = {d: 0 for d in self.arbiter.pools}
         self.engines = [Engine(self, i, t) for i, t in enumerate(scenario.tenants)]
-        self._by_conn = {e.conn: e for e in self.engines}
+        self._by_conn: dict[bytes, Any] = {e.conn: e for e in self.engines}
+        self.lender: Lender | None = None
+        if scenario.reclaim is not None and policy == "aqua" and scenario.spare:
+            self.lender = Lender(self, scenario.reclaim, len(self.engines))
+            self._by_conn[self.lender.conn] = self.lender
         for a in scenario.arrivals:
             self.at(a.t, self.engines[a.tenant].arrive, a)
 
@@ -402,6 +512,42 @@ class Simulation:
             "lease_failures": sum(e.lease_failures for e in self.engines),
             "peak_leased_bytes": {_dev(d, host): n for d, n in self.peak_leased.items() if n},
             "steps": sum(e.steps for e in self.engines),
+            "reclaim": self._reclaim_results(),
+        }
+
+    def _reclaim_results(self) -> dict | None:
+        """What the lender's load step took and what moving cost (None
+        without one)."""
+        lender = self.lender
+        if lender is None or lender.reply is None:
+            return None
+        report = lender.report or {}
+        moves = [mv for e in self.engines for mv in e.moves]
+        copied: dict[str, int] = {}
+        for mv in moves:
+            tier = self.fabric.tier(mv["from"], mv["to"])
+            copied[tier] = copied.get(tier, 0) + mv["nbytes"]
+        notified = lender.reply["leases"]
+        return {
+            "at_s": lender.step.at_s, "gpu": lender.gpu, "deadline_s": lender.step.deadline_s,
+            "requested_bytes": lender.reply["requested_bytes"],
+            "taken_bytes": lender.reply["taken_bytes"],
+            "leases_notified": len(notified),
+            "bytes_notified": sum(x["nbytes"] for x in notified),
+            "state": report.get("state", "pending"),
+            "moved_count": report.get("moved_count", 0),
+            "moved_bytes": report.get("moved_bytes", 0),
+            "released_count": report.get("released_count", 0),
+            "fenced_count": report.get("fenced_count", 0),
+            "elapsed_s": report.get("elapsed_s", math.nan),
+            "moves": len(moves),
+            "copied_bytes": sum(mv["nbytes"] for mv in moves),
+            "copied_by_tier": copied,
+            "copy_s": sum(mv["copy_s"] for mv in moves),  # link time the copies took
+            "moves_done_s": max((mv["end"] for mv in moves), default=lender.step.at_s)
+            - lender.step.at_s,
+            "fenced_seen": sum(e.fenced for e in self.engines),
+            "dropped": sum(e.move_drops for e in self.engines),
         }
 
 

@@ -387,3 +387,105 @@ def test_the_baseline_admits_and_preempts_as_vllm_does():
     assert a["recomputed_tokens"] > 0 and a["preemptions"] > 0 and a["bytes_paged"] == 0
     assert b["preemptions"] == 0 and b["recomputed_tokens"] == 0
     assert a["ttft_p50_s"] < b["ttft_p50_s"]  # admitted sooner on prompt blocks
+
+
+# --- a lender's load step: a producer GPU takes its spare memory back -------------
+
+
+def reclaim_run(deadline_s: float = 2.0, at_s: float = 8.0) -> tuple[Simulation, dict]:
+    from aqua_sim.reclaim import LoadStep
+
+    sc = dataclasses.replace(burst_scenario(requests=200, incremental="all"),
+                             reclaim=LoadStep(at_s=at_s, deadline_s=deadline_s))
+    sim = Simulation(sc, "aqua")
+    return sim, sim.run()
+
+
+def test_a_lenders_load_step_moves_every_lease_to_the_next_best_tier():
+    sim, r = reclaim_run()
+    rec = r["reclaim"]
+    gpu = rec["gpu"]
+    assert gpu in sim.scenario.spare and rec["state"] == "done"
+    # Everything the GPU lent was taken, so every lease there had to go, and
+    # every one was moved (none released, none fenced) before the deadline.
+    assert rec["taken_bytes"] == rec["requested_bytes"] == sim.arbiter.elastic.base[gpu]
+    assert rec["leases_notified"] > 10
+    assert rec["moved_count"] == rec["moves"] == rec["leases_notified"]
+    assert rec["moved_bytes"] == rec["bytes_notified"]
+    assert rec["fenced_count"] == rec["fenced_seen"] == rec["released_count"] == 0
+    assert rec["moves_done_s"] <= rec["elapsed_s"] + 1e-6 < rec["deadline_s"]  # µs rounding
+    # Another peer over NVLink while one had room, then host DRAM.
+    assert set(rec["copied_by_tier"]) == {"nvlink", "host"}
+    # Every byte a move copied crossed the fabric from the reclaimed GPU.
+    moves = [mv for e in sim.engines for mv in e.moves]
+    assert all(mv["from"] == gpu and mv["to"] != gpu for mv in moves)
+    assert 0 < rec["copied_bytes"] == sum(mv["nbytes"] for mv in moves) <= rec["moved_bytes"]
+    per_pair: dict = {}
+    for mv in moves:
+        per_pair[mv["from"], mv["to"]] = per_pair.get((mv["from"], mv["to"]), 0) + mv["nbytes"]
+    assert all(n <= sim.fabric.bytes[pair] for pair, n in per_pair.items())
+    assert rec["copy_s"] > 0
+    # The lender keeps its memory: nothing leased there again, and the
+    # borrowers still served every request with every lease back.
+    assert sim.arbiter.pools[gpu].capacity == 0
+    assert r["completed"] == r["requests"] == 200
+    finished_cleanly(sim)
+
+
+def test_borrowers_that_miss_the_deadline_are_fenced_and_recompute():
+    _, moved = reclaim_run()
+    sim, r = reclaim_run(deadline_s=0.001)
+    rec = r["reclaim"]
+    assert rec["state"] == "fenced" and rec["fenced_count"] > 0
+    assert rec["fenced_count"] == rec["fenced_seen"]
+    assert rec["fenced_count"] + rec["moved_count"] + rec["released_count"] \
+        == rec["leases_notified"]
+    # The fenced caches were lost: their requests recomputed them.
+    assert r["recomputed_tokens"] > moved["recomputed_tokens"]
+    assert r["completed"] == r["requests"]
+    finished_cleanly(sim)
+
+
+def test_reclaim_cost_compares_the_same_workload_with_and_without_the_step():
+    from aqua_sim.reclaim import LoadStep, reclaim_cost, reclaim_table
+
+    sc = burst_scenario(requests=200, incremental="all")
+    out = reclaim_cost(sc, LoadStep(at_s=8.0))
+    assert out["without"]["reclaim"] is None and out["with"]["reclaim"]["moved_count"] > 0
+    cost = out["cost"]
+    assert cost["extra_paging_stall_s"] == pytest.approx(
+        out["with"]["paging_stall_s"] - out["without"]["paging_stall_s"])
+    assert cost["after_without"]["requests"] == cost["after_with"]["requests"] > 0
+    whole = reclaim_cost(sc, LoadStep(at_s=8.0), window_s=1e9)["cost"]
+    assert whole["before"]["requests"] + whole["after_with"]["requests"] == 200
+    text = reclaim_table(cost)
+    assert "takes back" in text and "10 s after, with reclaim" in text
+    for bad in (dict(at_s=-1.0), dict(at_s=1.0, nbytes=0), dict(at_s=1.0, deadline_s=0)):
+        with pytest.raises(ValueError):
+            LoadStep(**bad)
+
+
+def test_paper_sim_reclaim_flags(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "paper_sim.py"
+    out = tmp_path / "sim.json"
+    proc = subprocess.run([sys.executable, str(script), "--requests", "400", "--burst-size",
+                           "150", "--burst-every", "10", "--policies", "aqua",
+                           "--reclaim-at", "15", "--reclaim-gib", "30", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    rec = doc["reclaim"]
+    assert rec["requested_bytes"] == 30 << 30 and rec["taken_bytes"] == 30 << 30
+    assert rec["moved_count"] > 0 and rec["fenced_count"] == 0
+    assert rec["moved_count"] + rec["released_count"] <= rec["leases_notified"]
+    assert 0 < rec["moves"] <= rec["leases_notified"]
+    assert doc["aqua_with_reclaim"]["completed"] == doc["aqua"]["completed"] == 400
+    assert "lender's load step at 15 s" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--policies", "fcfs", "--reclaim-at", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "needs the aqua policy" in bad.stderr
