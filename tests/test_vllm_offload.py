@@ -148,6 +148,16 @@ def test_prefix_reuse_after_reset_loads_from_leases(stock: tuple[dict, dict],
     assert again["computed"] < base["again"]["computed"]
 
 
+def test_worker_in_its_own_process_maps_the_leases(model: str, stock: tuple[dict, dict],
+                                                   module_daemon: Daemon) -> None:
+    """vLLM's default layout (`vllm serve`'s): scheduler and worker in
+    processes of their own; the worker maps the leases from their handles."""
+    ref, _ = stock
+    (served,) = _run("multiprocess", model, module_daemon.socket, "served")
+    assert served["tokens"] == ref["tokens"]
+    assert served["preemptions"] > 0 and served["loaded"] > 0 and served["host_lease_bytes"] > 0
+
+
 def test_no_aquad_serves_by_recompute_and_says_so_once(model: str, stock: tuple[dict, dict],
                                                        tmp_path) -> None:
     ref, _ = stock
@@ -192,3 +202,70 @@ def test_aquad_killed_mid_run(model: str, stock: tuple[dict, dict], start_daemon
     assert after["loaded"] == after["before"]["loaded"]
     assert after["stored"] == after["before"]["stored"]
     assert out.count(OFF_LINE) == 1, out[-4000:]
+
+
+# --- the tier's bookkeeping against a real aquad (no engine) ------------------
+
+def _settings(socket: str, **extra):
+    from aqua.vllm.tier import TierSettings
+
+    return TierSettings.from_extra({"aqua_socket": socket, **extra})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"aqua_lease_bytes": "2GB"}, "binary unit"),
+    ({"aqua_lease_bytes": 0}, "must be positive"),
+    ({"aqua_lease_bytes": "1GiB", "aqua_lease_fraction": 0.5}, "not both"),
+    ({"aqua_lease_fraction": 1.5}, "(0, 1]"),
+    ({"aqua_device": -1}, "device id"),
+    ({"aqua_lease_chunk_bytes": "lots"}, "cannot read"),
+])
+def test_bad_tier_settings_fail_clearly(extra: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        _settings("/tmp/x.sock", **extra)
+
+
+def test_tier_grows_a_lease_at_a_time_up_to_its_budget(daemon: Daemon) -> None:
+    from aqua.vllm.tier import LIVE_LEASES, LeaseTier
+
+    tier = LeaseTier(_settings(daemon.socket, aqua_lease_bytes="5MiB",
+                               aqua_lease_chunk_bytes="2MiB"), chunk_bytes=1 << 20)
+    try:
+        assert (tier.chunks, tier.max_chunks, tier.chunks_per_lease) == (0, 5, 2)
+        assert not daemon.status()["tenants"][0]["leases"]  # nothing until it fills
+        grown = [tier.grow() for _ in range(4)]
+        assert grown == [True, True, True, False]  # 2 + 2 + 1 chunks, then the budget
+        assert [lease.nbytes for lease in tier.leases] == [2 << 20, 2 << 20, 1 << 20]
+        assert tier.bytes_by_tier() == {"host": 5 << 20}
+        assert daemon.status()["tenants"][0]["leased_bytes"] >= 5 << 20
+        assert set(tier.handles([0, 1, 4])) == {0, 2}  # chunk c in lease c // 2
+        assert all(lease.id in LIVE_LEASES for lease in tier.leases)
+    finally:
+        tier.close()
+    assert not LIVE_LEASES
+    assert not daemon.status()["tenants"]
+
+
+def test_tier_stops_growing_when_aquad_is_out_of_memory(daemon: Daemon, caplog) -> None:
+    from aqua.vllm.tier import LeaseTier
+
+    # 2 x 64 MiB devices, and a uid may hold half of it: the budget is more.
+    tier = LeaseTier(_settings(daemon.socket, aqua_lease_bytes="1GiB",
+                               aqua_lease_chunk_bytes="16MiB"), chunk_bytes=1 << 20)
+    try:
+        while tier.grow():
+            pass
+        assert 0 < tier.chunks < 1024 and tier.max_chunks == tier.chunks
+        assert tier.up
+        assert not tier.grow()
+        assert sum("stays at" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        tier.close()
+
+
+def test_tier_without_aquad_is_off(tmp_path) -> None:
+    from aqua.vllm.tier import LeaseTier
+
+    tier = LeaseTier(_settings(str(tmp_path / "aquad.sock")), chunk_bytes=1 << 20)
+    assert not tier.up and not tier.grow() and tier.max_chunks == 0
+    tier.close()

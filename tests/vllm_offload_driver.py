@@ -6,7 +6,10 @@ process stays clean). The engine core runs in this process
     python tests/vllm_offload_driver.py SCENARIO MODEL SOCKET
 
 prints `RESULT {json}` lines; the `killed` scenario waits for a line on
-stdin between its phases (the test kills aquad there).
+stdin between its phases (the test kills aquad there). `multiprocess` runs
+vLLM's default process layout instead (as `vllm serve` does): the engine
+core and its worker in processes of their own, so the worker maps the
+leases from their handles.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 import sys
 import time
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.vllm_support import (  # noqa: E402
@@ -54,11 +56,12 @@ def tier_of(llm):
     return connector.connector_scheduler.manager.tier
 
 
-def aqua_llm(model: str, socket: str):
+def aqua_llm(model: str, socket: str, *, short_name: bool = False):
     from vllm import LLM  # noqa: PLC0415
 
     return LLM(**llm_kwargs(model, SMALL, kv_transfer_config=aqua_offload(
-        socket, LEASE_BYTES, aqua_lease_chunk_bytes=LEASE_CHUNK, aqua_tenant="vllm-test")))
+        socket, LEASE_BYTES, short_name=short_name, aqua_lease_chunk_bytes=LEASE_CHUNK,
+        aqua_tenant="vllm-test")))
 
 
 def reuse_run(llm) -> dict:
@@ -94,8 +97,9 @@ def aqua(model: str, socket: str) -> None:
 
 
 def killed(model: str, socket: str) -> None:
-    """aqua, then aquad killed (by the test) while the engine runs on."""
-    llm = aqua_llm(model, socket)
+    """aqua (by the plugin's short name), then aquad killed (by the test)
+    while the engine runs on."""
+    llm = aqua_llm(model, socket, short_name=True)
     tokens = generate(llm, OTHER, MAX_TOKENS)
     say(phase="stored", tokens=tokens, **offload_figures(llm))
     sys.stdin.readline()  # the test kills aquad here
@@ -119,9 +123,16 @@ def no_aquad(model: str, socket: str) -> None:
     say(phase="served", tokens=generate(llm, PROMPTS, MAX_TOKENS), **offload_figures(llm))
 
 
+def multiprocess(model: str, socket: str) -> None:
+    llm = aqua_llm(model, socket)
+    say(phase="served", tokens=generate(llm, PROMPTS, MAX_TOKENS), **offload_figures(llm))
+
+
 def main() -> None:
     scenario, model, socket = sys.argv[1:4]
-    {"stock": stock, "aqua": aqua, "killed": killed, "no_aquad": no_aquad}[scenario](model, socket)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if scenario == "multiprocess" else "0"
+    {"stock": stock, "aqua": aqua, "killed": killed, "no_aquad": no_aquad,
+     "multiprocess": multiprocess}[scenario](model, socket)
 
 
 if __name__ == "__main__":

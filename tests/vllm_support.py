@@ -65,13 +65,16 @@ def llm_kwargs(model: str, blocks: int, *, max_len: int = 256, max_seqs: int = 8
                 gpu_memory_utilization=0.05, **extra)
 
 
-def aqua_offload(socket: str, lease_bytes: int | str, **extra) -> dict:
+def aqua_offload(socket: str, lease_bytes: int | str, *, short_name: bool = False,
+                 **extra) -> dict:
     """The kv_transfer_config that puts aqua leases under vLLM as its KV
-    offload tier."""
+    offload tier: by module path, or by the short name the installed
+    plugin registers."""
+    spec = ({"spec_name": "aqua"} if short_name else
+            {"spec_name": "AquaOffloadingSpec", "spec_module_path": "aqua.vllm"})
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {
-                "spec_name": "AquaOffloadingSpec", "spec_module_path": "aqua.vllm",
-                "aqua_socket": socket, "aqua_lease_bytes": lease_bytes, **extra}}
+            "kv_connector_extra_config": {**spec, "aqua_socket": socket,
+                                          "aqua_lease_bytes": lease_bytes, **extra}}
 
 
 class ScheduledTokens:

@@ -93,8 +93,9 @@ class AquaOffloadingManager(CPUOffloadingManager):
     @override
     def get_stats(self):
         stats = super().get_stats()
+        leased = self.tier.bytes_by_tier()
         for tier in ("nvlink", "peer", "host", "local"):
-            stats.set_gauge(LEASE_BYTES, self.tier.bytes_by_tier().get(tier, 0), (tier,))
+            stats.set_gauge(LEASE_BYTES, leased.get(tier, 0), (tier,))
         stats.set_gauge(CAPACITY_BYTES, self.tier.max_chunks * self.tier.chunk_bytes)
         stats.set_gauge(TIER_UP, 1 if self.tier.up else 0)
         return stats
