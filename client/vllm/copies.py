@@ -90,13 +90,14 @@ class AquaOffloadingWorker(OffloadingWorker):
                 continue
             lease = LIVE_LEASES.get(lease_id)
             if lease is not None:
+                memory = lease  # the scheduler's mapping, in this process
                 whole = lease.tensor(torch.int8)
             else:
-                mapping = open_handle(handle, prefix=self._prefix, populate=True)
-                self._mappings.append(mapping)
-                whole = mapping.tensor(torch.int8, None)
+                memory = open_handle(handle, prefix=self._prefix, populate=True)
+                self._mappings.append(memory)
+                whole = memory.tensor(torch.int8, None)
             if self.cuda and whole.device.type == "cpu":
-                (lease or mapping).pin()  # page-locked: copies run at PCIe speed
+                memory.pin()  # page-locked: copies run at PCIe speed
             chunks = whole.numel() // self.chunk_bytes
             views, offset = [], 0
             for page in self.pages:
