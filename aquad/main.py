@@ -6,13 +6,12 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sys
 import time
 
 import trio
 
-from . import __version__
+from . import __version__, logs
 from .backends import BackendError, GpuPolicy, make_backend
 from .config import (
     Config,
@@ -26,25 +25,12 @@ from .config import (
 )
 from .core.arbiter import Arbiter, Limits
 from .journal import Journal
+from .notify import Notifier
 from .recovery import recover
 from .server import Server, StartupError
 from .transport import descriptor_budget
 
 log = logging.getLogger("aquad")
-
-
-def notify_systemd(state: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as exc:
-            log.warning("cannot notify systemd: %s", exc)
 
 
 def gpu_policy(config: Config) -> GpuPolicy:
@@ -106,8 +92,17 @@ def build(config: Config) -> Server:
     journal = Journal(config.socket) if backend.name == "host" else None
     arbiter = Arbiter(backend, clock=time.monotonic, limits=limits, journal=journal)
     server = Server(arbiter, config.socket, socket_group=config.socket_group,
-                    heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4))
+                    heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4),
+                    notifier=Notifier(), exporter=exporter(config),
+                    tenant_labels=config.metrics_tenant_labels)
     server.open()
+    if server.exporter is not None:
+        try:
+            server.exporter.start()
+        except OSError as exc:
+            server.close_socket()
+            raise StartupError(f"cannot serve metrics at {config.metrics}: "
+                               f"{exc.strerror or exc}") from None
     got = recover(arbiter, journal, config.adopt_grace_s)  # only after the lock: ours
     if got.kept or got.freed:
         log.warning("a previous aquad left %d live lease(s): %d kept for their owners to "
@@ -116,6 +111,16 @@ def build(config: Config) -> Server:
     if got.stale:
         log.warning("removed %d shared-memory segment(s) left by a previous aquad", got.stale)
     return server
+
+
+def exporter(config: Config):
+    """The metrics exporter --metrics asks for (prometheus_client is loaded
+    only then), or None."""
+    if not config.metrics:
+        return None
+    from .metrics import Exporter, parse_target
+
+    return Exporter(parse_target(config.metrics))
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -128,18 +133,26 @@ async def run(server: Server) -> None:
         # that already answers connects but has not yet cleaned up after
         # its predecessor (recover()).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            devices = server.arbiter.topology.devices
-            log.info("aquad %s serving %s: backend %s, %d device(s) of %s bytes",
-                     __version__, server.socket_path, server.arbiter.backend.name,
-                     len(devices), ", ".join(str(d.capacity) for d in devices))
-            notify_systemd("READY=1")
-            async for signum in signals:
-                log.info("%s received; stopping", signal.Signals(signum).name)
-                notify_systemd("STOPPING=1")
-                nursery.cancel_scope.cancel()
-                break
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                devices = server.arbiter.topology.devices
+                metrics = server.exporter.target.describe() if server.exporter else None
+                logs.event(log, logging.INFO, "started", version=__version__,
+                           socket=server.socket_path, backend=server.arbiter.backend.name,
+                           devices=len(devices),
+                           capacity_bytes=[d.capacity for d in devices], metrics=metrics,
+                           watchdog_s=server.notifier.watchdog_s)
+                async for signum in signals:
+                    logs.event(log, logging.INFO, "stopping",
+                               signal=signal.Signals(signum).name)
+                    server.notifier.send("STOPPING=1")
+                    nursery.cancel_scope.cancel()
+                    break
+        finally:
+            if server.exporter is not None:
+                server.exporter.close()
+            server.notifier.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aquad: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s aquad %(levelname)s %(message)s")
+    logs.setup(config.log_level)
     # Everything aquad creates is private unless it says otherwise (the socket).
     os.umask(0o077)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # until run() can answer

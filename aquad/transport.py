@@ -72,6 +72,7 @@ class Conn:
     opened_at: float
     last_active: float
     tenant: bool = False  # registered (set by the server after hello)
+    watching: bool = False  # subscribed to the event feed (set by the server)
     refusal: str = ""  # why it is turned away: answered so, then closed
     closing: bool = False  # close once `out` is flushed
     out: bytearray = field(default_factory=bytearray)
@@ -221,7 +222,7 @@ class Transport:
             elif conn.proto.state is not zmtp.State.READY:
                 if now - conn.opened_at > HANDSHAKE_S:
                     self._close(conn, f"no handshake within {HANDSHAKE_S:g} s")
-            elif not conn.tenant and now - conn.last_active > IDLE_S:
+            elif not (conn.tenant or conn.watching) and now - conn.last_active > IDLE_S:
                 self._close(conn, f"unregistered and idle for {IDLE_S:g} s")
 
     def count_for_uid(self, uid: int) -> int:

@@ -261,6 +261,16 @@ class Status(Op):
                      doc="most leases to list")
 
 
+@operation
+@dataclass(slots=True)
+class Subscribe(Op):
+    op = "subscribe"
+    needs_tenant = False
+    doc = ("Receive a `feed` event for each tenant join and leave and each slice grant, "
+           "preemption and revocation, on this connection, until it closes. For operators "
+           "(`aquactl events`): not on a tenant's connection, and no `hello` after it.")
+
+
 _SPECS: dict[type[Op], _Spec] = {}
 
 
@@ -410,6 +420,9 @@ EVENTS = {
                "`turn_yield` within {grace_s}. Data: {slice, grace_s}.",
     "revoked": "The holder did not yield in time; the slice was given away. "
                "Data: {slice, reason}. Work already launched on the device is not stopped.",
+    "feed": "To a `subscribe`d connection: something happened. Data: {seq, time, kind, "
+            "...}, and `missed` when events were skipped because the subscriber read "
+            "too slowly (protocol/README.md section 5).",
 }
 
 
