@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import resource
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aquad: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level)
+    # A wedged loop that the watchdog aborts (SIGABRT) leaves its tracebacks.
+    faulthandler.enable()
     # Everything aquad creates is private unless it says otherwise (the socket).
     os.umask(0o077)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # until run() can answer

@@ -29,6 +29,8 @@ from aqua.errors import DaemonNotRunning
 from aqua.memory import SHM_DIR
 from aqua_protocol.paths import segment_prefix
 
+from .scrape import figures, free_port, scrape
+
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
 
@@ -82,10 +84,13 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory(prefix="aqua-demo-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
+        url = f"http://127.0.0.1:{free_port()}/metrics"
         print(f"== starting aquad (host backend, {devices}) on {socket}", flush=True)
+        print(f"   its Prometheus metrics: {url}", flush=True)
         daemon = subprocess.Popen(
             [sys.executable, "-m", "aquad", "--socket", socket, "--backend", "host",
-             "--host-devices", devices, "--log-level", "warning"], env=env)
+             "--host-devices", devices, "--log-level", "warning",
+             "--metrics", url.split("/")[2]], env=env)
         tenants: list[subprocess.Popen] = []
         try:
             try:
@@ -103,6 +108,8 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
                 _expect(proc, "HOLDING")
             print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
             print(_aquactl(socket), flush=True)
+            print(f"== the same, from aquad's metrics ({url})\n", flush=True)
+            print(figures(scrape(url, since=time.time())) + "\n", flush=True)
             print("== tenants restore and verify", flush=True)
             for proc in tenants:
                 proc.stdin.write("go\n")
@@ -138,8 +145,12 @@ def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
     print(f"\n== a burst: {len(tenants)} tenant processes "
           f"({', '.join(t.name for t in tenants)}), {requests} requests each, {burst} of "
           f"them at once; baseline first, then aqua", flush=True)
-    result = compare(tenants, seed=seed, progress=True)
+    result = compare(tenants, seed=seed, progress=True, metrics=True)
     print("\n" + table(result), flush=True)
+    daemon = result["aqua"].get("daemon")
+    if daemon:
+        print(f"\n== aqua: aquad's figures, from its metrics ({daemon['url']})", flush=True)
+        print(figures(daemon["figures"]), flush=True)
     path = os.path.abspath(plot_ttft_cdf(result, plot))
     print(f"\n== TTFT distributions of both modes: {path}", flush=True)
     ok = all(result[m]["completed"] == result[m]["requests"] for m in ("baseline", "aqua"))
