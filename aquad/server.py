@@ -89,7 +89,7 @@ class Server:
         # What operators see: counters, the event feed, systemd, metrics.
         self.started_at = time.time()
         self.requests = RequestStats()
-        self.feed = Feed(send=self.transport.send, queued=self._queued)
+        self.feed = Feed(send=self.transport.send, queued=self._queued, wake=self._kick)
         arbiter.notes = []
         self.notifier = notifier or Notifier({})
         self.exporter = exporter  # aquad.metrics.Exporter, or None
@@ -180,7 +180,7 @@ class Server:
         while True:
             # Frames other tasks posted go first, in order, every iteration:
             # a stream of requests must not hold back grants or revocations.
-            if self._outbox:
+            if self._outbox or self.feed.pending:
                 self._flush()
             if transport.run_once():
                 burst += 1
@@ -190,7 +190,7 @@ class Server:
                     await trio.lowlevel.checkpoint()
                     next_sweep = self._maybe_sweep(next_sweep)
                 continue
-            if self._outbox:
+            if self._outbox or self.feed.pending:
                 continue
             if busy.poll():
                 continue
@@ -214,10 +214,14 @@ class Server:
     def _flush(self) -> None:
         while self._outbox:
             self.transport.send(*self._outbox.popleft())
+        self.feed.flush()  # after the tenants' own events
 
     def post(self, conn: bytes, frame: bytes) -> None:
         """Queue a frame for a connection from any task; wakes the socket task."""
         self._outbox.append((conn, frame))
+        self._kick()
+
+    def _kick(self) -> None:
         if self._wake is not None:
             self._wake.cancel()
 

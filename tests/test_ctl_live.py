@@ -206,3 +206,22 @@ def test_a_subscriber_that_stops_reading_misses_events_and_costs_nothing(daemon)
         slow.close(linger=0)
         ctx.term()
 
+
+
+def test_a_burst_beyond_the_backlog_is_counted_not_kept():
+    """Socket-free: events published faster than the socket task fans them
+    out wait in a bounded backlog; the oldest are dropped and counted."""
+    from aquad.core.tenants import Peer
+    from aquad.feed import BACKLOG, Feed
+
+    sent: list[dict] = []
+    feed = Feed(send=lambda conn, frame: sent.append(p.decode_reply(frame).data) or True,
+                queued=lambda conn: 0, clock=lambda: 1.0)
+    feed.subscribe(b"c1", Peer(pid=1, uid=0, gid=0))
+    for i in range(BACKLOG + 10):
+        feed.publish("tenant_joined", {"tenant": f"t{i}"})
+    assert len(feed.pending) == BACKLOG
+    feed.flush()
+    assert len(sent) == BACKLOG and not feed.pending
+    assert sent[0]["missed"] == 10 and sent[0]["seq"] == 11
+    assert "missed" not in sent[1] and feed.missed == 10
