@@ -51,8 +51,8 @@ def raise_nofile() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d to %d: %s",
-                        soft, target, exc)
+            logs.event(log, logging.WARNING, "nofile_not_raised", soft=soft, hard=target,
+                       error=exc)
     return soft
 
 
@@ -66,9 +66,10 @@ def tenants_that_fit(config: Config) -> int:
         raise StartupError(f"the open-files limit ({nofile}) leaves no room for tenants; "
                            f"raise it (LimitNOFILE= under systemd, ulimit -n)")
     if fit < config.max_tenants:
-        log.warning("the open-files limit (%d) holds descriptors for %d tenants, not "
-                    "max_tenants = %d: serving at most %d (raise LimitNOFILE= or ulimit -n)",
-                    nofile, fit, config.max_tenants, fit)
+        logs.event(log, logging.WARNING, "max_tenants_lowered", nofile=nofile,
+                   max_tenants=config.max_tenants, serving=fit,
+                   why=f"the open-files limit holds descriptors for {fit} tenants; raise "
+                       f"LimitNOFILE= or ulimit -n")
     return fit
 
 
@@ -106,11 +107,12 @@ def build(config: Config) -> Server:
                                f"{exc.strerror or exc}") from None
     got = recover(arbiter, journal, config.adopt_grace_s)  # only after the lock: ours
     if got.kept or got.freed:
-        log.warning("a previous aquad left %d live lease(s): %d kept for their owners to "
-                    "adopt within %g s, %d freed", got.kept + got.freed, got.kept,
-                    config.adopt_grace_s, got.freed)
+        logs.event(log, logging.WARNING, "recovered", kept=got.kept, freed=got.freed,
+                   adopt_grace_s=config.adopt_grace_s,
+                   why=f"a previous aquad left {got.kept + got.freed} live lease(s): "
+                       f"{got.kept} kept for their owners to adopt, {got.freed} freed")
     if got.stale:
-        log.warning("removed %d shared-memory segment(s) left by a previous aquad", got.stale)
+        logs.event(log, logging.WARNING, "stale_segments_removed", segments=got.stale)
     return server
 
 

@@ -200,3 +200,56 @@ def test_a_gone_notify_socket_is_not_fatal(sockdir):
     assert not notifier.send("READY=1")
     notifier.ping()  # warns once, raises nothing
     notifier.close()
+
+
+# --- journald-friendly logs -------------------------------------------------
+
+
+def test_log_lines_are_events_with_stable_keys():
+    from aquad.logs import line
+
+    assert line("tenant_left", tenant="t1", name="llama", pid=42, reason="heartbeat",
+                why="missed its heartbeats", devices=[0, 1], gone=None) == \
+        'tenant_left tenant=t1 name=llama pid=42 reason=heartbeat why="missed its heartbeats" ' \
+        'devices=0,1'
+    assert line("x", text='say "hi"\nbye') == r'x text="say \"hi\"\nbye"'
+    assert line("x", empty="") == 'x empty=""'
+
+
+def test_under_journald_lines_carry_their_priority(tmp_path):
+    """stderr is the journal when $JOURNAL_STREAM names its device:inode."""
+    err = tmp_path / "stderr"
+    code = ("import logging, os, sys\n"
+            "from aquad import logs\n"
+            "st = os.fstat(2)\n"
+            "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+            "logs.setup('info')\n"
+            "log = logging.getLogger('aquad')\n"
+            "logs.event(log, logging.WARNING, 'slice_revoked', tenant='t1')\n"
+            "logs.event(log, logging.INFO, 'tenant_joined', tenant='t2')\n"
+            "logs.event(log, logging.DEBUG, 'slice_granted', tenant='t2')\n")
+    with open(err, "w") as f:
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=60)
+    assert err.read_text().splitlines() == ["<4>slice_revoked tenant=t1",
+                                            "<6>tenant_joined tenant=t2"]
+    # the same variable inherited with stderr elsewhere: plain timestamped lines
+    with open(err, "w") as f:
+        subprocess.run([sys.executable, "-c", code.replace(
+            "st = os.fstat(2)\n", "st = os.fstat(0)\n")], stderr=f, check=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+    text = err.read_text()
+    assert "<4>" not in text and " aquad WARNING slice_revoked tenant=t1" in text
+
+
+def test_nothing_is_logged_per_request_at_the_default_level(start_daemon):
+    import aqua
+
+    daemon = start_daemon()
+    with aqua.connect("quiet", 0, socket=daemon.socket) as client:
+        for _ in range(50):
+            client.lease(1 << 16).release()
+        with client.turn():
+            pass
+    assert wait_until(lambda: "tenant_left" in daemon.log(), 10)
+    events = [ln.split()[4] for ln in daemon.log().splitlines() if " aquad " in ln]
+    assert events == ["started", "tenant_joined", "tenant_left"], daemon.log()
