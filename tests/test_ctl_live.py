@@ -38,7 +38,7 @@ def ctl(daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def test_top_shows_devices_tenants_and_rates(daemon, tenants):
     t = tenants(daemon, LEASER)
-    assert t.readline() == "holding"
+    assert t.readline(timeout=60) == "holding"
     out = ctl(daemon, "top", "--count", "2", "--interval", "0.2")
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.split("\n\n")
@@ -53,7 +53,7 @@ def test_top_shows_devices_tenants_and_rates(daemon, tenants):
 
 def test_top_json_lines(daemon, tenants):
     t = tenants(daemon, LEASER)
-    assert t.readline() == "holding"
+    assert t.readline(timeout=60) == "holding"
     out = ctl(daemon, "top", "--json", "--count", "2", "--interval", "0.2")
     assert out.returncode == 0, out.stderr
     first, second = (json.loads(line) for line in out.stdout.splitlines())
@@ -96,7 +96,7 @@ def test_events_stream_joins_grants_and_drops(daemon, tenants):
     events = Events(daemon)
     try:
         t = tenants(daemon, LEASER)
-        assert t.readline() == "holding"
+        assert t.readline(timeout=60) == "holding"
         joined = events.line()
         assert " tenant_joined " in joined and "name=lively" in joined and "devices=0" in joined
         granted = events.line()
@@ -113,7 +113,7 @@ def test_events_json_and_count(daemon, tenants):
     events = Events(daemon, "--json", "--count", "2")
     try:
         t = tenants(daemon, LEASER)
-        assert t.readline() == "holding"
+        assert t.readline(timeout=60) == "holding"
         out, _ = events.proc.communicate(timeout=30)
         assert events.proc.returncode == 0
         first, second = (json.loads(line) for line in out.splitlines())

@@ -119,10 +119,10 @@ def working(metrics_daemon):
     alpha = Tenant(daemon, HOLDER)
     beta = None
     try:
-        assert alpha.readline() == "refused"
+        assert alpha.readline(timeout=60) == "refused"  # imports, on a loaded machine
         assert alpha.readline() == "holding"
         beta = Tenant(daemon, WAITER)  # only now: alpha holds the device first
-        assert beta.readline() == "asking"
+        assert beta.readline(timeout=60) == "asking"
         assert beta.readline() == "granted"  # after alpha's revocation
         yield daemon, fresh_scrape(daemon.url, time.time()), daemon.status()
     finally:

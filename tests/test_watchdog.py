@@ -97,7 +97,7 @@ def test_pings_and_status_from_a_real_daemon(sockdir, systemd):
             print("leased", flush=True)
             input()
         """)
-        assert tenant.readline() == "leased"
+        assert tenant.readline(timeout=60) == "leased"
         systemd.until(lambda m: m.startswith("STATUS=serving 1 tenant(s), 1 lease(s)"))
 
         # A stopped process sends nothing: systemd would restart it.
