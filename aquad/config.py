@@ -250,6 +250,10 @@ class Config:
     max_tenants: int = Limits.max_tenants
     max_leases_per_tenant: int = Limits.max_leases_per_tenant
     log_level: str = "info"
+    # Prometheus metrics: "" (off), HOST:PORT, unix:PATH or file:PATH.prom
+    # (aquad/metrics.py); tenant names as a label only when asked.
+    metrics: str = ""
+    metrics_tenant_labels: bool = False
     # The [quota] and [weights] tables as read (parse_quotas, parse_weights).
     quota: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
@@ -275,6 +279,13 @@ class Config:
             raise ConfigError("max_tenants and max_leases_per_tenant must be >= 1")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        if self.metrics:
+            from .metrics import MetricsError, parse_target
+
+            try:
+                parse_target(self.metrics)
+            except MetricsError as exc:
+                raise ConfigError(str(exc)) from None
         parse_quotas(self.quota)
         parse_weights(self.weights)
         return self
@@ -343,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a crash, how long a predecessor's host leases wait for their "
                         "owners to reclaim them (default 30)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--metrics", metavar="WHERE",
+                   help="serve Prometheus metrics: HOST:PORT (an IP address, e.g. "
+                        "127.0.0.1:9400), unix:PATH (HTTP on a Unix socket) or "
+                        "file:PATH.prom (node_exporter's textfile collector); default off")
+    p.add_argument("--metrics-tenant-labels", action="store_true", default=None,
+                   help="also export per-tenant-name gauges (tenants choose their names: "
+                        "up to max_tenants series)")
     return p
 
 
@@ -359,7 +377,7 @@ def load_config(argv: list[str] | None = None) -> Config:
         expected = type(getattr(config, key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{key} must be {expected.__name__}, got {value!r}")
         setattr(config, key, value)
     return config.validate()

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import resource
 import signal
-import socket
 import sys
 import time
 
 import trio
 
-from . import __version__
+from . import __version__, logs
 from .backends import BackendError, GpuPolicy, make_backend
 from .config import (
     Config,
@@ -26,25 +26,12 @@ from .config import (
 )
 from .core.arbiter import Arbiter, Limits
 from .journal import Journal
+from .notify import Notifier
 from .recovery import recover
 from .server import Server, StartupError
 from .transport import descriptor_budget
 
 log = logging.getLogger("aquad")
-
-
-def notify_systemd(state: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as exc:
-            log.warning("cannot notify systemd: %s", exc)
 
 
 def gpu_policy(config: Config) -> GpuPolicy:
@@ -64,8 +51,8 @@ def raise_nofile() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d to %d: %s",
-                        soft, target, exc)
+            logs.event(log, logging.WARNING, "nofile_not_raised", soft=soft, hard=target,
+                       error=exc)
     return soft
 
 
@@ -79,9 +66,10 @@ def tenants_that_fit(config: Config) -> int:
         raise StartupError(f"the open-files limit ({nofile}) leaves no room for tenants; "
                            f"raise it (LimitNOFILE= under systemd, ulimit -n)")
     if fit < config.max_tenants:
-        log.warning("the open-files limit (%d) holds descriptors for %d tenants, not "
-                    "max_tenants = %d: serving at most %d (raise LimitNOFILE= or ulimit -n)",
-                    nofile, fit, config.max_tenants, fit)
+        logs.event(log, logging.WARNING, "max_tenants_lowered", nofile=nofile,
+                   max_tenants=config.max_tenants, serving=fit,
+                   why=f"the open-files limit holds descriptors for {fit} tenants; raise "
+                       f"LimitNOFILE= or ulimit -n")
     return fit
 
 
@@ -106,16 +94,36 @@ def build(config: Config) -> Server:
     journal = Journal(config.socket) if backend.name == "host" else None
     arbiter = Arbiter(backend, clock=time.monotonic, limits=limits, journal=journal)
     server = Server(arbiter, config.socket, socket_group=config.socket_group,
-                    heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4))
+                    heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4),
+                    notifier=Notifier(), exporter=exporter(config),
+                    tenant_labels=config.metrics_tenant_labels)
     server.open()
+    if server.exporter is not None:
+        try:
+            server.exporter.start()
+        except OSError as exc:
+            server.close_socket()
+            raise StartupError(f"cannot serve metrics at {config.metrics}: "
+                               f"{exc.strerror or exc}") from None
     got = recover(arbiter, journal, config.adopt_grace_s)  # only after the lock: ours
     if got.kept or got.freed:
-        log.warning("a previous aquad left %d live lease(s): %d kept for their owners to "
-                    "adopt within %g s, %d freed", got.kept + got.freed, got.kept,
-                    config.adopt_grace_s, got.freed)
+        logs.event(log, logging.WARNING, "recovered", kept=got.kept, freed=got.freed,
+                   adopt_grace_s=config.adopt_grace_s,
+                   why=f"a previous aquad left {got.kept + got.freed} live lease(s): "
+                       f"{got.kept} kept for their owners to adopt, {got.freed} freed")
     if got.stale:
-        log.warning("removed %d shared-memory segment(s) left by a previous aquad", got.stale)
+        logs.event(log, logging.WARNING, "stale_segments_removed", segments=got.stale)
     return server
+
+
+def exporter(config: Config):
+    """The metrics exporter --metrics asks for (prometheus_client is loaded
+    only then), or None."""
+    if not config.metrics:
+        return None
+    from .metrics import Exporter, parse_target
+
+    return Exporter(parse_target(config.metrics))
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -128,18 +136,26 @@ async def run(server: Server) -> None:
         # that already answers connects but has not yet cleaned up after
         # its predecessor (recover()).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            devices = server.arbiter.topology.devices
-            log.info("aquad %s serving %s: backend %s, %d device(s) of %s bytes",
-                     __version__, server.socket_path, server.arbiter.backend.name,
-                     len(devices), ", ".join(str(d.capacity) for d in devices))
-            notify_systemd("READY=1")
-            async for signum in signals:
-                log.info("%s received; stopping", signal.Signals(signum).name)
-                notify_systemd("STOPPING=1")
-                nursery.cancel_scope.cancel()
-                break
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                devices = server.arbiter.topology.devices
+                metrics = server.exporter.target.describe() if server.exporter else None
+                logs.event(log, logging.INFO, "started", version=__version__,
+                           socket=server.socket_path, backend=server.arbiter.backend.name,
+                           devices=len(devices),
+                           capacity_bytes=[d.capacity for d in devices], metrics=metrics,
+                           watchdog_s=server.notifier.watchdog_s)
+                async for signum in signals:
+                    logs.event(log, logging.INFO, "stopping",
+                               signal=signal.Signals(signum).name)
+                    server.notifier.send("STOPPING=1")
+                    nursery.cancel_scope.cancel()
+                    break
+        finally:
+            if server.exporter is not None:
+                server.exporter.close()
+            server.notifier.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aquad: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s aquad %(levelname)s %(message)s")
+    logs.setup(config.log_level)
+    # A wedged loop that the watchdog aborts (SIGABRT) leaves its tracebacks.
+    faulthandler.enable()
     # Everything aquad creates is private unless it says otherwise (the socket).
     os.umask(0o077)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # until run() can answer

@@ -19,16 +19,21 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import trio
 
 from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
 
+from . import logs
 from .busypoll import BusyPoll
 from .core.arbiter import Arbiter, Outcome
 from .core.budget import TimeBudget
 from .core.tenants import Tenant
+from .core.stats import RequestStats
+from .feed import Feed
+from .notify import Notifier
 from .rundir import SocketLock, StartupError, prepare_directory
 from .transport import Conn, ConnLimits, Transport
 
@@ -47,6 +52,7 @@ SWEEP_S = 0.5  # how often stalled handshakes and idle peers are looked for
 # Replies queued for peers that do not read, beyond which `status` (the one
 # big reply) is refused until they drain.
 STATUS_QUEUE_LIMIT = 32 * 2**20
+OBSERVE_S = 1.0  # how often metrics, systemd's STATUS= and its watchdog are fed
 
 
 def _trio_time(monotonic_deadline: float) -> float:
@@ -67,7 +73,8 @@ def _logged(what: str) -> Iterator[None]:
 
 class Server:
     def __init__(self, arbiter: Arbiter, socket_path: str, *, socket_group: str = "",
-                 heartbeat_check_s: float = 0.5) -> None:
+                 heartbeat_check_s: float = 0.5, notifier: Notifier | None = None,
+                 exporter: Any = None, tenant_labels: bool = False) -> None:
         self.arbiter = arbiter
         self.socket_path = socket_path
         self.socket_group = socket_group
@@ -82,6 +89,14 @@ class Server:
         self._watchers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
+        # What operators see: counters, the event feed, systemd, metrics.
+        self.started_at = time.time()
+        self.requests = RequestStats()
+        self.feed = Feed(send=self.transport.send, queued=self._queued, wake=self._kick)
+        arbiter.notes = []
+        self.notifier = notifier or Notifier({})
+        self.exporter = exporter  # aquad.metrics.Exporter, or None
+        self.tenant_labels = tenant_labels
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -118,6 +133,14 @@ class Server:
                                f"{exc.strerror}") from None
         self._open = True
 
+    def close_socket(self) -> None:
+        """Undo open() when startup fails after it."""
+        self.transport.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self._lock.release()
+        self._open = False
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then say goodbye and release everything."""
         assert self._open, "call open() first"
@@ -129,6 +152,9 @@ class Server:
                 nursery.start_soon(self._timer)
                 if hasattr(self.arbiter.backend, "gpu_free"):
                     nursery.start_soon(self._watch_memory)
+                nursery.start_soon(self._observe)
+                # Before the observer's first STATUS=: systemd hears READY first.
+                self.notifier.send("READY=1")
                 task_status.started()
         finally:
             self._close()
@@ -146,7 +172,7 @@ class Server:
         except FileNotFoundError:
             pass
         self._lock.release()
-        log.info("stopped; all leases released")
+        logs.event(log, logging.INFO, "stopped", leases="released")
 
     # --- the socket task ------------------------------------------------------
 
@@ -159,7 +185,7 @@ class Server:
         while True:
             # Frames other tasks posted go first, in order, every iteration:
             # a stream of requests must not hold back grants or revocations.
-            if self._outbox:
+            if self._outbox or self.feed.pending:
                 self._flush()
             if transport.run_once():
                 burst += 1
@@ -169,7 +195,7 @@ class Server:
                     await trio.lowlevel.checkpoint()
                     next_sweep = self._maybe_sweep(next_sweep)
                 continue
-            if self._outbox:
+            if self._outbox or self.feed.pending:
                 continue
             if busy.poll():
                 continue
@@ -193,10 +219,14 @@ class Server:
     def _flush(self) -> None:
         while self._outbox:
             self.transport.send(*self._outbox.popleft())
+        self.feed.flush()  # after the tenants' own events
 
     def post(self, conn: bytes, frame: bytes) -> None:
         """Queue a frame for a connection from any task; wakes the socket task."""
         self._outbox.append((conn, frame))
+        self._kick()
+
+    def _kick(self) -> None:
         if self._wake is not None:
             self._wake.cancel()
 
@@ -208,12 +238,16 @@ class Server:
             self._on_message(conn, frames[0])
 
     def _on_message(self, conn: Conn, payload: bytes) -> None:
+        started = time.perf_counter()
+        op = "invalid"
         rid = None
         try:
             request = m.decode_request(payload)
-            rid = request.id
+            rid, op = request.id, request.op
             if request.args.budgeted:
                 reply = self._budgeted(conn, request)
+            elif isinstance(request.args, m.Subscribe) or conn.watching:
+                reply = self._subscribe(conn, request)  # the feed is the shell's, not the arbiter's
             else:
                 out = self.arbiter.handle(conn.id, conn.peer, request)
                 reply = m.encode_result(request.id, out.result)
@@ -222,11 +256,14 @@ class Server:
             if exc.request_id is None:
                 exc.request_id = rid
             reply = m.encode_error(exc)
+            self.requests.error(op, exc.code.value)
         except Exception:  # the daemon survives its own bugs too
             log.exception("internal error handling a request")
             reply = m.encode_error(ProtocolError(
                 ErrorCode.INTERNAL, "internal error; see the aquad log", request_id=rid))
+            self.requests.error(op, ErrorCode.INTERNAL.value)
         self.transport.send(conn.id, reply)
+        self.requests.observe(op, time.perf_counter() - started)
 
     def _apply(self, conn: Conn, out: Outcome) -> None:
         """Act on what a request did, besides answering it."""
@@ -235,7 +272,7 @@ class Server:
             self._on_registered(out.registered)
         if out.gone is not None:
             conn.tenant = False
-            log.info("tenant %s (%s, pid %d) left", out.gone.id, out.gone.name, out.gone.peer.pid)
+            self._left(out.gone, "bye", logging.INFO)
             self._forget_watchers()
         if out.reschedule:
             self._dispatch()
@@ -263,26 +300,49 @@ class Server:
         finally:
             self.status_budget.charge(conn.peer.uid, time.perf_counter() - started)
 
+    def _subscribe(self, conn: Conn, request: m.Request) -> bytes:
+        """`subscribe`, and what a subscribed connection may send after it
+        (status is answered above): nothing that would make it a tenant."""
+        if conn.tenant:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                "a tenant's connection cannot subscribe; open another")
+        if not isinstance(request.args, m.Subscribe):
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"a subscribed connection cannot send {request.op!r}")
+        result = self.feed.subscribe(conn.id, conn.peer)
+        conn.watching = True
+        logs.event(log, logging.DEBUG, "subscribed", pid=conn.peer.pid, uid=conn.peer.uid)
+        return m.encode_result(request.id, result)
+
+    def _queued(self, conn_id: bytes) -> int:
+        conn = self.transport.conns.get(conn_id)
+        return len(conn.out) if conn is not None else 0
+
     def _on_closed(self, conn: Conn, why: str) -> None:
         """A connection went away. A tenant is its connection: one whose
         connection closed (its process closed it or died, or it stopped
         reading) is dropped now rather than at its heartbeat timeout."""
+        if conn.watching:
+            self.feed.forget(conn.id)
         tenant = self.arbiter.tenants.by_conn(conn.id) if conn.tenant else None
         if tenant is None:
             log.debug("connection of pid %d closed: %s", conn.peer.pid, why)
             return
-        self._drop(tenant.id, f"lost its connection ({why})", may_live=True)
+        self._drop(tenant.id, f"lost its connection ({why})", "connection", may_live=True)
 
     # --- scheduler events and time ------------------------------------------
 
     def _dispatch(self) -> None:
         """Queue what the arbiter has for tenants; re-arm the timer if needed."""
         for conn, name, data in self.arbiter.take_events():
-            if name == "revoked":
-                tenant = self.arbiter.tenants.by_conn(conn)
-                log.warning("slice %d of tenant %s revoked: %s", data["slice"],
-                            tenant.id if tenant else "?", data["reason"])
             self.post(conn, m.encode_event(name, data))
+        notes = self.arbiter.notes
+        if notes:
+            for kind, fields in notes:
+                level = logging.WARNING if kind == "slice_revoked" else logging.DEBUG
+                logs.event(log, level, kind, **fields)
+                self.feed.publish(kind, fields)
+            notes.clear()
         deadline = self.arbiter.next_deadline()
         scope = self._timer_scope
         if deadline is not None and scope is not None:
@@ -323,9 +383,12 @@ class Server:
     # --- tenant liveness ------------------------------------------------------
 
     def _on_registered(self, tenant: Tenant) -> None:
-        log.info("tenant %s (%s) registered: pid %d uid %d devices %s",
-                 tenant.id, tenant.name, tenant.peer.pid, tenant.peer.uid,
-                 list(tenant.devices))
+        fields = {"tenant": tenant.id, "name": tenant.name, "pid": tenant.peer.pid,
+                  "uid": tenant.peer.uid, "devices": list(tenant.devices),
+                  "weight": tenant.weight}
+        logs.event(log, logging.INFO, "tenant_joined", **fields)
+        self.arbiter.stats.tenant_joins += 1
+        self.feed.publish("tenant_joined", fields)
         # The scope exists before the task starts, so a tenant that leaves at
         # once (hello, bye) cannot leave a watcher behind.
         scope = self._watchers[tenant.id] = trio.CancelScope()
@@ -338,12 +401,21 @@ class Server:
                 scope.cancel()
                 del self._watchers[tid]
 
-    def _drop(self, tenant_id: str, why: str, *, may_live: bool = False) -> None:
+    def _left(self, tenant: Any, reason: str, level: int, why: str | None = None) -> None:
+        """A tenant is gone (its leases and slices with it): log, count, feed."""
+        fields = {"tenant": tenant.id, "name": tenant.name, "pid": tenant.peer.pid,
+                  "reason": reason, "why": why}
+        logs.event(log, level, "tenant_left", **fields)
+        self.arbiter.stats.tenant_drops[reason] += 1
+        self.feed.publish("tenant_left", {k: v for k, v in fields.items() if v is not None})
+
+    def _drop(self, tenant_id: str, why: str, reason: str, *, may_live: bool = False) -> None:
         with _logged("dropping a tenant"):
             tenant = self.arbiter.drop_tenant(tenant_id, may_live=may_live)
             if tenant is not None:
-                log.warning("tenant %s (%s, pid %d) %s; its leases and slices are released",
-                            tenant.id, tenant.name, tenant.peer.pid, why)
+                # A process that exits or closes its socket without `bye` is
+                # ordinary (a stopped engine); one gone silent is not.
+                self._left(tenant, reason, logging.INFO, why)
             self._forget_watchers()
             self._dispatch()
             self.arbiter.maintain()  # not on any request's path: unlink now
@@ -357,7 +429,7 @@ class Server:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             self._watchers.pop(tenant_id, None)
-            self._drop(tenant_id, "exited before it was watched")
+            self._drop(tenant_id, "exited before it was watched", "exited")
             return
         except (OSError, AttributeError) as exc:
             self._watchers.pop(tenant_id, None)
@@ -366,7 +438,7 @@ class Server:
         try:
             with scope:
                 await trio.lowlevel.wait_readable(pidfd)
-                self._drop(tenant_id, "exited")
+                self._drop(tenant_id, "exited", "exited")
         finally:
             self._watchers.pop(tenant_id, None)
             os.close(pidfd)
@@ -378,14 +450,43 @@ class Server:
                 expired = self.arbiter.expire()
                 orphans = self.arbiter.expire_orphans()
                 if orphans:
-                    log.warning("freed %d lease(s) of a previous aquad nobody reclaimed",
-                                len(orphans))
+                    logs.event(log, logging.WARNING, "orphans_freed", leases=len(orphans),
+                               why="a previous aquad's leases nobody reclaimed")
                     self.arbiter.maintain()
                 for tenant in expired:
-                    log.warning("tenant %s (%s, pid %d) missed its heartbeats; its leases "
-                                "are released", tenant.id, tenant.name, tenant.peer.pid)
+                    self._left(tenant, "heartbeat", logging.WARNING, "missed its heartbeats")
                 if expired:
                     self._forget_watchers()
                     self._dispatch()
                     self.arbiter.maintain()  # not on any request's path: unlink now
 
+
+    # --- what operators see ---------------------------------------------------
+
+    async def _observe(self) -> None:
+        """Feed systemd and the metrics exporter from the loop itself, so
+        that a loop that wedges stops the watchdog pings (and its figures
+        age visibly) instead of a thread keeping up appearances."""
+        notifier, exporter = self.notifier, self.exporter
+        period = OBSERVE_S
+        if notifier.watchdog_s is not None:
+            period = min(period, notifier.watchdog_s / 3)  # a missed beat is not fatal
+        if not notifier.enabled and exporter is None:
+            return
+        while True:
+            with _logged("publishing metrics and status"):
+                notifier.ping()
+                notifier.status(self.status_line())
+                if exporter is not None:
+                    from .metrics import take_snapshot
+
+                    exporter.publish(take_snapshot(self, tenant_labels=self.tenant_labels))
+            await trio.sleep(period)
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: what `systemctl status aquad` shows."""
+        arb = self.arbiter
+        leased = sum(p.used for p in arb.pools.values())
+        held = sum(1 for h in arb.scheduler.holder.values() if h is not None)
+        return (f"serving {len(arb.tenants)} tenant(s), {len(arb.leases)} lease(s), "
+                f"{leased} bytes leased; {held} device(s) in a slice")

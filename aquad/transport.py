@@ -40,6 +40,7 @@ from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
 
 from . import zmtp
+from .logs import line
 from .core.tenants import Peer
 
 log = logging.getLogger("aquad")
@@ -72,6 +73,7 @@ class Conn:
     opened_at: float
     last_active: float
     tenant: bool = False  # registered (set by the server after hello)
+    watching: bool = False  # subscribed to the event feed (set by the server)
     refusal: str = ""  # why it is turned away: answered so, then closed
     closing: bool = False  # close once `out` is flushed
     out: bytearray = field(default_factory=bytearray)
@@ -221,7 +223,7 @@ class Transport:
             elif conn.proto.state is not zmtp.State.READY:
                 if now - conn.opened_at > HANDSHAKE_S:
                     self._close(conn, f"no handshake within {HANDSHAKE_S:g} s")
-            elif not conn.tenant and now - conn.last_active > IDLE_S:
+            elif not (conn.tenant or conn.watching) and now - conn.last_active > IDLE_S:
                 self._close(conn, f"unregistered and idle for {IDLE_S:g} s")
 
     def count_for_uid(self, uid: int) -> int:
@@ -249,8 +251,9 @@ class Transport:
         """Out of descriptors: accept with the reserve's slot and close, so
         the peer is told (EOF) instead of waiting in the backlog forever."""
         self.turned_away += 1
-        self._warn_rarely(f"out of file descriptors ({exc.strerror}): turning connections "
-                          f"away; raise LimitNOFILE or lower max_tenants")
+        self._warn_rarely(line("out_of_descriptors", error=exc.strerror,
+                               why="turning connections away; raise LimitNOFILE or "
+                                   "lower max_tenants"))
         if self._reserve is None:
             return
         os.close(self._reserve)
@@ -282,8 +285,9 @@ class Transport:
         why = self._over_budget(peer)
         if why is not None:
             self.turned_away += 1
-            self._warn_rarely(f"turning connections away ({self.turned_away} so far), "
-                              f"the latest of uid {peer.uid} (pid {peer.pid}): {why}")
+            self._warn_rarely(line("connections_refused", total=self.turned_away,
+                                   uid=peer.uid, pid=peer.pid,
+                                   why=f"turning connections away: {why}"))
             if self._refusing >= REFUSAL_SLOTS:
                 sock.close()
                 return

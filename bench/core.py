@@ -26,7 +26,7 @@ path is measured per CPU layout, the echo and aquad pinned alike in each:
   free    no pinning: the kernel's choice, which may differ between the two
 
     python bench/core.py [--rounds 5000] [--mib 256] [--layouts split,shared,free]
-                         [--e2e-mib 1,16,256,2048] [--json FILE]
+                         [--e2e-mib 1,16,256,2048] [--json FILE] [--aquad-args ARGS]
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def layouts(names: list[str]) -> dict[str, tuple[set[int] | None, set[int] | Non
 
 
 def bench_control(tmp: str, rounds: int, client_cpus: set[int] | None = None,
-                  server_cpus: set[int] | None = None) -> dict[str, list[float]]:
+                  server_cpus: set[int] | None = None,
+                  extra: tuple[str, ...] = ()) -> dict[str, list[float]]:
     """Raw echo, lease grant and lease release round trips, interleaved in
     chunks on the same client loop and socket type, both servers on the same
     CPUs."""
@@ -77,7 +78,7 @@ def bench_control(tmp: str, rounds: int, client_cpus: set[int] | None = None,
     out: dict[str, list[float]] = {"echo": [], "heartbeat": [], "grant": [], "release": []}
     # Pinned before any context exists: ZeroMQ's I/O threads inherit it.
     with pinned(client_cpus), echo_server(tmp, server_cpus) as echo, \
-            aquad(tmp, "--host-devices", "2x64MiB", cpus=server_cpus) as path:
+            aquad(tmp, "--host-devices", "2x64MiB", *extra, cpus=server_cpus) as path:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.connect(endpoint(path))
@@ -315,6 +316,9 @@ def main() -> int:
     parser.add_argument("--e2e-mib", default="1,16,256,2048",
                         help="sizes for the end-to-end offload + restore rows ('' for none)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--aquad-args", default="", metavar="ARGS",
+                        help="more aquad flags for the control path, e.g. "
+                             "'--metrics 127.0.0.1:9400' (split on spaces)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
     plan = layouts([name for name in args.layouts.split(",") if name])
@@ -323,7 +327,8 @@ def main() -> int:
           f"layout; paired = median over chunks of chunk p50 / the echo chunk's just before it)")
     with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
         for name, (client_cpus, server_cpus) in plan.items():
-            rows = control_rows(bench_control(tmp, args.rounds, client_cpus, server_cpus))
+            rows = control_rows(bench_control(tmp, args.rounds, client_cpus, server_cpus,
+                                              tuple(args.aquad_args.split())))
             where = "unpinned" if client_cpus is None else \
                 f"client on CPU {min(client_cpus)}, servers on CPU {min(server_cpus)}"
             print(f"\n{name} ({where})")

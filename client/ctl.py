@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import aqua_protocol as p
 from .client import Connection, iter_leases
-from .errors import AquaError, DaemonUnavailable
+from .errors import AquaError, DaemonUnavailable, LimitExceeded
 
 EXIT_UNAVAILABLE = 2
 # Lease rows a human table shows; the rest are counted. A screen cannot use
@@ -233,6 +234,151 @@ def run_elastic(conn: Connection, args: argparse.Namespace) -> dict:
     return done[rid]
 
 
+# --- live views: `aquactl top` and `aquactl events` ---------------------------
+
+# status `counters` shown as rates by `top`: (key, column)
+RATES = (("lease_grants", "lease/s"), ("lease_frees", "free/s"), ("slice_grants", "slice/s"),
+         ("preemptions", "preempt/s"), ("revocations", "revoke/s"),
+         ("tenant_joins", "join/s"), ("tenant_drops", "drop/s"))
+
+
+def rates(before: dict, after: dict, seconds: float) -> dict[str, float]:
+    """Per-second rates of the status counters between two samples; {}
+    from a daemon without counters."""
+    a, b = before.get("counters"), after.get("counters")
+    if not a or not b or seconds <= 0:
+        return {}
+    return {key: max(0.0, (b.get(key, 0) - a.get(key, 0)) / seconds) for key, _ in RATES}
+
+
+def _tenant_slices(status: dict) -> dict[str, dict]:
+    """Each tenant's slice row on its first home device."""
+    rows: dict[str, dict] = {}
+    for dev in status.get("slices", []):
+        for row in dev["tenants"]:
+            rows.setdefault(row["tenant"], row)
+    return rows
+
+
+def render_top(status: dict, per_s: dict[str, float], when: float) -> str:
+    """One refresh of `aquactl top`: a summary line, devices, tenants."""
+    head = [time.strftime("%H:%M:%S", time.localtime(when)),
+            f"tenants {len(status['tenants'])}", f"leases {lease_count(status)}"]
+    head += [f"{column} {per_s[key]:.1f}" for key, column in RATES if key in per_s]
+    names = {t["id"]: t["name"] for t in status["tenants"]}
+    slices = {s["device"]: s for s in status.get("slices", [])}
+    devices = []
+    for d in status["devices"]:
+        sl = slices.get(d["id"], {})
+        holder = sl.get("holder")
+        use = d["leased_bytes"] / d["capacity_bytes"] if d["capacity_bytes"] else 0.0
+        devices.append([d["id"], d["backend"], human_bytes(d["capacity_bytes"]),
+                        human_bytes(d["leased_bytes"]), human_bytes(d["free_bytes"]),
+                        f"{use:.0%}", d["leases"],
+                        "-" if holder is None else f"{holder} ({names.get(holder, '?')})",
+                        len(sl.get("queue", []))])
+    parts = ["# " + "  ".join(head),
+             table(["DEV", "BACKEND", "CAPACITY", "LEASED", "FREE", "USE", "LEASES",
+                    "SLICE", "WAITING"], devices)]
+    if status["tenants"]:
+        sl = _tenant_slices(status)
+        rows = [[t["id"], t["name"], t["pid"], ",".join(map(str, t["devices"])), t["leases"],
+                 human_bytes(t["leased_bytes"]), sl.get(t["id"], {}).get("state", "-"),
+                 f"{sl.get(t['id'], {}).get('share', 0.0):.0%}",
+                 sl.get(t["id"], {}).get("grants", 0),
+                 f"{sl.get(t['id'], {}).get('wait_p99_ms', 0.0):.1f}",
+                 sl.get(t["id"], {}).get("revocations", 0)] for t in status["tenants"]]
+        parts.append(table(["TENANT", "NAME", "PID", "DEVICES", "LEASES", "LEASED", "STATE",
+                            "SHARE", "GRANTS", "WAIT p99 ms", "REVOKED"], rows))
+    return "\n".join(parts)
+
+
+def _summary(conn: Connection) -> dict:
+    """status without leases, waiting out the daemon's rate limit."""
+    while True:
+        try:
+            return conn.request(p.Status(leases=False))
+        except LimitExceeded as exc:
+            wait = exc.details.get("retry_after_s")
+            if not isinstance(wait, (int, float)):
+                raise
+            time.sleep(min(float(wait), 1.0))
+
+
+def top(conn: Connection, args: argparse.Namespace) -> int:
+    """Like `nvidia-smi dmon`: a block per interval, appended, no curses;
+    --json: one status object per line, with `time` and `rates` added."""
+    before: tuple[float, dict] | None = None
+    shown = 0
+    while True:
+        status = _summary(conn)
+        now, wall = time.monotonic(), time.time()
+        per_s = rates(before[1], status, now - before[0]) if before else {}
+        if args.json:
+            write_json({"time": round(wall, 3), "rates": per_s, **status}, False)
+        else:
+            if shown:
+                print()
+            print(render_top(status, per_s, wall))
+        sys.stdout.flush()
+        shown += 1
+        if args.count is not None and shown >= args.count:
+            return 0
+        before = (now, status)
+        time.sleep(args.interval)
+
+
+def render_event(event: dict) -> str:
+    """`HH:MM:SS.mmm kind key=value ...`, logfmt like aquad's own log."""
+    when = event.get("time", 0.0)
+    stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+    fields = []
+    for key, value in event.items():
+        if key in ("time", "kind", "seq"):
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        text = str(value)
+        fields.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+    line = f"{stamp} {event.get('kind', '?')} {' '.join(fields)}".rstrip()
+    missed = event.get("missed")
+    if missed:
+        line = f"... {missed} event(s) missed: this reader was too slow\n" + line
+    return line
+
+
+def events(conn: Connection, args: argparse.Namespace) -> int:
+    """Subscribe and print the daemon's events as they come, until --count
+    or the connection ends."""
+    got: list[dict] = []
+
+    def keep(event: p.Event) -> None:
+        if event.event == "feed":
+            got.append(event.data)
+
+    conn.on_event = keep
+    conn.keepalive_s = float("inf")  # not a tenant: nothing to keep alive
+    conn.request(p.Subscribe())
+    print("# subscribed to aquad's events", file=sys.stderr, flush=True)
+    shown = 0
+    while True:
+        conn.wait_for(lambda: bool(got), None)
+        batch, got[:] = list(got), []
+        for event in batch:
+            if args.json:
+                write_json(event, False)
+            else:
+                print(render_event(event))
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                sys.stdout.flush()
+                return 0
+        sys.stdout.flush()
+
+
+LIVE = {"top": top, "events": events}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquactl", description="Inspect a running aquad.")
     parser.add_argument("--socket", metavar="PATH",
@@ -240,9 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for aquad (default 5)")
     parser.add_argument("command", nargs="?", default="status",
-                        choices=sorted([*VIEWS, *ELASTIC_COMMANDS]),
-                        help="what to show (default: status); drain DEV, undrain DEV, "
-                             "reclaim DEV SIZE take memory back")
+                        choices=sorted([*VIEWS, *ELASTIC_COMMANDS, *LIVE]),
+                        help="what to show (default: status); `top` refreshes every "
+                             "--interval, `events` streams what happens; drain DEV, "
+                             "undrain DEV, reclaim DEV SIZE take memory back")
     parser.add_argument("operands", nargs="*", metavar="ARG",
                         help="for drain / undrain: DEV; for reclaim: DEV SIZE (e.g. 1GiB)")
     parser.add_argument("--deadline-ms", type=int, default=p.messages.DEFAULT_DEADLINE_MS,
@@ -252,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="machine-readable output (schema: docs/status-schema.md)")
     parser.add_argument("--pretty", action="store_true",
                         help="indent JSON (the default only when stdout is a terminal)")
+    live = parser.add_argument_group("live views", "for `aquactl top` and `aquactl events`")
+    live.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                      help="top: seconds between refreshes (default 2)")
+    live.add_argument("--count", type=int, metavar="N",
+                      help="stop after N refreshes (top) or N events (events)")
     leases = parser.add_argument_group("leases", "for `aquactl leases`")
     leases.add_argument("--tenant", metavar="ID", help="only this tenant's leases (t<n>)")
     leases.add_argument("--device", type=int, metavar="ID", help="only leases on this device")
@@ -307,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         print("aquactl: --tenant, --device and --all go with `aquactl leases`",
               file=sys.stderr)
         return 1
+    if args.command not in LIVE and (args.count is not None):
+        print("aquactl: --count goes with `aquactl top` and `aquactl events`", file=sys.stderr)
+        return 1
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        print("aquactl: --interval and --count must be positive", file=sys.stderr)
+        return 1
     try:
         conn = Connection(args.socket, timeout=args.timeout)
     except AquaError as exc:  # not running, stale socket, no permission
@@ -314,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     if args.command in ELASTIC_COMMANDS:
         return elastic_main(conn, args)
+    if args.command in LIVE:
+        return _live(LIVE[args.command], conn, args)
     if args.operands:
         print(f"aquactl: {args.command} takes no operands", file=sys.stderr)
         conn.close()
@@ -357,6 +517,24 @@ def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
     else:
         print(render_reclaim(result))
     return 0
+
+
+def _live(view: Callable[[Connection, argparse.Namespace], int], conn: Connection,
+          args: argparse.Namespace) -> int:
+    try:
+        return view(conn, args)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `aquactl events | head`
+        return 0
+    except DaemonUnavailable as exc:
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except AquaError as exc:
+        print(f"aquactl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from aqua.ctl import human_bytes
 from aqua.errors import DaemonNotRunning
 from aqua.testing import PrivateDaemon
 
+from .scrape import figures, free_port, scrape
+
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
 
@@ -84,8 +86,11 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory(prefix="aqua-demo-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
+        url = f"http://127.0.0.1:{free_port()}/metrics"
         print(f"== starting aquad (host backend, {devices}) on {socket}", flush=True)
-        daemon = PrivateDaemon(socket, ["--host-devices", devices, "--log-level", "warning"])
+        print(f"   its Prometheus metrics: {url}", flush=True)
+        daemon = PrivateDaemon(socket, ["--host-devices", devices, "--log-level", "warning",
+                                        "--metrics", url.split("/")[2]])
         tenants: list[subprocess.Popen] = []
         try:
             try:
@@ -103,6 +108,8 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
                 _expect(proc, "HOLDING")
             print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
             print(_aquactl(socket), flush=True)
+            print(f"== the same, from aquad's metrics ({url})\n", flush=True)
+            print(figures(scrape(url, since=time.time())) + "\n", flush=True)
             print("== tenants restore and verify", flush=True)
             for proc in tenants:
                 proc.stdin.write("go\n")
@@ -136,8 +143,12 @@ def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
     print(f"\n== a burst: {len(tenants)} tenant processes "
           f"({', '.join(t.name for t in tenants)}), {requests} requests each, {burst} of "
           f"them at once; baseline first, then aqua", flush=True)
-    result = compare(tenants, seed=seed, progress=True)
+    result = compare(tenants, seed=seed, progress=True, metrics=True)
     print("\n" + table(result), flush=True)
+    daemon = result["aqua"].get("daemon")
+    if daemon:
+        print(f"\n== aqua: aquad's figures, from its metrics ({daemon['url']})", flush=True)
+        print(figures(daemon["figures"]), flush=True)
     path = os.path.abspath(plot_ttft_cdf(result, plot))
     print(f"\n== TTFT distributions of both modes: {path}", flush=True)
     ok = all(result[m]["completed"] == result[m]["requests"] for m in ("baseline", "aqua"))

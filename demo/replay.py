@@ -157,15 +157,21 @@ def tenant_main(spec_json: str) -> int:
 
 
 def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
-             progress: bool = False) -> list[dict]:
-    """Run one mode end to end; returns each tenant's result document."""
+             progress: bool = False, daemon_figures: dict | None = None) -> list[dict]:
+    """Run one mode end to end; returns each tenant's result document.
+    `daemon_figures`: filled with aquad's own figures, scraped from its
+    metrics endpoint once the tenants are done."""
     from aqua.testing import PrivateDaemon  # noqa: PLC0415
+
+    from .scrape import free_port, scrape  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="aqua-replay-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
+        metrics = [] if daemon_figures is None else ["--metrics", f"127.0.0.1:{free_port()}"]
         # The CPU models page host tensors: the host backend even on a GPU host.
         daemon = PrivateDaemon(socket, ["--host-devices", f"{max(2, len(tenants))}x512MiB",
-                                        "--quantum-ms", "20", "--log-level", "warning"])
+                                        "--quantum-ms", "20", "--log-level", "warning",
+                                        *metrics])
         procs = []
         try:
             daemon.start()
@@ -188,6 +194,9 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
                 if proc.returncode != 0:
                     raise RuntimeError(f"a {mode} tenant exited {proc.returncode}")
                 results.append(json.loads(out.strip().splitlines()[-1]))
+            if daemon_figures is not None:
+                url = f"http://{metrics[1]}/metrics"
+                daemon_figures.update(url=url, figures=scrape(url, since=time.time()))
             return results
         finally:
             for proc in procs:
@@ -216,11 +225,19 @@ def _progress(mode: str, procs: list[subprocess.Popen], start: float, expected: 
         print(file=sys.stderr)
 
 
-def compare(tenants: list[TenantSpec], *, seed: int = 0, progress: bool = False) -> dict:
-    """Both modes on the same workload: {"baseline": ..., "aqua": ..., "wall_s"}."""
+def compare(tenants: list[TenantSpec], *, seed: int = 0, progress: bool = False,
+            metrics: bool = False) -> dict:
+    """Both modes on the same workload: {"baseline": ..., "aqua": ..., "wall_s"};
+    with `metrics`, aqua's summary has aquad's own figures ("daemon")."""
     t0 = time.monotonic()
-    out = {mode: summarize(run_mode(mode, tenants, seed=seed, progress=progress))
-           for mode in ("baseline", "aqua")}
+    out = {}
+    for mode in ("baseline", "aqua"):
+        # Baseline tenants never talk to aquad: only aqua's figures say anything.
+        figures: dict | None = {} if metrics and mode == "aqua" else None
+        out[mode] = summarize(run_mode(mode, tenants, seed=seed, progress=progress,
+                                       daemon_figures=figures))
+        if figures:
+            out[mode]["daemon"] = figures
     out["wall_s"] = time.monotonic() - t0
     return out
 

@@ -347,6 +347,16 @@ class Move(Op):
     lease: str = arg(LEASE_ID, doc="the lease being reclaimed")
 
 
+@operation
+@dataclass(slots=True)
+class Subscribe(Op):
+    op = "subscribe"
+    needs_tenant = False
+    doc = ("Receive a `feed` event for each tenant join and leave and each slice grant, "
+           "preemption and revocation, on this connection, until it closes. For operators "
+           "(`aquactl events`): not on a tenant's connection, and no `hello` after it.")
+
+
 _SPECS: dict[type[Op], _Spec] = {}
 
 
@@ -504,6 +514,11 @@ EVENTS = {
               "{reclaim, device, leases}.",
     "reclaim_done": "To whoever asked: the reclaim ended. Data: the report "
                     "(protocol/README.md, section 4.3).",
+
+
+    "feed": "To a `subscribe`d connection: something happened. Data: {seq, time, kind, "
+            "...}, and `missed` when events were skipped because the subscriber read "
+            "too slowly (protocol/README.md section 5).",
 }
 
 

@@ -32,6 +32,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "TTFT p99 (ms)" in text and "throughput (tokens/s)" in text
     assert "burst done" in text
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    # The demo says where aquad's metrics are, and its figures read the same there:
+    # two tenants holding two 2 MiB leases each.
+    assert re.search(r"Prometheus metrics: http://127\.0\.0\.1:\d+/metrics", text)
+    assert re.search(r"leases held now +4 +\(aquad_leases\)", text)
+    assert re.search(r"MiB granted +8 +\(aquad_lease_granted_bytes_total\)", text)
+    aqua = text[text.index("== aqua: aquad's figures"):]
+    grants = re.search(r"GPU-time slices granted +(\d+)", aqua)
+    assert grants and int(grants.group(1)) > 0  # aqua mode takes turns
 
 
 def test_a_byte_that_differs_after_a_move_fails_the_demo(tmp_path):

@@ -45,6 +45,7 @@ def _loaded_by(module: str) -> set[str]:
     ("aqua_protocol", {"aqua", "aquad", "aqua_demo", "aqua_sim", "zmq", "torch", "trio"}),
     ("aquad.core.arbiter", {"aqua", "aqua_demo", "aqua_sim", "zmq", "torch", "trio"}),
     ("aquad.main", {"aqua", "aqua_demo", "aqua_sim", "zmq", "torch"}),
+    ("aquad.metrics", {"aqua", "aqua_demo", "aqua_sim", "zmq", "torch"}),
     ("aqua", {"aquad", "aqua_demo", "aqua_sim", "torch", "trio"}),
     ("aqua.engine", {"aquad", "aqua_demo", "aqua_sim", "torch"}),
 ])

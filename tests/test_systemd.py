@@ -94,7 +94,10 @@ def analyze_version() -> int:
 def test_the_unit_keeps_what_aquad_needs():
     d = directives(UNIT.read_text())
     assert d["Type"] == ["notify"]  # aquad sends READY=1 once the socket is bound
-    assert "WatchdogSec" not in d  # aquad does not ping the watchdog (yet)
+    # aquad pings from its loop at least every WatchdogSec/3 (tests/test_watchdog.py)
+    (watchdog,) = d["WatchdogSec"]
+    assert watchdog.endswith("s") and 10 <= int(watchdog[:-1]) <= 120
+    assert d.get("NotifyAccess", ["main"]) == ["main"]  # the pings come from aquad itself
     assert d["Restart"] == ["on-failure"]
     caps = set(" ".join(d["CapabilityBoundingSet"]).split())
     assert {"CAP_CHOWN", "CAP_FOWNER"} <= caps  # lease files to tenants' uids
@@ -184,3 +187,26 @@ def test_exposure_is_at_most_what_was_measured(tmp_path):
     print(f"exposure of aquad.service: {score} (at most {EXPOSURE_MAX})")
     missing = [line for line in out.stdout.splitlines() if line.startswith("✗")]
     assert score <= EXPOSURE_MAX, "\n".join(missing)
+
+
+# --- the metrics drop-in ------------------------------------------------------
+
+DROP_IN = ROOT / "systemd" / "aquad-metrics.conf"
+
+
+def test_the_metrics_drop_in_opens_loopback_only():
+    d = directives(DROP_IN.read_text())
+    assert "AF_INET" in " ".join(d["RestrictAddressFamilies"])
+    assert d["IPAddressAllow"] == ["localhost"]  # IPAddressDeny=any stays for the rest
+    assert "--metrics 127.0.0.1:9400" in d["ExecStart"][-1]
+
+
+def test_systemd_accepts_the_unit_with_the_metrics_drop_in(tmp_path):
+    unit = unit_copy(tmp_path)
+    drop = tmp_path / f"{NAME}.d"
+    drop.mkdir()
+    text = re.sub(r"/usr/local/bin/aquad(?= |$)", aquad_command(), DROP_IN.read_text(),
+                  flags=re.M)
+    (drop / "metrics.conf").write_text(text)
+    code, ours = verify(unit)
+    assert code == 0 and ours == [], "\n".join(ours)

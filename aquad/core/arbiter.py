@@ -30,6 +30,7 @@ from .placer import Placer, tier_of
 from .quotas import Quotas
 from .reclaim import Elastic, shortfall
 from .scheduler import Action, Grant, Preempt, Scheduler
+from .stats import Stats
 from .tenants import Peer, Tenant, TenantRegistry
 
 
@@ -116,6 +117,10 @@ class Arbiter:
         self.journal = journal
         self._new_capability = Capabilities()
         self.orphans: dict[str, Orphan] = {}  # a predecessor's leases, by id
+        self.stats = Stats()
+        # What happened to slices, for operators watching (`subscribe`): a
+        # list the shell drains, or None when nobody drains it (simulator).
+        self.notes: list[tuple[str, dict[str, Any]]] | None = None
         # Who may reclaim any device and drain it: root and the daemon's own uid.
         self.operators = frozenset({0, os.geteuid()})
         self.elastic = Elastic(self)
@@ -380,6 +385,8 @@ class Arbiter:
             self._journal_grant(lease, tenant)
         self.leases.add(lease)
         tenant.leases.add(lease.id)
+        self.stats.lease_grants[lease.tier.label] += 1
+        self.stats.granted_bytes[lease.tier.label] += charged
         return lease
 
     def _out_of_memory(self, nbytes: int) -> ProtocolError:
@@ -416,6 +423,7 @@ class Arbiter:
                             orphan.segment, self._clock(), capability=grant.capability,
                             near=tenant.devices[0])
         self._journal_grant(lease, tenant)  # its new owner
+        self.stats.adoptions += 1
         self.leases.add(lease)
         tenant.leases.add(lease.id)
         return self._lease_reply(lease)
@@ -531,20 +539,25 @@ class Arbiter:
         return self._turn_reply(tenant, self.scheduler.yield_(tenant.id, args.slice))
 
     def _turn_reply(self, tenant: Tenant, actions: list[Action]) -> dict[str, Any]:
-        # The caller learns of its own grant from the reply, not an event.
-        self._emit([a for a in actions if not (isinstance(a, Grant) and a.tenant == tenant.id)])
+        self._emit(actions, replying_to=tenant.id)
         runner = self.scheduler.runners[tenant.id]
         if runner.state == "holding":
             return {"state": "granted", "slice": runner.slice, "devices": list(runner.devices),
                     "quantum_s": max(0.0, runner.quantum_end - self._clock())}
         return {"state": "queued", "devices": list(runner.devices)}
 
-    def _emit(self, actions: list[Action]) -> None:
+    def _emit(self, actions: list[Action], replying_to: str | None = None) -> None:
+        """Events for tenants, counted; `replying_to` learns of its own grant
+        from the reply, not an event."""
         for action in actions:
             tenant = self.tenants.get(action.tenant)
             if tenant is None:
                 continue
+            self._count(action, tenant)
             if isinstance(action, Grant):
+                if action.tenant == replying_to:
+                    continue
+                self.stats.handovers += 1
                 data = {"slice": action.slice, "devices": list(action.devices),
                         "quantum_s": action.quantum}
                 self._events.append((tenant.conn, "grant", data))
@@ -554,6 +567,28 @@ class Arbiter:
             else:
                 self._events.append((tenant.conn, "revoked",
                                      {"slice": action.slice, "reason": action.reason}))
+
+    def _count(self, action: Action, tenant: Tenant) -> None:
+        stats, notes = self.stats, self.notes
+        if isinstance(action, Grant):
+            stats.slice_grants += 1
+            waited = self.scheduler.runners[action.tenant].waits[-1]
+            stats.slice_waits.observe(waited)
+            if notes is not None:
+                notes.append(("slice_granted", {
+                    "tenant": tenant.id, "name": tenant.name, "slice": action.slice,
+                    "devices": list(action.devices), "waited_s": round(waited, 6)}))
+        elif isinstance(action, Preempt):
+            stats.preemptions += 1
+            if notes is not None:
+                notes.append(("slice_preempted", {"tenant": tenant.id, "name": tenant.name,
+                                                  "slice": action.slice}))
+        else:
+            stats.revocations += 1
+            if notes is not None:
+                notes.append(("slice_revoked", {"tenant": tenant.id, "name": tenant.name,
+                                                "slice": action.slice,
+                                                "reason": action.reason}))
 
     # --- helpers -------------------------------------------------------------
 
@@ -588,6 +623,8 @@ class Arbiter:
         self.backend.destroy(lease.segment)
         self.pools[lease.device].free_bytes(lease.charged)
         self.quotas.charge(tenant.peer, leases=-1, nbytes=-lease.charged)
+        self.stats.lease_frees += 1
+        self.stats.freed_bytes += lease.charged
         if self.journal is not None:
             self.journal.freed(lease_id)
         if self.elastic.active:
@@ -636,6 +673,7 @@ class Arbiter:
             ],
             "quotas": self.quotas.view(),
             "elastic": self.elastic.view(),
+            "counters": self.stats.view(),
         }
         if leases:
             page = self.leases.page(after, limit, tenant=tenant, device=device)

@@ -122,6 +122,8 @@ class Elastic:
             self.by_lease[lease.id] = r
             by_tenant.setdefault(lease.tenant, []).append(lease.id)
         self.active[device] = r
+        arb.stats.reclaims += 1
+        arb.stats.reclaimed_bytes += r.taken
         for tenant_id, ids in by_tenant.items():
             tenant = arb.tenants.get(tenant_id)
             if tenant is not None:
@@ -225,6 +227,7 @@ class Elastic:
             if to is not None:
                 r.record("moved", entry | {"to": to})
                 r.moved_bytes += lease.nbytes
+                self._arb.stats.moved_bytes += lease.nbytes
             else:
                 r.record("released", entry)
         self._progress(lease.device)
