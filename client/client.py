@@ -521,8 +521,10 @@ class Client:
         try:
             if reply["state"] == "granted":
                 st.hold(reply)
-            elif not self._conn.wait_for(lambda: st.holding, timeout):
-                raise TurnTimeout(f"no slice granted within {timeout:g} s")
+            else:
+                st.waits += 1
+                if not self._conn.wait_for(lambda: st.holding, timeout):
+                    raise TurnTimeout(f"no slice granted within {timeout:g} s")
             yield st
         finally:
             st.active = False
@@ -556,6 +558,7 @@ class Client:
             if reply["state"] == "granted":
                 st.hold(reply)
             else:
+                st.waits += 1
                 self._conn.wait_for(lambda: st.holding, None)
         finally:
             # Also when the daemon is gone: the context comes back from the
@@ -745,6 +748,7 @@ class TurnState:
         self.asked = 0  # highest slice id aquad asked us to yield
         self.revoked_slice = 0  # highest slice id aquad revoked
         self.yields = 0
+        self.waits = 0  # turns and yields that queued for a grant (not granted in the reply)
         self.revocations = 0
         self.yielded_at = 0.0  # time.monotonic() of the last yield sent
         self.granted_at = 0.0  # ... and of the last grant seen
