@@ -34,6 +34,14 @@ log = logging.getLogger("aqua.vllm")
 
 DEFAULT_IDLE_S = 0.05
 
+_current: TurnKeeper | None = None  # this process's keeper (one vLLM worker per process)
+
+
+def current_stats() -> SliceStats | None:
+    """The counters of this process's keeper, for a metrics path (the KV
+    connector's worker-side stats run in the same process), or None."""
+    return None if _current is None else _current.stats
+
 
 @dataclass
 class SliceStats:
@@ -66,6 +74,8 @@ class TurnKeeper:
         self.device = device
         self.idle_s = idle_s
         self.stats = SliceStats()
+        global _current
+        _current = self
         self._cond = threading.Condition()
         self._turn: AbstractContextManager | None = None
         self._busy = False
