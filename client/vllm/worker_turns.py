@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import aqua
-from aqua.errors import AquaError
+from aqua.errors import AquaError, LimitExceeded, OutOfMemory
 
 log = logging.getLogger("aqua.vllm")
 
@@ -51,7 +51,7 @@ class SliceStats:
     steps: int = 0  # engine steps started under a turn
     turns: int = 0  # turns taken (from idle)
     waits: int = 0  # turns and yields that queued behind another tenant
-    wait_s: float = 0.0  # seconds steps spent waiting for a slice
+    wait_s: float = 0.0  # seconds steps spent waiting for a slice, paging included
     yields: int = 0  # preemptions answered (page-out, yield, page-in)
     revocations: int = 0  # slices aquad took back because we yielded late
     idle_returns: int = 0  # turns given back because the engine went idle
@@ -92,7 +92,9 @@ class TurnKeeper:
         except AquaError as exc:
             log.warning("aqua: no aquad (%s); vLLM serves without GPU time slices", exc)
             return
-        self.pager = aqua.TensorPager(self.client, near=device, in_place=True).install()
+        self.pager = aqua.TensorPager(self.client, near=device, in_place=True)
+        self.client.on_preempt(self._page_out, self.pager.page_in)
+        self._refused = False  # a page-out was refused room: said once
         self.stats.enabled = True
         self._watchdog = threading.Thread(target=self._watch, name="aqua-turns", daemon=True)
         self._watchdog.start()
@@ -148,6 +150,18 @@ class TurnKeeper:
             client.close()
 
     # --- inside, with the lock held -------------------------------------------
+
+    def _page_out(self) -> None:
+        """respond()'s page-out: when aquad has no room for the cache, yield
+        with the cache resident rather than hold the slice until revoked (the
+        pager takes every lease before it touches a byte, so nothing is lost)."""
+        try:
+            self.pager.page_out()
+        except (OutOfMemory, LimitExceeded) as exc:
+            if not self._refused:
+                log.warning("aqua: no room to page the KV cache out (%s); yielding with it "
+                            "resident", exc)
+                self._refused = True
 
     def _take_turn(self) -> None:
         self._register_tensors()
