@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import aqua
-from aqua.errors import AquaError, LimitExceeded, OutOfMemory
+from aqua.errors import AquaError, DaemonUnavailable, LimitExceeded, OutOfMemory
 
 log = logging.getLogger("aqua.vllm")
 
@@ -197,7 +197,8 @@ class TurnKeeper:
 
     def _lost(self, exc: AquaError) -> None:
         """aquad went away (or refused us): serve on without turns."""
-        log.warning("aqua: lost aquad (%s); vLLM keeps serving without GPU time slices", exc)
+        what = "lost aquad" if isinstance(exc, DaemonUnavailable) else "turns failed"
+        log.warning("aqua: %s (%s); vLLM keeps serving without GPU time slices", what, exc)
         client, self.client = self.client, None
         self._turn = None  # its slice went with the daemon
         self.stats.enabled = False
