@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import aqua_protocol as p
+
 from .client import Connection, iter_leases
 from .errors import AquaError, DaemonUnavailable, LimitExceeded
 

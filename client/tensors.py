@@ -16,8 +16,11 @@ device-wide synchronisation.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import ctypes
+import logging
+import mmap
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +29,8 @@ from .errors import AquaError
 
 if TYPE_CHECKING:
     from .client import Client, Lease
+
+log = logging.getLogger("aqua")
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,6 +44,34 @@ def _lease_bytes(lease: Lease, nbytes: int, other: torch.Tensor) -> torch.Tensor
     if other.is_cuda:
         lease.pin()  # a host lease: page-locked so the copy runs at PCIe speed
     return lease.tensor()[:nbytes]
+
+
+_MADV_DONTNEED = 4  # linux/mman.h
+_libc: ctypes.CDLL | None = None
+
+
+def _discard_pages(tensor: torch.Tensor) -> int:
+    """Give the whole pages inside a host tensor's bytes back to the kernel,
+    keeping the address mapped (it reads zeros until written again). Returns
+    the bytes given back; 0 where nothing may be (GPU or pinned memory)."""
+    global _libc
+    if tensor.device.type != "cpu" or tensor.is_pinned():
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    # Whole pages only: the allocator's bookkeeping and any neighbour sharing
+    # the first or last page keep their bytes.
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return 0
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED):
+        # The bytes are safe in the lease either way; only the memory stays in use.
+        log.warning("madvise(MADV_DONTNEED) failed: %s", ctypes.get_errno())
+        return 0
+    return last - first
 
 
 _streams: dict[int, torch.cuda.Stream] = {}
@@ -190,11 +223,20 @@ class TensorPager:
     across preemptions and reused while big enough, so a steady engine does
     no lease round trips on the preemption path.
 
+    With `in_place=True` each tensor keeps its storage and address instead,
+    so views and raw pointers into it stay valid (an engine binds its KV cache
+    into attention layers and kernels by address): page_out gives the pages of
+    host tensors back to the kernel after the copy (the address stays mapped
+    and reads zeros), page_in copies the bytes back into the same memory.
+    Tensors must be contiguous. GPU memory stays allocated in this mode
+    (freeing it under a kept address needs CUDA virtual memory management).
+
         pager = aqua.TensorPager(client, [k_cache, v_cache]).install()
     """
 
     def __init__(self, client: Client, tensors: list[torch.Tensor] = (),
-                 near: int | None = None, *, empty_cache: bool = True) -> None:
+                 near: int | None = None, *, empty_cache: bool = True,
+                 in_place: bool = False) -> None:
         self.client = client
         self.near = near
         # Dropped GPU storage goes back to torch's caching allocator, which
@@ -202,10 +244,12 @@ class TensorPager:
         # of paging out for a tenant sharing the GPU. False keeps the cache
         # (faster page_in) when only this process needs the room.
         self.empty_cache = empty_cache
+        self.in_place = in_place
         self._entries: list[_Paged] = []
         self.paged_out = False
         self.bytes_out = 0
         self.bytes_in = 0
+        self.bytes_discarded = 0  # host memory given back by in-place page-outs
         for t in tensors:
             self.register(t)
 
@@ -214,6 +258,8 @@ class TensorPager:
             raise AquaError("cannot register while paged out")
         if any(e.tensor is tensor for e in self._entries):
             return
+        if self.in_place and not tensor.is_contiguous():
+            raise ValueError("an in-place TensorPager pages contiguous tensors only")
         self._entries.append(_Paged(tensor))
 
     def unregister(self, tensor: torch.Tensor) -> None:
@@ -251,14 +297,27 @@ class TensorPager:
                     copy(_lease_bytes(e.lease, e.nbytes, src), src)
         for e in self._entries:
             t = e.tensor
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            if self.in_place:
+                self.bytes_discarded += _discard_pages(t)
+            else:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             self.bytes_out += e.nbytes
-        if self.empty_cache and any(e.device.type == "cuda" for e in self._entries):
+        if self.empty_cache and not self.in_place and \
+                any(e.device.type == "cuda" for e in self._entries):
             torch.cuda.empty_cache()
         self.paged_out = True
 
     def page_in(self) -> None:
         if not self.paged_out:
+            return
+        if self.in_place:
+            with Copies() as copy:
+                for e in self._entries:
+                    if e.nbytes:
+                        copy(_bytes_of(e.tensor), _lease_bytes(e.lease, e.nbytes, e.tensor))
+            for e in self._entries:
+                self.bytes_in += e.nbytes
+            self.paged_out = False
             return
         fresh = [torch.empty(e.shape, dtype=e.dtype, device=e.device) for e in self._entries]
         with self._locked(), Copies() as copy:

@@ -42,6 +42,7 @@ class TurnMachine:
         self.revoked_slice = 0  # highest slice id the daemon revoked
         self.requeued = False  # asked again of a restarted daemon, not yet granted
         self.yields = 0
+        self.waits = 0  # turn and yield requests that queued (no grant in the reply)
         self.revocations = 0
         self.granted_at = 0.0  # clock() of the last grant seen
         self.yielded_at = 0.0  # ... and of the last yield sent
@@ -72,6 +73,7 @@ class TurnMachine:
         if reply["state"] == "granted":
             self._hold(reply)
             return True
+        self.waits += 1
         return False
 
     @property

@@ -3,6 +3,8 @@
 - `AquaOffloadingSpec`: aqua leases as the KV offload tier of vLLM's
   `OffloadingConnector` (spec_name "AquaOffloadingSpec", spec_module_path
   "aqua.vllm"; or spec_name "aqua" once the plugin is loaded).
+- `AquaWorker`: vLLM's `worker_cls` ("aqua.vllm.AquaWorker"): the engine takes
+  aqua GPU time slices and pages its whole KV cache in place at a preemption.
 - `register()`: the `vllm.general_plugins` entry point vLLM calls in each of
   its processes.
 
@@ -28,7 +30,11 @@ def __getattr__(name: str):
         from . import offload  # noqa: PLC0415
 
         return getattr(offload, name)
+    if name == "AquaWorker":
+        from .worker import AquaWorker  # noqa: PLC0415
+
+        return AquaWorker
     raise AttributeError(name)
 
 
-__all__ = ["AquaOffloadingManager", "AquaOffloadingSpec", "SPEC_NAME", "register"]
+__all__ = ["AquaOffloadingManager", "AquaOffloadingSpec", "AquaWorker", "SPEC_NAME", "register"]

@@ -32,8 +32,9 @@ from vllm.v1.kv_offload.base import (
     TransferResult,
 )
 
-from ..memory import open_handle
 from aqua_protocol.paths import segment_prefix
+
+from ..memory import open_handle
 from .tier import LIVE_LEASES
 
 

@@ -19,9 +19,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aqua_protocol.paths import resolve_socket
+
 from ..client import Client, Lease, connect
 from ..errors import AquaError, DaemonUnavailable, LimitExceeded, OutOfMemory
-from aqua_protocol.paths import resolve_socket
 
 log = logging.getLogger("aqua.vllm")
 
