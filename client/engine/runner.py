@@ -153,9 +153,9 @@ class Engine:
 
     def _prefill(self, r: Request) -> None:
         cache = self._new_cache()
-        out = self.model(self._ids(r.prompt), cache=cache, use_cache=True)
+        out = self.model(self._ids(r.prompt), past_key_values=cache, use_cache=True)
         r.prefilled = True
-        self._caches[r.id] = out.cache
+        self._caches[r.id] = out.past_key_values
         self._emit(r, out.logits)
 
     def _recompute(self, r: Request) -> None:
@@ -164,14 +164,14 @@ class Engine:
         batched prefill can differ from incremental decoding in the last
         bits, so a recomputed request is not guaranteed bit-identical.)"""
         context = r.prompt + r.tokens[:-1]
-        out = self.model(self._ids(context), cache=self._new_cache(), use_cache=True)
-        self._caches[r.id] = out.cache
+        out = self.model(self._ids(context), past_key_values=self._new_cache(), use_cache=True)
+        self._caches[r.id] = out.past_key_values
         self.recomputed_tokens += len(context)
 
     def _decode(self, r: Request) -> None:
         cache = self._caches[r.id]
-        out = self.model(self._ids(r.tokens[-1:]), cache=cache, use_cache=True)
-        self._caches[r.id] = out.cache
+        out = self.model(self._ids(r.tokens[-1:]), past_key_values=cache, use_cache=True)
+        self._caches[r.id] = out.past_key_values
         self._emit(r, out.logits)
 
     @property
