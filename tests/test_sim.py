@@ -329,7 +329,8 @@ def test_paper_sim_writes_one_object_per_policy(tmp_path):
 
 # Published architectures (each model's config.json): hidden size, layers,
 # attention heads, KV heads. The KV bytes per token are what transformers'
-# own cache holds for that architecture, measured on the meta device.
+# implementation of that architecture projects into its cache per token
+# (built on the meta device: no weights).
 PUBLISHED = {
     "llama-2-7b": ("llama", 4096, 32, 32, 32),
     "llama-2-13b": ("llama", 5120, 40, 40, 40),
@@ -353,9 +354,10 @@ def test_each_models_kv_bytes_per_token_is_what_its_architecture_caches(key):
                         num_key_value_heads=kv_heads, intermediate_size=4 * hidden)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
-        out = model(torch.zeros((1, 3), dtype=torch.long), use_cache=True)
-    layer = out.past_key_values.layers[0]
-    per_layer = (layer.keys.numel() + layer.values.numel()) // 3 * layer.keys.element_size()
+    # What one layer caches per token: its key and value projections' outputs.
+    proj = {name.rsplit(".", 1)[-1]: mod for name, mod in model.named_modules()
+            if name.endswith(("k_proj", "v_proj"))}
+    per_layer = (proj["k_proj"].out_features + proj["v_proj"].out_features) * 2  # fp16
     assert MODELS[key].kv_bytes_per_token == per_layer * layers
     assert MODELS[key].layers == layers
 
