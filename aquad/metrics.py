@@ -91,8 +91,9 @@ class Snapshot:
 
 def take_snapshot(server: Server, *, tenant_labels: bool = False) -> Snapshot:
     """On the loop: copy what a scrape shows."""
-    from . import __version__
     from aqua_protocol import PROTOCOL_VERSION
+
+    from . import __version__
 
     arb = server.arbiter
     sched = arb.scheduler

@@ -30,8 +30,8 @@ from . import logs
 from .busypoll import BusyPoll
 from .core.arbiter import Arbiter, Outcome
 from .core.budget import TimeBudget
-from .core.tenants import Tenant
 from .core.stats import RequestStats
+from .core.tenants import Tenant
 from .feed import Feed
 from .notify import Notifier
 from .rundir import SocketLock, StartupError, prepare_directory

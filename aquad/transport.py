@@ -40,8 +40,8 @@ from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
 
 from . import zmtp
-from .logs import line
 from .core.tenants import Peer
+from .logs import line
 
 log = logging.getLogger("aquad")
 

@@ -10,8 +10,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-import aqua_protocol as p
 import zmq
+
+import aqua_protocol as p
 from aqua.testing import PrivateDaemon, private_daemon
 from aqua_demo.stats import percentile
 from aqua_protocol.paths import endpoint
@@ -52,7 +53,8 @@ while True:
 
 RELAY_PEER = """
 import json, sys, time, zmq
-endpoint, first, pause, rounds = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), int(sys.argv[4])
+endpoint, first = sys.argv[1], sys.argv[2] == "1"
+pause, rounds = float(sys.argv[3]), int(sys.argv[4])
 ctx = zmq.Context()
 sock = ctx.socket(zmq.DEALER)
 sock.connect(endpoint)

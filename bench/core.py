@@ -41,13 +41,11 @@ import time
 import msgpack
 import torch
 import zmq
+from _common import aquad, echo_server, percentiles, pinned, write_json
 
 import aqua
 import aqua_protocol as p
 from aqua_protocol.paths import endpoint
-
-from _common import aquad, echo_server, percentiles, pinned, write_json
-
 
 CHUNK = 250  # round trips per turn; echo and aquad alternate so noise hits both
 
@@ -168,8 +166,8 @@ def bench_bandwidth(client: aqua.Client, mib: int, repeats: int = 7) -> dict:
         leased = lease.tensor()
 
         def via_lease() -> None:
-            leased.copy_(src)
-            dst.copy_(leased)
+            leased.copy_(src)  # noqa: F821 (deleted only after the last call)
+            dst.copy_(leased)  # noqa: F821
 
         def via_plain() -> None:
             plain.copy_(src)

@@ -33,20 +33,18 @@ from pathlib import Path
 
 import msgpack
 import zmq
+from _common import Aquad, aquad_process, percentiles, write_json
 
 import aqua
 import aqua_protocol as p
 from aqua.ctl import table
-
-from _common import Aquad, aquad_process, percentiles, write_json
 
 # The attacks are the hostile tests' own (same snippets, same helpers), so the
 # table measures exactly what the suite guards against.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.conftest import Tenant, wait_until  # noqa: E402
 from tests.test_hog import ENGINE, HOG, _held  # noqa: E402
-from tests.test_hostile import (FIRST_GENERATED_ID, FLOODER, _ask, _dealer,  # noqa: E402
-                                _lease_many, _rss_kib)
+from tests.test_hostile import FIRST_GENERATED_ID, FLOODER, _ask, _dealer, _lease_many, _rss_kib  # noqa: E402
 from tests.test_quotas import OTHER_TENANT  # noqa: E402
 from tests.test_trust import NBYTES, VICTIM, VICTIM_CODE, Impostor, attacker_dir  # noqa: E402
 
@@ -366,7 +364,8 @@ def _hog_shares(d: Aquad, windows: int, revocations: int) -> list[float]:
     shares = []
     for _ in range(windows):
         hog0, all0, seen = _held(d)
-        assert wait_until(lambda: revoked() >= seen + revocations, timeout=10, interval=0.005)
+        assert wait_until(lambda: revoked() >= seen + revocations,  # noqa: B023 (called here)
+                           timeout=10, interval=0.005)
         hog1, all1, _ = _held(d)
         shares.append((hog1 - hog0) / (all1 - all0))
     return shares

@@ -26,9 +26,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from aqua.errors import AquaError
-
 from _common import aquad, write_json
+
+from aqua.errors import AquaError
 
 EXIT_NO_GPU = 2
 

@@ -149,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     if "fcfs" in results:
         for p in ("host_swap", "aqua", "recompute"):
             if p in results and results[p]["ttft_p99_s"]:
-                print(f"TTFT p99: {p} {results['fcfs']['ttft_p99_s'] / results[p]['ttft_p99_s']:.1f}x "
+                gain = results["fcfs"]["ttft_p99_s"] / results[p]["ttft_p99_s"]
+                print(f"TTFT p99: {p} {gain:.1f}x "
                       f"better than fcfs", end="; ")
         print()
     if "host_swap" in results and "aqua" in results:
         h, a = results["host_swap"], results["aqua"]
-        print(f"paging stall: host_swap {h['paging_stall_s']:.1f} s, aqua {a['paging_stall_s']:.1f} s"
+        print(f"paging stall: host_swap {h['paging_stall_s']:.1f} s, "
+              f"aqua {a['paging_stall_s']:.1f} s"
               + (f" ({h['paging_stall_s'] / a['paging_stall_s']:.1f}x less)"
                  if a["paging_stall_s"] else ""))
     reclaim = None

@@ -29,17 +29,17 @@ import sys
 import tempfile
 import time
 
+import aqua_protocol as p
 from aqua.client import Connection, wait_for_daemon
 from aqua_demo.stats import percentile
 from aqua_protocol.paths import segment_prefix
-
-import aqua_protocol as p
 
 SHM = "/dev/shm"
 
 TENANT = r"""
 import json, select, sys, time, torch, aqua
-sock, name, slots, nbytes, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+sock, name = sys.argv[1], sys.argv[2]
+slots, nbytes, seed = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(1)
 client = aqua.connect(tenant=name, device=0, socket=sock)
 gen = torch.Generator().manual_seed(seed)

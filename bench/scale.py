@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Callable
 
 import zmq
-
 from _common import Aquad, aquad_process, write_json
+
 import aqua_protocol as p
 from aqua_protocol.paths import endpoint
 from aquad.core.scheduler import Preempt, Scheduler

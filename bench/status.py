@@ -25,12 +25,11 @@ import time
 
 import msgpack
 import zmq
+from _common import aquad, percentiles, write_json
 
 import aqua_protocol as p
 from aqua.client import Connection, iter_leases
 from aqua_protocol.paths import endpoint
-
-from _common import aquad, percentiles, write_json
 
 CONFIG = """\
 max_leases_per_tenant = 200000

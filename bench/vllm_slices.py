@@ -25,7 +25,8 @@ also halve each engine's KV memory, which this cannot show. Paging is a copy
 within host RAM (about a millisecond per MiB), far cheaper than any PCIe or
 NVLink move; other work on the machine adds noise to both modes alike.
 
-    python bench/vllm_slices.py [--tenants 2] [--bursts 3] [--period 4] [--burst-size 6] [--json FILE]
+    python bench/vllm_slices.py [--tenants 2] [--bursts 3] [--period 4] [--burst-size 6]
+        [--json FILE]
 """
 
 from __future__ import annotations

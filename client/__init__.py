@@ -51,8 +51,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyRegistered", "AquaError", "BadRequest", "Client", "Connection", "DaemonGone",
     "DaemonNotResponding", "DaemonNotRunning", "DaemonUnavailable", "FrameTooLarge",
-    "InternalError", "Lease", "TensorPager", "TurnMachine", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
-    "OutOfMemory", "PermissionDenied", "ShuttingDown", "TurnTimeout", "UnknownOp", "UnsupportedVersion",
+    "InternalError", "Lease", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
+    "OutOfMemory", "PermissionDenied", "ShuttingDown", "TensorPager", "TurnMachine", "TurnTimeout",
+    "UnknownOp", "UnsupportedVersion",
     "UntrustedDaemon",
     "connect", "resolve_socket",
 ]

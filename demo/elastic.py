@@ -59,8 +59,9 @@ def lender_main(job: dict[str, Any]) -> int:
 
 def borrower_main(job: dict[str, Any]) -> int:
     """Offload, serve (restore + compare) until told to stop, verify, report."""
-    import aqua  # noqa: PLC0415
     import torch  # noqa: PLC0415
+
+    import aqua  # noqa: PLC0415
 
     name = job["name"]
     torch.set_num_threads(1)

@@ -39,8 +39,9 @@ TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
 def tenant_main(name: str, device: int, layers: int, layer_mib: int) -> int:
     """One tenant: offload a fake KV cache, wait for 'go', restore, verify."""
-    import aqua  # noqa: PLC0415
     import torch  # noqa: PLC0415
+
+    import aqua  # noqa: PLC0415
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     per_layer = layer_mib * 2**20 // 2  # fp16 elements

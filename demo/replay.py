@@ -103,8 +103,9 @@ def build_model(size: str, seed: int):
 
 def tenant_main(spec_json: str) -> int:
     """One tenant process: replay its arrivals, print one JSON line of results."""
-    import aqua  # noqa: PLC0415
     import torch  # noqa: PLC0415
+
+    import aqua  # noqa: PLC0415
     from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
 
     job = json.loads(spec_json)
@@ -114,7 +115,8 @@ def tenant_main(spec_json: str) -> int:
     torch.set_num_threads(1)
     model = build_model(spec.size, job["seed"])
     rng = random.Random(job["seed"] + 1)
-    client = aqua.connect(spec.name, job["device"], socket=job["socket"]) if mode == "aqua" else None
+    client = (aqua.connect(spec.name, job["device"], socket=job["socket"]) if mode == "aqua"
+              else None)
     policy = "fair" if mode == "aqua" else "fcfs"
     engine = Engine(model, PromptScheduler(policy, spec.kv_budget, spec.slice_tokens), client)
     pending = list(spec.arrivals)
@@ -177,8 +179,8 @@ def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
             daemon.start()
             start = time.monotonic() + 3.0 + 0.5 * len(tenants)  # after imports
             for i, spec in enumerate(tenants):
-                job = {"mode": mode, "start": start, "seed": seed + i, "socket": socket, "device": i,
-                       "tenant": asdict(spec)}
+                job = {"mode": mode, "start": start, "seed": seed + i, "socket": socket,
+                       "device": i, "tenant": asdict(spec)}
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "aqua_demo.replay", json.dumps(job)],
                     stdout=subprocess.PIPE, text=True))

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from aquad.core.topology import Tier
+
 from .hardware import Server
 
 Port = tuple[str, int, str]  # (link kind, device, "in" | "out")

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from aqua_demo.stats import percentile, service_summary
 from aqua_protocol import messages as m
-
 from aquad.core.tenants import Peer
 
 if TYPE_CHECKING:
@@ -145,7 +144,8 @@ def reclaim_table(cost: dict) -> str:
         f"borrowers to move {c['leases_notified']} leases ({c['bytes_notified'] / GB:.1f} GB)",
         f"  moved {c['moved_count']} leases ({c['moved_bytes'] / GB:.1f} GB of leases), "
         f"copied {tiers} ({c['copy_s']:.3f} s of link time); the last move done after "
-        f"{c['moves_done_s']:.3f} s, the reclaim after {c['elapsed_s']:.3f} s; released {c['released_count']}, fenced {c['fenced_count']}, "
+        f"{c['moves_done_s']:.3f} s, the reclaim after {c['elapsed_s']:.3f} s; released "
+        f"{c['released_count']}, fenced {c['fenced_count']}, "
         f"dropped for want of room {c['dropped']}",
         f"  over the whole run: extra paging stall {c['extra_paging_stall_s']:+.3f} s, extra "
         f"recomputed tokens {c['extra_recomputed_tokens']:+d}",

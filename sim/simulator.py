@@ -49,10 +49,10 @@ from aqua_demo.stats import service_summary
 from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
 from aqua_protocol.turns import TurnMachine
-
 from aquad.core.arbiter import Arbiter, Limits
 from aquad.core.quotas import UNLIMITED
 from aquad.core.tenants import Peer
+
 from .backend import SimBackend
 from .fabric import Fabric
 from .hardware import Server, vllm_limits

@@ -4,7 +4,6 @@ the feed's bounds (subscribers, a reader too slow) performed for real."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys

@@ -466,7 +466,7 @@ def test_a_request_flood_does_not_hold_back_scheduler_events(start_daemon):
 
 def test_a_dropped_tenant_is_told_instead_of_waiting_forever(start_daemon, tenants):
     daemon = start_daemon("--grace-ms", "30000")  # the holder keeps its slice
-    holder = start_holder(tenants, daemon)
+    start_holder(tenants, daemon)
     waiter = tenants(daemon, """
         import aqua
         client = aqua.connect(tenant="waiter", device=0)

@@ -45,7 +45,8 @@ def parse(text: str) -> dict[str, list]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    rows = [v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())]
+    rows = [v for lab, v in samples.get(name, [])
+            if all(lab.get(k) == x for k, x in labels.items())]
     assert len(rows) == 1, (name, labels, samples.get(name))
     return rows[0]
 

@@ -89,9 +89,9 @@ def test_counters_agree_with_a_model(steps):
         peer = Peer(1, uid, 7 if uid != 1002 else 8)
 
         def total(pred) -> int:
-            return sum(a for u, k, a in held if k == kind and pred(u))
+            return sum(a for u, k, a in held if k == kind and pred(u))  # noqa: B023
 
-        fits = total(lambda u: u == uid) + amount <= limit[kind] and not (
+        fits = total(lambda u: u == uid) + amount <= limit[kind] and not (  # noqa: B023
             kind == "leases" and peer.gid == 7
             and total(lambda u: u != 1002) + amount > 8)
         assert (quotas.refusal(peer, **{kind: amount}) is None) == fits

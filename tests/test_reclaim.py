@@ -313,8 +313,8 @@ def test_random_cycles_lose_no_byte(tmp_path):
                     f.write(payload)
                 held[target][new["lease"]] = (new["handle"]["name"], payload)
                 w.call(target, m.Release(lease=lid))
-        for conn_, leases in held.items():
-            for lid, (name, payload) in leases.items():
+        for leases in held.values():
+            for name, payload in leases.values():
                 if name:
                     with open(os.path.join(w.dir, name), "rb") as f:
                         assert f.read(len(payload)) == payload

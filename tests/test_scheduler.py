@@ -244,7 +244,7 @@ class Sim:
     def close_books(self) -> dict[str, float]:
         """Held seconds per tenant including open turns, at the current time."""
         out = dict(self.held)
-        for name, g in self.cur.items():
+        for name, _g in self.cur.items():
             out[name] = out.get(name, 0.0) + self.now - self.granted_at[name]
         return out
 

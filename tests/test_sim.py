@@ -8,9 +8,6 @@ import pytest
 
 import aquad.core.arbiter as arbiter_mod
 from aqua.engine.scheduler import PromptScheduler
-from aquad.core.arbiter import Arbiter
-from aquad.core.scheduler import Scheduler
-from aquad.core.topology import Tier
 from aqua_sim import GPUS, MODELS, Arrival, Costs, Scenario, Server, Simulation, TenantSpec
 from aqua_sim.fabric import Fabric
 from aqua_sim.hardware import GB, load_server, server_from_dict
@@ -18,6 +15,9 @@ from aqua_sim.long_prompt import long_prompt
 from aqua_sim.report import table
 from aqua_sim.scenarios import paper_scenario
 from aqua_sim.workload import bursty, fit, from_trace
+from aquad.core.arbiter import Arbiter
+from aquad.core.scheduler import Scheduler
+from aquad.core.topology import Tier
 
 H100 = GPUS["h100-sxm"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 
 import aqua
 
-from .conftest import start_holder, wait_until
+from .conftest import start_holder
 
 # A cooperative engine loop: respond() at the top of every iteration, its
 # tensors registered with the default pager; logs each iteration's span.
@@ -66,7 +65,7 @@ def test_three_tenants_take_turns_and_keep_their_tensors(start_daemon, tenants):
     results = run_engines(tenants, daemon, ["alpha", "beta", "gamma"])
     spans = sorted((s[0], s[1], name) for name, r in results.items() for s in r["spans"])
     # Mutual exclusion: no two tenants' iterations overlap in time.
-    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+    for (_a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
         assert an == bn or a1 <= b0 + 1e-4, f"{an} and {bn} overlap"
     # Turns: consecutive runs of iterations by the same tenant, in rotation.
     runs = [spans[0][2]]
@@ -150,7 +149,7 @@ def test_a_holder_that_dies_frees_its_slice_at_once(start_daemon, tenants):
 
 def test_turn_times_out_cleanly(start_daemon, tenants):
     daemon = start_daemon("--quantum-ms", "20", "--grace-ms", "30000")
-    holder = start_holder(tenants, daemon)
+    start_holder(tenants, daemon)
     with aqua.connect("impatient", 0, socket=daemon.socket) as client:
         t0 = time.monotonic()
         try:

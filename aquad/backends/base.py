@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..core.topology import Topology
 from ..core.tenants import Peer
+from ..core.topology import Topology
 
 
 class BackendError(Exception):

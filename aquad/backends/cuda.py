@@ -38,8 +38,7 @@ from ..config import ConfigError
 from ..core.tenants import Peer
 from ..core.topology import Topology
 from .base import BackendError
-from .discovery import (Discovery, GpuPolicy, build_topology, match_ordinals, query_free,
-                        query_nvml)
+from .discovery import Discovery, GpuPolicy, build_topology, match_ordinals, query_free, query_nvml
 from .host import HostBackend, ShmSegment
 
 log = logging.getLogger("aquad")

@@ -9,9 +9,8 @@ devices come last within a tier: their memory is what it is trying to free.
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Collection, Mapping
+from typing import Any
 
 from .allocator import GranuleAllocator
 from .topology import Tier, Topology

@@ -119,13 +119,17 @@ def _live(entry: tuple[Any, ...]) -> bool:
     return bool(entry[-2] == entry[-1].ticket)
 
 
-def _top(heap: list[Any], live: Callable[[tuple[Any, ...]], bool] = _live) -> tuple[Any, ...] | None:
+Entry = tuple[Any, ...]  # (sort key..., ticket, runner)
+
+
+def _top(heap: list[Any], live: Callable[[Entry], bool] = _live) -> Entry | None:
     while heap and not live(heap[0]):
         heapq.heappop(heap)
     return heap[0] if heap else None
 
 
-def _push(heap: list[Any], entry: tuple[Any, ...], members: int, live: Callable[[tuple[Any, ...]], bool] = _live) -> None:
+def _push(heap: list[Any], entry: Entry, members: int,
+          live: Callable[[Entry], bool] = _live) -> None:
     heapq.heappush(heap, entry)
     # Dead entries deep in a heap surface only when all above them go; drop
     # them in one pass once they outnumber the live ones (amortized O(1)).
@@ -149,7 +153,8 @@ class _Group:
     members: int = 0
     by_vruntime: list[Any] = field(default_factory=list)  # (vruntime, order, ticket, runner)
     eligible: list[Any] = field(default_factory=list)  # (seq, ticket, runner)
-    ahead: list[Any] = field(default_factory=list)  # (vruntime, order, ticket, runner): not eligible yet
+    # (vruntime, order, ticket, runner): not eligible yet
+    ahead: list[Any] = field(default_factory=list)
     threshold: float = -math.inf  # eligibility bound at the last promotion
 
     def least(self) -> Runner:
