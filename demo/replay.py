@@ -5,7 +5,8 @@ Llama of its own size, seeded random weights, nothing downloaded), replays
 the arrivals in real time and collects every request's token times. The two
 modes share the engine code path:
 
-- ``baseline``: fcfs admission bounded by the KV budget, no preemption, and
+- ``baseline``: vLLM's scheduling (PromptScheduler's fcfs: admission on prompt
+  blocks, newest-first preemption by recompute when blocks run out), and
   tenants run side by side as the OS schedules them;
 - ``aqua``: fair prompt-level time sharing, preempted KV caches paged into
   leases, and tenants take GPU turns from aquad (respond() every step).
