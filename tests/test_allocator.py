@@ -95,26 +95,15 @@ def test_bad_free_raises_and_changes_nothing(size):
     assert snapshot(a) == before
 
 
-def test_resize():
+def test_set_capacity_rounds_down_and_counts_what_must_move():
     a = GranuleAllocator(4 * G, G)
     a.allocate(2 * G)
-    a.resize(8 * G + 7)
-    assert (a.capacity, a.free) == (8 * G, 6 * G)
-    a.resize(2 * G)
-    assert (a.capacity, a.free) == (2 * G, 0)
-    before = snapshot(a)
-    with pytest.raises(OutOfCapacity):
-        a.resize(2 * G - 1)  # rounds down below what is used
-    assert snapshot(a) == before
-
-
-@pytest.mark.parametrize("capacity", [-1, -G, -10 * G])
-def test_resize_to_negative_capacity_is_refused(capacity):
-    a = GranuleAllocator(4 * G, G)
-    before = snapshot(a)
-    with pytest.raises((ValueError, OutOfCapacity)):
-        a.resize(capacity)
-    assert snapshot(a) == before
+    a.set_capacity(8 * G + 7)
+    assert (a.capacity, a.free, a.over) == (8 * G, 6 * G, 0)
+    a.set_capacity(G + 1)  # below what is in use: a reclaim's shortfall
+    assert (a.capacity, a.free, a.over) == (G, 0, G)
+    a.set_capacity(-5)
+    assert (a.capacity, a.over) == (0, 2 * G)
 
 
 # --- stateful -------------------------------------------------------------------
@@ -194,19 +183,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert snapshot(self.a) == before
 
     @precondition(lambda self: self.a is not None)
-    @rule(capacity=st.integers(0, 80 * 1024))
-    def resize(self, capacity):
+    @rule(capacity=st.integers(-10, 80 * 1024))
+    def set_capacity(self, capacity):
+        # A reclaim may take capacity below what is in use: `over` is what
+        # must move away, and nothing more is granted meanwhile.
         a = self.a
-        before = snapshot(a)
-        rounded = capacity - capacity % a.granule
-        if rounded < a.used:
-            with pytest.raises(OutOfCapacity):
-                a.resize(capacity)
-            assert snapshot(a) == before
-        else:
-            a.resize(capacity)
-            assert a.capacity == rounded
-            assert a.used == before[2]
+        used = a.used
+        a.set_capacity(capacity)
+        assert a.capacity == max(0, capacity - capacity % a.granule)
+        assert a.used == used and a.over == max(0, used - a.capacity)
 
     @precondition(lambda self: self.a is not None)
     @rule()
@@ -222,8 +207,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         a = self.a
         if a is None:
             return
-        assert a.used + a.free == a.capacity
-        assert 0 <= a.used <= a.capacity
+        assert a.free == max(0, a.capacity - a.used)
+        assert a.over == max(0, a.used - a.capacity)
+        assert 0 <= a.used
         assert a.capacity % a.granule == 0
         assert a.used == sum(self.live)  # no leak, nothing double counted
         assert all(c > 0 and c % a.granule == 0 for c in self.live)

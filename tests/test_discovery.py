@@ -21,12 +21,17 @@ from aquad.backends.discovery import (
 )
 from aquad.config import ConfigError
 from aquad.core.allocator import GranuleAllocator
-from aquad.core.placer import place
+from aquad.core.placer import Placer
 from aquad.core.topology import Tier
 
 GiB = 2**30
 H100 = 80 * GiB
 PCIE5 = 16 * disc.PCIE_LANE_GBPS[5]
+
+
+def place(topology, pools, nbytes: int, near: int, home=()) -> int | None:
+    """One placement by a fresh Placer (the arbiter keeps one per topology)."""
+    return Placer(topology)(pools, nbytes, near, home)
 
 
 def gpus(n: int = 8, *, total: int = H100, free: int = 79 * GiB) -> list[GpuInfo]:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aquad.core.allocator import GranuleAllocator
-from aquad.core.placer import Placer, place, tier_of
+from aquad.core.placer import Placer, tier_of
 from aquad.core.topology import HOST_LINK, Device, Link, Tier, Topology
 
 G = 2**20  # granule
@@ -19,6 +19,11 @@ HOST = 8  # id of the host-DRAM device in every topology below
 NV = 300e9
 NV_WIDE = 600e9
 PCIE = 25e9
+
+
+def place(topology, pools, nbytes: int, near: int, home=()) -> int | None:
+    """One placement by a fresh Placer (the arbiter keeps one per topology)."""
+    return Placer(topology)(pools, nbytes, near, home)
 
 
 def gpus(n: int = 8) -> list[Device]:

@@ -65,15 +65,6 @@ class GranuleAllocator:
             raise ValueError(f"cannot return {size} bytes (used {self.used})")
         self.used -= size
 
-    def resize(self, capacity: int) -> None:
-        """Change capacity (an operator or reclaim shrinking a device's spare
-        memory). Never below what is in use: shrinking past that is a reclaim,
-        which first moves leases away."""
-        capacity -= capacity % self.granule
-        if capacity < self.used:
-            raise OutOfCapacity(self.used - capacity, self.free)
-        self.capacity = capacity
-
     def set_capacity(self, capacity: int) -> None:
         """Take capacity back even below what is in use (a reclaim): the
         excess (`over`) is what leases must move away before it is done."""

@@ -56,17 +56,5 @@ class Placer:
         return tuple(tuple(sorted(by_key[k])) for k in sorted(by_key))
 
 
-def place(
-    topology: Topology,
-    pools: Mapping[int, GranuleAllocator],
-    nbytes: int,
-    near: int,
-    home: Collection[int] = (),
-) -> int | None:
-    """Device id for a lease of `nbytes` for a tenant on `near`, or None
-    (a one-off Placer: the arbiter keeps one for its topology)."""
-    return Placer(topology)(pools, nbytes, near, home)
-
-
 def tier_of(topology: Topology, near: int, device: int) -> Tier:
     return topology.link(near, device).tier
