@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 from aqua_demo.trace import read_trace  # noqa: E402
-from aqua_sim import GPUS, MODELS, POLICIES, Server, load_server  # noqa: E402
+from aqua_sim import GPUS, MODELS, POLICIES, ServerSpec, load_server  # noqa: E402
 from aqua_sim.long_prompt import long_prompt  # noqa: E402
 from aqua_sim.reclaim import LoadStep, reclaim_cost, reclaim_table  # noqa: E402
 from aqua_sim.report import long_prompt_table, plot, table  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.reclaim_deadline)
         except ValueError as exc:
             ap.error(str(exc))
-    server = load_server(args.topology) if args.topology else Server(GPUS[args.gpu])
+    server = load_server(args.topology) if args.topology else ServerSpec(GPUS[args.gpu])
     rows = read_trace(os.path.join(TRACES, f"azure-llm-2023-{args.trace}.csv"))
     if args.workload == "trace":
         scenario = paper_scenario(server, rows, requests=args.requests,

@@ -36,39 +36,39 @@ VOCAB = 1024
 
 
 @dataclass
-class Arrival:
+class ReplayArrival:
     t: float  # seconds after the start
     prompt_len: int
     max_new: int
 
 
 @dataclass
-class TenantSpec:
+class ReplayTenant:
     name: str
     size: str
-    arrivals: list[Arrival]
+    arrivals: list[ReplayArrival]
     kv_budget: int  # tokens of KV cache the tenant may keep resident
     slice_tokens: int = 5
 
 
 def bursty(n: int, burst: int, seed: int, *, spread: float = 4.0, max_new: int = 24,
-           prompt: tuple[int, int] = (16, 96)) -> list[Arrival]:
+           prompt: tuple[int, int] = (16, 96)) -> list[ReplayArrival]:
     """`n - burst` requests spread over `spread` seconds, plus `burst`
     requests arriving together a third of the way in."""
     rng = random.Random(seed)
     times = sorted(rng.uniform(0, spread) for _ in range(n - burst))
     times += [spread / 3 + rng.uniform(0, 0.02) for _ in range(burst)]
-    return sorted((Arrival(t, rng.randint(*prompt), max_new) for t in times),
+    return sorted((ReplayArrival(t, rng.randint(*prompt), max_new) for t in times),
                   key=lambda a: a.t)
 
 
 def default_tenants(requests: int = 26, burst: int = 18, seed: int = 0, *,
                     max_new: int = 40, concurrency: int = 3, spread: float = 4.0,
-                    sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[TenantSpec]:
+                    sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[ReplayTenant]:
     """The demo's workload: one tenant per model size, each with `requests`
     requests of which `burst` arrive together; each tenant's KV budget holds
     about `concurrency` requests at their largest."""
-    return [TenantSpec(f"llama-{size}", size,
+    return [ReplayTenant(f"llama-{size}", size,
                        bursty(requests, burst, seed + i, spread=spread, max_new=max_new),
                        kv_budget=concurrency * (96 + max_new))
             for i, size in enumerate(sizes)]
@@ -76,16 +76,16 @@ def default_tenants(requests: int = 26, burst: int = 18, seed: int = 0, *,
 
 def trace_tenants(path: str, requests: int, *, time_scale: float, seed: int = 0,
                   max_new: int = 32, concurrency: int = 3,
-                  sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[TenantSpec]:
+                  sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[ReplayTenant]:
     """Tenants replaying a real trace: consecutive requests dealt round-robin
     to the tenants, arrival times divided by `time_scale`, prompt lengths
     /10 and output lengths /8 (clamped to what the small models serve)."""
-    arrivals: list[list[Arrival]] = [[] for _ in sizes]
+    arrivals: list[list[ReplayArrival]] = [[] for _ in sizes]
     for i, (t, context, generated) in enumerate(read_trace(path, requests * len(sizes))):
         prompt = min(96, max(4, context // 10))
         new = min(max_new, max(1, generated // 8))
-        arrivals[i % len(sizes)].append(Arrival(t / time_scale, prompt, new))
-    return [TenantSpec(f"llama-{size}", size, arrivals[i], concurrency * (96 + max_new))
+        arrivals[i % len(sizes)].append(ReplayArrival(t / time_scale, prompt, new))
+    return [ReplayTenant(f"llama-{size}", size, arrivals[i], concurrency * (96 + max_new))
             for i, size in enumerate(sizes)]
 
 
@@ -110,7 +110,7 @@ def tenant_main(spec_json: str) -> int:
     from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
 
     job = json.loads(spec_json)
-    spec = TenantSpec(**{**job["tenant"], "arrivals": [Arrival(**a) for a in
+    spec = ReplayTenant(**{**job["tenant"], "arrivals": [ReplayArrival(**a) for a in
                                                       job["tenant"]["arrivals"]]})
     mode, start = job["mode"], job["start"]
     torch.set_num_threads(1)
@@ -159,7 +159,7 @@ def tenant_main(spec_json: str) -> int:
     return 0
 
 
-def run_mode(mode: str, tenants: list[TenantSpec], *, seed: int,
+def run_mode(mode: str, tenants: list[ReplayTenant], *, seed: int,
              progress: bool = False, daemon_figures: dict | None = None) -> list[dict]:
     """Run one mode end to end; returns each tenant's result document.
     `daemon_figures`: filled with aquad's own figures, scraped from its
@@ -228,7 +228,7 @@ def _progress(mode: str, procs: list[subprocess.Popen], start: float, expected: 
         print(file=sys.stderr)
 
 
-def compare(tenants: list[TenantSpec], *, seed: int = 0, progress: bool = False,
+def compare(tenants: list[ReplayTenant], *, seed: int = 0, progress: bool = False,
             metrics: bool = False) -> dict:
     """Both modes on the same workload: {"baseline": ..., "aqua": ..., "wall_s"};
     with `metrics`, aqua's summary has aquad's own figures ("daemon")."""

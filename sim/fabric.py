@@ -18,13 +18,13 @@ from collections.abc import Callable
 
 from aquad.core.topology import Tier
 
-from .hardware import Server
+from .hardware import ServerSpec
 
 Port = tuple[str, int, str]  # (link kind, device, "in" | "out")
 
 
 class Fabric:
-    def __init__(self, server: Server, *, clock: Callable[[], float] = lambda: 0.0,
+    def __init__(self, server: ServerSpec, *, clock: Callable[[], float] = lambda: 0.0,
                  hbm_efficiency: float = 0.8) -> None:
         self.server = server
         self._clock = clock  # bookings that end before it can be forgotten

@@ -41,7 +41,7 @@ GPUS: dict[str, GpuSpec] = {
 
 
 @dataclass(frozen=True)
-class Server:
+class ServerSpec:
     """A scale-up server: `gpus` of one spec, NVLink islands, a host."""
 
     gpu: GpuSpec
@@ -147,7 +147,7 @@ def vllm_limits(gpu: GpuSpec) -> tuple[int, int]:
     return 256, 2048
 
 
-def load_server(path: str) -> Server:
+def load_server(path: str) -> ServerSpec:
     """Read a server from TOML: `gpu` (a name in GPUS or a table of GpuSpec
     fields), `gpus`, `nvlink_islands`, efficiencies, `host_pool_gib`."""
     with open(path, "rb") as f:
@@ -155,7 +155,7 @@ def load_server(path: str) -> Server:
     return server_from_dict(doc, where=path)
 
 
-def server_from_dict(doc: dict[str, Any], *, where: str = "server") -> Server:
+def server_from_dict(doc: dict[str, Any], *, where: str = "server") -> ServerSpec:
     known = {"gpu", "gpus", "nvlink_islands", "pcie_efficiency", "nvlink_efficiency",
              "copy_latency_s", "host_pool_gib"}
     unknown = sorted(set(doc) - known)
@@ -183,4 +183,4 @@ def server_from_dict(doc: dict[str, Any], *, where: str = "server") -> Server:
             kwargs[key] = float(doc[key])
     if "host_pool_gib" in doc:
         kwargs["host_pool_bytes"] = float(doc["host_pool_gib"]) * GiB
-    return Server(**kwargs)
+    return ServerSpec(**kwargs)

@@ -9,11 +9,11 @@ is the whole point of putting it in a peer GPU's HBM instead of host DRAM.
 from __future__ import annotations
 
 from .fabric import Fabric
-from .hardware import Server
+from .hardware import ServerSpec
 from .workload import MODELS, Costs
 
 
-def long_prompt(server: Server, *, model: str = "opt-30b", prompt: int = 8192,
+def long_prompt(server: ServerSpec, *, model: str = "opt-30b", prompt: int = 8192,
                 offloaded: float = 0.5, steps: int = 16) -> dict:
     """Decode tokens/s with `offloaded` of the KV cache on a peer GPU over
     NVLink ("aqua"), in host DRAM over PCIe ("host"), or all on the GPU

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from .hardware import GB, Server
-from .simulator import Scenario, TenantSpec
+from .hardware import GB, ServerSpec
+from .simulator import Scenario, SimTenant
 from .workload import MODELS, Arrival, bursty, from_trace
 
 
-def producer_spare(server: Server, footprint: float, headroom: float = 4 * GB) -> int:
+def producer_spare(server: ServerSpec, footprint: float, headroom: float = 4 * GB) -> int:
     """Spare HBM of a GPU whose own model needs `footprint` bytes at its peak
     useful batch (what the paper's profiler measures), less headroom."""
     return max(0, int(server.gpu.hbm_bytes - footprint - headroom))
 
 
-def paper_scenario(server: Server, rows: list[tuple[float, int, int]], *,
+def paper_scenario(server: ServerSpec, rows: list[tuple[float, int, int]], *,
                    requests: int, consumers: int = 4, model: str = "llama-2-13b",
                    producer_footprint: float = 20 * GB, time_scale: float | None = None,
                    burst: tuple[float, int, float] | None = None,
@@ -30,7 +30,7 @@ def paper_scenario(server: Server, rows: list[tuple[float, int, int]], *,
         raise ValueError(f"consumers must be 1..{server.gpus}")
     spec = MODELS[model]
     order = server.spread()  # consumers spread over NVLink islands
-    tenants = tuple(TenantSpec(f"{model}@gpu{g}", model, g) for g in sorted(order[:consumers]))
+    tenants = tuple(SimTenant(f"{model}@gpu{g}", model, g) for g in sorted(order[:consumers]))
     spare = {g: producer_spare(server, producer_footprint) for g in order[consumers:]}
     arrivals: list[Arrival]
     if burst is not None:

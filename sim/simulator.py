@@ -55,7 +55,7 @@ from aquad.core.tenants import Peer
 
 from .backend import SimBackend
 from .fabric import Fabric
-from .hardware import Server, vllm_limits
+from .hardware import ServerSpec, vllm_limits
 from .reclaim import Lender, LoadStep
 from .workload import MODELS, Arrival, Costs, kv_budget_tokens
 
@@ -64,7 +64,7 @@ BLOCK_TOKENS = 16  # KV-cache block (vLLM's default): the unit of a dirty copy
 
 
 @dataclass(frozen=True)
-class TenantSpec:
+class SimTenant:
     """An LLM served on one GPU (a consumer of offload memory)."""
 
     name: str
@@ -75,8 +75,8 @@ class TenantSpec:
 
 @dataclass(frozen=True)
 class Scenario:
-    server: Server
-    tenants: tuple[TenantSpec, ...]
+    server: ServerSpec
+    tenants: tuple[SimTenant, ...]
     arrivals: tuple[Arrival, ...]
     spare: dict[int, int] = field(default_factory=dict)  # GPU -> bytes others may lease
     slice_tokens: int = 5  # the paper's CFS slice: 5 decode iterations
@@ -125,10 +125,10 @@ class Held:
     releasing: bool = False  # released when the step reading it ends
 
 
-class Engine:
+class SimEngine:
     """One tenant's serving engine, as a state machine in virtual time."""
 
-    def __init__(self, sim: Simulation, index: int, spec: TenantSpec) -> None:
+    def __init__(self, sim: Simulation, index: int, spec: SimTenant) -> None:
         self.sim = sim
         self.spec = spec
         self.gpu = spec.gpu
@@ -445,7 +445,7 @@ class Simulation:
         self._seq = itertools.count()
         self._tick_at: float | None = None
         self.peak_leased: dict[int, int] = {d: 0 for d in self.arbiter.pools}
-        self.engines = [Engine(self, i, t) for i, t in enumerate(scenario.tenants)]
+        self.engines = [SimEngine(self, i, t) for i, t in enumerate(scenario.tenants)]
         self._by_conn: dict[bytes, Any] = {e.conn: e for e in self.engines}
         self.lender: Lender | None = None
         if scenario.reclaim is not None and policy == "aqua" and scenario.spare:

@@ -8,7 +8,7 @@ import pytest
 
 import aquad.core.arbiter as arbiter_mod
 from aqua.engine.scheduler import PromptScheduler
-from aqua_sim import GPUS, MODELS, Arrival, Costs, Scenario, Server, Simulation, TenantSpec
+from aqua_sim import GPUS, MODELS, Arrival, Costs, Scenario, ServerSpec, SimTenant, Simulation
 from aqua_sim.fabric import Fabric
 from aqua_sim.hardware import GB, load_server, server_from_dict
 from aqua_sim.long_prompt import long_prompt
@@ -25,7 +25,7 @@ H100 = GPUS["h100-sxm"]
 def burst_scenario(*, requests: int = 120, incremental: str = "host", consumers: int = 2,
                    gpus: int = 4, prompt: int = 3000, new: int = 60) -> Scenario:
     """A burst far beyond one GPU's KV room, on a small NVLinked server."""
-    server = Server(H100, gpus=gpus)
+    server = ServerSpec(H100, gpus=gpus)
     rows = [(0.0, prompt, new)]
     sc = paper_scenario(server, rows, requests=requests, consumers=consumers,
                         burst=(2.0, requests // 2, 5.0))
@@ -85,10 +85,10 @@ def test_incremental_paging_writes_less_than_it_reads_back():
 
 
 def test_a_lone_request_takes_exactly_the_roofline_times():
-    server = Server(H100, gpus=1, nvlink_islands=())
+    server = ServerSpec(H100, gpus=1, nvlink_islands=())
     spec = MODELS["llama-2-7b"]
     prompt, new = 1000, 4
-    sc = Scenario(server, (TenantSpec("t", "llama-2-7b", 0),),
+    sc = Scenario(server, (SimTenant("t", "llama-2-7b", 0),),
                   (Arrival(2.0, prompt, new, 0),))
     sim = Simulation(sc, "aqua")
     sim.run()
@@ -108,7 +108,7 @@ def test_a_lone_request_takes_exactly_the_roofline_times():
 
 
 def test_copies_take_latency_plus_bytes_over_bandwidth_and_queue_per_port():
-    server = Server(H100, gpus=4, nvlink_islands=((0, 1), (2, 3)))
+    server = ServerSpec(H100, gpus=4, nvlink_islands=((0, 1), (2, 3)))
     f = Fabric(server)
     nv, pcie, lat = H100.nvlink_bw * 0.9, H100.pcie_bw * 0.7, 10e-6
     assert f.copy(0, 1, 9 * GB, 0.0) == pytest.approx(lat + 9 * GB / nv)
@@ -128,7 +128,7 @@ def test_copies_take_latency_plus_bytes_over_bandwidth_and_queue_per_port():
 
 
 def test_a_copy_booked_for_later_does_not_hold_back_one_that_can_run_now():
-    server = Server(H100, gpus=2)
+    server = ServerSpec(H100, gpus=2)
     f = Fabric(server)
     lat, nv = 10e-6, H100.nvlink_bw * 0.9
     later = f.copy(1, 0, int(nv), 5.0)  # one second of copying, from t = 5
@@ -140,7 +140,7 @@ def test_a_copy_booked_for_later_does_not_hold_back_one_that_can_run_now():
 
 
 def test_long_prompt_throughput_follows_the_link():
-    lp = long_prompt(Server(H100))
+    lp = long_prompt(ServerSpec(H100))
     assert lp["gpu_only_tok_s"] > lp["aqua_tok_s"] > lp["host_tok_s"]
     spec, costs = MODELS["opt-30b"], Costs(MODELS["opt-30b"], H100)
     remote = int(8192 * spec.kv_bytes_per_token * 0.5)
@@ -194,9 +194,9 @@ def test_policies_page_where_they_say():
 def test_a_tenant_asked_to_yield_after_its_last_request_gives_the_gpu_back():
     # One tenant's work ends while the other waits for the GPU: it is asked
     # to yield during its last step and must hand the slice back, not queue.
-    server = Server(H100, gpus=1)
-    tenants = (TenantSpec("a", "llama-2-7b", 0, share=0.5),
-               TenantSpec("b", "llama-2-7b", 0, share=0.5))
+    server = ServerSpec(H100, gpus=1)
+    tenants = (SimTenant("a", "llama-2-7b", 0, share=0.5),
+               SimTenant("b", "llama-2-7b", 0, share=0.5))
     for n in (10, 20, 30):
         arrivals = (Arrival(0.0, 100, 100, 0), Arrival(0.01, 100, n, 1))
         sim = Simulation(Scenario(server, tenants, arrivals, quantum_s=0.05), "aqua")
@@ -207,10 +207,10 @@ def test_a_tenant_asked_to_yield_after_its_last_request_gives_the_gpu_back():
 
 
 def test_models_sharing_a_gpu_leave_room_for_each_others_weights():
-    server = Server(H100, gpus=1)
-    alone = Simulation(Scenario(server, (TenantSpec("a", "llama-2-13b", 0),), ()), "aqua")
-    pair = Simulation(Scenario(server, (TenantSpec("a", "llama-2-13b", 0, share=0.5),
-                                        TenantSpec("b", "llama-2-7b", 0, share=0.5)), ()),
+    server = ServerSpec(H100, gpus=1)
+    alone = Simulation(Scenario(server, (SimTenant("a", "llama-2-13b", 0),), ()), "aqua")
+    pair = Simulation(Scenario(server, (SimTenant("a", "llama-2-13b", 0, share=0.5),
+                                        SimTenant("b", "llama-2-7b", 0, share=0.5)), ()),
                       "aqua")
     kvb = MODELS["llama-2-13b"].kv_bytes_per_token
     room = 80 * GB - 26e9 - 6 * GB
@@ -231,9 +231,9 @@ def test_host_leases_are_sized_to_be_kept():
 
 
 def test_tenants_sharing_a_gpu_take_turns_through_the_scheduler():
-    server = Server(H100, gpus=2)
-    tenants = (TenantSpec("a", "llama-2-7b", 0, share=0.5),
-               TenantSpec("b", "llama-2-7b", 0, share=0.5))
+    server = ServerSpec(H100, gpus=2)
+    tenants = (SimTenant("a", "llama-2-7b", 0, share=0.5),
+               SimTenant("b", "llama-2-7b", 0, share=0.5))
     arrivals = tuple(Arrival(0.01 * i, 200, 400, i % 2) for i in range(20))
     sc = Scenario(server, tenants, arrivals, quantum_s=0.05)
     sim = Simulation(sc, "aqua")
@@ -250,7 +250,7 @@ def test_tenants_sharing_a_gpu_take_turns_through_the_scheduler():
 
 def test_server_and_scenario_validation(tmp_path):
     with pytest.raises(ValueError, match="listed twice|out of range"):
-        Server(H100, gpus=4, nvlink_islands=((0, 1), (1, 2)))
+        ServerSpec(H100, gpus=4, nvlink_islands=((0, 1), (1, 2)))
     with pytest.raises(ValueError, match="unknown keys"):
         server_from_dict({"gpus": 8, "nvlinks": 1})
     with pytest.raises(ValueError, match="unknown gpu"):
@@ -262,11 +262,11 @@ def test_server_and_scenario_validation(tmp_path):
     assert s.gpus == 4 and s.gpu is GPUS["a100-sxm"] and s.link(0, 2).tier == Tier.PEER
     assert s.link(0, 1).tier == Tier.NVLINK and s.host_pool_bytes == 64 * 2**30
     with pytest.raises(ValueError, match="unknown model"):
-        Scenario(s, (TenantSpec("x", "gpt-5", 0),), ())
+        Scenario(s, (SimTenant("x", "gpt-5", 0),), ())
     with pytest.raises(ValueError, match="names tenant"):
-        Scenario(s, (TenantSpec("x", "llama-2-7b", 0),), (Arrival(0, 1, 1, 3),))
+        Scenario(s, (SimTenant("x", "llama-2-7b", 0),), (Arrival(0, 1, 1, 3),))
     with pytest.raises(ValueError, match="policy"):
-        Simulation(Scenario(s, (TenantSpec("x", "llama-2-7b", 0),), ()), "lifo")
+        Simulation(Scenario(s, (SimTenant("x", "llama-2-7b", 0),), ()), "lifo")
 
 
 def test_workload_generators_fit_requests_to_the_model():
@@ -285,7 +285,7 @@ def test_workload_generators_fit_requests_to_the_model():
 
 
 def test_consumers_spread_over_islands_and_peers_without_nvlink_use_pcie():
-    server = Server(H100, gpus=8, nvlink_islands=((0, 1, 2, 3), (4, 5, 6, 7)))
+    server = ServerSpec(H100, gpus=8, nvlink_islands=((0, 1, 2, 3), (4, 5, 6, 7)))
     assert server.spread()[:4] == [0, 4, 1, 5]
     sc = paper_scenario(server, [(0.0, 3000, 60)], requests=10, consumers=4, burst=(1, 5, 1))
     assert [t.gpu for t in sc.tenants] == [0, 1, 4, 5] and sorted(sc.spare) == [2, 3, 6, 7]
@@ -367,7 +367,7 @@ def test_copies_run_at_the_h100_datasheets_link_speeds():
     # both bidirectional. A 10 GB copy on an idle simulated server takes what
     # those speeds say (one direction each, at the achieved fraction the
     # server names as its assumption), whatever the spec table says.
-    server = Server(H100, gpus=2)
+    server = ServerSpec(H100, gpus=2)
     nvlink = Fabric(server).copy(0, 1, 10 * GB, 0.0)
     pcie = Fabric(server).copy(0, server.host_device, 10 * GB, 0.0)
     assert nvlink == pytest.approx(10e9 / (450e9 * server.nvlink_efficiency), rel=0.02)
@@ -378,9 +378,9 @@ def test_the_baseline_admits_and_preempts_as_vllm_does():
     # Short prompts, long outputs, far beyond the KV room: vLLM admits on
     # prompt blocks, runs out of blocks mid-decode and preempts by recompute;
     # only strict reservation never preempts, and it admits fewer at once.
-    server = Server(H100, gpus=1)
+    server = ServerSpec(H100, gpus=1)
     arrivals = tuple(Arrival(0.001 * i, 200, 1500, 0) for i in range(400))
-    sc = Scenario(server, (TenantSpec("chat", "llama-2-13b", 0),), arrivals)
+    sc = Scenario(server, (SimTenant("chat", "llama-2-13b", 0),), arrivals)
     fcfs, reserve = Simulation(sc, "fcfs"), Simulation(sc, "reserve")
     a, b = fcfs.run(), reserve.run()
     assert fcfs.engines[0].sched.policy == "fcfs"
