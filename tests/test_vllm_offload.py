@@ -158,6 +158,21 @@ def test_worker_in_its_own_process_maps_the_leases(model: str, stock: tuple[dict
     assert served["preemptions"] > 0 and served["loaded"] > 0 and served["host_lease_bytes"] > 0
 
 
+def test_the_engines_slices_show_in_vllms_metrics(model: str, stock: tuple[dict, dict],
+                                                  module_daemon: Daemon) -> None:
+    # With AquaWorker beside the tier, vLLM's Prometheus output counts the
+    # engine's aqua turns as the worker counted them (exported when vLLM
+    # collects the connector's stats, so the latest may not be in yet).
+    ref, _ = stock
+    (served,) = _run("slices", model, module_daemon.socket, "served")
+    assert served["tokens"] == ref["tokens"]
+    turns = served["turns"]
+    assert turns["enabled"] and turns["turns"] >= 1, turns
+    assert 1 <= served["slice_turns"] <= turns["turns"]
+    assert served["slice_yields"] <= turns["yields"]
+    assert 0 <= served["slice_wait_s"] <= turns["wait_s"] + 1e-9
+
+
 def test_no_aquad_serves_by_recompute_and_says_so_once(model: str, stock: tuple[dict, dict],
                                                        tmp_path) -> None:
     ref, _ = stock

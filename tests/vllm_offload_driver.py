@@ -56,12 +56,12 @@ def tier_of(llm):
     return connector.connector_scheduler.manager.tier
 
 
-def aqua_llm(model: str, socket: str, *, short_name: bool = False):
+def aqua_llm(model: str, socket: str, *, short_name: bool = False, **extra):
     from vllm import LLM  # noqa: PLC0415
 
     return LLM(**llm_kwargs(model, SMALL, kv_transfer_config=aqua_offload(
         socket, LEASE_BYTES, short_name=short_name, aqua_lease_chunk_bytes=LEASE_CHUNK,
-        aqua_tenant="vllm-test")))
+        aqua_tenant="vllm-test"), **extra))
 
 
 def reuse_run(llm) -> dict:
@@ -128,11 +128,25 @@ def multiprocess(model: str, socket: str) -> None:
     say(phase="served", tokens=generate(llm, PROMPTS, MAX_TOKENS), **offload_figures(llm))
 
 
+def slices(model: str, socket: str) -> None:
+    """The offload tier and AquaWorker together, the worker in this (the
+    engine core's) process: its turns show in vLLM's own metrics."""
+    os.environ["AQUA_SOCKET"] = socket
+    os.environ["AQUA_TENANT"] = "vllm-slices"
+    llm = aqua_llm(model, socket, worker_cls="aqua.vllm.AquaWorker")
+    tokens = generate(llm, PROMPTS, MAX_TOKENS)
+    turns = llm.collective_rpc("aqua_stats")[0]
+    say(phase="served", tokens=tokens, turns=turns,
+        slice_turns=metric(llm, "vllm:aqua_slice_turns"),
+        slice_wait_s=metric(llm, "vllm:aqua_slice_wait_seconds"),
+        slice_yields=metric(llm, "vllm:aqua_slice_yields"), **offload_figures(llm))
+
+
 def main() -> None:
     scenario, model, socket = sys.argv[1:4]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if scenario == "multiprocess" else "0"
     {"stock": stock, "aqua": aqua, "killed": killed, "no_aquad": no_aquad,
-     "multiprocess": multiprocess}[scenario](model, socket)
+     "multiprocess": multiprocess, "slices": slices}[scenario](model, socket)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 from typing_extensions import override
 from vllm.v1.kv_offload.base import (
     LookupResult,
+    OffloadingCounterMetadata,
     OffloadingGaugeMetadata,
     OffloadingManager,
     OffloadingMetricMetadata,
@@ -52,6 +53,20 @@ from .tier import LeaseTier, TierSettings
 LEASE_BYTES = "vllm:aqua_lease_bytes"
 CAPACITY_BYTES = "vllm:aqua_offload_capacity_bytes"
 TIER_UP = "vllm:aqua_offload_up"
+# GPU time slices of this engine (aqua.vllm.AquaWorker), where its worker runs
+# in the engine-core process with the scheduler (one device: vLLM's
+# in-process executor); SliceStats field -> counter.
+SLICE_COUNTERS = {
+    "turns": ("vllm:aqua_slice_turns", "Turns the engine took from aquad (from idle)."),
+    "waits": ("vllm:aqua_slice_waits", "Turn and yield requests that queued behind "
+                                       "another tenant."),
+    "wait_s": ("vllm:aqua_slice_wait_seconds", "Seconds engine steps waited for a slice, "
+                                               "paging included."),
+    "yields": ("vllm:aqua_slice_yields", "Preemptions answered: KV cache paged out, slice "
+                                         "given up, paged back in."),
+    "revocations": ("vllm:aqua_slice_revocations", "Slices aquad took back because the "
+                                                   "engine yielded late."),
+}
 
 
 class AquaOffloadingManager(CPUOffloadingManager):
@@ -63,6 +78,7 @@ class AquaOffloadingManager(CPUOffloadingManager):
         super().__init__(num_chunks=max(tier.max_chunks, 1), **kwargs)
         self.tier = tier
         self._num_chunks = tier.chunks  # what is leased so far
+        self._slices_reported: dict[str, float] = {}  # SliceStats as last exported
 
     def _grow_for(self, keys: Collection[OffloadKey]) -> None:
         new = sum(1 for key in keys if self._policy.get(key) is None)
@@ -98,7 +114,22 @@ class AquaOffloadingManager(CPUOffloadingManager):
             stats.set_gauge(LEASE_BYTES, leased.get(tier, 0), (tier,))
         stats.set_gauge(CAPACITY_BYTES, self.tier.max_chunks * self.tier.chunk_bytes)
         stats.set_gauge(TIER_UP, 1 if self.tier.up else 0)
+        self._slice_figures(stats)
         return stats
+
+    def _slice_figures(self, stats: Any) -> None:
+        """The worker's slice counters since the last call, if it runs here."""
+        from .worker_turns import current_stats  # noqa: PLC0415 (loads the pager)
+
+        slices = current_stats()
+        if slices is None:
+            return
+        for field, (name, _) in SLICE_COUNTERS.items():
+            now = float(getattr(slices, field))
+            delta = now - self._slices_reported.get(field, 0.0)
+            if delta > 0:
+                stats.increase_counter(name, delta)
+                self._slices_reported[field] = now
 
     @override
     def shutdown(self) -> None:
@@ -130,6 +161,8 @@ class AquaOffloadingSpec(OffloadingSpec):
             TIER_UP: OffloadingGaugeMetadata(
                 documentation="1 while the aqua KV offload tier is in use, 0 once aquad "
                               "was unreachable (vLLM recomputes preempted requests)."),
+            **{name: OffloadingCounterMetadata(documentation=doc)
+               for name, doc in SLICE_COUNTERS.values()},
         }
 
     def __init__(self, config: OffloadingConfig) -> None:
