@@ -80,19 +80,29 @@ class Tenant:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
+        self._out = b""  # read from stdout, not yet returned by readline()
 
     def readline(self, timeout: float = 20.0) -> str:
-        import selectors
+        # Straight from the pipe into our own buffer: a select() on the file
+        # object would miss lines its buffer already read (two lines printed
+        # back to back, read by one read(), the second then looks "silent").
+        import select  # noqa: PLC0415
 
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            self.proc.kill()
-            raise AssertionError(f"tenant said nothing in {timeout}s: {self.proc.stderr.read()}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"tenant exited {self.proc.wait()}: {self.proc.stderr.read()}")
-        return line.strip()
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._out:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                self.proc.kill()
+                raise AssertionError(
+                    f"tenant said nothing in {timeout}s: {self.proc.stderr.read()}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(
+                    f"tenant exited {self.proc.wait()}: {self.proc.stderr.read()}")
+            self._out += chunk
+        line, self._out = self._out.split(b"\n", 1)
+        return line.decode().strip()
 
     def send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
@@ -100,7 +110,7 @@ class Tenant:
 
     def finish(self, timeout: float = 20.0) -> tuple[int, str, str]:
         out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
+        return self.proc.returncode, self._out.decode() + out, err
 
     def kill(self) -> None:
         if self.proc.poll() is None:
