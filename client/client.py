@@ -706,9 +706,14 @@ class Client:
         while not self._stop.is_set():
             conn = self._conn
             wait = max(0.0, min(next_beat - time.monotonic(), EVENT_POLL_S))
+            # poll(), not select(): a tenant (a vLLM engine, say) may hold more
+            # than FD_SETSIZE descriptors, and select() refuses any above it.
+            poller = select.poll()
+            poller.register(conn.fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
             try:
-                ready, _, _ = select.select([conn.fd, self._wake_r], [], [], wait)
-            except (OSError, ValueError):
+                ready = [fd for fd, _ in poller.poll(wait * 1000)]
+            except OSError:
                 ready = []  # the connection was swapped or closed under us
             if self._stop.is_set():
                 return

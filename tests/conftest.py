@@ -92,7 +92,9 @@ class Tenant:
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._out:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            poller = select.poll()  # not select(): this process may hold fds past 1024
+            poller.register(fd, select.POLLIN)
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 self.proc.kill()
                 raise AssertionError(
                     f"tenant said nothing in {timeout}s: {self.proc.stderr.read()}")

@@ -84,6 +84,33 @@ def test_two_tenants_are_isolated(daemon):
         lease.release()
 
 
+def test_a_tenant_holding_thousands_of_descriptors_is_served(daemon, tenants):
+    # A vLLM engine may hold more than FD_SETSIZE (1024) descriptors, so the
+    # client's socket gets a number select() refuses; its event thread must
+    # still wait (not spin) and every call be answered.
+    tenant = tenants(daemon, """
+        import os, resource, time, aqua
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+        null = os.open("/dev/null", os.O_RDONLY)
+        spare = [os.dup(null) for _ in range(1100)]
+        client = aqua.connect(tenant="many-fds", device=0)
+        lease = client.lease(1 << 20)
+        cpu = time.process_time()
+        time.sleep(1.0)
+        idle_cpu = time.process_time() - cpu
+        for _ in range(20):
+            client.status(leases=False)
+        lease.release()
+        print(min(spare) > 1024 or max(spare) > 1024, round(idle_cpu, 3), flush=True)
+        client.close()
+    """)
+    high, idle_cpu = tenant.readline(timeout=60).split()
+    assert high == "True"
+    assert float(idle_cpu) < 0.3  # the event thread waited instead of spinning
+    assert tenant.finish()[0] == 0
+
+
 def test_sigkilled_tenant_loses_its_leases_within_seconds(daemon, tenants):
     tenant = tenants(daemon, """
         import time, aqua
