@@ -95,7 +95,9 @@ def test_leases_of_dead_owners_and_unclaimed_ones_are_freed(start_daemon, tenant
     daemon.kill()
     dead.kill()  # its owner is gone before the restart: nothing to keep
     daemon.restart()
-    assert "1 kept" in daemon.log() and "1 freed" in daemon.log()
+    # Logged as recovery ends, which may be just after the socket answers.
+    assert wait_until(lambda: "1 kept" in daemon.log() and "1 freed" in daemon.log(), 5), \
+        daemon.log()
     # The silent tenant never reclaims its lease: freed after the grace period.
     assert wait_until(lambda: daemon.segments() == [], 5), daemon.segments()
     assert daemon.status()["leases"] == [] and daemon.status()["devices"][0]["leased_bytes"] == 0
