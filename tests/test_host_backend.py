@@ -33,5 +33,9 @@ def test_grants_use_spare_files_and_close_leaves_nothing(tmp_path):
     assert seg.name not in os.listdir(tmp_path)
     assert len(os.listdir(tmp_path)) == 2 + SPARES  # `same`, `second` and the spares
     assert b.remove_stale() == 0  # its own spares are not stale
+    fds = len(os.listdir("/proc/self/fd"))
     b.close()
     assert os.listdir(tmp_path) == []
+    b.maintain()  # deferred work after close makes no new spare files
+    assert os.listdir(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) <= fds - SPARES

@@ -70,6 +70,7 @@ class HostBackend:
         # the tmpfs directory, which dominated the lease round trip. More of
         # them than the daemon's MAINTAIN_EVERY, so a streak never runs out.
         self._spares: list[tuple[str, int, int]] = []  # name, open fd, size
+        self._closed = False  # close() ran: make no more spare files
         self._last_size = 0
         self._to_close: list[int] = []
         self._euid = os.geteuid()
@@ -195,7 +196,7 @@ class HostBackend:
         """Deferred work: unlink destroyed segments, close granted files'
         descriptors, make spare files for the next grants."""
         self._drain()
-        while len(self._spares) < SPARES:
+        while len(self._spares) < SPARES and not self._closed:
             try:
                 name, fd = self._new_file()
             except BackendError:
@@ -222,6 +223,7 @@ class HostBackend:
                 log.error("cannot close a segment descriptor: %s", exc.strerror)
 
     def close(self) -> None:
+        self._closed = True  # no more spare files: nothing may be granted now
         for seg in list(self._live.values()):
             self.destroy(seg)
         for name, fd, _ in self._spares:
