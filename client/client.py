@@ -703,14 +703,16 @@ class Client:
         `reclaim` notice is acted on at once, whatever the tenant's own
         threads are doing."""
         next_beat = time.monotonic() + self._conn.keepalive_s
+        polled: Connection | None = None
         while not self._stop.is_set():
             conn = self._conn
             wait = max(0.0, min(next_beat - time.monotonic(), EVENT_POLL_S))
-            # poll(), not select(): a tenant (a vLLM engine, say) may hold more
-            # than FD_SETSIZE descriptors, and select() refuses any above it.
-            poller = select.poll()
-            poller.register(conn.fd, select.POLLIN)
-            poller.register(self._wake_r, select.POLLIN)
+            if conn is not polled:  # a new connection after a reconnect
+                # poll(), not select(): a tenant (a vLLM engine, say) may hold more
+                # than FD_SETSIZE descriptors, and select() refuses any above it.
+                poller, polled = select.poll(), conn
+                poller.register(conn.fd, select.POLLIN)
+                poller.register(self._wake_r, select.POLLIN)
             try:
                 ready = [fd for fd, _ in poller.poll(wait * 1000)]
             except OSError:

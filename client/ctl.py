@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import aqua_protocol as p
 
@@ -479,16 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aquactl: {args.command} takes no operands", file=sys.stderr)
         conn.close()
         return 1
-    try:
-        status = fetch(conn, args)
-    except DaemonUnavailable as exc:
-        print(f"aquactl: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except AquaError as exc:
-        print(f"aquactl: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        conn.close()
+    code, status = _ask(conn, lambda: fetch(conn, args))
+    if status is None:
+        return code
     render, key = VIEWS[args.command]
     if args.json:
         write_json(status if key is None else status[key], args.pretty or sys.stdout.isatty())
@@ -499,17 +493,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
+def _ask(conn: Connection, call: Callable[[], Any],
+         quiet: tuple[type[BaseException], ...] = ()) -> tuple[int, Any]:
+    """Run `call` against the daemon, then close the connection: (0, its
+    result), or (exit code, None) with the error said on stderr; the
+    `quiet` exceptions end it without a word (exit 0)."""
     try:
-        result = run_elastic(conn, args)
+        return 0, call()
+    except quiet:
+        return 0, None
     except DaemonUnavailable as exc:
         print(f"aquactl: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return EXIT_UNAVAILABLE, None
     except (AquaError, ValueError) as exc:
         print(f"aquactl: {exc}", file=sys.stderr)
-        return 1
+        return 1, None
     finally:
         conn.close()
+
+
+def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
+    code, result = _ask(conn, lambda: run_elastic(conn, args))
+    if result is None:
+        return code
     if args.json:
         write_json(result, args.pretty or sys.stdout.isatty())
     elif args.command == "undrain":
@@ -522,20 +528,9 @@ def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
 
 def _live(view: Callable[[Connection, argparse.Namespace], int], conn: Connection,
           args: argparse.Namespace) -> int:
-    try:
-        return view(conn, args)
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # `aquactl events | head`
-        return 0
-    except DaemonUnavailable as exc:
-        print(f"aquactl: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except AquaError as exc:
-        print(f"aquactl: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        conn.close()
+    # Ctrl-C, or `aquactl events | head` closing the pipe, ends it quietly.
+    code, result = _ask(conn, lambda: view(conn, args), quiet=(KeyboardInterrupt, BrokenPipeError))
+    return code if result is None else result
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
 from .copies import AquaLoadStoreSpec, AquaOffloadingWorker
 from .tier import LeaseTier, TierSettings
+from .worker_turns import current_stats
 
 # aqua's figures in vLLM's Prometheus output (next to vLLM's own
 # vllm:kv_offload_store_bytes / vllm:kv_offload_load_bytes counters, which
@@ -119,8 +120,6 @@ class AquaOffloadingManager(CPUOffloadingManager):
 
     def _slice_figures(self, stats: Any) -> None:
         """The worker's slice counters since the last call, if it runs here."""
-        from .worker_turns import current_stats  # noqa: PLC0415 (loads the pager)
-
         slices = current_stats()
         if slices is None:
             return
