@@ -432,7 +432,7 @@ class Client:
         # None: the operator's weight for this tenant; a weight may ask for less.
         self._hello = p.Hello(tenant=tenant, devices=devices,
                               weight=None if weight is None else float(weight))
-        self._conn, hello = self._register(Connection(socket, timeout=timeout))
+        self._conn, hello = self._register(self._open(socket, timeout))
         self.reconnect = reconnect
         self.reconnects = 0  # times a lost daemon was replaced by a new one
         self.name = tenant
@@ -457,6 +457,10 @@ class Client:
         self._heartbeat = threading.Thread(target=self._beat, name=f"aqua-heartbeat-{self.id}",
                                            daemon=True)
         self._heartbeat.start()
+
+    def _open(self, socket: str | None, timeout: float) -> Connection:
+        """A connection to the daemon (aqua.inprocess opens its own kind)."""
+        return Connection(socket, timeout=timeout)
 
     def _register(self, conn: Connection) -> tuple[Connection, r.Welcome]:
         try:
@@ -761,7 +765,7 @@ class Client:
             delay = min(delay * 2, RECONNECT_MAX_S)
             try:
                 conn, hello = self._register(
-                    Connection(self._conn.socket_path, timeout=min(self._conn.timeout, 2.0)))
+                    self._open(self._conn.socket_path, min(self._conn.timeout, 2.0)))
             except UntrustedDaemon as exc:
                 log.error("not reconnecting: %s", exc)
                 return False
