@@ -375,7 +375,7 @@ def main() -> int:
                                     "server_cpus": sorted(server_cpus or []), **rows}
         d = bench_api(tmp, args.rounds // 5, args.mib)
     codec = out["codec"] = bench_codec(args.rounds)
-    print(f"\ncodec, a lease grant reply alone (x = vs plain msgpack on the same map)")
+    print("\ncodec, a lease grant reply alone (x = vs plain msgpack on the same map)")
     for key, what in (("decode", "client decode to its result"), ("encode", "daemon encode")):
         c = codec[key]
         print(f"  {what:28} {c['us']:6.2f} us  msgpack {c['msgpack_us']:6.2f} us  "

@@ -319,7 +319,7 @@ class Unlend(Op):
 @dataclass(slots=True)
 class Move(Op):
     op = "move"
-    result = r.Granted
+    result = r.Replacement
     lease: str = arg(LEASE_ID)
 
 

@@ -93,7 +93,7 @@ class Released(Result):
 
 
 class Granted(Result):
-    """`lease`, `lease_info`, `adopt`, `move` (which adds `replaces`)."""
+    """`lease`, `lease_info`, `adopt`."""
 
     lease: str
     device: int
@@ -101,7 +101,12 @@ class Granted(Result):
     tier: str
     handle: Handle
     capability: str = ""  # host backend only, to the owner only
-    replaces: str = ""  # `move`: the lease this one replaces
+
+
+class Replacement(Granted, kw_only=True):
+    """`move`: a lease as `lease` grants it, for the one it `replaces`."""
+
+    replaces: str
 
 
 class TurnState(Result):
