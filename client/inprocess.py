@@ -42,6 +42,7 @@ import zmq
 
 import aqua_protocol as p
 from aqua_protocol import messages as m
+from aqua_protocol import replies as r
 from aqua_protocol.paths import segment_prefix
 from aquad.backends.host import HostBackend
 from aquad.core.arbiter import Arbiter
@@ -216,7 +217,7 @@ class InProcessDaemon:
             if self.closed:
                 return
             self.closed = True
-            farewell = m.encode_event("shutdown", {"reason": "the in-process daemon closed"})
+            farewell = m.encode_event(r.Shutdown.event, r.Shutdown("the in-process daemon closed"))
             for conn in self.arbiter.shutdown():
                 frames = self._frames.get(conn)
                 if frames is not None:
@@ -256,9 +257,9 @@ class InProcessDaemon:
                 raise zmq.Again
             try:
                 request = m.decode_request(payload)
-                if isinstance(request.args, m.Subscribe):
+                if request.args.shell:
                     raise p.ProtocolError(p.ErrorCode.BAD_REQUEST,
-                                          "the in-process daemon has no event feed",
+                                          f"the in-process daemon has no {request.op!r}",
                                           request_id=request.id)
                 out = self.arbiter.handle(frames.id, self.peer, request)
                 reply = m.encode_result(request.id, out.result)

@@ -153,6 +153,8 @@ class Op:
     # Its reply can be big (it grows with the daemon's books): the daemon
     # spends time on it within a per-uid budget (section 4, `status`).
     budgeted: ClassVar[bool] = False
+    # Answered by the daemon's shell itself, not its arbiter (the feed).
+    shell: ClassVar[bool] = False
     # The struct its result is decoded into (protocol/replies.py).
     result: ClassVar[type[Any]] = r.Empty
 
@@ -327,6 +329,7 @@ class Move(Op):
 @dataclass(slots=True)
 class Subscribe(Op):
     op = "subscribe"
+    shell = True
     result = r.Subscribed
     needs_tenant = False
 

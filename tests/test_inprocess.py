@@ -121,7 +121,7 @@ def test_a_closed_connection_loses_its_tenant_and_a_closed_daemon_says_so(start_
     assert [t["name"] for t in daemon.status()["tenants"]] == []
     assert daemon.status()["leases"] == []
     stays = daemon.connect("staying", 0)
-    with pytest.raises(aqua.BadRequest, match="no event feed"):
+    with pytest.raises(aqua.BadRequest, match="no 'subscribe'"):
         daemon.request(p.Subscribe())
     daemon.close()
     with pytest.raises(aqua.DaemonGone):  # ShuttingDown: the farewell was queued
