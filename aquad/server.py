@@ -25,6 +25,7 @@ import trio
 
 from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
+from aqua_protocol import replies as r
 
 from . import logs
 from .busypoll import BusyPoll
@@ -161,7 +162,7 @@ class Server:
 
     def _close(self) -> None:
         conns = self.arbiter.shutdown()
-        farewell = m.encode_event("shutdown", {"reason": "aquad is stopping"})
+        farewell = m.encode_event(r.Shutdown.event, r.Shutdown("aquad is stopping"))
         for conn in conns:
             # Best effort and never a wait: what does not fit in the peer's
             # socket buffer now is dropped with the connection.
@@ -246,7 +247,7 @@ class Server:
             rid, op = request.id, request.op
             if request.args.budgeted:
                 reply = self._budgeted(conn, request)
-            elif isinstance(request.args, m.Subscribe) or conn.watching:
+            elif request.args.shell or conn.watching:
                 reply = self._subscribe(conn, request)  # the feed is the shell's, not the arbiter's
             else:
                 out = self.arbiter.handle(conn.id, conn.peer, request)
@@ -306,7 +307,7 @@ class Server:
         if conn.tenant:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 "a tenant's connection cannot subscribe; open another")
-        if not isinstance(request.args, m.Subscribe):
+        if not request.args.shell:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"a subscribed connection cannot send {request.op!r}")
         result = self.feed.subscribe(conn.id, conn.peer)

@@ -8,6 +8,9 @@ Each figure is a ratio against the limit measured in the same run:
   bandwidth  offload + restore of a tensor through a host lease vs the same
              two copies into a plain in-process tensor (the data path must add
              no copy: target ratio >= 0.9).
+  codec      decoding a lease grant reply into what the client reads, and
+             the daemon encoding it, alone (no socket) vs plain msgpack
+             unpackb / packb of the same map.
   end to end aqua.offload() + restore() with everything they do (lease, map,
              populate, copy, unmap, release) vs the same two copies into
              freshly allocated tensors (torch.empty + copy_, twice: the pages
@@ -127,6 +130,43 @@ def paired_ratio(samples: list[float], echo: list[float]) -> float:
         ratios.append(a[CHUNK // 2] / b[CHUNK // 2])
     ratios.sort()
     return ratios[len(ratios) // 2] if ratios else float("nan")
+
+
+# A lease grant's result, as the daemon's core builds it (host backend).
+GRANT = {"lease": "L" + "a" * 24, "device": 1, "nbytes": 65536, "tier": "host",
+         "handle": {"kind": "posix_shm", "name": "aqua-0123456789-" + "b" * 24, "nbytes": 65536},
+         "capability": "c" * 32}
+
+
+def bench_codec(rounds: int, repeats: int = 15) -> dict:
+    """Per call, best of `repeats` alternating loops of `rounds` calls: the
+    client's decode of a grant reply (frame to the typed result) vs
+    msgpack.unpackb of it, and the daemon's encode vs msgpack.packb."""
+    frame = p.encode_result(7, GRANT)
+    envelope = {"v": p.PROTOCOL_VERSION, "id": 7, "ok": True, "result": GRANT}
+    calls = range(rounds)
+
+    def decode() -> None:
+        for _ in calls:
+            p.decode_reply(frame).result_of(p.Lease)
+
+    def unpack() -> None:
+        for _ in calls:
+            msgpack.unpackb(frame)
+
+    def encode() -> None:
+        for _ in calls:
+            p.encode_result(7, GRANT)
+
+    def pack() -> None:
+        for _ in calls:
+            msgpack.packb(envelope)
+
+    out = {}
+    for key, ours, plain in (("decode", decode, unpack), ("encode", encode, pack)):
+        a, b = best_of_alternating(ours, plain, repeats)
+        out[key] = {"us": a / rounds * 1e6, "msgpack_us": b / rounds * 1e6, "ratio": a / b}
+    return out
 
 
 def bench_api(tmp: str, rounds: int, mib: int) -> dict:
@@ -334,6 +374,12 @@ def main() -> int:
             out["layouts"][name] = {"client_cpus": sorted(client_cpus or []),
                                     "server_cpus": sorted(server_cpus or []), **rows}
         d = bench_api(tmp, args.rounds // 5, args.mib)
+    codec = out["codec"] = bench_codec(args.rounds)
+    print("\ncodec, a lease grant reply alone (x = vs plain msgpack on the same map)")
+    for key, what in (("decode", "client decode to its result"), ("encode", "daemon encode")):
+        c = codec[key]
+        print(f"  {what:28} {c['us']:6.2f} us  msgpack {c['msgpack_us']:6.2f} us  "
+              f"{c['ratio']:5.2f}x")
     api = percentiles(d["api"])
     out["api"] = api
     print(f"\nfull library call, unpinned: client.lease()+release() p50 {api['p50_us']:.1f} us, "

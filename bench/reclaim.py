@@ -38,8 +38,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import msgspec  # noqa: E402
+
 import aqua_protocol as p  # noqa: E402
 from aqua.client import Connection  # noqa: E402
+from aqua_protocol import replies as r  # noqa: E402
 from bench._common import aquad_process, echo_round_trips, percentiles, write_json  # noqa: E402
 
 MiB = 2**20
@@ -74,10 +77,11 @@ TENANT = textwrap.dedent("""
             print(json.dumps(heard), flush=True)
             heard.clear()
         elif cmd == "lend":
-            print(json.dumps(client.lend(int(arg[0]))), flush=True)
+            print(json.dumps(msgspec.to_builtins(client.lend(int(arg[0])))), flush=True)
         elif cmd == "unlend":
             try:
-                print(json.dumps(client.unlend(int(arg[0]), deadline_ms=5000)), flush=True)
+                report = client.unlend(int(arg[0]), deadline_ms=5000)
+                print(json.dumps(msgspec.to_builtins(report)), flush=True)
             except aqua.AquaError as exc:
                 print(json.dumps({"error": exc.code}), flush=True)
         elif cmd == "touch":
@@ -120,23 +124,24 @@ class Operator:
 
     def __init__(self, socket: str) -> None:
         self.conn = Connection(socket, timeout=30)
-        self.done: dict[int, dict] = {}
+        self.done: dict[int, r.ReclaimReport] = {}
         self.conn.on_event = self._on_event
 
-    def _on_event(self, event: p.Event) -> None:
-        if event.event == "reclaim_done":
-            self.done[event.data["reclaim"]] = event.data
+    def _on_event(self, event: r.Event) -> None:
+        if isinstance(event, r.ReclaimReport):
+            self.done[event.reclaim] = event
 
     def run(self, op: p.Op) -> tuple[dict, float]:
+        """The op's result (a reclaim's: its report, once it ended) as a map."""
         sent = time.monotonic()
         reply = self.conn.request(op)
-        if "reclaim" not in reply:
-            return reply, sent
-        if reply["state"] == "done":
-            return reply["report"], sent
-        rid = reply["reclaim"]
-        assert self.conn.wait_for(lambda: rid in self.done, reply["deadline_s"] + 30)
-        return self.done.pop(rid), sent
+        if not isinstance(reply, r.ReclaimStarted):
+            return msgspec.to_builtins(reply), sent
+        if reply.report is not None:
+            return msgspec.to_builtins(reply.report), sent
+        rid = reply.reclaim
+        assert self.conn.wait_for(lambda: rid in self.done, reply.deadline_s + 30)
+        return msgspec.to_builtins(self.done.pop(rid)), sent
 
 
 def copy_once(tmp_dir: str, nbytes: int) -> float:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 from _common import Aquad, aquad_process, write_json
@@ -94,22 +95,22 @@ class Tenant:
         self.rid += 1
         self.sock.send(p.encode_request(self.rid, op))
 
-    def reply(self) -> dict:
+    def reply(self) -> p.Reply:
         """The reply to the last request (events before it are skipped)."""
         while True:
             msg = p.decode_reply(self.sock.recv())
             if isinstance(msg, p.Reply):
                 assert msg.ok, msg
-                return msg.result
+                return msg
 
-    def call(self, op: p.Op) -> dict:
+    def call(self, op: p.Op) -> Any:
         self.send(op)
-        return self.reply()
+        return self.reply().result_of(type(op))
 
     def event(self, name: str) -> None:
         while True:
             msg = p.decode_reply(self.sock.recv())
-            if isinstance(msg, p.Event) and msg.event == name:
+            if isinstance(msg, p.replies.Event) and msg.event == name:
                 return
 
 
@@ -130,7 +131,7 @@ def _hand_overs(daemon: Aquad, n: int, rounds: int) -> dict[str, float]:
     try:
         tenants = [Tenant(ctx, path, f"s{i}") for i in range(n)]
         t0 = time.perf_counter()
-        states = [t.call(p.Turn())["state"] for t in tenants]
+        states = [t.call(p.Turn()).state for t in tenants]
         fill = time.perf_counter() - t0
         assert states[0] == "granted" and set(states[1:]) <= {"queued"}, set(states)
         queue = deque(tenants[1:])
@@ -149,7 +150,7 @@ def _hand_overs(daemon: Aquad, n: int, rounds: int) -> dict[str, float]:
                 bystander.reply()
                 beats.append(time.perf_counter() - t0)
             holder.reply()
-            assert holder.call(p.Turn())["state"] == "queued"  # back at the tail
+            assert holder.call(p.Turn()).state == "queued"  # back at the tail
             queue.append(holder)
             holder = nxt
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 
 import aqua_protocol as p
+from aqua_protocol import replies as r
 from aqua_protocol.paths import directory_problem, endpoint, resolve_socket, segment_prefix
 from aqua_protocol.turns import TurnMachine
 
@@ -237,11 +238,13 @@ class Connection:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.gone: str | None = None  # why the daemon is unusable, once it is
-        self.on_event: Callable[[p.Event], None] | None = None
+        self.on_event: Callable[[r.Event], None] | None = None
         self.keepalive_s = 1.0
         self._last_sent = time.monotonic()
 
-    def request(self, op: p.Op, *, timeout: float | None = None) -> dict[str, Any]:
+    def request(self, op: p.Op, *, timeout: float | None = None) -> Any:
+        """Send `op` and wait for its result: the struct `op.result` names
+        (protocol/replies.py), or the error reply raised as an AquaError."""
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
             if self.gone:
@@ -254,7 +257,7 @@ class Connection:
                     raise DaemonNotResponding(
                         f"aquad did not answer {op.op!r} within {timeout:g} s "
                         f"({self.socket_path})")
-                if isinstance(msg, p.Event):
+                if isinstance(msg, r.Event):
                     self._on_event(msg)
                     continue
                 if msg.id != rid and not (msg.id is None and not msg.ok):
@@ -263,14 +266,19 @@ class Connection:
                 # read at all; one request is in flight at a time, so it is ours.)
                 self._drain_events()
                 if msg.ok:
-                    return msg.result
-                if msg.code == p.ErrorCode.NOT_REGISTERED:
+                    try:
+                        return msg.result_of(type(op))
+                    except p.ProtocolError as exc:
+                        raise AquaError(f"unreadable reply from aquad: {exc.message}") from None
+                err = msg.error
+                assert err is not None  # decode_reply refuses an error reply without one
+                if err.code == p.ErrorCode.NOT_REGISTERED:
                     # libzmq reconnects by itself, and a restarted aquad does
                     # not know us: that is the daemon we lost, not a drop.
                     self._check_link()
-                raise error_for(msg.code, msg.message, msg.details)
+                raise error_for(err.code, err.message, err.details)
 
-    def _next_message(self, deadline: float) -> p.Reply | p.Event | None:
+    def _next_message(self, deadline: float) -> p.Reply | r.Event | None:
         """The next frame from the daemon, None at the deadline; raises
         DaemonGone once the connection is lost. Called with the lock held.
         The first wait is on the reply alone (the hot path: one poll, as
@@ -297,11 +305,13 @@ class Connection:
         if self.gone:
             raise DaemonGone(self.gone)
 
-    def _on_event(self, event: p.Event) -> None:
-        if event.event == "shutdown":
-            self.gone = "aquad shut down: " + str(event.data.get("reason", "no reason given"))
+    def _on_event(self, event: r.Event) -> None:
+        if isinstance(event, r.Shutdown):
+            self.gone = "aquad shut down: " + (event.reason or "no reason given")
             raise ShuttingDown(self.gone)
-        if self.on_event is not None:
+        if isinstance(event, r.UnknownEvent):
+            log.debug("ignoring event %r, unknown to this client", event.wire_name)
+        elif self.on_event is not None:
             self.on_event(event)
         else:
             log.debug("ignoring event %r", event.event)
@@ -355,8 +365,8 @@ class Connection:
                     self._check_link()
             time.sleep(0)  # let a thread blocked on the lock have it
 
-    def _dispatch(self, msg: p.Reply | p.Event) -> None:
-        if isinstance(msg, p.Event):
+    def _dispatch(self, msg: p.Reply | r.Event) -> None:
+        if isinstance(msg, r.Event):
             self._on_event(msg)
         # A reply nobody waits for is the late answer to a timed-out request.
 
@@ -380,7 +390,7 @@ class Connection:
         self.gone = f"aquad stopped reading requests ({self.socket_path})"
         raise DaemonGone(self.gone)
 
-    def _read(self) -> p.Reply | p.Event:
+    def _read(self) -> p.Reply | r.Event:
         try:
             return p.decode_reply(self._sock.recv())
         except p.ProtocolError as exc:
@@ -396,7 +406,7 @@ class Connection:
 
 
 def request_once(socket: str | None, op: p.Op, *, timeout: float = DEFAULT_TIMEOUT_S
-                 ) -> dict[str, Any]:
+                 ) -> Any:
     """One request on a connection of its own, closed after (launchers,
     benchmarks, tests: whoever asks the daemon something once)."""
     conn = Connection(socket, timeout=timeout)
@@ -422,7 +432,7 @@ class Client:
         # None: the operator's weight for this tenant; a weight may ask for less.
         self._hello = p.Hello(tenant=tenant, devices=devices,
                               weight=None if weight is None else float(weight))
-        self._conn, hello = self._register(Connection(socket, timeout=timeout))
+        self._conn, hello = self._register(self._open(socket, timeout))
         self.reconnect = reconnect
         self.reconnects = 0  # times a lost daemon was replaced by a new one
         self.name = tenant
@@ -438,8 +448,8 @@ class Client:
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
         # Elastic memory: `reclaim` notices wait here for the event thread,
         # which moves the leases; `reclaim_done` reports, by reclaim id.
-        self._notices: collections.deque[dict[str, Any]] = collections.deque()
-        self._reclaims_done: dict[int, dict[str, Any]] = {}
+        self._notices: collections.deque[r.ReclaimNotice] = collections.deque()
+        self._reclaims_done: dict[int, r.ReclaimReport] = {}
         self.moves = 0  # leases moved to other memory on aquad's notice
         self.evictions = 0  # ... or, with no room anywhere, into this process
         self.fenced = 0  # leases lost to a fence (not moved by the deadline)
@@ -448,7 +458,11 @@ class Client:
                                            daemon=True)
         self._heartbeat.start()
 
-    def _register(self, conn: Connection) -> tuple[Connection, dict[str, Any]]:
+    def _open(self, socket: str | None, timeout: float) -> Connection:
+        """A connection to the daemon (aqua.inprocess opens its own kind)."""
+        return Connection(socket, timeout=timeout)
+
+    def _register(self, conn: Connection) -> tuple[Connection, r.Welcome]:
         try:
             hello = conn.request(self._hello)
         except BaseException:
@@ -456,12 +470,12 @@ class Client:
             raise
         return conn, hello
 
-    def _registered(self, conn: Connection, hello: dict[str, Any]) -> None:
-        self.id: str = hello["tenant_id"]
-        self.backend: str = hello["backend"]
-        self.daemon_devices: list[dict] = hello["devices"]
+    def _registered(self, conn: Connection, hello: r.Welcome) -> None:
+        self.id: str = hello.tenant_id
+        self.backend: str = hello.backend
+        self.daemon_devices: list[r.DeviceInfo] = hello.devices
         conn.on_event = self._on_event
-        conn.keepalive_s = hello["heartbeat_interval_s"]
+        conn.keepalive_s = hello.heartbeat_interval_s
 
     # --- leases -----------------------------------------------------------------
 
@@ -474,7 +488,7 @@ class Client:
             lease = Lease(self, reply, populate=populate)
         except BaseException:
             try:
-                self._conn.request(p.Release(lease=reply["lease"]))
+                self._conn.request(p.Release(lease=reply.lease))
             except DaemonUnavailable:
                 pass  # the daemon took the lease with it; the first error matters
             raise
@@ -608,24 +622,16 @@ class Client:
         aqua.TensorPager for a ready-made pair."""
         self._hooks = (page_out, page_in)
 
-    def _on_event(self, event: p.Event) -> None:
-        if event.event in ("reclaim", "fenced", "reclaim_done"):
-            self._on_elastic(event.event, event.data)
-        elif self._turn.on_event(event.event, event.data) == "revoked":
-            log.warning("aquad revoked slice %s: %s", self._turn.slice, event.data.get("reason"))
-
-    # --- elastic memory -----------------------------------------------------
-
-    def _on_elastic(self, name: str, data: dict[str, Any]) -> None:
+    def _on_event(self, event: r.Event) -> None:
         """On whichever thread read the event, with the connection's lock
         held: note it, and leave the work (requests, copies) to the event
         thread."""
-        if name == "reclaim":
-            self._notices.append(data)
+        if isinstance(event, r.ReclaimNotice):
+            self._notices.append(event)
             self._wake()
-        elif name == "fenced":
-            held = set(data.get("held", ()))
-            for lease_id in data.get("leases", ()):
+        elif isinstance(event, r.FencedNotice):
+            held = set(event.held)
+            for lease_id in event.leases:
                 with self._leases_lock:
                     lease = self._leases.get(lease_id)
                 if lease is not None:
@@ -633,10 +639,11 @@ class Client:
                     self.fenced += 1
                     log.error("aquad fenced lease %s (not moved by its deadline): its "
                               "bytes are gone", lease_id)
-        elif name == "reclaim_done":
-            rid = data.get("reclaim")
-            if isinstance(rid, int):
-                self._reclaims_done[rid] = data
+        elif isinstance(event, r.ReclaimReport):
+            self._reclaims_done[event.reclaim] = event
+        elif self._turn.on_event(event) == "revoked":
+            assert isinstance(event, r.Revoked)
+            log.warning("aquad revoked slice %s: %s", self._turn.slice, event.reason)
 
     def _wake(self) -> None:
         try:
@@ -649,7 +656,7 @@ class Client:
         """Move every lease a `reclaim` notice names (on the event thread)."""
         while self._notices:
             notice = self._notices.popleft()
-            for lease_id in notice.get("leases", ()):
+            for lease_id in notice.leases:
                 with self._leases_lock:
                     lease = self._leases.get(lease_id)
                 if lease is not None:
@@ -660,7 +667,7 @@ class Client:
                     except AquaError as exc:
                         log.warning("could not move lease %s: %s", lease_id, exc)
 
-    def lend(self, nbytes: int, device: int | None = None) -> dict[str, Any]:
+    def lend(self, nbytes: int, device: int | None = None) -> r.Lent:
         """Offer `nbytes` of spare memory of a home device (default: the first)
         to other tenants. Free it yourself first (torch.cuda.empty_cache())."""
         dev = self.devices[0] if device is None else device
@@ -668,7 +675,7 @@ class Client:
 
     def unlend(self, nbytes: int, device: int | None = None, *,
                deadline_ms: int = p.messages.DEFAULT_DEADLINE_MS,
-               timeout: float | None = None) -> dict[str, Any]:
+               timeout: float | None = None) -> r.ReclaimReport:
         """Take back up to `nbytes` of what this tenant lent on `device`;
         blocks until borrowers moved away (or were fenced) and returns the
         report (protocol/README.md 4.3)."""
@@ -678,19 +685,19 @@ class Client:
 
     def reclaim(self, nbytes: int, device: int | None = None, *,
                 deadline_ms: int = p.messages.DEFAULT_DEADLINE_MS,
-                timeout: float | None = None) -> dict[str, Any]:
+                timeout: float | None = None) -> r.ReclaimReport:
         """Take `nbytes` of a home device's capacity back from aquad (this
         tenant's own work needs it); blocks like unlend()."""
         dev = self.devices[0] if device is None else device
         return self._reclaimed(self._conn.request(
             p.Reclaim(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms)), timeout)
 
-    def _reclaimed(self, reply: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        if reply["state"] == "done":
-            return reply["report"]
-        rid = reply["reclaim"]
+    def _reclaimed(self, reply: r.ReclaimStarted, timeout: float | None) -> r.ReclaimReport:
+        if reply.report is not None:  # done: nothing had to move
+            return reply.report
+        rid = reply.reclaim
         # The deadline bounds it: by then every lease is moved or fenced.
-        limit = timeout if timeout is not None else reply["deadline_s"] + self._conn.timeout
+        limit = timeout if timeout is not None else reply.deadline_s + self._conn.timeout
         if not self._conn.wait_for(lambda: rid in self._reclaims_done, limit):
             raise DaemonNotResponding(f"reclaim {rid} did not end within {limit:g} s")
         return self._reclaims_done.pop(rid)
@@ -758,7 +765,7 @@ class Client:
             delay = min(delay * 2, RECONNECT_MAX_S)
             try:
                 conn, hello = self._register(
-                    Connection(self._conn.socket_path, timeout=min(self._conn.timeout, 2.0)))
+                    self._open(self._conn.socket_path, min(self._conn.timeout, 2.0)))
             except UntrustedDaemon as exc:
                 log.error("not reconnecting: %s", exc)
                 return False
@@ -796,8 +803,8 @@ class Client:
                 if not lease.capability:
                     raise AquaError("the daemon gave this lease no capability")
                 reply = conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
-                if reply["handle"] != lease.handle:
-                    raise AquaError(f"adopted {lease.id} names other memory: {reply['handle']}")
+                if r.handle_map(reply.handle) != lease.handle:
+                    raise AquaError(f"adopted {lease.id} names other memory: {reply.handle}")
                 adopted += 1
             except DaemonUnavailable:
                 raise  # no answer is not a refusal: the lease may still be kept
@@ -886,20 +893,21 @@ class _Retired:
 class Lease:
     """Offload memory granted by aquad and mapped into this process."""
 
-    def __init__(self, client: Client, reply: dict[str, Any], *, populate: bool) -> None:
-        self.id: str = reply["lease"]
-        self.device: int = reply["device"]  # aqua device id (nvidia-smi index on GPUs)
-        self.nbytes: int = reply["nbytes"]
-        self.tier: str = reply["tier"]  # nvlink, peer, host or local
-        self.kind: str = reply["handle"].get("kind", "")  # posix_shm or cuda_ipc
-        self.handle: dict[str, Any] = reply["handle"]
+    def __init__(self, client: Client, reply: r.Granted, *, populate: bool) -> None:
+        self.id: str = reply.lease
+        self.device: int = reply.device  # aqua device id (nvidia-smi index on GPUs)
+        self.nbytes: int = reply.nbytes
+        self.tier: str = reply.tier  # nvlink, peer, host or local
+        self.kind: str = reply.handle.kind  # posix_shm or cuda_ipc
+        # As the wire map: what open_handle takes, here or in another process.
+        self.handle: dict[str, Any] = r.handle_map(reply.handle)
         # The proof of ownership a restarted daemon asks for (host leases).
-        self.capability: str = reply.get("capability", "")
+        self.capability: str = reply.capability
         self.lost = False  # a restarted daemon did not give it back, or it was fenced
         self.fenced = False  # not moved by a reclaim's deadline: the bytes are gone
         self.moves = 0  # times its bytes moved to other memory (see move())
         self._client = client
-        self._mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix,
+        self._mapping = open_handle(self.handle, prefix=client._conn.segment_prefix,
                                     populate=populate)
         self.released = False
         # Held by whoever copies through the memory (offload, restore, the
@@ -960,15 +968,16 @@ class Lease:
             except (BadRequest, NoSuchLease):
                 return False  # the reclaim ended, or the lease is no longer ours
             try:
-                mapping = open_handle(reply["handle"], prefix=client._conn.segment_prefix)
+                mapping = open_handle(r.handle_map(reply.handle),
+                                      prefix=client._conn.segment_prefix)
             except BaseException:
-                client._release_id(reply["lease"])
+                client._release_id(reply.lease)
                 raise
             copy_between(mapping, self._mapping, self.nbytes)
             client.moves += 1  # before the old lease's release ends the reclaim
             with client._leases_lock:
                 client._leases.pop(old_id, None)
-                client._leases[reply["lease"]] = self
+                client._leases[reply.lease] = self
             self._swap(mapping, reply)
         if self.on_move is not None:
             self.on_move(self)
@@ -979,19 +988,23 @@ class Lease:
         lease lives on there (kind `local`), unaccounted by aquad."""
         mapping = LocalMapping(self.nbytes)
         copy_between(mapping, self._mapping, self.nbytes)
-        self._swap(mapping, {"lease": self.id, "device": -1, "tier": "process",
-                             "handle": {"kind": "local", "nbytes": self.nbytes}})
+        self._swap(mapping, None)
         self._client.evictions += 1
 
-    def _swap(self, mapping: Any, reply: dict[str, Any]) -> None:
-        """Make the lease the one in `reply`, mapped by `mapping`; the old
-        memory is unmapped and its lease released (after the unmap: cuda)."""
+    def _swap(self, mapping: Any, reply: r.Granted | None) -> None:
+        """Make the lease the one in `reply`, mapped by `mapping` (None: this
+        process's own memory); the old memory is unmapped and its lease
+        released (after the unmap: cuda)."""
         client = self._client
         old_id, old = self.id, self._mapping
         self._mapping = mapping
-        self.id, self.device, self.tier = reply["lease"], reply["device"], reply["tier"]
-        self.handle, self.kind = reply["handle"], reply["handle"].get("kind", "")
-        self.capability = reply.get("capability", "")
+        if reply is None:
+            self.device, self.tier, self.kind = -1, "process", "local"
+            self.handle, self.capability = {"kind": "local", "nbytes": self.nbytes}, ""
+        else:
+            self.id, self.device, self.tier = reply.lease, reply.device, reply.tier
+            self.handle, self.kind = r.handle_map(reply.handle), reply.handle.kind
+            self.capability = reply.capability
         self.moves += 1
         if old.close():
             client._release_id(old_id)

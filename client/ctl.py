@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 import aqua_protocol as p
+from aqua_protocol import replies as r
 
 from .client import Connection, iter_leases
 from .errors import AquaError, DaemonUnavailable, LimitExceeded
@@ -182,29 +185,29 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
-def render_reclaim(report: dict) -> str:
+def render_reclaim(report: r.ReclaimReport) -> str:
     """What moved where, what was fenced, and how long it took."""
-    head = (f"reclaim {report['reclaim']} of device {report['device']}: {report['state']} "
-            f"in {report['elapsed_s'] * 1000:.1f} ms; took back "
-            f"{human_bytes(report['taken_bytes'])}, capacity now "
-            f"{human_bytes(report['capacity_bytes'])}")
-    if report.get("over_bytes"):
-        head += f", {human_bytes(report['over_bytes'])} still held (quarantined)"
-    rows = [[m["lease"], m["tenant"], human_bytes(m["nbytes"]), "moved",
-             f"device {m['to']['device']} ({m['to']['tier']})"] for m in report["moved"]]
-    rows += [[r["lease"], r["tenant"], human_bytes(r["nbytes"]), "released", "-"]
-             for r in report["released"]]
-    rows += [[f["lease"], f["tenant"], human_bytes(f["nbytes"]),
-              "fenced (held)" if f["quarantined"] else "fenced", "-"]
-             for f in report["fenced"]]
-    counts = (f"{report['moved_count']} moved ({human_bytes(report['moved_bytes'])}), "
-              f"{report['released_count']} released, {report['fenced_count']} fenced")
+    head = (f"reclaim {report.reclaim} of device {report.device}: {report.state} "
+            f"in {report.elapsed_s * 1000:.1f} ms; took back "
+            f"{human_bytes(report.taken_bytes)}, capacity now "
+            f"{human_bytes(report.capacity_bytes)}")
+    if report.over_bytes:
+        head += f", {human_bytes(report.over_bytes)} still held (quarantined)"
+    rows = [[m.lease, m.tenant, human_bytes(m.nbytes), "moved",
+             f"device {m.to.device} ({m.to.tier})"] for m in report.moved]
+    rows += [[x.lease, x.tenant, human_bytes(x.nbytes), "released", "-"]
+             for x in report.released]
+    rows += [[f.lease, f.tenant, human_bytes(f.nbytes),
+              "fenced (held)" if f.quarantined else "fenced", "-"] for f in report.fenced]
+    counts = (f"{report.moved_count} moved ({human_bytes(report.moved_bytes)}), "
+              f"{report.released_count} released, {report.fenced_count} fenced")
     if not rows:
         return head + "\nno lease had to move"
     return "\n".join([head, table(["LEASE", "TENANT", "SIZE", "WHAT", "TO"], rows), counts])
 
 
-def run_elastic(conn: Connection, args: argparse.Namespace) -> dict:
+def run_elastic(conn: Connection, args: argparse.Namespace
+                ) -> r.ReclaimReport | r.Undrained:
     """Send drain / undrain / reclaim and wait for the report (the daemon
     ends every reclaim by its deadline, moving or fencing)."""
     operands = args.operands
@@ -220,18 +223,18 @@ def run_elastic(conn: Connection, args: argparse.Namespace) -> dict:
     else:
         op = p.Reclaim(device=device, nbytes=parse_size(operands[1]),
                        deadline_ms=args.deadline_ms)
-    done: dict[int, dict] = {}
+    done: dict[int, r.ReclaimReport] = {}
 
-    def on_event(event: p.Event) -> None:
-        if event.event == "reclaim_done":
-            done[event.data.get("reclaim")] = event.data
+    def on_event(event: r.Event) -> None:
+        if isinstance(event, r.ReclaimReport):
+            done[event.reclaim] = event
 
     conn.on_event = on_event
-    reply = conn.request(op)
-    if reply["state"] == "done":
-        return reply["report"]
-    rid = reply["reclaim"]
-    if not conn.wait_for(lambda: rid in done, reply["deadline_s"] + args.timeout):
+    reply: r.ReclaimStarted = conn.request(op)
+    if reply.report is not None:
+        return reply.report
+    rid = reply.reclaim
+    if not conn.wait_for(lambda: rid in done, reply.deadline_s + args.timeout):
         raise AquaError(f"reclaim {rid} sent no report within its deadline")
     return done[rid]
 
@@ -354,9 +357,9 @@ def events(conn: Connection, args: argparse.Namespace) -> int:
     or the connection ends."""
     got: list[dict] = []
 
-    def keep(event: p.Event) -> None:
-        if event.event == "feed":
-            got.append(event.data)
+    def keep(event: r.Event) -> None:
+        if isinstance(event, r.Feed):
+            got.append(msgspec.to_builtins(event))
 
     conn.on_event = keep
     conn.keepalive_s = float("inf")  # not a tenant: nothing to keep alive
@@ -517,10 +520,10 @@ def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
     if result is None:
         return code
     if args.json:
-        write_json(result, args.pretty or sys.stdout.isatty())
-    elif args.command == "undrain":
-        print(f"device {result['device']} open again: capacity "
-              f"{human_bytes(result['capacity_bytes'])}, free {human_bytes(result['free_bytes'])}")
+        write_json(msgspec.to_builtins(result), args.pretty or sys.stdout.isatty())
+    elif isinstance(result, r.Undrained):
+        print(f"device {result.device} open again: capacity "
+              f"{human_bytes(result.capacity_bytes)}, free {human_bytes(result.free_bytes)}")
     else:
         print(render_reclaim(result))
     return 0

@@ -66,11 +66,13 @@ class PrivateDaemon:
         with open(self.log_path) as f:
             return f.read()
 
-    def request(self, op: p.Op, timeout: float = 5.0) -> dict[str, Any]:
+    def request(self, op: p.Op, timeout: float = 5.0) -> Any:
+        """One request; its result as the op's struct (protocol/replies.py)."""
         return request_once(self.socket, op, timeout=timeout)
 
     def status(self) -> dict[str, Any]:
-        return self.request(p.Status())
+        result: dict[str, Any] = self.request(p.Status())
+        return result
 
     def files(self) -> list[str]:
         """Every file of this daemon in /dev/shm, spare segments included."""

@@ -42,10 +42,12 @@ DEADLINE_MS = 10_000  # ample: a reclaim ends as soon as the moves are done
 
 def lender_main(job: dict[str, Any]) -> int:
     """Lend, wait for the burst, reclaim all of the home device, report."""
+    import msgspec  # noqa: PLC0415
+
     import aqua  # noqa: PLC0415
 
     with aqua.connect(tenant="lender", device=LENDER_DEVICE) as client:
-        lent = client.lend(job["lend_bytes"])
+        lent = msgspec.to_builtins(client.lend(job["lend_bytes"]))
         _say("LENT", {"t": time.monotonic(), **lent})
         sys.stdin.readline()
         t0 = time.monotonic()
@@ -53,7 +55,7 @@ def lender_main(job: dict[str, Any]) -> int:
         # aquad had there from the start.
         report = client.reclaim(lent["capacity_bytes"], deadline_ms=DEADLINE_MS)
         t1 = time.monotonic()
-        _say("RECLAIMED", {"t0": t0, "t1": t1, "report": report})
+        _say("RECLAIMED", {"t0": t0, "t1": t1, "report": msgspec.to_builtins(report)})
     return 0
 
 

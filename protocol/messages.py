@@ -13,7 +13,9 @@ event    (daemon -> tenant): {"v": 1, "event": <str>, "data": {...}}
 
 Each operation's arguments are a dataclass below; its fields carry the
 checks the decoder applies, so the validator and the handlers read the same
-definition, and protocol/README.md documents it (keep the two in step).
+definition. Its result, and every event, is a struct in replies.py, which
+the client decodes strictly. protocol/README.md documents both
+(tests/test_protocol_doc.py holds the two in step).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import msgpack
+import msgspec
 
+from . import replies as r
 from .errors import ErrorCode, ProtocolError
 
-# msgpack ships no type hints; what packb returns is bytes.
-_pack: Callable[[Any], bytes] = msgpack.packb
+# Replies and events are msgspec structs; requests are built as maps.
+_pack: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -118,10 +122,10 @@ def _bad(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, message)
 
 
-def arg(check: Check, *, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
+def arg(check: Check, *, default: Any = dataclasses.MISSING) -> Any:
     if default is dataclasses.MISSING:
-        return field(metadata={"check": check, "doc": doc})
-    return field(default=default, metadata={"check": check, "doc": doc})
+        return field(metadata={"check": check})
+    return field(default=default, metadata={"check": check})
 
 
 def _int(lo: int, hi: int) -> Check:
@@ -149,7 +153,10 @@ class Op:
     # Its reply can be big (it grows with the daemon's books): the daemon
     # spends time on it within a per-uid budget (section 4, `status`).
     budgeted: ClassVar[bool] = False
-    doc: ClassVar[str] = ""
+    # Answered by the daemon's shell itself, not its arbiter (the feed).
+    shell: ClassVar[bool] = False
+    # The struct its result is decoded into (protocol/replies.py).
+    result: ClassVar[type[Any]] = r.Empty
 
 
 OPS: dict[str, type[Op]] = {}
@@ -164,113 +171,95 @@ def operation(cls: type[Op]) -> type[Op]:
 @dataclass(slots=True)
 class Hello(Op):
     op = "hello"
+    result = r.Welcome
     needs_tenant = False
-    doc = "Register this connection as a tenant. Must be the first tenant request."
-    tenant: str = arg(Check(str, pattern=NAME_RE, max_len=64),
-                      doc="tenant name shown to operators (model name, say)")
-    devices: list[Any] = arg(Check(list, min_len=1, max_len=64, item=DEVICE),
-                        doc="home device ids the tenant computes on")
+    tenant: str = arg(Check(str, pattern=NAME_RE, max_len=64))
+    devices: list[Any] = arg(Check(list, min_len=1, max_len=64, item=DEVICE))
     weight: float | None = arg(
-        Check(float, min=MIN_WEIGHT, max=MAX_WEIGHT), default=None,
-        doc="share of GPU time relative to other tenants; the operator's weight for this "
-            "tenant caps it, and is what an absent weight gets")
+        Check(float, min=MIN_WEIGHT, max=MAX_WEIGHT), default=None)
 
 
 @operation
 @dataclass(slots=True)
 class Heartbeat(Op):
     op = "heartbeat"
-    doc = "Proves the tenant is alive; any request does the same."
 
 
 @operation
 @dataclass(slots=True)
 class Bye(Op):
     op = "bye"
-    doc = "Unregister; every lease of the tenant is released."
+    result = r.Released
 
 
 @operation
 @dataclass(slots=True)
 class Lease(Op):
     op = "lease"
-    doc = "Lease `nbytes` of offload memory placed for a tenant computing on `near`."
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes wanted (rounded up to the granule)")
-    near: int | None = arg(DEVICE, default=None,
-                           doc="device the data moves to and from (default: first home device)")
+    result = r.Granted
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
+    near: int | None = arg(DEVICE, default=None)
 
 
 @operation
 @dataclass(slots=True)
 class Release(Op):
     op = "release"
-    doc = "Release a lease; its memory returns to the pool."
-    lease: str = arg(LEASE_ID, doc="lease id from a `lease` reply")
+    result = r.Released
+    lease: str = arg(LEASE_ID)
 
 
 @operation
 @dataclass(slots=True)
 class LeaseInfo(Op):
     op = "lease_info"
-    doc = "Describe one of the tenant's own leases (with its handle, to map it again)."
-    lease: str = arg(LEASE_ID, doc="lease id from a `lease` reply")
+    result = r.Granted
+    lease: str = arg(LEASE_ID)
 
 
 @operation
 @dataclass(slots=True)
 class Adopt(Op):
     op = "adopt"
-    doc = ("Reclaim a lease granted before the daemon restarted (host backend), proving "
-           "ownership with the capability from its `lease` reply. Reply as for `lease`.")
-    lease: str = arg(LEASE_ID, doc="lease id from the `lease` reply of the previous daemon")
-    capability: str = arg(Check(str, pattern=CAPABILITY_RE, max_len=32),
-                          doc="the secret from that reply (32 hex digits)")
+    result = r.Granted
+    lease: str = arg(LEASE_ID)
+    capability: str = arg(Check(str, pattern=CAPABILITY_RE, max_len=32))
 
 
 @operation
 @dataclass(slots=True)
 class Turn(Op):
     op = "turn"
-    doc = ("Ask for a GPU time slice on `devices` (default: all home devices). The reply "
-           "says granted (with the slice) or queued; a queued tenant gets a `grant` event.")
-    devices: list[Any] | None = arg(Check(list, min_len=1, max_len=64, item=DEVICE), default=None,
-                               doc="subset of the tenant's home devices for this turn")
+    result = r.TurnState
+    devices: list[Any] | None = arg(Check(list, min_len=1, max_len=64, item=DEVICE), default=None)
 
 
 @operation
 @dataclass(slots=True)
 class TurnDone(Op):
     op = "turn_done"
-    doc = "Give the slice back (or stop waiting for one); the tenant wants nothing more."
 
 
 @operation
 @dataclass(slots=True)
 class TurnYield(Op):
     op = "turn_yield"
-    doc = ("Acknowledge a `preempt` (context paged out) and queue for the next slice. "
-           "Reply as for `turn`.")
-    slice: int = arg(_int(0, MAX_REQUEST_ID), doc="slice id from the grant being yielded")
+    result = r.TurnState
+    slice: int = arg(_int(0, MAX_REQUEST_ID))
 
 
 @operation
 @dataclass(slots=True)
 class Status(Op):
     op = "status"
+    result = r.StatusReport
     needs_tenant = False
     budgeted = True
-    doc = ("Devices, tenants, slices, quotas and a page of leases (schema in "
-           "docs/status-schema.md). No HELLO needed.")
-    leases: bool = arg(Check(bool), default=True,
-                       doc="list leases (a page of them, with a `next` cursor); false: "
-                           "the summary only, whose cost does not grow with the leases")
-    tenant: str | None = arg(Check(str, pattern=TENANT_ID_RE, max_len=20), default=None,
-                             doc="list only this tenant's leases")
-    device: int | None = arg(DEVICE, default=None, doc="list only the leases on this device")
-    after: str | None = arg(Check(str, pattern=CURSOR_RE, max_len=19), default=None,
-                            doc="the `next` cursor of the previous page")
-    limit: int = arg(_int(1, MAX_STATUS_LEASES), default=MAX_STATUS_LEASES,
-                     doc="most leases to list")
+    leases: bool = arg(Check(bool), default=True)
+    tenant: str | None = arg(Check(str, pattern=TENANT_ID_RE, max_len=20), default=None)
+    device: int | None = arg(DEVICE, default=None)
+    after: str | None = arg(Check(str, pattern=CURSOR_RE, max_len=19), default=None)
+    limit: int = arg(_int(1, MAX_STATUS_LEASES), default=MAX_STATUS_LEASES)
 
 
 DEADLINE = Check(int, min=1, max=MAX_DEADLINE_MS)
@@ -283,78 +272,66 @@ DEADLINE = Check(int, min=1, max=MAX_DEADLINE_MS)
 @dataclass(slots=True)
 class Reclaim(Op):
     op = "reclaim"
+    result = r.ReclaimStarted
     needs_tenant = False
-    doc = ("Take `nbytes` of device `device` back from aquad (the operator, or a tenant "
-           "whose home device it is): its leasable capacity drops at once, holders of "
-           "leases beyond it get a `reclaim` event and move them, and what is not moved "
-           "by the deadline is fenced. The requester gets `reclaim_done`.")
-    device: int = arg(DEVICE, doc="the device whose memory is taken back")
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes of capacity to take back")
-    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS,
-                           doc="how long holders have to move their leases")
+    device: int = arg(DEVICE)
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
+    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS)
 
 
 @operation
 @dataclass(slots=True)
 class Drain(Op):
     op = "drain"
+    result = r.ReclaimStarted
     needs_tenant = False
-    doc = ("Operator only: reclaim all of `device` and lease nothing more on it until "
-           "`undrain`. Reply and event as for `reclaim`.")
-    device: int = arg(DEVICE, doc="the device to empty")
-    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS,
-                           doc="how long holders have to move their leases")
+    device: int = arg(DEVICE)
+    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS)
 
 
 @operation
 @dataclass(slots=True)
 class Undrain(Op):
     op = "undrain"
+    result = r.Undrained
     needs_tenant = False
-    doc = ("Operator only: give a drained or reclaimed device its capacity back "
-           "(what it started with plus what tenants lend on it now).")
-    device: int = arg(DEVICE, doc="the device to open again")
+    device: int = arg(DEVICE)
 
 
 @operation
 @dataclass(slots=True)
 class Lend(Op):
     op = "lend"
-    doc = "Offer `nbytes` of spare memory of one of the tenant's home devices to others."
-    device: int = arg(DEVICE, doc="a home device of the tenant")
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes offered")
+    result = r.Lent
+    device: int = arg(DEVICE)
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
 
 
 @operation
 @dataclass(slots=True)
 class Unlend(Op):
     op = "unlend"
-    doc = ("Take back up to `nbytes` of what this tenant lent on `device`: a reclaim "
-           "of that much. Reply and event as for `reclaim`.")
-    device: int = arg(DEVICE, doc="a home device of the tenant it lent on")
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES), doc="bytes to take back")
-    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS,
-                           doc="how long holders have to move their leases")
+    result = r.ReclaimStarted
+    device: int = arg(DEVICE)
+    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
+    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS)
 
 
 @operation
 @dataclass(slots=True)
 class Move(Op):
     op = "move"
-    doc = ("For a lease under a `reclaim` notice: a replacement lease of the same size "
-           "on the next-best device (reply as for `lease`, plus `replaces`). The tenant "
-           "copies the bytes over and then sends `release` for the old lease.")
-    lease: str = arg(LEASE_ID, doc="the lease being reclaimed")
+    result = r.Replacement
+    lease: str = arg(LEASE_ID)
 
 
 @operation
 @dataclass(slots=True)
 class Subscribe(Op):
     op = "subscribe"
+    shell = True
+    result = r.Subscribed
     needs_tenant = False
-    doc = ("Receive a `feed` event for each tenant join and leave and each slice grant, "
-           "preemption and revocation, on this connection, until it closes. For operators "
-           "(`aquactl events`): not on a tenant's connection, and no `hello` after it.")
 
 
 _SPECS: dict[type[Op], _Spec] = {}
@@ -479,7 +456,9 @@ def encode_request(rid: int, op: Op) -> bytes:
     return _pack({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": args})
 
 
-def encode_result(rid: int, result: dict[str, Any]) -> bytes:
+def encode_result(rid: int, result: Any) -> bytes:
+    """A reply; `result` is the op's result (protocol/replies.py), as its
+    struct or, where the daemon's core builds it, as the same map."""
     return _pack({"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
 
 
@@ -492,74 +471,101 @@ def encode_error(err: ProtocolError) -> bytes:
     )
 
 
-def encode_event(event: str, data: dict[str, Any] | None = None) -> bytes:
-    return _pack({"v": PROTOCOL_VERSION, "event": event, "data": data or {}})
+def encode_event(event: str, data: Any = None) -> bytes:
+    """An event; `data` is its struct in EVENTS (or the same map), or None."""
+    return _pack({"v": PROTOCOL_VERSION, "event": event, "data": {} if data is None else data})
 
 
 # --- what the tenant side reads ---------------------------------------------
 
-EVENTS = {
-    "shutdown": "The daemon is stopping; every lease and slice is gone and the "
-                "connection will not be answered again. Data: {reason}.",
-    "grant": "A queued tenant now holds a slice: {slice, devices, quantum_s}.",
-    "preempt": "The holder's quantum is over and others wait: page out, then send "
-               "`turn_yield` within {grace_s}. Data: {slice, grace_s}.",
-    "revoked": "The holder did not yield in time; the slice was given away. "
-               "Data: {slice, reason}. Work already launched on the device is not stopped.",
-    "reclaim": "Leases of this tenant sit on memory being taken back: move each (`move`, "
-               "copy, `release`) within {deadline_s}. Data: {reclaim, device, deadline_s, "
-               "leases}.",
-    "fenced": "These leases were not moved in time and are gone (host: the memory is "
-              "truncated, touching it faults; cuda: held until released). Data: "
-              "{reclaim, device, leases}.",
-    "reclaim_done": "To whoever asked: the reclaim ended. Data: the report "
-                    "(protocol/README.md, section 4.3).",
+# Every event, by wire name: the struct its data decodes into.
+EVENTS: dict[str, type[r.Event]] = {cls.event: cls for cls in (
+    r.Shutdown, r.Grant, r.Preempt, r.Revoked, r.ReclaimNotice, r.FencedNotice,
+    r.ReclaimReport, r.Feed)}
 
 
-    "feed": "To a `subscribe`d connection: something happened. Data: {seq, time, kind, "
-            "...}, and `missed` when events were skipped because the subscriber read "
-            "too slowly (protocol/README.md section 5).",
-}
-
-
-@dataclass(frozen=True)
-class Reply:
-    id: int | None
-    ok: bool
-    result: dict[str, Any]
-    code: str = ""
+class ErrorBody(msgspec.Struct):
+    code: str = ErrorCode.INTERNAL.value  # an error reply without a code
     message: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class Event:
-    event: str
-    data: dict[str, Any]
+class Reply(msgspec.Struct):
+    """A daemon->tenant frame that is not an event. Its `result` stays
+    encoded until the caller, who knows what it asked, decodes it
+    (`result_of`): one strict pass into the op's own struct."""
+
+    v: int
+    id: int | None = None
+    ok: bool | None = None
+    result: msgspec.Raw = msgspec.Raw()
+    error: ErrorBody | None = None
+    event: str | None = None
+    data: msgspec.Raw = msgspec.Raw()
+
+    def result_of(self, op: type[Op]) -> Any:
+        """The result decoded into `op.result`; ProtocolError if it is not one."""
+        try:
+            return _result_decoder(op).decode(self.result)
+        except msgspec.MsgspecError as exc:
+            raise _bad(f"malformed {op.op!r} result from daemon: {exc}") from None
 
 
-def decode_reply(frame: bytes) -> Reply | Event:
-    """Parse a daemon->tenant frame. Raises ProtocolError on anything odd."""
-    obj = _unpack(frame)
-    version = obj.get("v") if isinstance(obj, dict) else None
-    if type(version) is not int or version != PROTOCOL_VERSION:
+def as_result(op: type[Op], result: Any) -> Any:
+    """A result as the arbiter returns it (a map), as its struct: for what
+    drives the arbiter without the wire (the simulator)."""
+    return msgspec.convert(result, op.result)
+
+
+def as_event(name: str, data: Any) -> r.Event:
+    """An event the arbiter emitted (name, map), as its struct; as as_result."""
+    event: r.Event = msgspec.convert(data, EVENTS[name])
+    return event
+
+
+_frames = msgspec.msgpack.Decoder(Reply)
+_events = {name: msgspec.msgpack.Decoder(cls) for name, cls in EVENTS.items()}
+_results: dict[type[Op], msgspec.msgpack.Decoder[Any]] = {}
+_EMPTY_MAP = b"\x80"
+
+
+def _result_decoder(op: type[Op]) -> msgspec.msgpack.Decoder[Any]:
+    decoder = _results.get(op)
+    if decoder is None:
+        decoder = _results[op] = msgspec.msgpack.Decoder(op.result)
+    return decoder
+
+
+_MAP_LEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
+
+
+def _is_map(raw: msgspec.Raw) -> bool:
+    return len(raw) > 0 and memoryview(raw)[0] in _MAP_LEADS
+
+
+def decode_reply(frame: bytes) -> Reply | r.Event:
+    """Parse a daemon->tenant frame: a Reply, or the event's struct
+    (UnknownEvent for a name this side does not know). Raises ProtocolError
+    on anything malformed."""
+    try:
+        msg = _frames.decode(frame)
+    except msgspec.MsgspecError as exc:
+        raise _bad(f"malformed frame from daemon: {exc}") from None
+    if msg.v != PROTOCOL_VERSION:
         raise _bad("daemon sent a frame that is not a protocol v1 map")
-    if "event" in obj:
-        event, data = obj.get("event"), obj.get("data", {})
-        if not isinstance(event, str) or not isinstance(data, dict):
-            raise _bad("malformed event from daemon")
-        return Event(event, data)
-    rid, ok = obj.get("id"), obj.get("ok")
-    if not (rid is None or type(rid) is int) or not isinstance(ok, bool):
-        raise _bad("malformed reply from daemon")
-    if ok:
-        result = obj.get("result")
-        if not isinstance(result, dict):
-            raise _bad("malformed reply from daemon: result is not a map")
-        return Reply(rid, True, result)
-    err = obj.get("error")
-    details = err.get("details", {}) if isinstance(err, dict) else None
-    if not isinstance(err, dict) or not isinstance(details, dict):
+    if msg.event is not None:
+        decoder = _events.get(msg.event)
+        if decoder is None:
+            return r.UnknownEvent(wire_name=msg.event[:64])
+        data = msg.data if len(msg.data) else _EMPTY_MAP
+        try:
+            return decoder.decode(data)
+        except msgspec.MsgspecError as exc:
+            raise _bad(f"malformed {msg.event[:64]!r} event from daemon: {exc}") from None
+    if msg.ok is None:
+        raise _bad("malformed reply from daemon: no `ok`")
+    if msg.ok and not _is_map(msg.result):
+        raise _bad("malformed reply from daemon: result is not a map")
+    if not msg.ok and msg.error is None:
         raise _bad("malformed error reply from daemon")
-    return Reply(rid, False, {}, str(err.get("code", "internal")),
-                 str(err.get("message", "")), details)
+    return msg

@@ -16,11 +16,11 @@ virtual time); it sends nothing itself: its methods return the request to send.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from enum import StrEnum
-from typing import Any
 
 from .messages import Turn, TurnDone, TurnYield
+from .replies import Event, Grant, Preempt, Revoked, TurnState
 
 
 class Phase(StrEnum):
@@ -68,10 +68,10 @@ class TurnMachine:
         self.wanted = None if devices is None else list(devices)
         return Turn(devices=self.wanted)
 
-    def on_reply(self, reply: Mapping[str, Any]) -> bool:
+    def on_reply(self, reply: TurnState) -> bool:
         """The reply to a turn or yield request; True when it granted a slice."""
-        if reply["state"] == "granted":
-            self._hold(reply)
+        if reply.slice is not None and reply.granted:
+            self._hold(reply.slice, reply.devices)
             return True
         self.waits += 1
         return False
@@ -108,28 +108,27 @@ class TurnMachine:
 
     # --- what the daemon says -------------------------------------------------
 
-    def on_event(self, name: str, data: Mapping[str, Any]) -> str | None:
+    def on_event(self, event: Event) -> str | None:
         """Apply a pushed event. Returns "granted" or "revoked" when the
         event changed what the tenant holds, else None."""
-        slice_id = int(data.get("slice", 0))
-        if name == "grant":
+        if isinstance(event, Grant):
             # A grant older than what we hold was overtaken by a later reply;
             # one already revoked was read after its revocation.
-            if self.phase is Phase.WAITING and slice_id > max(self.slice, self.revoked_slice):
-                self._hold(data)
+            if self.phase is Phase.WAITING and event.slice > max(self.slice, self.revoked_slice):
+                self._hold(event.slice, event.devices)
                 return "granted"
-        elif name == "preempt":
+        elif isinstance(event, Preempt):
             # Remembered even when the grant it names is not read yet.
-            self.asked = max(self.asked, slice_id)
-        elif name == "revoked":
-            self.revoked_slice = max(self.revoked_slice, slice_id)
-            if self.holding and slice_id == self.slice:
+            self.asked = max(self.asked, event.slice)
+        elif isinstance(event, Revoked):
+            self.revoked_slice = max(self.revoked_slice, event.slice)
+            if self.holding and event.slice == self.slice:
                 self.phase = Phase.WAITING
                 self.revocations += 1
                 return "revoked"
         return None
 
-    def restarted(self, reply: Mapping[str, Any] | None) -> None:
+    def restarted(self, reply: TurnState | None) -> None:
         """A new daemon numbers slices afresh. `reply`: its answer to the turn
         asked again (None: not asked, no turn was active)."""
         self.slice = self.asked = self.revoked_slice = 0
@@ -139,9 +138,9 @@ class TurnMachine:
             self.phase = Phase.WAITING
             self.requeued = True
 
-    def _hold(self, grant: Mapping[str, Any]) -> None:
+    def _hold(self, slice_id: int, devices: list[int]) -> None:
         self.granted_at = self._clock()
-        self.slice = int(grant["slice"])
-        self.devices = list(grant["devices"])
+        self.slice = slice_id
+        self.devices = list(devices)
         self.requeued = False
         self.phase = Phase.HOLDING

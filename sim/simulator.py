@@ -173,6 +173,10 @@ class SimEngine:
     def call(self, op: m.Op) -> dict:
         return self.sim.arbiter.handle(self.conn, self.peer, m.Request(next(self._ids), op)).result
 
+    def ask(self, op: m.Op) -> Any:
+        """call(), the result as the struct a client reads (the turn machine's input)."""
+        return m.as_result(type(op), self.call(op))
+
     # --- events ---------------------------------------------------------------
 
     def arrive(self, arrival: Arrival) -> None:
@@ -190,7 +194,7 @@ class SimEngine:
             self._fenced(data["leases"])
         # A revocation does not cut the step in flight short (a step cannot
         # be); _after_step sees it.
-        elif self.turns.on_event(name, data) == "granted":
+        elif self.turns.on_event(m.as_event(name, data)) == "granted":
             self._run_or_finish()
 
     # --- elastic memory: a lender takes its memory back ------------------------
@@ -273,7 +277,7 @@ class SimEngine:
     # --- turns ----------------------------------------------------------------
 
     def _want_turn(self) -> None:
-        if self.turns.on_reply(self.call(self.turns.begin())):
+        if self.turns.on_reply(self.ask(self.turns.begin())):
             self._start_step()
 
     def _run_or_finish(self) -> None:
@@ -288,7 +292,7 @@ class SimEngine:
         # that queues us again). With nothing left, done serves as the yield.
         if self.turns.must_yield and self.sched.pending:
             request = self.turns.yield_()
-            if request is not None and self.turns.on_reply(self.call(request)):
+            if request is not None and self.turns.on_reply(self.ask(request)):
                 self._start_step()
         else:
             self._run_or_finish()

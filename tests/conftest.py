@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from aqua.inprocess import InProcessDaemon
 from aqua.testing import PrivateDaemon
+from aqua_protocol.paths import segment_prefix
+from aquad.core.limits import Limits
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -62,6 +65,33 @@ def start_daemon(sockdir: str) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
     return start_daemon()
+
+
+@pytest.fixture
+def start_inprocess(sockdir: str) -> Iterator[Callable[..., InProcessDaemon]]:
+    """Arbiters in the test's own process (aqua.inprocess), set like
+    start_daemon's: two host devices of 64 MiB, heartbeat timeout 2 s; for
+    tests of what the arbiter decides, not of the socket or the shell."""
+    started: list[InProcessDaemon] = []
+
+    def start(*, quantum_ms: float = 100, grace_ms: float = 1000) -> InProcessDaemon:
+        limits = Limits(heartbeat_timeout_s=2.0, heartbeat_interval_s=0.4,
+                        quantum_s=quantum_ms / 1000, grace_s=grace_ms / 1000)
+        daemon = InProcessDaemon(sockdir, devices=2, capacity=64 * 2**20, limits=limits)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
+        prefix = segment_prefix(daemon.socket)
+        leftover = [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+        assert not leftover, f"the arbiter left shared memory behind: {leftover}"
+
+
+@pytest.fixture
+def inprocess(start_inprocess: Callable[..., InProcessDaemon]) -> InProcessDaemon:
+    return start_inprocess()
 
 
 class Tenant:

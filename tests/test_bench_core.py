@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "core.py"
 STATUS = SCRIPT.with_name("status.py")
 
@@ -32,6 +34,9 @@ def test_core_bench_measures_each_layout_against_its_own_echo(tmp_path):
         assert bool(rows["client_cpus"]) is pinned and bool(rows["server_cpus"]) is pinned
     assert doc["layouts"]["shared"]["client_cpus"] == doc["layouts"]["shared"]["server_cpus"]
     assert doc["bandwidth"]["ratio"] > 0 and doc["api"]["n"] == 100
+    for key in ("decode", "encode"):
+        c = doc["codec"][key]
+        assert c["ratio"] == pytest.approx(c["us"] / c["msgpack_us"]) and c["us"] > 0
     assert "lease grant" in proc.stdout
     assert [r["bytes"] for r in doc["end_to_end"]] == [2**20, 2**21]
     for row in doc["end_to_end"]:

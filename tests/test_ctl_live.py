@@ -129,7 +129,7 @@ def test_subscribe_rules(daemon):
     tenant = Connection(daemon.socket)
     try:
         for conn in conns[:MAX_PER_UID]:
-            assert conn.request(p.Subscribe())["lag_bytes"] == LAG_BYTES
+            assert conn.request(p.Subscribe()).lag_bytes == LAG_BYTES
         with pytest.raises(AquaError) as over:
             conns[-1].request(p.Subscribe())
         assert over.value.code == "limit_exceeded"
@@ -191,11 +191,12 @@ def test_a_subscriber_that_stops_reading_misses_events_and_costs_nothing(daemon)
         while True:
             assert slow.poll(20_000), "the slow subscriber got nothing more"
             event = p.decode_reply(slow.recv())
-            if seqs and event.data["seq"] - seqs[-1] - 1 != event.data.get("missed", 0):
-                gaps.append((seqs[-1], event.data["seq"], event.data.get("missed")))
-            seqs.append(event.data["seq"])
-            missed += event.data.get("missed", 0)
-            if event.data.get("name") == "last":
+            assert isinstance(event, p.replies.Feed)
+            if seqs and event.seq - seqs[-1] - 1 != event.missed:
+                gaps.append((seqs[-1], event.seq, event.missed))
+            seqs.append(event.seq)
+            missed += event.missed
+            if event.name == "last":
                 break
         assert missed > 0
         assert not gaps  # each gap in seq is what `missed` says
@@ -213,8 +214,10 @@ def test_a_burst_beyond_the_backlog_is_counted_not_kept():
     from aquad.core.tenants import Peer
     from aquad.feed import BACKLOG, Feed
 
-    sent: list[dict] = []
-    feed = Feed(send=lambda conn, frame: sent.append(p.decode_reply(frame).data) or True,
+    sent: list[p.replies.Feed] = []
+    frames: list[bytes] = []
+    feed = Feed(send=lambda conn, frame: frames.append(frame) or sent.append(p.decode_reply(frame))
+                or True,
                 queued=lambda conn: 0, clock=lambda: 1.0)
     feed.subscribe(b"c1", Peer(pid=1, uid=0, gid=0))
     for i in range(BACKLOG + 10):
@@ -222,5 +225,5 @@ def test_a_burst_beyond_the_backlog_is_counted_not_kept():
     assert len(feed.pending) == BACKLOG
     feed.flush()
     assert len(sent) == BACKLOG and not feed.pending
-    assert sent[0]["missed"] == 10 and sent[0]["seq"] == 11
-    assert "missed" not in sent[1] and feed.missed == 10
+    assert sent[0].missed == 10 and sent[0].seq == 11
+    assert b"missed" not in frames[1] and feed.missed == 10

@@ -273,11 +273,13 @@ def test_host_backend_status_has_no_links_and_no_matrix(tmp_path):
 def test_handles_round_trip_through_the_protocol():
     seg = CudaSegment(device=3, ordinal=1, bus_id="0000:3b:00.0", ptr=0x7F00, size=4 * MiB,
                       nbytes=3 * MiB, ipc=bytes(range(64)), owner_pid=1)
-    frame = p.encode_result(7, {"lease": "L" + "a" * 22, "handle": seg.handle})
+    frame = p.encode_result(7, {"lease": "L" + "a" * 22, "device": 3, "nbytes": 3 * MiB,
+                                "tier": "nvlink", "handle": seg.handle})
     reply = p.decode_reply(frame)
-    assert reply.ok and reply.id == 7
-    assert reply.result["handle"] == seg.handle
-    assert type(reply.result["handle"]["handle"]) is bytes  # msgpack bin, not str
+    assert isinstance(reply, p.Reply) and reply.ok and reply.id == 7
+    granted = reply.result_of(p.Lease)
+    assert p.replies.handle_map(granted.handle) == seg.handle
+    assert type(granted.handle.handle) is bytes  # msgpack bin, not str
 
 
 def test_bad_settings_fail_discovery_clearly(tmp_path):

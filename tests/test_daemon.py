@@ -34,7 +34,7 @@ def test_lease_write_and_read_back_from_a_second_mapping(daemon, tenants):
         t = lease.tensor(torch.int32)
         t.copy_(torch.arange(t.numel(), dtype=torch.int32))
         info = client._conn.request(p.LeaseInfo(lease=lease.id))
-        print(lease.id, info["handle"]["name"], lease.device, flush=True)
+        print(lease.id, info.handle.name, lease.device, flush=True)
         sys.stdin.readline()
         lease.release()
         print("released", flush=True)
@@ -63,9 +63,9 @@ def test_lease_write_and_read_back_from_a_second_mapping(daemon, tenants):
     assert daemon.status()["tenants"] == []
 
 
-def test_two_tenants_are_isolated(daemon):
-    with aqua.connect("alice", 0, socket=daemon.socket) as a, \
-            aqua.connect("bob", 1, socket=daemon.socket) as b:
+def test_two_tenants_are_isolated(inprocess):
+    daemon = inprocess
+    with daemon.connect("alice", 0) as a, daemon.connect("bob", 1) as b:
         lease = a.lease(MiB)
         lease.tensor().fill_(0xA5)
         before = daemon.status()
@@ -242,8 +242,9 @@ def test_oversized_frame_beyond_hard_cap_does_not_hurt_the_daemon(daemon):
     assert daemon.status()["tenants"] == []
 
 
-def test_out_of_memory_says_how_much_is_free(daemon):
-    with aqua.connect("greedy", 0, socket=daemon.socket) as c:
+def test_out_of_memory_says_how_much_is_free(inprocess):
+    daemon = inprocess
+    with daemon.connect("greedy", 0) as c:
         keep = c.lease(60 * MiB)
         with pytest.raises(aqua.OutOfMemory) as err:
             c.lease(100 * MiB)
@@ -254,8 +255,9 @@ def test_out_of_memory_says_how_much_is_free(daemon):
         keep.release()
 
 
-def test_offload_and_restore_a_tensor_bit_exactly(daemon):
-    with aqua.connect("engine", 0, socket=daemon.socket) as c:
+def test_offload_and_restore_a_tensor_bit_exactly(inprocess):
+    daemon = inprocess
+    with daemon.connect("engine", 0) as c:
         for t in (torch.randn(37, 129, dtype=torch.bfloat16),
                   torch.randint(-2**31, 2**31 - 1, (5, 5, 5), dtype=torch.int32),
                   torch.tensor(3.5, dtype=torch.float64),
@@ -375,7 +377,7 @@ def test_leases_belong_to_the_tenants_uid(start_daemon, tenants):
         lease = client.lease(2**20)
         lease.tensor().fill_(7)
         info = client._conn.request(p.LeaseInfo(lease=lease.id))
-        print(info["handle"]["name"], flush=True)
+        print(info.handle.name, flush=True)
         sys.stdin.readline()
     """, user=(nobody.pw_uid, nobody.pw_gid))
     name = tenant.readline()
@@ -513,8 +515,9 @@ def test_a_dropped_tenant_is_told_instead_of_waiting_forever(start_daemon, tenan
     assert line.startswith("gone:") and "dropped" in line, line
 
 
-def test_pager_refused_a_lease_loses_nothing(daemon):
-    with aqua.connect("pager", 0, socket=daemon.socket) as client:
+def test_pager_refused_a_lease_loses_nothing(inprocess):
+    daemon = inprocess
+    with daemon.connect("pager", 0) as client:
         small = torch.arange(1000, dtype=torch.float32)
         huge = torch.zeros(100 * MiB, dtype=torch.uint8)  # no 64 MiB device holds it
         pager = aqua.TensorPager(client, [small, huge])

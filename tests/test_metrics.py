@@ -194,7 +194,7 @@ def test_garbage_is_counted_with_a_bounded_label(metrics_daemon):
     try:
         conn._sock.send(b"\xc1 not msgpack")  # noqa: SLF001 - the raw socket is the point
         reply = p.decode_reply(conn._sock.recv())  # noqa: SLF001
-        assert reply.code == "bad_request"
+        assert reply.error.code == "bad_request"
     finally:
         conn.close()
     m = fresh_scrape(metrics_daemon.url, since)

@@ -7,6 +7,7 @@ tenant library, the tenant library loads neither the daemon nor the tools."""
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import subprocess
 import sys
@@ -48,6 +49,22 @@ def _loaded_by(module: str) -> set[str]:
     ("aquad.metrics", {"aqua", "aqua_demo", "aqua_sim", "zmq", "torch"}),
     ("aqua", {"aquad", "aqua_demo", "aqua_sim", "torch", "trio"}),
     ("aqua.engine", {"aquad", "aqua_demo", "aqua_sim", "torch"}),
+    # The in-process daemon for tests loads the daemon's core, by design.
+    ("aqua.inprocess", {"aqua_demo", "aqua_sim", "torch", "trio"}),
 ])
 def test_the_import_graph_is_the_designs(module, forbidden):
     assert _loaded_by(module) & forbidden == set()
+
+
+def test_only_the_in_process_testing_module_of_the_tenant_library_imports_the_daemon():
+    """The tenant library talks to aquad over the protocol alone; the one
+    exception is aqua.inprocess, which runs the arbiter in the test's own
+    process (its docstring says what for) and which `import aqua` never loads."""
+    importers = set()
+    for path in (ROOT / "client").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n == "aquad" or n.startswith("aquad.") for n in names):
+                importers.add(path.relative_to(ROOT).as_posix())
+    assert importers == {"client/inprocess.py"}

@@ -21,7 +21,6 @@ from aqua_protocol import (
     SUPPORTED_VERSIONS,
     Bye,
     ErrorCode,
-    Event,
     Heartbeat,
     Hello,
     Lease,
@@ -39,6 +38,7 @@ from aqua_protocol import (
     encode_result,
 )
 from aqua_protocol import messages as m
+from aqua_protocol import replies as r
 
 LEASE_ID = "L" + "a" * 22
 
@@ -411,25 +411,52 @@ def test_protocol_error_fields():
 
 # --- replies and events -------------------------------------------------------
 
+HANDLE = {"kind": "posix_shm", "name": "aqua-0123456789-" + "a" * 24, "nbytes": 10}
+GRANTED = {"lease": LEASE_ID, "device": 1, "nbytes": 10, "tier": "host", "handle": HANDLE}
 
-def test_decode_result_reply():
-    rep = decode_reply(encode_result(5, {"lease": LEASE_ID, "nbytes": 10}))
-    assert rep == Reply(5, True, {"lease": LEASE_ID, "nbytes": 10})
+
+def test_a_result_decodes_strictly_into_its_ops_struct():
+    rep = decode_reply(encode_result(5, GRANTED))
+    assert isinstance(rep, Reply) and (rep.id, rep.ok) == (5, True)
+    granted = rep.result_of(Lease)
+    assert granted == r.Granted(LEASE_ID, 1, 10, "host", r.PosixShm(HANDLE["name"], 10))
+    assert granted.capability == "" and r.handle_map(granted.handle) == HANDLE
+    # What the client does not know is ignored (fields added within v1) ...
+    assert decode_reply(encode_result(5, {**GRANTED, "later": [1]})).result_of(Lease) == granted
+    # ... what it needs must be there, of its type.
+    for bad in ({**GRANTED, "device": True}, {k: v for k, v in GRANTED.items() if k != "tier"},
+                {**GRANTED, "handle": {**HANDLE, "kind": "carrier_pigeon"}}, {}):
+        with pytest.raises(ProtocolError, match="malformed 'lease' result"):
+            decode_reply(encode_result(5, bad)).result_of(Lease)
+
+
+def test_a_struct_result_and_its_map_are_the_same_bytes_on_the_wire():
+    granted = decode_reply(encode_result(5, GRANTED)).result_of(Lease)
+    assert encode_result(5, granted) == encode_result(5, GRANTED)
+    # Optional fields at their default stay off the wire, as in the maps.
+    assert msgpack.unpackb(encode_result(1, r.TurnState("queued", [0])))["result"] == {
+        "state": "queued", "devices": [0]}
+
+
+def test_every_op_names_a_result_struct():
+    for cls in OPS.values():
+        assert cls.result is r.StatusReport or issubclass(cls.result, r.Result), cls
+    assert decode_reply(encode_result(1, {})).result_of(Heartbeat) == r.Empty()
+    status = {"schema": 1, "devices": [], "anything": {"nested": [1]}}
+    assert decode_reply(encode_result(1, status)).result_of(Status) == status
 
 
 def test_decode_error_reply_round_trip():
     err = ProtocolError(ErrorCode.OUT_OF_MEMORY, "full", request_id=9,
                         details={"total_free_bytes": 0})
     rep = decode_reply(encode_error(err))
-    assert isinstance(rep, Reply)
-    assert (rep.id, rep.ok, rep.result) == (9, False, {})
-    assert (rep.code, rep.message, rep.details) == ("out_of_memory", "full",
-                                                    {"total_free_bytes": 0})
+    assert isinstance(rep, Reply) and (rep.id, rep.ok) == (9, False)
+    assert rep.error == m.ErrorBody("out_of_memory", "full", {"total_free_bytes": 0})
 
 
 def test_decode_error_reply_without_id_or_details():
     rep = decode_reply(encode_error(ProtocolError(ErrorCode.BAD_REQUEST, "junk")))
-    assert (rep.id, rep.ok, rep.code, rep.details) == (None, False, "bad_request", {})
+    assert (rep.id, rep.ok, rep.error.code, rep.error.details) == (None, False, "bad_request", {})
     raw = msgpack.unpackb(encode_error(ProtocolError(ErrorCode.BAD_REQUEST, "junk")))
     assert "details" not in raw["error"]
 
@@ -438,16 +465,21 @@ def test_decoded_error_from_decode_request_survives_the_wire():
     with pytest.raises(ProtocolError) as info:
         decode_request(req("status", rid=77, v=9))
     rep = decode_reply(encode_error(info.value))
-    assert (rep.id, rep.code) == (77, "unsupported_version")
-    assert rep.details == {"supported": list(SUPPORTED_VERSIONS)}
+    assert (rep.id, rep.error.code) == (77, "unsupported_version")
+    assert rep.error.details == {"supported": list(SUPPORTED_VERSIONS)}
 
 
-def test_decode_event():
-    ev = decode_reply(encode_event("shutdown"))
-    assert ev == Event("shutdown", {})
-    assert decode_reply(encode_event("shutdown", {"reason": "x"})) == Event(
-        "shutdown", {"reason": "x"})
-    assert "shutdown" in EVENTS
+def test_decode_events():
+    assert decode_reply(encode_event("shutdown")) == r.Shutdown()
+    assert decode_reply(encode_event("shutdown", {"reason": "x"})) == r.Shutdown("x")
+    assert decode_reply(encode_event("grant", r.Grant(3, [0, 1], 0.5))) == r.Grant(3, [0, 1], 0.5)
+    feed = decode_reply(encode_event("feed", {"seq": 2, "time": 1.5, "kind": "slice_revoked",
+                                              "tenant": "t1", "slice": 4, "new": 1}))
+    assert feed == r.Feed(2, 1.5, "slice_revoked", tenant="t1", slice=4)
+    # A newer daemon's event is for the client to ignore, not to fail on.
+    assert decode_reply(encode_event("weather", {"rain": True})) == r.UnknownEvent("weather")
+    assert set(EVENTS) == {"shutdown", "grant", "preempt", "revoked", "reclaim", "fenced",
+                           "reclaim_done", "feed"}
 
 
 @pytest.mark.parametrize(
@@ -456,6 +488,7 @@ def test_decode_event():
         [1], "x", None,
         {"id": 1, "ok": True, "result": {}},  # no version
         {"v": 2, "id": 1, "ok": True, "result": {}},
+        {"v": True, "id": 1, "ok": True, "result": {}},
         {"v": 1, "id": "1", "ok": True, "result": {}},
         {"v": 1, "id": 1, "ok": 1, "result": {}},
         {"v": 1, "id": 1, "result": {}},
@@ -463,8 +496,14 @@ def test_decode_event():
         {"v": 1, "id": 1, "ok": True},
         {"v": 1, "id": 1, "ok": False},
         {"v": 1, "id": 1, "ok": False, "error": "boom"},
+        {"v": 1, "id": 1, "ok": False, "error": {"code": 5}},
         {"v": 1, "event": 5, "data": {}},
         {"v": 1, "event": "shutdown", "data": [1]},
+        {"v": 1, "event": "grant", "data": {"slice": 1}},
+        {"v": 1, "event": "preempt", "data": {"slice": "1", "grace_s": 1.0}},
+        {"v": 1, "event": "reclaim", "data": {"reclaim": 1, "device": 0, "deadline_s": 1.0,
+                                              "leases": [5]}},
+        {"v": 1, "event": "feed", "data": {"seq": 1, "time": 1.0}},
     ],
 )
 def test_malformed_replies(obj):
@@ -610,3 +649,54 @@ def _op_strategy(cls):
 @given(rids, st.sampled_from(sorted(OPS)).flatmap(lambda name: _op_strategy(OPS[name])))
 def test_every_op_round_trips_generated_args(rid, op):
     assert decode_request(encode_request(rid, op)) == Request(rid, op)
+
+
+# --- property tests of what the daemon sends ----------------------------------
+
+REPLY_FIELDS = ["lease", "device", "nbytes", "tier", "handle", "state", "devices", "slice",
+                "reclaim", "leases", "report", "seq", "time", "kind", "name"]
+near_results = st.dictionaries(st.sampled_from(REPLY_FIELDS), msgpack_objects, max_size=6)
+near_frames = st.one_of(
+    st.fixed_dictionaries({"v": st.sampled_from([1, 1, 2, True]),
+                           "id": st.none() | st.integers(-1, 2**63) | msgpack_scalars,
+                           "ok": st.sampled_from([True, False, None, 1])},
+                          optional={"result": near_results | msgpack_objects,
+                                    "error": st.fixed_dictionaries(
+                                        {}, optional={"code": msgpack_scalars,
+                                                      "message": msgpack_scalars,
+                                                      "details": msgpack_objects})}),
+    st.fixed_dictionaries({"v": st.just(1),
+                           "event": st.sampled_from(sorted(EVENTS)) | msgpack_scalars},
+                          optional={"data": near_results | msgpack_objects}),
+)
+
+
+def _reply_or_protocol_error(data: bytes) -> None:
+    """Whatever a daemon sends, the client gets a typed message or a
+    ProtocolError, and every result a typed struct or a ProtocolError."""
+    try:
+        msg = decode_reply(data)
+    except ProtocolError as exc:
+        assert exc.code is ErrorCode.BAD_REQUEST and exc.message
+        return
+    if isinstance(msg, r.Event):
+        assert type(msg) in (*EVENTS.values(), r.UnknownEvent)
+        return
+    assert isinstance(msg, Reply) and isinstance(msg.ok, bool)
+    for cls in OPS.values():
+        try:
+            msg.result_of(cls)
+        except ProtocolError as exc:
+            assert exc.code is ErrorCode.BAD_REQUEST and repr(cls.op) in exc.message
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(msgpack_objects, near_frames))
+def test_any_frame_from_a_daemon_gives_a_typed_message_or_protocol_error(obj):
+    _reply_or_protocol_error(msgpack.packb(obj))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_from_a_daemon_give_a_typed_message_or_protocol_error(data):
+    _reply_or_protocol_error(data)

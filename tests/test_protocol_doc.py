@@ -1,8 +1,10 @@
 """protocol/README.md and the message definitions say the same thing.
 
-The definitions in protocol/messages.py are what the daemon validates; the
+The definitions in protocol/messages.py (requests) and protocol/replies.py
+(results, events) are what the daemon validates and the client decodes; the
 README is what implementers read. Every operation, argument, requirement,
-event and error code must appear in both, the same way."""
+result field, event, event field and error code must appear in both, the
+same way."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import dataclasses
 import pathlib
 import re
 
+import msgspec
 import pytest
 
-from aqua_protocol import EVENTS, OPS, ErrorCode
+from aqua_protocol import EVENTS, OPS, ErrorCode, replies
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "protocol" / "README.md").read_text()
 
@@ -78,3 +81,46 @@ def test_every_event_is_documented():
 def test_every_wire_error_code_is_documented():
     rows = _table(_section(r"6\. Error codes"), "code")
     assert {_name(r[0]) for r in rows} == {code.value for code in ErrorCode}
+
+
+def _fields(struct: type) -> set[str]:
+    return {f.name for f in msgspec.structs.fields(struct)}
+
+
+# Ops whose section has a result table; the others say in words what they reply.
+RESULT_TABLES = ["hello", "bye", "lease", "release", "turn", "subscribe"]
+
+
+@pytest.mark.parametrize("name", RESULT_TABLES)
+def test_each_result_table_lists_the_fields_of_the_ops_result_struct(name):
+    rows = _table(_section(rf"`{name}`"), "result")
+    assert {_name(r[0]) for r in rows} == _fields(OPS[name].result), name
+
+
+def test_every_op_without_a_result_table_names_its_struct_in_words():
+    # `status`: a map (docs/status-schema.md); the rest: "as for `lease`", {}, 4.3.
+    for name, cls in OPS.items():
+        if name not in RESULT_TABLES:
+            assert cls.result is replies.StatusReport or issubclass(cls.result, replies.Result)
+
+
+def _backticked(text: str) -> set[str]:
+    return set(re.findall(r"`([a-z_]+)`", text))
+
+
+def test_every_event_field_is_documented():
+    rows = {_name(r[0]): r[1] for r in _table(_section(r"5\. Events"), "event")}
+    kinds = _table(_section(r"5\. Events"), "kind")
+    for name, struct in EVENTS.items():
+        documented = _backticked(rows[name])
+        if struct is replies.ReclaimReport:
+            documented = _backticked(_section(r"4\.3 Elastic memory: reclaim, drain, lend, move"))
+        if struct is replies.Feed:
+            documented |= {f for row in kinds for f in _backticked(row[1])}
+            assert {_name(row[0]) for row in kinds} == {
+                "tenant_joined", "tenant_left", "slice_granted", "slice_preempted",
+                "slice_revoked"}
+        missing = _fields(struct) - documented
+        assert not missing, (name, missing)
+        if struct not in (replies.Feed, replies.ReclaimReport):
+            assert documented == _fields(struct), name

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -388,14 +389,14 @@ BORROWER = """
 
 def drain(daemon, device: int, deadline_ms: int = 5000) -> dict:
     conn = Connection(daemon.socket)
-    done: dict = {}
-    conn.on_event = lambda ev: done.update(ev.data) if ev.event == "reclaim_done" else None
+    done: list[p.replies.ReclaimReport] = []
+    conn.on_event = lambda ev: done.append(ev) if isinstance(ev, p.replies.ReclaimReport) else None
     try:
         reply = conn.request(p.Drain(device=device, deadline_ms=deadline_ms))
-        if reply["state"] == "done":
-            return reply["report"]
+        if reply.report is not None:
+            return msgspec.to_builtins(reply.report)
         assert conn.wait_for(lambda: bool(done), deadline_ms / 1000 + 10)
-        return done
+        return msgspec.to_builtins(done[0])
     finally:
         conn.close()
 

@@ -119,7 +119,7 @@ def test_adopt_takes_the_capability_and_the_owner_uid(daemon):
         with pytest.raises(aqua.NoSuchLease):
             conn.request(p.Adopt(lease=lease.id, capability=wrong))
         reply = conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
-        assert reply["lease"] == lease.id and reply["handle"] == lease.handle
+        assert reply.lease == lease.id and p.replies.handle_map(reply.handle) == lease.handle
         with pytest.raises(aqua.NoSuchLease):  # once only
             conn.request(p.Adopt(lease=lease.id, capability=lease.capability))
         with pytest.raises(aqua.BadRequest):

@@ -236,7 +236,7 @@ def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
 def test_client_walk_and_aquactl_page_through_every_lease(start_daemon):
     daemon = start_daemon("--host-devices", "2x256MiB")
     with aqua.connect("many", [0, 1], socket=daemon.socket) as c:
-        ids = [c._conn.request(aqua_protocol.Lease(nbytes=1, near=i % 2))["lease"]
+        ids = [c._conn.request(aqua_protocol.Lease(nbytes=1, near=i % 2)).lease
                for i in range(1100)]
         assert [l["id"] for l in c.iter_leases()] == ids
         assert [l["id"] for l in c.iter_leases(device=1)] == ids[1::2]

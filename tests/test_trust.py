@@ -49,7 +49,8 @@ print("listening", segment, flush=True)
 devices = [{"id": 0, "name": "host0", "backend": "host", "capacity_bytes": 2**30,
             "leased_bytes": 0, "free_bytes": 2**30, "granule_bytes": 65536}]
 results = {
-    "hello": {"tenant_id": "T1", "backend": "host", "devices": devices,
+    "hello": {"tenant_id": "T1", "protocol": 1, "backend": "host", "weight": 1.0,
+              "devices": devices,
               "heartbeat_interval_s": 0.4, "heartbeat_timeout_s": 2.0},
     "lease": {"lease": "L" + "a" * 24, "device": 0, "nbytes": nbytes, "tier": "host",
               "handle": {"kind": "posix_shm", "name": name, "nbytes": nbytes}},

@@ -10,14 +10,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aqua_protocol import Turn, TurnDone, TurnYield
+from aqua_protocol.replies import Grant, Preempt, Revoked, TurnState
 from aqua_protocol.turns import Phase, TurnMachine
 
 
-def grant(slice_id: int, devices: tuple[int, ...] = (0,)) -> dict:
-    return {"state": "granted", "slice": slice_id, "devices": list(devices), "quantum_s": 0.1}
+def grant(slice_id: int, devices: tuple[int, ...] = (0,)) -> TurnState:
+    return TurnState("granted", list(devices), slice_id, 0.1)
 
 
-QUEUED = {"state": "queued", "devices": [0]}
+def grant_event(slice_id: int, devices: tuple[int, ...] = (0,)) -> Grant:
+    return Grant(slice_id, list(devices), 0.1)
+
+
+QUEUED = TurnState("queued", [0])
 
 
 def test_a_granted_reply_holds_the_slice_and_done_leaves():
@@ -40,7 +45,7 @@ def test_a_queued_reply_waits_for_the_grant_event():
     t = TurnMachine()
     t.begin()
     assert not t.on_reply(QUEUED) and t.phase is Phase.WAITING
-    assert t.on_event("grant", grant(1)) == "granted" and t.holding
+    assert t.on_event(grant_event(1)) == "granted" and t.holding
 
 
 def test_a_preempt_read_before_its_grant_still_counts():
@@ -48,8 +53,8 @@ def test_a_preempt_read_before_its_grant_still_counts():
     t = TurnMachine()
     t.begin()
     t.on_reply(QUEUED)
-    assert t.on_event("preempt", {"slice": 2, "grace_s": 0.1}) is None
-    t.on_event("grant", grant(2))
+    assert t.on_event(Preempt(2, 0.1)) is None
+    t.on_event(grant_event(2))
     assert t.preempted and t.must_yield
     assert t.yield_() == TurnYield(slice=2) and t.phase is Phase.WAITING and t.yields == 1
 
@@ -58,7 +63,7 @@ def test_a_preempt_of_an_older_slice_asks_nothing_of_the_current_one():
     t = TurnMachine()
     t.begin()
     t.on_reply(grant(5))
-    t.on_event("preempt", {"slice": 4})
+    t.on_event(Preempt(4, 0.1))
     assert not t.must_yield
 
 
@@ -69,14 +74,14 @@ def test_a_stale_grant_is_ignored_once_a_later_reply_granted():
     t.yield_()
     assert t.on_reply(grant(8)) and t.slice == 8
     t.yield_()
-    assert t.on_event("grant", grant(8)) is None and not t.holding  # already used
+    assert t.on_event(grant_event(8)) is None and not t.holding  # already used
 
 
 def test_a_revocation_drops_the_slice_and_asks_for_a_yield():
     t = TurnMachine()
     t.begin()
     t.on_reply(grant(4))
-    assert t.on_event("revoked", {"slice": 4, "reason": "overdue"}) == "revoked"
+    assert t.on_event(Revoked(4, "overdue")) == "revoked"
     assert not t.holding and t.revoked and t.must_yield and t.revocations == 1
     assert t.yield_() == TurnYield(slice=4)  # a stale yield queues us again
 
@@ -85,16 +90,16 @@ def test_a_revocation_of_an_older_slice_changes_nothing():
     t = TurnMachine()
     t.begin()
     t.on_reply(grant(9))
-    assert t.on_event("revoked", {"slice": 8}) is None and t.holding and not t.revoked
+    assert t.on_event(Revoked(8)) is None and t.holding and not t.revoked
 
 
 def test_a_grant_read_after_its_revocation_is_not_held():
     t = TurnMachine()
     t.begin()
     t.on_reply(QUEUED)
-    t.on_event("revoked", {"slice": 3})
-    assert t.on_event("grant", grant(3)) is None and not t.holding
-    assert t.on_event("grant", grant(4)) == "granted"
+    t.on_event(Revoked(3))
+    assert t.on_event(grant_event(3)) is None and not t.holding
+    assert t.on_event(grant_event(4)) == "granted"
 
 
 def test_a_restarted_daemon_renumbers_and_requeues_the_turn():
@@ -105,7 +110,7 @@ def test_a_restarted_daemon_renumbers_and_requeues_the_turn():
     assert (t.slice, t.asked, t.revoked_slice) == (0, 0, 0)
     assert t.requeued and t.must_yield and not t.holding
     assert t.yield_() is None  # queued already: nothing to send, wait for the grant
-    assert t.on_event("grant", grant(1, (1,))) == "granted" and not t.must_yield
+    assert t.on_event(grant_event(1, (1,))) == "granted" and not t.must_yield
 
 
 def test_a_restarted_daemon_that_grants_at_once_needs_no_yield():
@@ -136,7 +141,8 @@ def test_whatever_the_order_the_machine_never_holds_a_slice_it_was_told_is_gone(
         before = t.slice
         if name == "revoked":
             gone.add(slice_id)
-        t.on_event(name, grant(slice_id) if name == "grant" else {"slice": slice_id})
+        t.on_event({"grant": grant_event, "preempt": lambda s: Preempt(s, 0.1),
+                    "revoked": Revoked}[name](slice_id))
         assert t.slice >= before  # slice ids only move forward
         if t.holding:
             assert t.slice not in gone

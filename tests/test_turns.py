@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import aqua
 
 from .conftest import start_holder
@@ -94,10 +96,19 @@ def _run_starts(spans):
     return starts
 
 
-def test_a_lone_tenant_is_never_preempted(start_daemon, tenants):
-    daemon = start_daemon("--quantum-ms", "20")
-    results = run_engines(tenants, daemon, ["solo"], iters=30, step=0.005)
-    assert results["solo"]["paged"] == 0
+def test_a_lone_tenant_is_never_preempted(start_inprocess):
+    daemon = start_inprocess(quantum_ms=20)
+    with daemon.connect("solo", 0) as client:
+        state = [torch.randn(4096)]
+        pager = aqua.TensorPager(client, state).install()
+        with client.turn():
+            # Over seven quanta: nobody waits, so nobody asks for the slice.
+            deadline = time.monotonic() + 0.15
+            while time.monotonic() < deadline:
+                assert not client.respond()
+                time.sleep(0.005)
+        assert pager.bytes_out == 0
+        pager.close()
     assert daemon.status()["slices"][0]["tenants"] == []  # it left
 
 
@@ -147,10 +158,12 @@ def test_a_holder_that_dies_frees_its_slice_at_once(start_daemon, tenants):
     assert waited < 2, waited
 
 
-def test_turn_times_out_cleanly(start_daemon, tenants):
-    daemon = start_daemon("--quantum-ms", "20", "--grace-ms", "30000")
-    start_holder(tenants, daemon)
-    with aqua.connect("impatient", 0, socket=daemon.socket) as client:
+def test_turn_times_out_cleanly(start_inprocess):
+    daemon = start_inprocess(quantum_ms=20, grace_ms=30000)
+    holder = daemon.connect("holder", 0)
+    holding = holder.turn()
+    holding.__enter__()  # and never respond(): it keeps the slice for the 30 s grace
+    with daemon.connect("impatient", 0) as client:
         t0 = time.monotonic()
         try:
             with client.turn(timeout=0.3):
@@ -159,6 +172,8 @@ def test_turn_times_out_cleanly(start_daemon, tenants):
             pass
         assert time.monotonic() - t0 < 2
         assert client.id not in daemon.status()["slices"][0]["queue"]
+    holding.__exit__(None, None, None)
+    holder.close()
 
 
 def test_aquactl_slices(start_daemon, tenants):

@@ -113,7 +113,7 @@ class LeaseTier:
             return
         budget = settings.lease_bytes
         if budget is None:
-            free = sum(int(d.get("free_bytes", 0)) for d in self.client.daemon_devices)
+            free = sum(d.free_bytes for d in self.client.daemon_devices)
             budget = int(free * settings.fraction)
         self.max_chunks = budget // chunk_bytes
         log.info("aqua KV offload tier: up to %d chunks of %d bytes (%d MiB) from aquad at %s",
