@@ -96,6 +96,28 @@ def test_a_tick_before_the_reap_leaves_silent_tenants_alone(world):
     assert len(timers.tick().tenants) == 2
 
 
+def test_work_due_now_is_done_on_a_clock_that_moves_between_reads(tmp_path):
+    """A real clock advances between reads, and a deadline due now may be
+    the reading taken inside next_deadline() (a waiter eligible now)."""
+    now = [1000.0]
+
+    def clock() -> float:
+        now[0] += 1e-6
+        return now[0]
+
+    arb = Arbiter(_backend(tmp_path), clock=clock, limits=LIMITS)
+    timers = Timers(arb, reap_s=REAP_S)
+    try:
+        for conn in (A, B):
+            _call(arb, conn, m.Hello(tenant=conn.decode(), devices=[0]))
+            _call(arb, conn, m.Turn())
+        now[0] = timers.next_deadline()  # the timer wakes at A's quantum end
+        timers.tick()
+        assert [name for _, name, _ in arb.take_events()] == ["preempt"]
+    finally:
+        arb.shutdown()
+
+
 def test_orphans_are_freed_at_the_reap_after_their_grace(world, tmp_path):
     arb, timers, advance = world
     peer = PEERS[A]

@@ -59,8 +59,10 @@ class Timers:
         """Do what is due now. The scheduler and reclaims only at their own
         deadlines; heartbeats and orphans at the reaping cadence."""
         arbiter = self.arbiter
-        now = arbiter.clock()
         deadline = arbiter.next_deadline()
+        # Read after: a deadline due now is the clock's reading inside
+        # next_deadline(), which one taken before it would precede.
+        now = arbiter.clock()
         if deadline is not None and deadline <= now:
             arbiter.tick()
         if not self.reap.due(now):
