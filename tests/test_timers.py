@@ -189,6 +189,24 @@ async def test_the_timer_preempts_revokes_and_hands_over_on_time(tmp_path, autoj
         assert server.arbiter.stats.revocations == 1
 
 
+async def test_a_lone_holder_is_never_preempted_and_the_timer_sleeps(tmp_path,
+                                                                    autojump_clock):
+    async with serving(tmp_path) as server:
+        ticks = []
+        tick = server.timers.tick
+        server.timers.tick = lambda: ticks.append(trio.current_time()) or tick()
+        t0 = trio.current_time()
+        _request(server, A, m.Hello(tenant="a", devices=[0]))
+        assert _request(server, A, m.Turn())["state"] == "granted"
+        for at in range(1, 6):  # 50 quanta, heartbeating; nobody waits
+            await trio.sleep_until(t0 + at)
+            _request(server, A, m.Heartbeat())
+        assert _posted(server) == []
+        assert server.arbiter.scheduler.holder[0] == server.arbiter.tenants.by_conn(A).id
+        # Woken for the reaps alone, not at every quantum's end.
+        assert [at - t0 for at in ticks] == pytest.approx([REAP_S * k for k in range(1, 10)])
+
+
 async def test_a_silent_holder_is_dropped_and_its_slice_handed_on(tmp_path, autojump_clock,
                                                                   caplog):
     caplog.set_level(logging.INFO, logger="aquad")
