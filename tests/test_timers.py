@@ -198,8 +198,8 @@ async def test_a_lone_holder_is_never_preempted_and_the_timer_sleeps(tmp_path,
         t0 = trio.current_time()
         _request(server, A, m.Hello(tenant="a", devices=[0]))
         assert _request(server, A, m.Turn())["state"] == "granted"
-        for at in range(1, 6):  # 50 quanta, heartbeating; nobody waits
-            await trio.sleep_until(t0 + at)
+        for at in (0.75, 1.75, 2.75, 3.75, 4.75):  # 47 quanta, heartbeating; nobody waits
+            await trio.sleep_until(t0 + at)  # (between reaps: tasks due at once run in any order)
             _request(server, A, m.Heartbeat())
         assert _posted(server) == []
         assert server.arbiter.scheduler.holder[0] == server.arbiter.tenants.by_conn(A).id
@@ -214,6 +214,7 @@ async def test_a_silent_holder_is_dropped_and_its_slice_handed_on(tmp_path, auto
     async with serving(tmp_path, dataclasses.replace(LIMITS, grace_s=30.0)) as server:
         t0 = trio.current_time()
         _request(server, A, m.Hello(tenant="a", devices=[0]))
+        segment = tmp_path / _request(server, A, m.Lease(nbytes=G))["handle"]["name"]
         _request(server, A, m.Turn())
         await trio.sleep_until(t0 + 1.0)
         _request(server, B, m.Hello(tenant="b", devices=[0]))
@@ -227,6 +228,7 @@ async def test_a_silent_holder_is_dropped_and_its_slice_handed_on(tmp_path, auto
         assert server.arbiter.tenants.by_conn(A) is not None
         await trio.sleep_until(t0 + 2.0 + REAP_S + 0.001)
         assert server.arbiter.tenants.by_conn(A) is None
+        assert not segment.exists()  # the timer ran maintain(): unlinked at once
         assert _posted(server) == [(B, "grant")]
         assert server.arbiter.stats.tenant_drops["heartbeat"] == 1
         left = [r.getMessage() for r in caplog.records if "tenant_left" in r.getMessage()]
