@@ -95,6 +95,13 @@ def _run_starts(spans):
     return starts
 
 
+def test_a_lone_tenant_is_never_preempted(start_daemon, tenants):
+    daemon = start_daemon("--quantum-ms", "20")
+    results = run_engines(tenants, daemon, ["solo"], iters=30, step=0.005)
+    assert results["solo"]["paged"] == 0
+    assert daemon.status()["slices"][0]["tenants"] == []  # it left
+
+
 def test_a_tenant_that_ignores_preemption_is_revoked(start_daemon, tenants):
     daemon = start_daemon("--quantum-ms", "30", "--grace-ms", "150")
     rogue = tenants(daemon, """
