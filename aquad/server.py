@@ -5,9 +5,9 @@ sockets under one epoll set (transport.py), and speaks ZMTP itself
 (zmtp.py), so tenants use a plain libzmq DEALER while no peer can choose
 how the daemon names its connection. It drains what is ready, flushes the
 outbox, and parks on the epoll set only when nothing is pending. Other tasks
-(process-death watchers, the heartbeat reaper, the scheduler timer) never
-touch a socket: they queue frames in the outbox and cancel the socket
-task's wait.
+(process-death watchers, the timer) never touch a socket: they queue frames
+in the outbox and cancel the socket task's wait. When clock-driven work is
+due is decided in core/timers.py, on the arbiter's clock.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .core.arbiter import Arbiter, Outcome
 from .core.budget import TimeBudget
 from .core.stats import RequestStats
 from .core.tenants import Tenant
+from .core.timers import Every, Timers
 from .feed import Feed
 from .notify import Notifier
 from .rundir import SocketLock, StartupError, prepare_directory
@@ -56,11 +57,6 @@ STATUS_QUEUE_LIMIT = 32 * 2**20
 OBSERVE_S = 1.0  # how often metrics, systemd's STATUS= and its watchdog are fed
 
 
-def _trio_time(monotonic_deadline: float) -> float:
-    """The arbiter's clock is time.monotonic(); trio's has its own offset."""
-    return trio.current_time() + (monotonic_deadline - time.monotonic())
-
-
 @contextlib.contextmanager
 def _logged(what: str) -> Iterator[None]:
     """Background tasks log their bugs instead of taking the daemon down."""
@@ -79,7 +75,7 @@ class Server:
         self.arbiter = arbiter
         self.socket_path = socket_path
         self.socket_group = socket_group
-        self.heartbeat_check_s = heartbeat_check_s
+        self.timers = Timers(arbiter, reap_s=heartbeat_check_s)
         self.transport = Transport(ConnLimits.for_tenants(arbiter.limits.max_tenants),
                                    on_message=self._on_frames, on_closed=self._on_closed)
         self.status_budget = TimeBudget(clock=time.monotonic)
@@ -149,7 +145,6 @@ class Server:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._socket_loop)
-                nursery.start_soon(self._reaper)
                 nursery.start_soon(self._timer)
                 if hasattr(self.arbiter.backend, "gpu_free"):
                     nursery.start_soon(self._watch_memory)
@@ -182,7 +177,7 @@ class Server:
         clock = time.perf_counter
         busy = BusyPoll(transport.pending)
         burst = 0
-        next_sweep = time.monotonic() + SWEEP_S
+        sweep = Every(SWEEP_S, self.arbiter.clock())
         while True:
             # Frames other tasks posted go first, in order, every iteration:
             # a stream of requests must not hold back grants or revocations.
@@ -194,7 +189,7 @@ class Server:
                     self.arbiter.maintain()
                 if burst % FLOOD == 0:  # under a flood: let other tasks run
                     await trio.lowlevel.checkpoint()
-                    next_sweep = self._maybe_sweep(next_sweep)
+                    self._maybe_sweep(sweep)
                 continue
             if self._outbox or self.feed.pending:
                 continue
@@ -202,20 +197,17 @@ class Server:
                 continue
             burst = 0
             self.arbiter.maintain()  # going idle: now the deferred syscalls
-            next_sweep = self._maybe_sweep(next_sweep)
+            self._maybe_sweep(sweep)
             parked = clock()
-            with trio.CancelScope(deadline=_trio_time(next_sweep)) as self._wake:
+            with trio.CancelScope(deadline=self._trio_time(sweep.at)) as self._wake:
                 await trio.lowlevel.wait_readable(transport.fileno())
             self._wake = None
             busy.parked(clock() - parked)
 
-    def _maybe_sweep(self, next_sweep: float) -> float:
-        now = time.monotonic()
-        if now < next_sweep:
-            return next_sweep
-        with _logged("the connection sweep"):
-            self.transport.sweep()
-        return now + SWEEP_S
+    def _maybe_sweep(self, sweep: Every) -> None:
+        if sweep.due(self.arbiter.clock()):
+            with _logged("the connection sweep"):
+                self.transport.sweep()
 
     def _flush(self) -> None:
         while self._outbox:
@@ -333,6 +325,11 @@ class Server:
 
     # --- scheduler events and time ------------------------------------------
 
+    def _trio_time(self, deadline: float) -> float:
+        """A deadline on the arbiter's clock (time.monotonic() in aquad) as
+        trio's, which has its own offset (or is a MockClock in tests)."""
+        return trio.current_time() + (deadline - self.arbiter.clock())
+
     def _dispatch(self) -> None:
         """Queue what the arbiter has for tenants; re-arm the timer if needed."""
         for conn, name, data in self.arbiter.take_events():
@@ -344,27 +341,35 @@ class Server:
                 logs.event(log, level, kind, **fields)
                 self.feed.publish(kind, fields)
             notes.clear()
-        deadline = self.arbiter.next_deadline()
         scope = self._timer_scope
-        if deadline is not None and scope is not None:
-            when = _trio_time(deadline)
+        if scope is not None:
+            when = self._trio_time(self.timers.next_deadline())
             if when < scope.deadline:
                 # Moving the deadline re-arms the sleeping timer without
                 # waking it: no extra task switch on a hand-over.
                 scope.deadline = when
 
     async def _timer(self) -> None:
-        """Wake the scheduler when a quantum or a grace period ends."""
+        """Do the clock's work when due (core/timers.py): quantum and grace
+        ends, reclaim deadlines, silent tenants, unclaimed orphans."""
         while True:
-            deadline = self.arbiter.next_deadline()
-            with trio.CancelScope() as self._timer_scope:
-                if deadline is not None:
-                    self._timer_scope.deadline = _trio_time(deadline)
+            when = self._trio_time(self.timers.next_deadline())
+            with trio.CancelScope(deadline=when) as self._timer_scope:
                 await trio.sleep_forever()
             self._timer_scope = None
-            with _logged("the scheduler timer"):
-                self.arbiter.tick()
+            with _logged("the timer"):
+                expired = self.timers.tick()
+                if expired.orphans:
+                    logs.event(log, logging.WARNING, "orphans_freed",
+                               leases=len(expired.orphans),
+                               why="a previous aquad's leases nobody reclaimed")
+                for tenant in expired.tenants:
+                    self._left(tenant, "heartbeat", logging.WARNING, "missed its heartbeats")
+                if expired.tenants:
+                    self._forget_watchers()
                 self._dispatch()
+                if expired.tenants or expired.orphans:
+                    self.arbiter.maintain()  # not on any request's path: unlink now
 
     async def _watch_memory(self) -> None:
         """Reclaim by itself when a GPU's own processes take memory: NVML's
@@ -443,23 +448,6 @@ class Server:
         finally:
             self._watchers.pop(tenant_id, None)
             os.close(pidfd)
-
-    async def _reaper(self) -> None:
-        while True:
-            await trio.sleep(self.heartbeat_check_s)
-            with _logged("the heartbeat reaper"):
-                expired = self.arbiter.expire()
-                orphans = self.arbiter.expire_orphans()
-                if orphans:
-                    logs.event(log, logging.WARNING, "orphans_freed", leases=len(orphans),
-                               why="a previous aquad's leases nobody reclaimed")
-                    self.arbiter.maintain()
-                for tenant in expired:
-                    self._left(tenant, "heartbeat", logging.WARNING, "missed its heartbeats")
-                if expired:
-                    self._forget_watchers()
-                    self._dispatch()
-                    self.arbiter.maintain()  # not on any request's path: unlink now
 
 
     # --- what operators see ---------------------------------------------------

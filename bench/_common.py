@@ -93,6 +93,7 @@ def relay_hops(tmp: str, pause: float, rounds: int = 1000) -> list[float]:
     finally:
         relay.kill()
         relay.wait()
+        relay.stdout.close()
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -146,6 +147,7 @@ def echo_server(tmp: str, cpus: set[int] | None = None) -> Iterator[zmq.Socket]:
         ctx.term()
         proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def echo_round_trips(tmp: str, rounds: int, payload: bytes | None = None,

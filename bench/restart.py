@@ -18,6 +18,7 @@ segments left once the cycle settles and after the final stop (goal 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -35,6 +36,7 @@ from aqua_demo.stats import percentile
 from aqua_protocol.paths import segment_prefix
 
 SHM = "/dev/shm"
+SETTLE_S = 2.0  # how long the books may take to match the segments after a restart
 
 TENANT = r"""
 import json, select, sys, time, torch, aqua
@@ -100,6 +102,11 @@ class Aquad:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
 
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+        self.log.close()
+
     def status(self) -> dict:
         conn = Connection(self.sock)
         try:
@@ -144,6 +151,19 @@ def segments_with_pages(sock: str) -> int:
 def files_left(sock: str) -> int:
     prefix = segment_prefix(sock)
     return sum(1 for f in os.listdir(SHM) if f.startswith(prefix))
+
+
+def settled(daemon: Aquad, sock: str, timeout: float) -> tuple[dict, int]:
+    """Once the churn has settled into the new daemon's books (every segment
+    with pages is a lease it knows), or at the deadline: its status, and the
+    segments with pages beyond its leases."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = daemon.status()
+        extra = max(0, segments_with_pages(sock) - len(status["leases"]))
+        if extra == 0 or time.monotonic() > deadline:
+            return status, extra
+        time.sleep(0.02)  # the interval of the poll
 
 
 def read_lines(procs: list[subprocess.Popen], want: str, since: float,
@@ -198,8 +218,12 @@ def main() -> int:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-        if daemon.proc.poll() is None:
-            daemon.stop()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
+        daemon.close()
+        tenant_log.close()
         if code == 0:  # otherwise the logs stay for a look
             subprocess.run(["rm", "-rf", tmp], check=False)
 
@@ -223,10 +247,9 @@ def run(args: argparse.Namespace, cycles: int, slots: int, nbytes: int, sock: st
         from_ready.append(last - ready)
         k, f = daemon.kept_and_freed()
         kept, freed = kept + k, freed + f
-        time.sleep(0.1)  # let the churn settle into the new daemon's books
-        status = daemon.status()
+        status, extra = settled(daemon, sock, SETTLE_S)
         leases_seen.append(len(status["leases"]))
-        leftover.append(max(0, segments_with_pages(sock) - len(status["leases"])))
+        leftover.append(extra)
         print(f"cycle {cycle + 1}/{cycles}: all {len(procs)} serving {from_spawn[-1]:.3f} s "
               f"after the restart ({from_ready[-1]:.3f} s after its socket answered); "
               f"kept {k}, freed {f}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -145,9 +146,14 @@ class Tenant:
         return self.proc.returncode, self._out.decode() + out, err
 
     def kill(self) -> None:
+        """End the process if it still runs, and close our ends of its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        with contextlib.suppress(BrokenPipeError):  # it died with our line unread
+            self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
 
 
 @pytest.fixture

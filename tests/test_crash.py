@@ -125,7 +125,8 @@ def test_respond_queued_behind_a_holder_fails_promptly_and_pages_back_in(start_d
     thread, out = _in_thread(engine)
     assert held.wait(5)
     holder = start_holder(tenants, daemon)  # granted once the engine yields
-    time.sleep(0.2)  # the engine now waits in respond() for its next grant
+    # The engine paged out, yielded and is queued again: it waits in respond().
+    assert wait_until(lambda: client.id in daemon.status()["slices"][0]["queue"], 5)
     assert kv.numel() == 0
     daemon.kill()
     _gone_promptly(thread, out, time.monotonic())
@@ -139,7 +140,7 @@ def test_a_call_waiting_for_its_reply_hears_of_a_crash_at_once(daemon):
     client = _connect(daemon)
     daemon.proc.send_signal(signal.SIGSTOP)  # the call is sent, never answered
     thread, out = _in_thread(lambda: client.lease(MiB))
-    time.sleep(0.3)
+    thread.join(0.3)  # an absence: no reply while the daemon is stopped
     assert thread.is_alive()
     daemon.kill()
     _gone_promptly(thread, out, time.monotonic())

@@ -72,13 +72,15 @@ class Events:
             [sys.executable, "-m", "aqua.ctl", "--socket", daemon.socket, "events", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._lines: queue.Queue | None = None
+        self._reader: threading.Thread | None = None
         line = self.proc.stderr.readline()  # after the reply: subscribed
         assert line.startswith("# subscribed"), line + self.proc.stderr.read()
 
     def line(self, timeout: float = 20) -> str:
         if self._lines is None:  # a reader thread: readline buffers past what select sees
             self._lines = queue.Queue()
-            threading.Thread(target=self._read, daemon=True).start()
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
         return self._lines.get(timeout=timeout)
 
     def _read(self) -> None:
@@ -89,6 +91,10 @@ class Events:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        if self._reader is not None:
+            self._reader.join()  # at the end of the output, now the process is gone
+        self.proc.stdout.close()
+        self.proc.stderr.close()
 
 
 def test_events_stream_joins_grants_and_drops(daemon, tenants):

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -205,6 +204,7 @@ def test_a_silent_tenant_that_lives_on_keeps_its_memory_until_it_exits(w):
         assert w.rt.allocs == {} and w.backend._watched == {}
     finally:
         sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_dropped_tenant_that_comes_back_gets_its_new_leases_freed_normally(w):
@@ -392,10 +392,8 @@ def test_release_of_an_aliased_lease_goes_out_once_unmapped(monkeypatch, daemon)
         lease.release()
         assert lease.released and len(daemon.status()["leases"]) == 1  # still mapped
         mapping.last_alias_dropped()
-        deadline = time.monotonic() + 5  # the heartbeat thread sends it
-        while daemon.status()["leases"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert daemon.status()["leases"] == []
+        # The heartbeat thread sends it.
+        assert wait_until(lambda: daemon.status()["leases"] == [], 5)
         assert client.leases == []
 
 
@@ -639,10 +637,7 @@ def test_release_waits_for_live_aliases(start_daemon, tenants):
     tenant.send("go")
     assert float(tenant.readline()) == 1.5 * 2**20
     assert tenant.readline() == "dropped"
-    deadline = time.monotonic() + 10
-    while daemon.status()["leases"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert daemon.status()["leases"] == []  # sent by the heartbeat thread
+    assert wait_until(lambda: daemon.status()["leases"] == [], 10)  # the heartbeat thread's
     tenant.send("bye")
     assert tenant.finish()[0] == 0
 
@@ -663,9 +658,7 @@ def test_a_killed_tenant_frees_its_gpu_leases(start_daemon, tenants):
     assert tenant.readline() == "ready"
     assert len(daemon.status()["leases"]) == 3
     tenant.proc.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while daemon.status()["leases"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until(lambda: daemon.status()["leases"] == [], 5)
     status = daemon.status()
     assert status["leases"] == []
     assert all(d["leased_bytes"] == 0 for d in status["devices"])

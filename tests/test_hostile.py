@@ -121,11 +121,15 @@ FLOODER = """
     s.connect("ipc://" + sys.argv[1])
     frame = msgpack.packb({"v": 1, "id": 1, "op": "status", "args": {}})
     print("flooding", flush=True)
+    backed_up = False
     end = time.monotonic() + float(sys.argv[2])
     while time.monotonic() < end:   # sends as fast as it may, never reads
         try:
             s.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
+        except zmq.Again:  # the daemon stopped reading us: the flood is on
+            if not backed_up:
+                print("backed up", flush=True)
+                backed_up = True
             time.sleep(0.005)
 """
 
@@ -188,12 +192,14 @@ def test_flooders_that_never_read_cannot_bloat_or_stall_aquad(start_daemon, tmp_
             try:
                 for f in flooders:
                     assert f.stdout.readline().strip() == "flooding"
-                time.sleep(0.5)
+                for f in flooders:
+                    assert f.stdout.readline().strip() == "backed up"
                 during_p99 = _heartbeat_p99(honest, 400)
                 peak = _rss_kib(daemon.proc.pid, "VmHWM")
             finally:
                 for f in flooders:
                     f.wait(timeout=20)
+                    f.stdout.close()
             assert daemon.proc.poll() is None
             grown_mib = (peak - rss_before) / 1024
             print(f"rss before {rss_before / 1024:.0f} MiB, peak +{grown_mib:.0f} MiB; "

@@ -36,10 +36,16 @@ def rig(tmp_path):
     t.listen(path)
     yield t, clock, path, seen, closed
     t.close()
+    while _PEERS:
+        _PEERS.pop().close()
+
+
+_PEERS: list[socket.socket] = []  # the test's ends, closed after each test
 
 
 def _connect(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
+    _PEERS.append(s)
     s.connect(path)
     s.settimeout(2)
     return s

@@ -6,13 +6,14 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 import aqua
 
-from .conftest import start_holder
+from .conftest import start_holder, wait_until
 
 # A cooperative engine loop: respond() at the top of every iteration, its
 # tensors registered with the default pager; logs each iteration's span.
@@ -142,18 +143,17 @@ def test_a_holder_that_dies_frees_its_slice_at_once(start_daemon, tenants):
     daemon = start_daemon("--quantum-ms", "20", "--grace-ms", "30000")
     holder = start_holder(tenants, daemon)
     with aqua.connect("waiter", 0, socket=daemon.socket) as client:
-        killer_at = time.monotonic() + 0.3
+        killed = {}
 
         def kill_holder():
-            while time.monotonic() < killer_at:
-                time.sleep(0.01)
+            """Once the waiter is queued behind the holder."""
+            wait_until(lambda: daemon.status()["slices"][0]["queue"], 10)
+            killed["at"] = time.monotonic()
             holder.proc.send_signal(signal.SIGKILL)
-
-        import threading
 
         threading.Thread(target=kill_holder, daemon=True).start()
         with client.turn(timeout=10):
-            waited = time.monotonic() - killer_at
+            waited = time.monotonic() - killed["at"]
     # Granted right after the death, not after the 30 s grace.
     assert waited < 2, waited
 

@@ -9,6 +9,7 @@ own per-step token counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -67,9 +68,14 @@ class Driver:
         return "".join(self.lines) + self.log.read()
 
     def kill(self) -> None:
+        """End the process if it still runs; close its pipes and its log."""
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -284,6 +284,15 @@ class Tenant:
                 self.lines.append(line)
         return self.proc.wait(timeout=60)
 
+    def close(self) -> None:
+        """End the process if it still runs, and close our ends of its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.stdout.close()
+
 
 @pytest.fixture(scope="module")
 def solo(model_dir: str, sockdir: str) -> dict[str, Any]:
@@ -292,7 +301,10 @@ def solo(model_dir: str, sockdir: str) -> dict[str, Any]:
     tenant.read()
     tenant.go()
     result = tenant.read()
-    assert tenant.finish() == 0, tenant.log()
+    try:
+        assert tenant.finish() == 0, tenant.log()
+    finally:
+        tenant.close()
     result["aqua_lines"] = tenant.aqua_lines()
     return result
 
@@ -317,9 +329,7 @@ def shared(model_dir: str, sockdir: str) -> Iterator[dict[str, Any]]:
                "slices_text": ctl.stdout, "slices": json.loads(ctl_json.stdout)}
     finally:
         for t in tenants.values():
-            if t.proc.poll() is None:
-                t.proc.kill()
-            t.proc.wait()
+            t.close()
         daemon.stop()
 
 
@@ -392,8 +402,7 @@ def test_aquad_gone_mid_generate_vllm_keeps_serving(
                 result = tenant.read()
         assert tenant.finish() == 0, tenant.log()
     finally:
-        if tenant.proc.poll() is None:
-            tenant.proc.kill()
+        tenant.close()
         if daemon.proc.poll() is None:
             daemon.stop()
     assert result["tokens"]["1"] == solo["tokens"]["1"]
