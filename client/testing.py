@@ -37,6 +37,10 @@ class PrivateDaemon:
         if "--backend" not in args:
             args = ("--backend", "host", *args)
         self.args = list(args)
+        # Where its segments are, if it can use the directory it is given
+        # (aquad falls back to /dev/shm where it cannot: see aquad/shmdir.py).
+        self.shm_dir = self.args[self.args.index("--shm-dir") + 1] \
+            if "--shm-dir" in self.args else SHM_DIR
         self.prefix = list(prefix)  # e.g. prlimit, to run aquad under limits
         self.log_path = log  # appended to; None: aquad writes to our stdout and stderr
         self._preexec_fn = preexec_fn
@@ -73,9 +77,9 @@ class PrivateDaemon:
         return self.request(p.Status())
 
     def files(self) -> list[str]:
-        """Every file of this daemon in /dev/shm, spare segments included."""
+        """Every file of this daemon in its segment directory, spare segments included."""
         prefix = segment_prefix(self.socket)
-        return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+        return [f for f in os.listdir(self.shm_dir) if f.startswith(prefix)]
 
     def segments(self) -> list[str]:
         """Lease segments that hold pages. The daemon keeps spare files ready
@@ -84,7 +88,7 @@ class PrivateDaemon:
         held = []
         for f in self.files():
             try:
-                if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0:
+                if os.stat(os.path.join(self.shm_dir, f)).st_blocks > 0:
                     held.append(f)
             except FileNotFoundError:
                 pass  # unlinked since the listing: the daemon is freeing it
