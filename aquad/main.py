@@ -41,12 +41,12 @@ def gpu_policy(config: Config, shm_dir: str = shmdir.DEFAULT) -> GpuPolicy:
                      shm_dir=shm_dir)
 
 
-def segment_dir(config: Config) -> str:
+def segment_dir(config: Config) -> shmdir.SegmentDir:
     """The directory host segments go to (aquad/shmdir.py), sized for the
     most either backend may put there."""
     count, capacity = parse_host_devices(config.host_devices)
     most = max(count * capacity, parse_amount(config.host_pinned, "host_pinned"))
-    return shmdir.choose(config.shm_dir, mount=config.shm_mount, size=most).path
+    return shmdir.choose(config.shm_dir, mount=config.shm_mount, size=most)
 
 
 def raise_nofile() -> int:
@@ -86,7 +86,8 @@ def build(config: Config) -> Server:
     shm = segment_dir(config)
     backend = make_backend(config.backend, socket_path=config.socket,
                            host_devices=parse_host_devices(config.host_devices),
-                           gpu=gpu_policy(config, shm), shm_dir=shm)
+                           gpu=gpu_policy(config, shm.path), shm_dir=shm.path)
+    shmdir.report(shm)  # once a backend could start: a refusal stays one line
     problem = backend.check_capacity()
     if problem:
         raise StartupError(problem)

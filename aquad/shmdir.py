@@ -39,7 +39,8 @@ _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8  # <sys/mount.h>
 class SegmentDir:
     path: str
     huge: str  # the tmpfs's huge= setting ("never" when absent); "" if not a tmpfs
-    why: str = ""  # set when the directory asked for could not be used
+    wanted: str = ""  # the directory asked for, where it could not be used
+    why: str = ""  # ... and why not
 
     @property
     def huge_pages(self) -> bool:
@@ -116,15 +117,21 @@ def _usable(path: str) -> str | None:
         return f"no permission to reach {path}"
     if problem:
         return problem
-    if not huge_setting(path)[1]:
+    own, huge = huge_setting(path)
+    if not huge:
         # Segments on a disk would be written back to it: shared memory only.
         return f"{path} is not on a tmpfs"
+    if not own and path != DEFAULT:
+        # A directory on some other tmpfs (/run, where a mount was meant to
+        # be but failed) has that one's size and pages: not what was asked.
+        return f"{path} is not a mount point of its own (mount a tmpfs there, or --shm-mount)"
     return None
 
 
 def choose(path: str, *, mount: bool, size: int) -> SegmentDir:
     """The directory to use for segments: `path` if it is usable (mounted
-    first with `mount`, unless already a tmpfs mount point), else /dev/shm."""
+    first with `mount`, unless already a tmpfs mount point), else /dev/shm.
+    Logs nothing: report() says what came of it once the daemon can start."""
     path = os.path.abspath(path)
     why = None
     if path != DEFAULT and mount:
@@ -135,20 +142,23 @@ def choose(path: str, *, mount: bool, size: int) -> SegmentDir:
         except OSError as exc:
             why = f"cannot mount a tmpfs at {path}: {exc.strerror or exc}"
     why = why or _usable(path)
+    wanted = ""
     if why and path != DEFAULT:
-        logs.event(log, logging.WARNING, "shm_dir_fallback", wanted=path, using=DEFAULT,
-                   why=why)
-        path = DEFAULT
-    elif why:
+        wanted, path = path, DEFAULT
+    return SegmentDir(path, huge_setting(path)[1], wanted, why or "")
+
+
+def report(chosen: SegmentDir) -> None:
+    if chosen.wanted:
+        logs.event(log, logging.WARNING, "shm_dir_fallback", wanted=chosen.wanted,
+                   using=chosen.path, why=chosen.why)
+    elif chosen.why:
         # /dev/shm itself is unusable: the capacity check says so at startup.
-        log.warning("lease segments in %s: %s", path, why)
-    _, huge = huge_setting(path)
-    chosen = SegmentDir(path, huge, why or "")
-    if huge and not chosen.huge_pages:
+        log.warning("lease segments in %s: %s", chosen.path, chosen.why)
+    if chosen.huge and not chosen.huge_pages:
         log.info("lease segments in %s (tmpfs, huge=%s): 4 KiB pages; a tmpfs mounted "
                  "%s (--shm-dir, --shm-mount) populates and frees leases 10-60x faster",
-                 path, huge, HUGE_OPTION)
+                 chosen.path, chosen.huge, HUGE_OPTION)
     else:
-        log.info("lease segments in %s (%s)", path,
-                 f"tmpfs, huge={huge}" if huge else "not a tmpfs")
-    return chosen
+        log.info("lease segments in %s (%s)", chosen.path,
+                 f"tmpfs, huge={chosen.huge}" if chosen.huge else "not a tmpfs")

@@ -171,10 +171,12 @@ class ShmMapping:
     def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
         import torch  # noqa: PLC0415 - only where tensors are touched
 
-        shape, size = tensor_shape(self.nbytes, dtype, shape)
         # Through numpy on purpose: np.frombuffer holds a buffer export on the
         # mmap, so it cannot be unmapped under a live tensor (torch.frombuffer
         # holds none, and a closed lease would leave tensors dangling).
+        if dtype is torch.uint8 and shape is None:
+            return torch.from_numpy(self._array())  # every copy's case: no reshaping
+        shape, size = tensor_shape(self.nbytes, dtype, shape)
         flat = torch.from_numpy(self._array()[:size])
         return flat.view(dtype).view(shape)
 

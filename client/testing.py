@@ -76,20 +76,30 @@ class PrivateDaemon:
     def status(self) -> dict[str, Any]:
         return self.request(p.Status())
 
+    def _dirs(self) -> list[str]:
+        """Where its files may be: the directory it was given, and /dev/shm,
+        where it falls back to when it cannot use that one."""
+        return [SHM_DIR, *([self.shm_dir] if self.shm_dir != SHM_DIR and
+                           os.path.isdir(self.shm_dir) else [])]
+
     def files(self) -> list[str]:
-        """Every file of this daemon in its segment directory, spare segments included."""
+        """Every file of this daemon (names), spare segments included."""
+        return [os.path.basename(path) for path in self._paths()]
+
+    def _paths(self) -> list[str]:
         prefix = segment_prefix(self.socket)
-        return [f for f in os.listdir(self.shm_dir) if f.startswith(prefix)]
+        return [os.path.join(d, f) for d in self._dirs() for f in os.listdir(d)
+                if f.startswith(prefix)]
 
     def segments(self) -> list[str]:
         """Lease segments that hold pages. The daemon keeps spare files ready
         for grants, sparse until a tenant maps one (the client populates its
         mappings, so every mapped lease has pages)."""
         held = []
-        for f in self.files():
+        for path in self._paths():
             try:
-                if os.stat(os.path.join(self.shm_dir, f)).st_blocks > 0:
-                    held.append(f)
+                if os.stat(path).st_blocks > 0:
+                    held.append(os.path.basename(path))
             except FileNotFoundError:
                 pass  # unlinked since the listing: the daemon is freeing it
         return held
