@@ -260,6 +260,7 @@ def bench_end_to_end(tmp: str, sizes_mib: list[int], setups: list[str],
             huge = huge_setting(where)[1]  # while aquad's mount is there
             rows = [end_to_end_row(client, mib * 2**20, watch, repeats) for mib in sizes_mib]
         out[setup] = {"dir": where, "huge": huge, "keep_bytes": keep, "rows": rows}
+        print_end_to_end({setup: out[setup]})
     return out
 
 
@@ -306,8 +307,6 @@ def end_to_end_row(client: aqua.Client, n: int, watch: StallWatch, repeats: int)
 
 
 def print_end_to_end(setups: dict[str, dict]) -> None:
-    print("\nend to end: offload() + restore() (lease, map, copy, unmap, release) vs "
-          "torch.empty + copy_ twice; best of 5")
     for name, setup in setups.items():
         print(f"\n {name}: segments in {setup['dir']} (tmpfs huge={setup['huge'] or '-'}), "
               f"client keep_bytes={setup['keep_bytes'] >> 20} MiB")
@@ -397,9 +396,10 @@ def main() -> int:
     print(f"  ratio                  {b['ratio']:6.3f}")
     sizes = [int(m) for m in args.e2e_mib.split(",") if m]
     if sizes and setups:
+        print("\nend to end: offload() + restore() (lease, map, copy, unmap, release) vs "
+              "torch.empty + copy_ twice; best of 5", flush=True)
         with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
             out["end_to_end"] = bench_end_to_end(tmp, sizes, setups)
-        print_end_to_end(out["end_to_end"])
     if args.json:
         write_json(args.json, out)
     return 0

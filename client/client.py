@@ -481,7 +481,14 @@ class Client:
             if kept is not None:
                 return kept
         self._send_deferred()
-        reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
+        try:
+            reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
+        except (OutOfMemory, LimitExceeded):
+            # Kept leases never cost the tenant a lease it needs: give them
+            # back and ask once more.
+            if not self._release_kept():
+                raise
+            reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
         try:
             lease = Lease(self, reply, populate=populate, near=near)
         except BaseException:
@@ -500,6 +507,13 @@ class Client:
             if lease is None or lease.usable:
                 return lease
             lease.release()  # fenced, lost or moved into this process meanwhile
+
+    def _release_kept(self) -> int:
+        """Release every kept lease; how many there were."""
+        kept = self._kept.drain()
+        for lease in kept:
+            lease.release()
+        return len(kept)
 
     @property
     def kept_bytes(self) -> int:

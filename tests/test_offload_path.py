@@ -236,3 +236,13 @@ def test_a_client_refuses_a_segment_directory_it_cannot_trust(daemon):
         os.unlink(path)
     finally:
         os.rmdir(open_dir)
+
+
+def test_kept_leases_give_way_to_a_lease_that_needs_their_room(daemon):
+    # The default quota lets a uid hold half of 2 x 64 MiB.
+    with aqua.connect("crowded", 0, socket=daemon.socket, keep_bytes=64 * MiB) as client:
+        client.offload(torch.zeros(40 * MiB, dtype=torch.uint8)).restore()
+        assert client.kept_bytes == 40 * MiB
+        big = client.lease(50 * MiB)  # 40 + 50 > 64: the kept one goes first
+        assert client.kept_bytes == 0 and [l["id"] for l in _mine(daemon, client)] == [big.id]
+        big.release()
