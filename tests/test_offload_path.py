@@ -147,7 +147,7 @@ def test_the_engine_kv_store_reuses_a_finished_requests_lease(daemon, keeper):
 def _offload_works(daemon) -> str:
     with aqua.connect("dir", 0, socket=daemon.socket) as client:
         saved = client.offload(_pattern(4 * MiB, 7))
-        where = saved.lease.handle["dir"]
+        where = saved.lease.handle.get("dir", "/dev/shm")
         assert torch.equal(saved.restore(), _pattern(4 * MiB, 7))
     return where
 

@@ -35,8 +35,10 @@ class ShmSegment:
 
     @property
     def handle(self) -> dict[str, Any]:
-        return {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes,
-                "dir": self.directory}
+        handle = {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes}
+        if self.directory != SHM_DIR:  # absent means /dev/shm (protocol/README.md 4.1)
+            handle["dir"] = self.directory
+        return handle
 
 
 def _unlink(path: str) -> bool:
