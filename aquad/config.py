@@ -235,6 +235,10 @@ class Config:
     socket_group: str = ""
     backend: str = "auto"
     host_devices: str = "4x1GiB"
+    # Where host segments live (aquad/shmdir.py): a tmpfs mounted
+    # huge=within_size gives leases 2 MiB pages; shm_mount lets aquad mount it.
+    shm_dir: str = "/dev/shm"
+    shm_mount: bool = False
     # cuda backend: what each GPU keeps for its own work, the safety margin
     # below free memory, and the pinned host-DRAM tier ("0" = none).
     gpu_reserve: str = "0"
@@ -336,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "host", "cuda"))
     p.add_argument("--host-devices", metavar="COUNTxSIZE",
                    help="virtual devices of the host backend, e.g. 4x2GiB (default 4x1GiB)")
+    p.add_argument("--shm-dir", metavar="DIR",
+                   help="directory for host lease segments, ideally a tmpfs mounted "
+                        "huge=within_size (2 MiB pages); /dev/shm where it cannot be used "
+                        "(default /dev/shm)")
+    p.add_argument("--shm-mount", action="store_true", default=None,
+                   help="mount that tmpfs at --shm-dir if it is not one yet (needs root in "
+                        "the host's mount namespace; falls back to /dev/shm otherwise)")
     p.add_argument("--gpu-reserve", metavar="SIZE[,INDEX=SIZE...]",
                    help="cuda backend: memory each GPU keeps for its own work, never leased; "
                         "per GPU with INDEX=SIZE, e.g. 8GiB,0=40GiB (default 0)")

@@ -12,7 +12,7 @@ import time
 
 import trio
 
-from . import __version__, logs
+from . import __version__, logs, shmdir
 from .backends import BackendError, GpuPolicy, make_backend
 from .config import (
     Config,
@@ -34,10 +34,19 @@ from .transport import descriptor_budget
 log = logging.getLogger("aquad")
 
 
-def gpu_policy(config: Config) -> GpuPolicy:
+def gpu_policy(config: Config, shm_dir: str = shmdir.DEFAULT) -> GpuPolicy:
     reserve, per_gpu = parse_gpu_reserve(config.gpu_reserve)
     return GpuPolicy(reserve, per_gpu, headroom=parse_amount(config.gpu_headroom, "gpu_headroom"),
-                     host_pinned=parse_amount(config.host_pinned, "host_pinned"))
+                     host_pinned=parse_amount(config.host_pinned, "host_pinned"),
+                     shm_dir=shm_dir)
+
+
+def segment_dir(config: Config) -> shmdir.SegmentDir:
+    """The directory host segments go to (aquad/shmdir.py), sized for the
+    most either backend may put there."""
+    count, capacity = parse_host_devices(config.host_devices)
+    most = max(count * capacity, parse_amount(config.host_pinned, "host_pinned"))
+    return shmdir.choose(config.shm_dir, mount=config.shm_mount, size=most)
 
 
 def raise_nofile() -> int:
@@ -74,9 +83,11 @@ def tenants_that_fit(config: Config) -> int:
 
 
 def build(config: Config) -> Server:
+    shm = segment_dir(config)
     backend = make_backend(config.backend, socket_path=config.socket,
                            host_devices=parse_host_devices(config.host_devices),
-                           gpu=gpu_policy(config))
+                           gpu=gpu_policy(config, shm.path), shm_dir=shm.path)
+    shmdir.report(shm)  # once a backend could start: a refusal stays one line
     problem = backend.check_capacity()
     if problem:
         raise StartupError(problem)

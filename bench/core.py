@@ -18,7 +18,14 @@ Each figure is a ratio against the limit measured in the same run:
              and the longest stall of another Python thread during each (a
              thread sleeping 1 ms at a time that records how late it wakes:
              what a tenant's heartbeat thread would suffer). Goals: >= 0.9x
-             from 16 MiB up, >= 0.5x at 1 MiB, no stall over 5 ms.
+             from 16 MiB up, >= 0.5x at 1 MiB, no stall over 5 ms. Per setup:
+               shm   a fresh lease each time, segments in /dev/shm (4 KiB pages)
+               huge  a fresh lease each time, segments in a tmpfs aquad mounts
+                     huge=within_size (--shm-dir --shm-mount; root only, else
+                     aquad falls back to /dev/shm and the row says so)
+               kept  as huge, the client keeping finished leases for reuse
+                     (aqua.connect(keep_bytes=...)): the first offload leases,
+                     every later one reuses it
 
 Where the client and the server run decides what a round trip costs (on a
 small VM a wake-up across cores costs twice one on the same core), and left
@@ -29,12 +36,15 @@ path is measured per CPU layout, the echo and aquad pinned alike in each:
   free    no pinning: the kernel's choice, which may differ between the two
 
     python bench/core.py [--rounds 5000] [--mib 256] [--layouts split,shared,free]
-                         [--e2e-mib 1,16,256,2048] [--json FILE] [--aquad-args ARGS]
+                         [--e2e-mib 1,16,256,2048] [--e2e-setups shm,huge,kept]
+                         [--json FILE] [--aquad-args ARGS]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import sys
 import tempfile
@@ -49,6 +59,7 @@ from _common import aquad, echo_server, percentiles, pinned, write_json
 import aqua
 import aqua_protocol as p
 from aqua_protocol.paths import endpoint
+from aquad.shmdir import huge_setting
 
 CHUNK = 250  # round trips per turn; echo and aquad alternate so noise hits both
 
@@ -253,16 +264,45 @@ class StallWatch:
         self._thread.join()
 
 
-def bench_end_to_end(tmp: str, sizes_mib: list[int], repeats: int = 5) -> list[dict]:
-    """offload() + restore() through a real aquad vs fresh-tensor copies."""
+E2E_SETUPS = ("shm", "huge", "kept")
+BATCH_BYTES = 16 * 2**20
+
+
+@contextlib.contextmanager
+def unmounted_after(path: str):
+    """Unmount what aquad mounted at `path` once it has stopped (a mount
+    outlives its daemon on purpose: a restarted one adopts its leases)."""
+    try:
+        yield
+    finally:
+        if os.path.ismount(path):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.umount2(os.fsencode(path), 2)  # MNT_DETACH
+
+
+def bench_end_to_end(tmp: str, sizes_mib: list[int], setups: list[str],
+                     repeats: int = 5) -> dict[str, dict]:
+    """offload() + restore() through a real aquad vs fresh-tensor copies,
+    per setup (E2E_SETUPS)."""
     big = max(sizes_mib)
-    rows = []
-    # Two devices: a uid may hold half the capacity by default.
-    with aquad(tmp, "--host-devices", f"2x{big + 64}MiB") as path, \
-            aqua.connect("bench-e2e", 0, socket=path) as client, StallWatch() as watch:
-        for mib in sizes_mib:
-            rows.append(end_to_end_row(client, mib * 2**20, watch, repeats))
-    return rows
+    out = {}
+    huge_dir = os.path.join(tmp, "segments")
+    for setup in setups:
+        # Two devices: a uid may hold half the capacity by default.
+        args = ["--host-devices", f"2x{big + 64}MiB"]
+        if setup != "shm":
+            args += ["--shm-dir", huge_dir, "--shm-mount"]
+        keep = 2 * big * 2**20 if setup == "kept" else 0
+        with unmounted_after(huge_dir), aquad(tmp, *args) as path, \
+                aqua.connect("bench-e2e", 0, socket=path, keep_bytes=keep) as client, \
+                StallWatch() as watch:
+            with client.lease(2**20) as probe:
+                where = probe.handle.get("dir", "/dev/shm")
+            huge = huge_setting(where)[1]  # while aquad's mount is there
+            rows = [end_to_end_row(client, mib * 2**20, watch, repeats) for mib in sizes_mib]
+        out[setup] = {"dir": where, "huge": huge, "keep_bytes": keep, "rows": rows}
+        print_end_to_end({setup: out[setup]})
+    return out
 
 
 def end_to_end_row(client: aqua.Client, n: int, watch: StallWatch, repeats: int) -> dict:
@@ -281,13 +321,17 @@ def end_to_end_row(client: aqua.Client, n: int, watch: StallWatch, repeats: int)
 
     stalls: dict[str, list[float]] = {"aqua": [], "plain": []}
     times: dict[str, list[float]] = {"aqua": [], "plain": []}
+    # Small sizes run a batch per timing (16 at 1 MiB): one call of a tenth
+    # of a millisecond is at the mercy of a single preemption on a busy VM.
+    batch = max(1, BATCH_BYTES // n)
     for i in range(repeats + 1):  # the first round warms up
         for name, fn in (("aqua", via_aqua), ("plain", via_plain)):
             out.clear()
             watch.reset()
             t0 = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - t0
+            for _ in range(batch):
+                fn()
+            elapsed = (time.perf_counter() - t0) / batch
             time.sleep(3 * StallWatch.TICK)  # a stall at the very end is seen too
             if i:
                 times[name].append(elapsed)
@@ -296,7 +340,7 @@ def end_to_end_row(client: aqua.Client, n: int, watch: StallWatch, repeats: int)
                 assert torch.equal(out[0], src), "restore is not bit-exact"
     t_aqua, t_plain = min(times["aqua"]), min(times["plain"])
     row = {"bytes": n, "aqua_ms": t_aqua * 1e3, "plain_ms": t_plain * 1e3,
-           "ratio": t_plain / t_aqua}
+           "ratio": t_plain / t_aqua, "batch": batch}
     # Median and worst over the repeats: on a loaded 2-CPU machine the
     # scheduler alone makes a sleeping thread late now and then, and the
     # plain row shows how much of that any copy suffers.
@@ -307,9 +351,14 @@ def end_to_end_row(client: aqua.Client, n: int, watch: StallWatch, repeats: int)
     return row
 
 
-def print_end_to_end(rows: list[dict]) -> None:
-    print("\nend to end: offload() + restore() (lease, map, copy, unmap, release) vs "
-          "torch.empty + copy_ twice; best of 5")
+def print_end_to_end(setups: dict[str, dict]) -> None:
+    for name, setup in setups.items():
+        print(f"\n {name}: segments in {setup['dir']} (tmpfs huge={setup['huge'] or '-'}), "
+              f"client keep_bytes={setup['keep_bytes'] >> 20} MiB")
+        print_end_to_end_rows(setup["rows"])
+
+
+def print_end_to_end_rows(rows: list[dict]) -> None:
     print(f"  {'size':>8} {'aqua ms':>9} {'plain ms':>9} {'ratio':>6} "
           f"{'stall aqua p50/max ms':>21} {'stall plain p50/max ms':>22}")
     for r in rows:
@@ -353,11 +402,17 @@ def main() -> int:
                         help="CPU layouts for the control path (split, shared, free)")
     parser.add_argument("--e2e-mib", default="1,16,256,2048",
                         help="sizes for the end-to-end offload + restore rows ('' for none)")
+    parser.add_argument("--e2e-setups", default=",".join(E2E_SETUPS),
+                        help="end-to-end setups: shm, huge, kept (see the module doc)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--aquad-args", default="", metavar="ARGS",
                         help="more aquad flags for the control path, e.g. "
                              "'--metrics 127.0.0.1:9400' (split on spaces)")
     args = parser.parse_args()
+    setups = [name for name in args.e2e_setups.split(",") if name]
+    if set(setups) - set(E2E_SETUPS):
+        parser.error(f"unknown setup(s) {', '.join(sorted(set(setups) - set(E2E_SETUPS)))}; "
+                     f"choose from {', '.join(E2E_SETUPS)}")
     torch.set_num_threads(1)  # same for both sides; keeps the ratio stable on 2 cores
     plan = layouts([name for name in args.layouts.split(",") if name])
     out: dict = {"rounds": args.rounds, "layouts": {}}
@@ -391,10 +446,12 @@ def main() -> int:
     print(f"  plain in-process copy  {b['plain_gbps']:6.2f} GB/s")
     print(f"  ratio                  {b['ratio']:6.3f}")
     sizes = [int(m) for m in args.e2e_mib.split(",") if m]
-    if sizes:
+    if sizes and setups:
+        print("\nend to end: offload() + restore() (lease, map, copy, unmap, release) vs "
+              "torch.empty + copy_ twice; best of 5 (per call, in batches of 16 MiB below that)",
+              flush=True)
         with tempfile.TemporaryDirectory(prefix="aqua-bench-") as tmp:
-            out["end_to_end"] = bench_end_to_end(tmp, sizes)
-        print_end_to_end(out["end_to_end"])
+            out["end_to_end"] = bench_end_to_end(tmp, sizes, setups)
     if args.json:
         write_json(args.json, out)
     return 0

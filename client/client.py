@@ -47,7 +47,8 @@ from .errors import (
     UntrustedDaemon,
     error_for,
 )
-from .memory import LocalMapping, copy_between, open_handle
+from .keep import KeptLeases
+from .memory import LocalMapping, ShmMapping, copy_between, open_handle
 
 log = logging.getLogger("aqua")
 
@@ -427,7 +428,7 @@ class Client:
 
     def __init__(self, tenant: str, devices: Iterable[int], *, socket: str | None = None,
                  weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 reconnect: bool = False) -> None:
+                 reconnect: bool = False, keep_bytes: int = 0) -> None:
         devices = list(devices)
         # None: the operator's weight for this tenant; a weight may ask for less.
         self._hello = p.Hello(tenant=tenant, devices=devices,
@@ -440,6 +441,9 @@ class Client:
         self._registered(self._conn, hello)
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
+        # Finished leases kept mapped for reuse (client/keep.py): up to
+        # `keep_bytes`; 0 releases every finished lease at once.
+        self._kept = KeptLeases(int(keep_bytes))
         # GPU leases whose last alias died after release(): finalizers append
         # (any thread, maybe inside a request), the heartbeat thread sends.
         self._deferred: collections.deque[Lease] = collections.deque()
@@ -479,13 +483,28 @@ class Client:
 
     # --- leases -----------------------------------------------------------------
 
-    def lease(self, nbytes: int, near: int | None = None, *, populate: bool = True) -> Lease:
+    def lease(self, nbytes: int, near: int | None = None, *, populate: bool = True,
+              reuse: bool = False) -> Lease:
         """Lease `nbytes` of offload memory placed for a tenant computing on
-        `near` (default: the first home device), mapped into this process."""
+        `near` (default: the first home device), mapped into this process.
+        With `reuse`, a lease this client kept (`release(keep=True)`) of
+        `nbytes` to twice that serves instead, holding the bytes its last
+        use left: for a caller that overwrites them."""
+        if reuse:
+            kept = self._take_kept(int(nbytes), near)
+            if kept is not None:
+                return kept
         self._send_deferred()
-        reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
         try:
-            lease = Lease(self, reply, populate=populate)
+            reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
+        except (OutOfMemory, LimitExceeded):
+            # Kept leases never cost the tenant a lease it needs: give them
+            # back and ask once more.
+            if not self._release_kept():
+                raise
+            reply = self._conn.request(p.Lease(nbytes=int(nbytes), near=near))
+        try:
+            lease = Lease(self, reply, populate=populate, near=near)
         except BaseException:
             try:
                 self._conn.request(p.Release(lease=reply.lease))
@@ -495,6 +514,25 @@ class Client:
         with self._leases_lock:
             self._leases[lease.id] = lease
         return lease
+
+    def _take_kept(self, nbytes: int, near: int | None) -> Lease | None:
+        while True:
+            lease = self._kept.take(nbytes, near)
+            if lease is None or lease.usable:
+                return lease
+            lease.release()  # fenced, lost or moved into this process meanwhile
+
+    def _release_kept(self) -> int:
+        """Release every kept lease; how many there were."""
+        kept = self._kept.drain()
+        for lease in kept:
+            lease.release()
+        return len(kept)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of finished leases kept for reuse (see `keep_bytes`)."""
+        return self._kept.nbytes
 
     @property
     def leases(self) -> list[Lease]:
@@ -635,6 +673,7 @@ class Client:
                 with self._leases_lock:
                     lease = self._leases.get(lease_id)
                 if lease is not None:
+                    self._kept.remove(lease_id)  # never handed out again
                     lease._fenced(still_held=lease_id in held)
                     self.fenced += 1
                     log.error("aquad fenced lease %s (not moved by its deadline): its "
@@ -653,10 +692,15 @@ class Client:
             pass  # already woken, or closed
 
     def _run_notices(self) -> None:
-        """Move every lease a `reclaim` notice names (on the event thread)."""
+        """Move every lease a `reclaim` notice names (on the event thread);
+        a kept one is released instead: nothing in it is needed."""
         while self._notices:
             notice = self._notices.popleft()
             for lease_id in notice.leases:
+                kept = self._kept.remove(lease_id)
+                if kept is not None:
+                    kept.release()
+                    continue
                 with self._leases_lock:
                     lease = self._leases.get(lease_id)
                 if lease is not None:
@@ -847,6 +891,7 @@ class Client:
         self._wake()
         if self._heartbeat.is_alive() and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)  # no heartbeat may follow the bye
+        self._kept.drain()  # in self.leases like the rest: released below
         aliased = [lease for lease in self.leases if not lease._unmap()]
         self._deferred.clear()  # the bye releases them
         with self._leases_lock:
@@ -893,7 +938,8 @@ class _Retired:
 class Lease:
     """Offload memory granted by aquad and mapped into this process."""
 
-    def __init__(self, client: Client, reply: r.Granted, *, populate: bool) -> None:
+    def __init__(self, client: Client, reply: r.Granted, *, populate: bool,
+                 near: int | None = None) -> None:
         self.id: str = reply.lease
         self.device: int = reply.device  # aqua device id (nvidia-smi index on GPUs)
         self.nbytes: int = reply.nbytes
@@ -907,6 +953,7 @@ class Lease:
         self.fenced = False  # not moved by a reclaim's deadline: the bytes are gone
         self.moves = 0  # times its bytes moved to other memory (see move())
         self._client = client
+        self._near = near  # as asked for: where a kept lease may serve again
         self._mapping = open_handle(self.handle, prefix=client._conn.segment_prefix,
                                     populate=populate)
         self.released = False
@@ -1024,15 +1071,45 @@ class Lease:
         self.released = True
         return self._mapping.close()
 
-    def release(self) -> None:
+    @property
+    def usable(self) -> bool:
+        """Not released, fenced, lost or moved into this process."""
+        return not (self.released or self.fenced or self.lost or self.kind == "local")
+
+    def _handed_on(self) -> Lease:
+        """A new Lease object for this lease and its mapping; this one is left
+        released, so whoever still holds it is refused, never let in on the
+        next user's bytes."""
+        heir = object.__new__(Lease)
+        heir.__dict__.update(self.__dict__)
+        heir.lock = threading.RLock()
+        heir.on_move = None
+        self.released = True
+        return heir
+
+    def release(self, *, keep: bool = False) -> None:
         """Give the memory back. Safe to call twice.
 
         Host leases: tensors still aliasing the memory stay readable to this
         process only, until they are dropped. GPU leases: CUDA must not free
         memory a process still maps, so while tensors alias the lease the
-        release waits, and goes out once the last of them is gone."""
+        release waits, and goes out once the last of them is gone.
+
+        `keep`: the client may keep the lease mapped for a later
+        `lease(reuse=True)` (up to its `keep_bytes`): a host lease that
+        nothing in this process aliases any more; else released as above."""
+        client = self._client
         with self.lock:  # not in the middle of a move
             if self.released:
+                return
+            if keep and client._kept.limit and self.usable and \
+                    isinstance(self._mapping, ShmMapping) and not self._mapping.aliased:
+                heir = self._handed_on()
+                with client._leases_lock:
+                    if client._leases.get(heir.id) is self:
+                        client._leases[heir.id] = heir
+                for old in client._kept.put(heir, self._near):
+                    old.release()
                 return
             if self._unmap():
                 self._client._release(self)
@@ -1052,10 +1129,13 @@ class Lease:
 
 def connect(tenant: str, device: int | Iterable[int] = 0, *, socket: str | None = None,
             weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-            reconnect: bool = True) -> Client:
+            reconnect: bool = True, keep_bytes: int = 0) -> Client:
     """Register with aquad as `tenant` computing on `device` (an id or a list).
     With `reconnect`, a client that lost its daemon (DaemonGone) connects
-    again by itself and reclaims its leases and its turn."""
+    again by itself and reclaims its leases and its turn. `keep_bytes`: how
+    much of the host leases its consumers finish with (restore(), an
+    engine's finished request) it keeps mapped for the next page-out instead
+    of releasing (client/keep.py); 0, the default, keeps none."""
     devices = [device] if isinstance(device, int) else list(device)
     return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout,
-                  reconnect=reconnect)
+                  reconnect=reconnect, keep_bytes=keep_bytes)

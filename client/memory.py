@@ -48,15 +48,43 @@ def madvise_chunked(address: int, nbytes: int, advice: int) -> bool:
     return True
 
 
-def _open_segment(name: str, nbytes: int, prefix: str) -> int:
-    """A read-write descriptor of the segment `name`, once it is what aquad
-    makes for this user: named with the daemon's prefix (aqua_protocol.paths), a
-    regular file linked once, owned by this uid with mode 0600, holding at
-    least `nbytes`. Anything else is refused: no aquad hands it out."""
+_trusted_dirs: set[str] = set()  # segment directories that passed _check_directory
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a segment directory that anyone outside the trusted uids could
+    write or rename (they could plant a file there, or swap the directory);
+    /dev/shm passes (root's, sticky). Once passed, it stays trusted: only
+    its trusted owner could change that."""
+    if directory in _trusted_dirs:
+        return
+    from aqua_protocol.paths import directory_problem  # noqa: PLC0415
+
+    from .client import trusted_uids  # noqa: PLC0415 - client.py imports this module
+
+    if not os.path.isabs(directory) or os.path.normpath(directory) != directory:
+        raise UntrustedDaemon(f"daemon sent segment directory {directory!r}, not a plain "
+                              f"absolute path")
+    try:
+        problem = directory_problem(directory, trusted_uids(), holds_socket=False)
+    except (FileNotFoundError, PermissionError) as exc:
+        problem = f"cannot inspect it ({exc.strerror})"
+    if problem:
+        raise UntrustedDaemon(f"refusing segments in {directory}: {problem}")
+    _trusted_dirs.add(directory)
+
+
+def _open_segment(name: str, nbytes: int, prefix: str, directory: str = SHM_DIR) -> int:
+    """A read-write descriptor of the segment `name` in `directory`, once it
+    is what aquad makes for this user: named with the daemon's prefix
+    (aqua_protocol.paths), a regular file linked once, owned by this uid with
+    mode 0600, holding at least `nbytes`, in a directory only trusted uids
+    control. Anything else is refused: no aquad hands it out."""
     if not (name.startswith(prefix) and _SEGMENT_SUFFIX.fullmatch(name[len(prefix):])):
         raise UntrustedDaemon(f"daemon sent {name!r}, not a segment of this daemon "
                               f"(named {prefix}<hex>)")
-    path = os.path.join(SHM_DIR, name)
+    _check_directory(directory)
+    path = os.path.join(directory, name)
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -94,10 +122,11 @@ class ShmMapping:
     of the whole mapping, tracked weakly: while one is alive something may
     read the bytes, and when none is, close() may free the pages first."""
 
-    def __init__(self, name: str, nbytes: int, *, prefix: str, populate: bool = True) -> None:
+    def __init__(self, name: str, nbytes: int, *, prefix: str, populate: bool = True,
+                 directory: str = SHM_DIR) -> None:
         import numpy as np  # noqa: PLC0415
 
-        fd = _open_segment(name, nbytes, prefix)
+        fd = _open_segment(name, nbytes, prefix, directory)
         try:
             self._mm: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
                                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -130,6 +159,11 @@ class ShmMapping:
     def _view_gone(self) -> None:
         self._views -= 1
 
+    @property
+    def aliased(self) -> bool:
+        """Some array, tensor or buffer over the mapping is still alive."""
+        return self._views > 0
+
     def buffer(self) -> memoryview:
         # Through a tracked array: slices of the memoryview keep it alive.
         return memoryview(self._array())
@@ -137,10 +171,12 @@ class ShmMapping:
     def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
         import torch  # noqa: PLC0415 - only where tensors are touched
 
-        shape, size = tensor_shape(self.nbytes, dtype, shape)
         # Through numpy on purpose: np.frombuffer holds a buffer export on the
         # mmap, so it cannot be unmapped under a live tensor (torch.frombuffer
         # holds none, and a closed lease would leave tensors dangling).
+        if dtype is torch.uint8 and shape is None:
+            return torch.from_numpy(self._array())  # every copy's case: no reshaping
+        shape, size = tensor_shape(self.nbytes, dtype, shape)
         flat = torch.from_numpy(self._array()[:size])
         return flat.view(dtype).view(shape)
 
@@ -244,9 +280,7 @@ def tensor_shape(nbytes: int, dtype: Any,
                  shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:
     """(shape, bytes it takes) of a `dtype` tensor over an `nbytes` lease;
     without a shape, as many items as fit."""
-    import torch  # noqa: PLC0415
-
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if shape is None:
         count = nbytes // itemsize
         shape = (count,)
@@ -279,7 +313,8 @@ def open_handle(handle: dict[str, Any], *, prefix: str, populate: bool = True) -
     kind = handle.get("kind")
     if kind == "posix_shm":
         return ShmMapping(str(handle.get("name")), int(handle.get("nbytes", 0)),
-                          prefix=prefix, populate=populate)
+                          prefix=prefix, populate=populate,
+                          directory=str(handle.get("dir", SHM_DIR)))
     if kind == "cuda_ipc":
         from .cuda_memory import IpcMapping  # noqa: PLC0415 - cupy only where needed
 

@@ -164,7 +164,7 @@ class OffloadedTensor:
         self.dtype = dtype
         self.shape = shape
         self.device = device
-        self.nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = shape.numel() * dtype.itemsize
 
     def restore_into(self, out: torch.Tensor) -> torch.Tensor:
         """Copy the bytes back into `out` (same dtype and shape, contiguous)."""
@@ -189,11 +189,12 @@ class OffloadedTensor:
         if release:
             # Bytes first, then the round trip, which is best effort: a daemon
             # that died costs the lease, never the tensor (Client._release).
-            self.lease.release()
+            # Kept for the next offload where the client keeps leases.
+            self.lease.release(keep=True)
         return out
 
     def release(self) -> None:
-        self.lease.release()
+        self.lease.release(keep=True)
 
     def __repr__(self) -> str:
         return (f"<aqua.OffloadedTensor {self.dtype} {tuple(self.shape)} from {self.device} "
@@ -201,9 +202,11 @@ class OffloadedTensor:
 
 
 def offload(client: Client, tensor: torch.Tensor, near: int | None = None) -> OffloadedTensor:
-    """Copy `tensor` into a fresh lease of `client`; returns the handle to restore it."""
+    """Copy `tensor` into a lease of `client` (one it kept from an earlier
+    restore where it keeps leases: see aqua.connect's keep_bytes); returns
+    the handle to restore it."""
     src = _bytes_of(tensor)
-    lease = client.lease(max(src.numel(), 1), near=near)
+    lease = client.lease(max(src.numel(), 1), near=near, reuse=True)
     try:
         if src.numel():
             with lease.lock, Copies() as copy:
@@ -282,9 +285,9 @@ class TensorPager:
             n = e.tensor.numel() * e.tensor.element_size()
             if e.lease is None or e.lease.nbytes < n:
                 if e.lease is not None:
-                    e.lease.release()
+                    e.lease.release(keep=True)
                     e.lease = None
-                e.lease = self.client.lease(max(n, 1), near=self.near)
+                e.lease = self.client.lease(max(n, 1), near=self.near, reuse=True)
         # Then every copy, and only once all have landed, drop the storage.
         # The leases' locks are held meanwhile: none moves under a copy.
         with self._locked(), Copies() as copy:

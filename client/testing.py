@@ -37,6 +37,10 @@ class PrivateDaemon:
         if "--backend" not in args:
             args = ("--backend", "host", *args)
         self.args = list(args)
+        # Where its segments are, if it can use the directory it is given
+        # (aquad falls back to /dev/shm where it cannot: see aquad/shmdir.py).
+        self.shm_dir = self.args[self.args.index("--shm-dir") + 1] \
+            if "--shm-dir" in self.args else SHM_DIR
         self.prefix = list(prefix)  # e.g. prlimit, to run aquad under limits
         self.log_path = log  # appended to; None: aquad writes to our stdout and stderr
         self._preexec_fn = preexec_fn
@@ -74,20 +78,30 @@ class PrivateDaemon:
         result: dict[str, Any] = self.request(p.Status())
         return result
 
+    def _dirs(self) -> list[str]:
+        """Where its files may be: the directory it was given, and /dev/shm,
+        where it falls back to when it cannot use that one."""
+        return [SHM_DIR, *([self.shm_dir] if self.shm_dir != SHM_DIR and
+                           os.path.isdir(self.shm_dir) else [])]
+
     def files(self) -> list[str]:
-        """Every file of this daemon in /dev/shm, spare segments included."""
+        """Every file of this daemon (names), spare segments included."""
+        return [os.path.basename(path) for path in self._paths()]
+
+    def _paths(self) -> list[str]:
         prefix = segment_prefix(self.socket)
-        return [f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+        return [os.path.join(d, f) for d in self._dirs() for f in os.listdir(d)
+                if f.startswith(prefix)]
 
     def segments(self) -> list[str]:
         """Lease segments that hold pages. The daemon keeps spare files ready
         for grants, sparse until a tenant maps one (the client populates its
         mappings, so every mapped lease has pages)."""
         held = []
-        for f in self.files():
+        for path in self._paths():
             try:
-                if os.stat(os.path.join(SHM_DIR, f)).st_blocks > 0:
-                    held.append(f)
+                if os.stat(path).st_blocks > 0:
+                    held.append(os.path.basename(path))
             except FileNotFoundError:
                 pass  # unlinked since the listing: the daemon is freeing it
         return held

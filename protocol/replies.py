@@ -20,12 +20,15 @@ from msgspec import Struct
 # --- handles (section 4.1) ---------------------------------------------------
 
 
-class PosixShm(Struct, tag_field="kind", tag="posix_shm"):
-    """A file /dev/shm/<name> of exactly `nbytes` bytes (host backend)."""
+class PosixShm(Struct, tag_field="kind", tag="posix_shm", omit_defaults=True):
+    """A file <dir>/<name> of exactly `nbytes` bytes (host backend); `dir`
+    is sent only when it is not /dev/shm, so a default grant is what an
+    older daemon sent."""
 
     kind: ClassVar[str] = "posix_shm"
     name: str
     nbytes: int
+    dir: str = ""
 
 
 class CudaIpc(Struct, tag_field="kind", tag="cuda_ipc"):

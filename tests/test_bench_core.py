@@ -38,10 +38,14 @@ def test_core_bench_measures_each_layout_against_its_own_echo(tmp_path):
         c = doc["codec"][key]
         assert c["ratio"] == pytest.approx(c["us"] / c["msgpack_us"]) and c["us"] > 0
     assert "lease grant" in proc.stdout
-    assert [r["bytes"] for r in doc["end_to_end"]] == [2**20, 2**21]
-    for row in doc["end_to_end"]:
-        assert row["ratio"] == row["plain_ms"] / row["aqua_ms"]
-        assert row["stall_aqua_max_ms"] >= row["stall_aqua_p50_ms"] >= 0
+    setups = doc["end_to_end"]
+    assert list(setups) == ["shm", "huge", "kept"]
+    assert setups["shm"]["dir"] == "/dev/shm" and setups["kept"]["keep_bytes"] > 0
+    for setup in setups.values():
+        assert [r["bytes"] for r in setup["rows"]] == [2**20, 2**21]
+        for row in setup["rows"]:
+            assert row["ratio"] == row["plain_ms"] / row["aqua_ms"]
+            assert row["stall_aqua_max_ms"] >= row["stall_aqua_p50_ms"] >= 0
     bad = subprocess.run([sys.executable, str(SCRIPT), "--layouts", "sideways"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown layout" in bad.stderr

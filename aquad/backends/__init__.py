@@ -34,7 +34,7 @@ def cuda_unavailable() -> str | None:
 
 
 def make_backend(kind: str, *, socket_path: str, host_devices: tuple[int, int],
-                 gpu: GpuPolicy | None = None) -> Backend:
+                 gpu: GpuPolicy | None = None, shm_dir: str = "/dev/shm") -> Backend:
     """`auto`: cuda where cupy, CUDA and NVML all find GPUs, else host."""
     prefix = segment_prefix(socket_path)
     if kind in ("auto", "cuda"):
@@ -51,7 +51,7 @@ def make_backend(kind: str, *, socket_path: str, host_devices: tuple[int, int],
                                f"use --backend host (or auto) on a machine without GPUs")
         log.info("no GPU backend (%s): using the host backend", why)
     count, capacity = host_devices
-    return HostBackend(count, capacity, prefix=prefix)
+    return HostBackend(count, capacity, prefix=prefix, shm_dir=shm_dir)
 
 
 __all__ = ["Backend", "BackendError", "GpuPolicy", "HostBackend", "cuda_unavailable",

@@ -142,7 +142,8 @@ class CudaBackend:
         # it is the same whatever CUDA_VISIBLE_DEVICES hides.
         topology = build_topology(served, policy,
                                   host_id=max(g.index for g in found.gpus) + 1)
-        host = HostBackend(1, policy.host_pinned, prefix=prefix, granule=GRANULE) \
+        host = HostBackend(1, policy.host_pinned, prefix=prefix, granule=GRANULE,
+                           shm_dir=policy.shm_dir) \
             if policy.host_pinned else None
         gpus = {g.index: (ordinals[g.index], g.pci_bus_id) for g in served.gpus}
         return cls(topology, gpus, runtime=runtime, host=host, headroom=policy.headroom)

@@ -77,6 +77,7 @@ class GpuPolicy:
     per_gpu_reserve: Mapping[int, int] = field(default_factory=dict)
     headroom: int = 1 << 30  # bytes left below free memory
     host_pinned: int = 0  # bytes of the host-DRAM tier; 0: no host tier
+    shm_dir: str = "/dev/shm"  # where that tier's segments live (aquad/shmdir.py)
 
     def reserve_for(self, index: int) -> int:
         return self.per_gpu_reserve.get(index, self.reserve)

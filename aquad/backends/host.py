@@ -1,9 +1,10 @@
 """Host backend: leases in POSIX shared memory, one segment per lease.
 
 A virtual device is a capacity budget; each lease is its own file under
-/dev/shm, created 0600 and owned by the tenant's uid (from SO_PEERCRED), so
-only that user can map it. The tenant opens it by name and maps it; its bytes
-never pass through the daemon. Pages are not touched here: tmpfs allocates
+/dev/shm (or the tmpfs --shm-dir names: aquad/shmdir.py), created 0600 and
+owned by the tenant's uid (from SO_PEERCRED), so only that user can map it.
+The tenant opens it by name and maps it; its bytes never pass through the
+daemon. Pages are not touched here: tmpfs allocates
 them on first write, and startup checks that /dev/shm can hold the capacity
 aquad promises, so a tenant does not meet SIGBUS halfway through an offload.
 """
@@ -29,12 +30,16 @@ SPARES = 16  # segment files kept ready for grants (see __init__)
 
 @dataclass
 class ShmSegment:
-    name: str  # file name under SHM_DIR
+    name: str  # file name in `directory`
     nbytes: int
+    directory: str = SHM_DIR
 
     @property
     def handle(self) -> dict[str, Any]:
-        return {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes}
+        handle = {"kind": "posix_shm", "name": self.name, "nbytes": self.nbytes}
+        if self.directory != SHM_DIR:  # absent means /dev/shm (protocol/README.md 4.1)
+            handle["dir"] = self.directory
+        return handle
 
 
 def _unlink(path: str) -> bool:
@@ -106,7 +111,7 @@ class HostBackend:
         if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != owner
                 or stat.S_IMODE(st.st_mode) != 0o600 or st.st_size < nbytes):
             return None
-        seg = self._live[name] = ShmSegment(name, nbytes)
+        seg = self._live[name] = ShmSegment(name, nbytes, self._dir)
         return seg
 
     def check_capacity(self) -> str | None:
@@ -152,7 +157,7 @@ class HostBackend:
             _unlink(os.path.join(self._dir, name))  # never handed out
             raise BackendError(f"cannot size shared memory: {exc.strerror}") from None
         self._to_close.append(fd)  # closed in maintain(), off the reply's path
-        seg = ShmSegment(name, nbytes)
+        seg = ShmSegment(name, nbytes, self._dir)
         self._live[name] = seg
         return seg
 

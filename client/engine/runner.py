@@ -40,8 +40,9 @@ class LeaseKV:
         if lease is None or lease.nbytes < total:
             if lease is not None:
                 del self._leases[rid]
-                lease.release()
-            lease = self.client.lease(total)  # OutOfMemory, LimitExceeded: nothing held
+                lease.release(keep=True)
+            # A lease a finished request left, where the client keeps them.
+            lease = self.client.lease(total, reuse=True)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
         pack(lease, tensors)
         self._meta[rid] = ([(t.shape, t.dtype) for t in tensors], tensors[0].device)
@@ -60,7 +61,7 @@ class LeaseKV:
         self._meta.pop(rid, None)
         lease = self._leases.pop(rid, None)
         if lease is not None:
-            lease.release()
+            lease.release(keep=True)  # the next request's, where the client keeps leases
 
     def close(self) -> None:
         for rid in list(self._leases):
