@@ -87,7 +87,7 @@ def build(config: Config) -> Server:
     backend = make_backend(config.backend, socket_path=config.socket,
                            host_devices=parse_host_devices(config.host_devices),
                            gpu=gpu_policy(config, shm.path), shm_dir=shm.path)
-    shmdir.report(shm)  # once a backend could start: a refusal stays one line
+    segments = shmdir.report(shm)  # once a backend could start: a refusal stays one line
     problem = backend.check_capacity()
     if problem:
         raise StartupError(problem)
@@ -108,6 +108,7 @@ def build(config: Config) -> Server:
                     heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4),
                     notifier=Notifier(), exporter=exporter(config),
                     tenant_labels=config.metrics_tenant_labels)
+    server.startup.update(segments)
     server.open()
     if server.exporter is not None:
         try:
@@ -156,7 +157,7 @@ async def run(server: Server) -> None:
                            socket=server.socket_path, backend=server.arbiter.backend.name,
                            devices=len(devices),
                            capacity_bytes=[d.capacity for d in devices], metrics=metrics,
-                           watchdog_s=server.notifier.watchdog_s)
+                           watchdog_s=server.notifier.watchdog_s, **server.startup)
                 async for signum in signals:
                     logs.event(log, logging.INFO, "stopping",
                                signal=signal.Signals(signum).name)

@@ -75,6 +75,7 @@ class Server:
         self.arbiter = arbiter
         self.socket_path = socket_path
         self.socket_group = socket_group
+        self.startup: dict[str, object] = {}  # facts build() adds to the `started` line
         self.timers = Timers(arbiter, reap_s=heartbeat_check_s)
         self.transport = Transport(ConnLimits.for_tenants(arbiter.limits.max_tenants),
                                    on_message=self._on_frames, on_closed=self._on_closed)

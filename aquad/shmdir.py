@@ -148,17 +148,18 @@ def choose(path: str, *, mount: bool, size: int) -> SegmentDir:
     return SegmentDir(path, huge_setting(path)[1], wanted, why or "")
 
 
-def report(chosen: SegmentDir) -> None:
+def report(chosen: SegmentDir) -> dict[str, str]:
+    """Warn about a directory that could not be used; return what the
+    `started` line says of the one in use (one line per start: nothing
+    else at INFO, see test_watchdog)."""
     if chosen.wanted:
         logs.event(log, logging.WARNING, "shm_dir_fallback", wanted=chosen.wanted,
                    using=chosen.path, why=chosen.why)
     elif chosen.why:
         # /dev/shm itself is unusable: the capacity check says so at startup.
         log.warning("lease segments in %s: %s", chosen.path, chosen.why)
+    fields = {"segments": chosen.path, "huge": chosen.huge or "not a tmpfs"}
     if chosen.huge and not chosen.huge_pages:
-        log.info("lease segments in %s (tmpfs, huge=%s): 4 KiB pages; a tmpfs mounted "
-                 "%s (--shm-dir, --shm-mount) populates and frees leases 10-60x faster",
-                 chosen.path, chosen.huge, HUGE_OPTION)
-    else:
-        log.info("lease segments in %s (%s)", chosen.path,
-                 f"tmpfs, huge={chosen.huge}" if chosen.huge else "not a tmpfs")
+        fields["hint"] = (f"4 KiB pages; a tmpfs mounted {HUGE_OPTION} (--shm-dir, "
+                          "--shm-mount) populates and frees leases 10-60x faster")
+    return fields
