@@ -96,7 +96,7 @@ def figures(rep: dict, requests: list[dict]) -> dict:
         "jain_tenants": jain([statistics.fmean(v) for v in by_tenant.values()]),
         "computed": rep["computed"], "recomputed": rep["computed"] - needed,
         "reloaded_tokens": rep["loaded_bytes"] / TOKEN_BYTES,
-        "preemptions": rep["preemptions"], "wall_s": rep["wall_s"],
+        "preemptions": rep["preemptions"], "wall_s": rep["wall_s"], "steps": rep["steps"],
     }
 
 
@@ -121,16 +121,21 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="aqua-vllm-fair-") as tmp:
         model = tiny_llama(os.path.join(tmp, "model"), **MODEL)
         with aquad_process(tmp, "--host-devices", "2x512MiB") as daemon:
-            raw = {v: run_variant({"variant": v, "model": model, "socket": daemon.socket,
-                                   "blocks": blocks, "max_seqs": 16, "max_len": 512,
-                                   "requests": requests, "repeats": args.repeats,
-                                   "fair": {"tenants": args.tenants}})
-                   for v in variants}
+            raw, loads = {}, {}
+            for v in variants:
+                # the machine is shared: each variant's load average, to
+                # tell a slow run from a slow policy (steps are load-free)
+                before = os.getloadavg()[0]
+                raw[v] = run_variant({"variant": v, "model": model, "socket": daemon.socket,
+                                      "blocks": blocks, "max_seqs": 16, "max_len": 512,
+                                      "requests": requests, "repeats": args.repeats,
+                                      "fair": {"tenants": args.tenants}})
+                loads[v] = (before, os.getloadavg()[0])
     tokens = {v: [r["tokens"] for r in raw[v]["reps"][0]["requests"]] for v in variants}
     doc = {
         "part": args.part, "what": what, "requests": len(requests), "kv_blocks_needed": need,
         "kv_blocks": blocks, "repeats": args.repeats, "tenants": args.tenants,
-        "loadavg_before": load, "loadavg_after": os.getloadavg(),
+        "loadavg_before": load, "loadavg_after": os.getloadavg(), "loadavg": loads,
         "same_tokens": all(tokens[v] == tokens["stock"] for v in variants),
         "leaks": {v: [r["kv_usage_after"] for r in raw[v]["reps"]] for v in variants},
         "scheduler": {v: raw[v]["reps"][0]["scheduler"] for v in variants},
@@ -157,12 +162,14 @@ def report(doc: dict) -> None:
             ("tbt_p99_s", "TBT p99", 3), ("throughput_tok_s", "tok/s", 1),
             ("jain_requests", "Jain req", 3), ("jain_tenants", "Jain ten", 3),
             ("recomputed", "recomp", 0), ("reloaded_tokens", "reloaded", 0),
-            ("preemptions", "preempt", 0)]
+            ("preemptions", "preempt", 0), ("steps", "steps", 0)]
     print(f"{'variant':18}" + "".join(f"{name:>22}" for _, name, _ in cols))
     for v, figs in doc["runs"].items():
         cells = [f"{figs[k]['median']:.{d}f} [{figs[k]['min']:.{d}f}-{figs[k]['max']:.{d}f}]"
                  for k, _, d in cols]
-        print(f"{v:18}" + "".join(f"{c:>22}" for c in cells))
+        before, after = doc["loadavg"][v]
+        print(f"{v:18}" + "".join(f"{c:>22}" for c in cells)
+              + f"   load {before:.1f} -> {after:.1f}")
     for key, value in doc["ratios"].items():
         print(f"  {key}: {value:.2f}")
 

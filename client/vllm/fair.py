@@ -187,6 +187,17 @@ class FairScheduler(Scheduler):
                 and tail <= self.block_size // 4
                 and self._request_blocks_can_be_freed(request))
 
+    def _victim_for(self, waiting: Request) -> Request | None:
+        """The most-served preemptible running request with more service
+        than `waiting` (`running` is sorted least served first)."""
+        key = self._key(waiting)
+        for request in reversed(self.running):
+            if self._key(request) <= key:
+                return None
+            if self._preemptible(request):
+                return request
+        return None
+
     def _blocks_needed(self, request: Request) -> int:
         return -(-(request.num_tokens + 1) // self.block_size)
 
@@ -212,11 +223,10 @@ class FairScheduler(Scheduler):
             if need > self.kv_cache_manager.block_pool.num_gpu_blocks - 1:
                 return
             while need > free or slots <= 0:
-                victim = self.running[-1] if self.running else None
-                if (victim is None or self._key(victim) <= self._key(waiting)
-                        or not self._preemptible(victim)):
+                victim = self._victim_for(waiting)
+                if victim is None:
                     return  # waiting requests behind this one have no less service
-                self.running.pop()
+                self.running.remove(victim)
                 self._preempt_request(victim, now, drop_stale_output=self.requires_kv_delivery)
                 self.fair_preemptions += 1
                 free = self.kv_cache_manager.block_pool.get_num_free_blocks()
