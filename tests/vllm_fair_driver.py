@@ -85,7 +85,10 @@ def run_once(llm, requests: list[dict], counted: ScheduledTokens) -> dict:
             params = SamplingParams(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True,
                                     extra_args=extra)
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=r["prompt"]), params)
-            arrived[i], arrived_step[i] = time.perf_counter() - start, step
+            # a trace's request arrived at its time, even if a long step
+            # kept the loop from adding it then
+            arrived[i] = r["at_s"] if "at_s" in r else time.perf_counter() - start
+            arrived_step[i] = step
             times[i], steps_at[i] = [], []
         if not engine.has_unfinished_requests():
             # idle until the next arrival (a trace has gaps)

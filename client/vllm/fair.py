@@ -10,7 +10,9 @@ request preempted for room is recomputed. FairScheduler time-shares the
 engine instead:
 
 - Requests are served least attained service first: the fewest output
-  tokens served (a new prompt has none, so it is admitted at once).
+  tokens served (a new prompt has none, so it is admitted at once); a
+  request queued for more than `max_wait_steps` steps goes first (within
+  its tenant), so a preempted request is not kept out by newcomers.
 - A running request keeps its place for a slice of `slice_steps` engine
   steps after it was (re)admitted, and then until its KV is at most a
   quarter block past a block boundary (only full blocks are offloaded).
@@ -73,6 +75,7 @@ class FairSettings:
     load_gbps: float = 8.0  # assumed KV reload (and store) bandwidth, GB/s
     min_slice_steps: int = 8
     max_slice_steps: int = 256
+    max_wait_steps: int = 64  # a request queued longer goes first (within its tenant)
     tenants: bool = False  # VTC tenant fairness
     input_weight: float = 1.0  # VTC weights (the VTC paper's defaults)
     output_weight: float = 2.0
@@ -95,6 +98,8 @@ class FairSettings:
             raise ValueError(f"{CONFIG_KEY}.load_gbps must be > 0")
         if not 1 <= settings.min_slice_steps <= settings.max_slice_steps:
             raise ValueError(f"{CONFIG_KEY}: need 1 <= min_slice_steps <= max_slice_steps")
+        if settings.max_wait_steps < 1:
+            raise ValueError(f"{CONFIG_KEY}.max_wait_steps must be >= 1")
         if settings.input_weight < 0 or settings.output_weight <= 0:
             raise ValueError(f"{CONFIG_KEY}: weights must be >= 0 (output > 0)")
         return settings
@@ -145,6 +150,7 @@ class FairScheduler(Scheduler):
         self.served: dict[str, int] = {}  # request id -> output tokens served
         self.high_water: dict[str, int] = {}  # request id -> most tokens ever computed
         self.admitted_at: dict[str, int] = {}  # request id -> step of its last admission
+        self.queued_at: dict[str, int] = {}  # request id -> step it was first seen waiting
         self.vtc: dict[str, float] = {}  # tenant -> virtual token counter
         self.step_seconds = 0.0  # EWMA of the time between busy steps
         self._last_step_at: float | None = None
@@ -172,9 +178,16 @@ class FairScheduler(Scheduler):
                 + f.output_weight * self.max_num_running_reqs
                 * (f.max_slice_steps + self.block_size))
 
-    def _key(self, request: Request) -> tuple[float, int, float]:
+    def _key(self, request: Request) -> tuple[float, bool, int, float]:
+        """Least first: the tenant's counter (with `tenants`), then requests
+        queued longer than max_wait_steps (least attained service alone
+        would keep a preempted request waiting while newcomers catch up),
+        then output tokens served, then arrival."""
+        req_id = request.request_id
         tenant = self.vtc.get(tenant_of(request), 0.0) if self.fair.tenants else 0.0
-        return (tenant, self.served.get(request.request_id, 0), request.arrival_time)
+        queued = self.queued_at.get(req_id)
+        patient = queued is None or self.current_step - queued <= self.fair.max_wait_steps
+        return (tenant, patient, self.served.get(req_id, 0), request.arrival_time)
 
     def _preemptible(self, request: Request) -> bool:
         """Its slice is over, and it is at most a quarter block past a block
@@ -206,6 +219,8 @@ class FairScheduler(Scheduler):
         running requests whose slice is over for waiting requests with less
         service that would not fit otherwise."""
         self.running.sort(key=self._key)  # stock preempts running[-1] for room
+        for request in self.waiting:
+            self.queued_at.setdefault(request.request_id, self.current_step)
         ordered = sorted(self.waiting, key=self._key)
         self.waiting.clear()
         self.waiting.extend(ordered)
@@ -268,6 +283,7 @@ class FairScheduler(Scheduler):
             request = self.requests[req_id]
             if req_id in newly_admitted:
                 self.admitted_at[req_id] = self.current_step
+                self.queued_at.pop(req_id, None)
             before = self.high_water.get(req_id, 0)
             after = request.num_computed_tokens
             if after <= before:
@@ -294,7 +310,7 @@ class FairScheduler(Scheduler):
                                           max(counters) - min(counters))
 
     def _forget_finished(self) -> None:
-        for table in (self.served, self.high_water, self.admitted_at):
+        for table in (self.served, self.high_water, self.admitted_at, self.queued_at):
             for req_id in [k for k in table if k not in self.requests]:
                 del table[req_id]
 
