@@ -5,6 +5,9 @@
   "aqua.vllm"; or spec_name "aqua" once the plugin is loaded).
 - `AquaWorker`: vLLM's `worker_cls` ("aqua.vllm.AquaWorker"): the engine takes
   aqua GPU time slices and pages its whole KV cache in place at a preemption.
+- `FairScheduler`: vLLM's `scheduler_cls` ("aqua.vllm.FairScheduler"):
+  prompts (and optionally tenants) time-share the engine, least served
+  first; preempted requests resume by reloading their KV from the tier.
 - `register()`: the `vllm.general_plugins` entry point vLLM calls in each of
   its processes.
 
@@ -34,7 +37,12 @@ def __getattr__(name: str):
         from .worker import AquaWorker  # noqa: PLC0415
 
         return AquaWorker
+    if name in ("FairScheduler", "AsyncFairScheduler"):
+        from . import fair  # noqa: PLC0415
+
+        return getattr(fair, name)
     raise AttributeError(name)
 
 
-__all__ = ["AquaOffloadingManager", "AquaOffloadingSpec", "AquaWorker", "SPEC_NAME", "register"]
+__all__ = ["AquaOffloadingManager", "AquaOffloadingSpec", "AquaWorker", "AsyncFairScheduler",
+           "FairScheduler", "SPEC_NAME", "register"]
