@@ -184,3 +184,26 @@ def start_holder(make_tenant: Callable[..., Tenant], daemon: Daemon) -> Tenant:
     holder = make_tenant(daemon, HOLDER)
     assert holder.readline() == "holding"
     return holder
+
+
+# --- shared by the files that run real vLLM engines ----------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random fp32 Llama (tests/vllm_support.py), built once per module."""
+    from tests.vllm_support import tiny_llama
+
+    return tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def module_daemon() -> Iterator[Daemon]:
+    """One aquad for a module's engines; it must leave no shared memory behind."""
+    path = tempfile.mkdtemp(prefix="aqua-vllm-")
+    daemon = Daemon(os.path.join(path, "aquad.sock"),
+                    ["--backend", "host", "--host-devices", "2x64MiB"]).start()
+    yield daemon
+    daemon.stop()
+    assert not daemon.files(), f"aquad left shared memory behind: {daemon.files()}"
+    subprocess.run(["rm", "-rf", path], check=False)

@@ -15,12 +15,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import Daemon
-from tests.vllm_support import tiny_llama
 
 if os.environ.get("CI") != "true":  # in CI these run, never skip
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs the "
@@ -76,22 +74,6 @@ class Driver:
             self.proc.stdin.close()
         self.proc.stdout.close()
         self.log.close()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
-
-
-@pytest.fixture(scope="module")
-def module_daemon() -> Iterator[Daemon]:
-    path = tempfile.mkdtemp(prefix="aqua-vllm-")
-    daemon = Daemon(os.path.join(path, "aquad.sock"),
-                    ["--backend", "host", "--host-devices", "2x64MiB"]).start()
-    yield daemon
-    daemon.stop()
-    assert not daemon.files(), f"aquad left shared memory behind: {daemon.files()}"
-    subprocess.run(["rm", "-rf", path], check=False)
 
 
 def _run(scenario: str, model: str, socket: str, *phases: str) -> list[dict]:
