@@ -48,6 +48,7 @@ from aquad.backends.host import HostBackend
 from aquad.core.arbiter import Arbiter
 from aquad.core.limits import Limits
 from aquad.core.tenants import Peer
+from aquad.core.timers import Timers
 
 from .client import DEFAULT_TIMEOUT_S, Client, Connection
 from .errors import DaemonGone
@@ -187,6 +188,7 @@ class InProcessDaemon:
         # on a connection's lock, so it cannot deadlock with them.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a deadline may have moved
+        self._timers = Timers(self.arbiter, reap_s=REAP_S)  # what aquad's timer task runs
         self._timer = threading.Thread(target=self._run_timer, name="aqua-inprocess-timer",
                                        daemon=True)
         self._timer.start()
@@ -282,16 +284,16 @@ class InProcessDaemon:
                 frames.push(m.encode_event(name, data))
 
     def _run_timer(self) -> None:
-        """Quantum ends, overdue yields, reclaim deadlines, silent tenants."""
+        """Quantum ends, overdue yields, reclaim deadlines, silent tenants:
+        core/timers.py decides, as in aquad's timer task."""
         with self._lock:
             while not self.closed:
-                deadline = self.arbiter.next_deadline()
-                wait = REAP_S if deadline is None else min(REAP_S, deadline - time.monotonic())
+                wait = self._timers.next_deadline() - self.arbiter.clock()
                 if wait > 0:
-                    self._changed.wait(wait)
+                    self._changed.wait(wait)  # or until a request moves a deadline
                 if self.closed:
                     return
-                self.arbiter.tick()
-                if self.arbiter.expire():
+                expired = self._timers.tick()
+                if expired.tenants or expired.orphans:
                     self.arbiter.maintain()
                 self._dispatch()
