@@ -281,6 +281,9 @@ _envelopes = msgspec.msgpack.Decoder(_Envelope)
 _anything = msgspec.msgpack.Decoder()
 _args = {name: msgspec.msgpack.Decoder(cls) for name, cls in OPS.items()}
 _EMPTY_MAP = b"\x80"
+# What a decoder raises on a bad frame: msgspec's errors, and Python's
+# recursion limit where nesting runs deeper than msgspec will follow.
+_UNREADABLE = (msgspec.MsgspecError, RecursionError)
 
 
 def _bad(message: str, request_id: int | None = None) -> ProtocolError:
@@ -296,7 +299,7 @@ def decode_request(frame: bytes) -> Request:
         )
     try:
         envelope = _envelopes.decode(frame)
-    except (msgspec.MsgspecError, RecursionError) as exc:
+    except _UNREADABLE as exc:
         raise _refusal(frame, exc) from None
     rid = envelope.id
     _check_version(envelope.v, rid)
@@ -306,7 +309,7 @@ def decode_request(frame: bytes) -> Request:
                             request_id=rid)
     try:
         return Request(rid, decoder.decode(envelope.args or _EMPTY_MAP))
-    except (msgspec.MsgspecError, RecursionError) as exc:
+    except _UNREADABLE as exc:
         raise _bad(f"{envelope.op}: {str(exc).replace('`$', '`args')}", rid) from None
 
 
@@ -326,7 +329,7 @@ def _refusal(frame: bytes, why: Exception) -> ProtocolError:
     `unsupported_version` whatever else it holds; then what the pass said."""
     try:
         obj = _anything.decode(frame)
-    except (msgspec.MsgspecError, RecursionError) as exc:
+    except _UNREADABLE as exc:
         return _bad(f"frame is not valid msgpack ({exc})")
     if not isinstance(obj, dict):
         return _bad(f"request must be a msgpack map, got {type(obj).__name__}")
@@ -375,13 +378,13 @@ EVENTS: dict[str, type[r.Event]] = {cls.event: cls for cls in (
     r.ReclaimReport, r.Feed)}
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(Struct):
     code: str = ErrorCode.INTERNAL.value  # an error reply without a code
     message: str = ""
     details: dict[str, Any] = {}
 
 
-class Reply(msgspec.Struct):
+class Reply(Struct):
     """A daemon->tenant frame that is not an event. Its `result` stays
     encoded until the caller, who knows what it asked, decodes it
     (`result_of`): one strict pass into the op's own struct."""
@@ -397,8 +400,8 @@ class Reply(msgspec.Struct):
     def result_of(self, op: type[Op]) -> Any:
         """The result decoded into `op.result`; ProtocolError if it is not one."""
         try:
-            return _result_decoder(op).decode(self.result)
-        except msgspec.MsgspecError as exc:
+            return _results[op].decode(self.result)
+        except _UNREADABLE as exc:
             raise _bad(f"malformed {op.op!r} result from daemon: {exc}") from None
 
 
@@ -416,14 +419,8 @@ def as_event(name: str, data: Any) -> r.Event:
 
 _frames = msgspec.msgpack.Decoder(Reply)
 _events = {name: msgspec.msgpack.Decoder(cls) for name, cls in EVENTS.items()}
-_results: dict[type[Op], msgspec.msgpack.Decoder[Any]] = {}
-
-
-def _result_decoder(op: type[Op]) -> msgspec.msgpack.Decoder[Any]:
-    decoder = _results.get(op)
-    if decoder is None:
-        decoder = _results[op] = msgspec.msgpack.Decoder(op.result)
-    return decoder
+_results: dict[type[Op], msgspec.msgpack.Decoder[Any]] = {
+    cls: msgspec.msgpack.Decoder(cls.result) for cls in OPS.values()}
 
 
 _MAP_LEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
@@ -439,7 +436,7 @@ def decode_reply(frame: bytes) -> Reply | r.Event:
     on anything malformed."""
     try:
         msg = _frames.decode(frame)
-    except msgspec.MsgspecError as exc:
+    except _UNREADABLE as exc:
         raise _bad(f"malformed frame from daemon: {exc}") from None
     if msg.v != PROTOCOL_VERSION:
         raise _bad("daemon sent a frame that is not a protocol v1 map")
@@ -447,10 +444,9 @@ def decode_reply(frame: bytes) -> Reply | r.Event:
         decoder = _events.get(msg.event)
         if decoder is None:
             return r.UnknownEvent(wire_name=msg.event[:64])
-        data = msg.data if len(msg.data) else _EMPTY_MAP
         try:
-            return decoder.decode(data)
-        except msgspec.MsgspecError as exc:
+            return decoder.decode(msg.data or _EMPTY_MAP)
+        except _UNREADABLE as exc:
             raise _bad(f"malformed {msg.event[:64]!r} event from daemon: {exc}") from None
     if msg.ok is None:
         raise _bad("malformed reply from daemon: no `ok`")

@@ -541,6 +541,15 @@ def test_garbage_replies(data):
         decode_reply(data)
 
 
+@pytest.mark.parametrize(("head", "key"), [({"v": 1, "id": 3, "ok": True}, b"\xa6result"),
+                                         ({"v": 1, "event": "grant"}, b"\xa4data")])
+def test_replies_nested_too_deep_give_protocol_error(head, key):
+    # Regression: RecursionError escaped decode_reply (and the client's reader).
+    packed = msgpack.packb(head)
+    with pytest.raises(ProtocolError):
+        decode_reply(bytes([packed[0] + 1]) + packed[1:] + key + b"\x91" * 60000 + b"\x00")
+
+
 # Regression: decode_reply used to call dict() on error.details and leak
 # TypeError/ValueError for a non-map.
 @pytest.mark.parametrize("details", [[1, 2], "ab", 5, [[1, 2]]])
