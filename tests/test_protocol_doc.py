@@ -67,8 +67,24 @@ def test_each_operations_arguments_are_documented_as_defined(name):
         return
     documented = {_name(r[0]): r[-1] for r in rows}
     assert set(documented) == {f.name for f in fields}, name
-    for f in fields:
+    types = {_name(r[0]): r[1] for r in rows}
+    for f in msgspec.inspect.type_info(OPS[name]).fields:
         assert (documented[f.name] == "required") == f.required, (name, f.name)
+        assert types[f.name] == _wire_type(f.type), (name, f.name)
+
+
+_WIRE_TYPES = {msgspec.inspect.IntType: "int", msgspec.inspect.StrType: "str",
+               msgspec.inspect.FloatType: "float", msgspec.inspect.BoolType: "bool"}
+
+
+def _wire_type(t: msgspec.inspect.Type) -> str:
+    """An argument's type as the tables spell it: `int`, `array of int`, `str or nil`."""
+    if isinstance(t, msgspec.inspect.UnionType):
+        (value,) = [m for m in t.types if not isinstance(m, msgspec.inspect.NoneType)]
+        return f"{_wire_type(value)} or nil"
+    if isinstance(t, msgspec.inspect.ListType):
+        return f"array of {_wire_type(t.item_type)}"
+    return _WIRE_TYPES[type(t)]
 
 
 def test_every_event_is_documented():
