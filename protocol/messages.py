@@ -259,6 +259,8 @@ class Subscribe(Op):
 
 
 class Request(Struct):
+    """A decoded request: its id and its op's arguments."""
+
     id: int
     args: Op
 
@@ -323,10 +325,11 @@ def _check_version(version: int, rid: int) -> None:
 
 
 def _refusal(frame: bytes, why: Exception) -> ProtocolError:
-    """Why the strict pass refused an envelope, told in the protocol's order
-    of checks (README.md, section 2): the id first where it can be read, so that the error reply
-    names it; then the version, so that a newer client's request is answered
-    `unsupported_version` whatever else it holds; then what the pass said."""
+    """Why the strict pass refused an envelope, in the protocol's order of
+    checks (README.md, section 2): the id first where it can be read, so that
+    the error reply names it; then the version, so that a newer client's
+    request is answered `unsupported_version` whatever else it holds; then
+    what the pass said."""
     try:
         obj = _anything.decode(frame)
     except _UNREADABLE as exc:
@@ -347,6 +350,7 @@ def _refusal(frame: bytes, why: Exception) -> ProtocolError:
 
 
 def encode_request(rid: int, op: Op) -> bytes:
+    """A request frame; `op`'s fields at their default stay off the wire (Op)."""
     return _pack({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": op})
 
 
