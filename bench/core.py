@@ -8,9 +8,10 @@ Each figure is a ratio against the limit measured in the same run:
   bandwidth  offload + restore of a tensor through a host lease vs the same
              two copies into a plain in-process tensor (the data path must add
              no copy: target ratio >= 0.9).
-  codec      decoding a lease grant reply into what the client reads, and
-             the daemon encoding it, alone (no socket) vs plain msgpack
-             unpackb / packb of the same map.
+  codec      decoding a lease grant reply into what the client reads, the
+             daemon encoding it, the daemon decoding a lease request into its
+             typed op and the client encoding it, alone (no socket) vs plain
+             msgpack unpackb / packb of the same frame or map.
   end to end aqua.offload() + restore() with everything they do (lease, map,
              populate, copy, unmap, release) vs the same two copies into
              freshly allocated tensors (torch.empty + copy_, twice: the pages
@@ -152,8 +153,12 @@ GRANT = {"lease": "L" + "a" * 24, "device": 1, "nbytes": 65536, "tier": "host",
 def bench_codec(rounds: int, repeats: int = 15) -> dict:
     """Per call, best of `repeats` alternating loops of `rounds` calls: the
     client's decode of a grant reply (frame to the typed result) vs
-    msgpack.unpackb of it, and the daemon's encode vs msgpack.packb."""
+    msgpack.unpackb of it, the daemon's encode vs msgpack.packb, and the
+    daemon's decode of a lease request (frame to the validated op) vs
+    msgpack.unpackb of it, and the client's encode of that request (from its
+    op) vs msgpack.packb of the same map."""
     frame = p.encode_result(7, GRANT)
+    request = p.encode_request(7, p.Lease(nbytes=65536, near=1))
     envelope = {"v": p.PROTOCOL_VERSION, "id": 7, "ok": True, "result": GRANT}
     calls = range(rounds)
 
@@ -173,8 +178,28 @@ def bench_codec(rounds: int, repeats: int = 15) -> dict:
         for _ in calls:
             msgpack.packb(envelope)
 
+    def decode_request() -> None:
+        for _ in calls:
+            p.decode_request(request)
+
+    def unpack_request() -> None:
+        for _ in calls:
+            msgpack.unpackb(request)
+
+    lease, as_map = p.Lease(nbytes=65536, near=1), msgpack.unpackb(request)
+
+    def encode_request() -> None:
+        for _ in calls:
+            p.encode_request(7, lease)
+
+    def pack_request() -> None:
+        for _ in calls:
+            msgpack.packb(as_map)
+
     out = {}
-    for key, ours, plain in (("decode", decode, unpack), ("encode", encode, pack)):
+    for key, ours, plain in (("decode", decode, unpack), ("encode", encode, pack),
+                             ("request", decode_request, unpack_request),
+                             ("request_encode", encode_request, pack_request)):
         a, b = best_of_alternating(ours, plain, repeats)
         out[key] = {"us": a / rounds * 1e6, "msgpack_us": b / rounds * 1e6, "ratio": a / b}
     return out
@@ -430,8 +455,11 @@ def main() -> int:
                                     "server_cpus": sorted(server_cpus or []), **rows}
         d = bench_api(tmp, args.rounds // 5, args.mib)
     codec = out["codec"] = bench_codec(args.rounds)
-    print("\ncodec, a lease grant reply alone (x = vs plain msgpack on the same map)")
-    for key, what in (("decode", "client decode to its result"), ("encode", "daemon encode")):
+    print("\ncodec, a lease grant reply and a lease request alone "
+          "(x = vs plain msgpack on the same map)")
+    for key, what in (("decode", "client decode to its result"), ("encode", "daemon encode"),
+                      ("request", "daemon decode of a request"),
+                      ("request_encode", "client encode of a request")):
         c = codec[key]
         print(f"  {what:28} {c['us']:6.2f} us  msgpack {c['msgpack_us']:6.2f} us  "
               f"{c['ratio']:5.2f}x")

@@ -11,28 +11,26 @@ reply    (daemon -> tenant): {"v": 1, "id": <int>, "ok": true, "result": {...}}
                                         "details": {...}}}
 event    (daemon -> tenant): {"v": 1, "event": <str>, "data": {...}}
 
-Each operation's arguments are a dataclass below; its fields carry the
-checks the decoder applies, so the validator and the handlers read the same
-definition. Its result, and every event, is a struct in replies.py, which
-the client decodes strictly. protocol/README.md documents both
-(tests/test_protocol_doc.py holds the two in step).
+Each operation's arguments are a msgspec struct below, its fields' types
+the checks the daemon's decoder applies, so the validator and the handlers
+read the same definition. Its result, and every event, is a struct in
+replies.py, which the client decodes strictly. protocol/README.md documents
+both (tests/test_protocol_doc.py holds the two in step).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Annotated, Any, ClassVar
 
-import msgpack
 import msgspec
+from msgspec import Meta, Struct
 
 from . import replies as r
 from .errors import ErrorCode, ProtocolError
 
-# Replies and events are msgspec structs; requests are built as maps.
+# Every frame: an envelope map around the message's struct (or its map).
 _pack: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
 
 PROTOCOL_VERSION = 1
@@ -65,88 +63,33 @@ MAX_DEADLINE_MS = 10 * 60 * 1000
 DEFAULT_DEADLINE_MS = 2000
 
 
-# --- field checks -----------------------------------------------------------
+# --- argument types ---------------------------------------------------------
+# What each field accepts, as msgspec constraints the decoder checks strictly:
+# no boolean or float where an int belongs, no NaN or infinity past a bound.
+# msgspec searches for a pattern: anchored with \Z (a `$` would let a
+# trailing newline through).
 
 
-@dataclass(frozen=True)
-class Check:
-    """How one field is validated. `kind` is the accepted Python type."""
-
-    kind: type
-    min: float | None = None
-    max: float | None = None
-    max_len: int | None = None
-    min_len: int = 0
-    pattern: re.Pattern[str] | None = None
-    item: Check | None = None
-    exclusive_min: bool = False
-
-    def validate(self, name: str, value: Any) -> Any:
-        kind: type[Any] = self.kind
-        # bool is an int subclass; a boolean where a number belongs is a bug.
-        if isinstance(value, bool) and kind is not bool:
-            raise _bad(f"field {name!r} must be {_TYPE_NAMES[kind]}, got a boolean")
-        if kind is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, kind):
-            raise _bad(
-                f"field {name!r} must be {_TYPE_NAMES[kind]}, got {type(value).__name__}"
-            )
-        if kind in (int, float):
-            if value != value:  # NaN
-                raise _bad(f"field {name!r} must be a number, got NaN")
-            if self.min is not None and (
-                value < self.min or (self.exclusive_min and value == self.min)
-            ):
-                op = ">" if self.exclusive_min else ">="
-                raise _bad(f"field {name!r} must be {op} {self.min}, got {value}")
-            if self.max is not None and value > self.max:
-                raise _bad(f"field {name!r} must be <= {self.max}, got {value}")
-        if kind in (str, list):
-            if self.max_len is not None and len(value) > self.max_len:
-                raise _bad(f"field {name!r} is longer than {self.max_len}")
-            if len(value) < self.min_len:
-                raise _bad(f"field {name!r} needs at least {self.min_len} item(s)")
-        if self.pattern is not None and not self.pattern.fullmatch(value):
-            raise _bad(f"field {name!r} must match {self.pattern.pattern}")
-        if self.item is not None:
-            value = [self.item.validate(f"{name}[{i}]", v) for i, v in enumerate(value)]
-        return value
+def _whole(regex: re.Pattern[str]) -> str:
+    return rf"^(?:{regex.pattern})\Z"
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-               list: "a list", dict: "a map"}
-
-
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, message)
-
-
-def arg(check: Check, *, default: Any = dataclasses.MISSING) -> Any:
-    if default is dataclasses.MISSING:
-        return field(metadata={"check": check})
-    return field(default=default, metadata={"check": check})
-
-
-def _int(lo: int, hi: int) -> Check:
-    return Check(int, min=lo, max=hi)
-
-
-DEVICE = _int(0, MAX_DEVICE_ID)
-LEASE_ID = Check(str, pattern=LEASE_ID_RE, max_len=65)
+RequestId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
+Device = Annotated[int, Meta(ge=0, le=MAX_DEVICE_ID)]
+Devices = Annotated[list[Device], Meta(min_length=1, max_length=64)]
+Nbytes = Annotated[int, Meta(ge=1, le=MAX_LEASE_BYTES)]
+Deadline = Annotated[int, Meta(ge=1, le=MAX_DEADLINE_MS)]
+LeaseId = Annotated[str, Meta(pattern=_whole(LEASE_ID_RE), max_length=65)]
 
 
 # --- operations -------------------------------------------------------------
 
 
-class Op:
-    """Base of the argument dataclasses; `op` is the wire name.
-
-    Not frozen: a frozen dataclass sets each field through object.__setattr__,
-    which doubles the cost of decoding a request. Treat them as values (they
-    compare by value and are not hashable)."""
-
-    __slots__ = ()
+class Op(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of the operations: each is the struct its request's `args`
+    decode into, strictly (an unknown field is refused). Optional fields at
+    their default stay off the wire, so the same request works with a daemon
+    that predates an optional field. `op` is the wire name."""
 
     op: ClassVar[str]
     needs_tenant: ClassVar[bool] = True
@@ -168,165 +111,143 @@ def operation(cls: type[Op]) -> type[Op]:
 
 
 @operation
-@dataclass(slots=True)
 class Hello(Op):
     op = "hello"
     result = r.Welcome
     needs_tenant = False
-    tenant: str = arg(Check(str, pattern=NAME_RE, max_len=64))
-    devices: list[Any] = arg(Check(list, min_len=1, max_len=64, item=DEVICE))
-    weight: float | None = arg(
-        Check(float, min=MIN_WEIGHT, max=MAX_WEIGHT), default=None)
+    tenant: Annotated[str, Meta(pattern=_whole(NAME_RE), max_length=64)]
+    devices: Devices
+    weight: Annotated[float, Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] | None = None
 
 
 @operation
-@dataclass(slots=True)
 class Heartbeat(Op):
     op = "heartbeat"
 
 
 @operation
-@dataclass(slots=True)
 class Bye(Op):
     op = "bye"
     result = r.Released
 
 
 @operation
-@dataclass(slots=True)
 class Lease(Op):
     op = "lease"
     result = r.Granted
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
-    near: int | None = arg(DEVICE, default=None)
+    nbytes: Nbytes
+    near: Device | None = None
 
 
 @operation
-@dataclass(slots=True)
 class Release(Op):
     op = "release"
     result = r.Released
-    lease: str = arg(LEASE_ID)
+    lease: LeaseId
 
 
 @operation
-@dataclass(slots=True)
 class LeaseInfo(Op):
     op = "lease_info"
     result = r.Granted
-    lease: str = arg(LEASE_ID)
+    lease: LeaseId
 
 
 @operation
-@dataclass(slots=True)
 class Adopt(Op):
     op = "adopt"
     result = r.Granted
-    lease: str = arg(LEASE_ID)
-    capability: str = arg(Check(str, pattern=CAPABILITY_RE, max_len=32))
+    lease: LeaseId
+    capability: Annotated[str, Meta(pattern=_whole(CAPABILITY_RE), max_length=32)]
 
 
 @operation
-@dataclass(slots=True)
 class Turn(Op):
     op = "turn"
     result = r.TurnState
-    devices: list[Any] | None = arg(Check(list, min_len=1, max_len=64, item=DEVICE), default=None)
+    devices: Devices | None = None
 
 
 @operation
-@dataclass(slots=True)
 class TurnDone(Op):
     op = "turn_done"
 
 
 @operation
-@dataclass(slots=True)
 class TurnYield(Op):
     op = "turn_yield"
     result = r.TurnState
-    slice: int = arg(_int(0, MAX_REQUEST_ID))
+    slice: Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 
 
 @operation
-@dataclass(slots=True)
 class Status(Op):
     op = "status"
     result = r.StatusReport
     needs_tenant = False
     budgeted = True
-    leases: bool = arg(Check(bool), default=True)
-    tenant: str | None = arg(Check(str, pattern=TENANT_ID_RE, max_len=20), default=None)
-    device: int | None = arg(DEVICE, default=None)
-    after: str | None = arg(Check(str, pattern=CURSOR_RE, max_len=19), default=None)
-    limit: int = arg(_int(1, MAX_STATUS_LEASES), default=MAX_STATUS_LEASES)
-
-
-DEADLINE = Check(int, min=1, max=MAX_DEADLINE_MS)
+    leases: bool = True
+    tenant: Annotated[str, Meta(pattern=_whole(TENANT_ID_RE), max_length=20)] | None = None
+    device: Device | None = None
+    after: Annotated[str, Meta(pattern=_whole(CURSOR_RE), max_length=19)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=MAX_STATUS_LEASES)] = MAX_STATUS_LEASES
 
 
 # --- elastic memory (added within v1) ---------------------------------------
 
 
 @operation
-@dataclass(slots=True)
 class Reclaim(Op):
     op = "reclaim"
     result = r.ReclaimStarted
     needs_tenant = False
-    device: int = arg(DEVICE)
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
-    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS)
+    device: Device
+    nbytes: Nbytes
+    deadline_ms: Deadline = DEFAULT_DEADLINE_MS
 
 
 @operation
-@dataclass(slots=True)
 class Drain(Op):
     op = "drain"
     result = r.ReclaimStarted
     needs_tenant = False
-    device: int = arg(DEVICE)
-    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS)
+    device: Device
+    deadline_ms: Deadline = DEFAULT_DEADLINE_MS
 
 
 @operation
-@dataclass(slots=True)
 class Undrain(Op):
     op = "undrain"
     result = r.Undrained
     needs_tenant = False
-    device: int = arg(DEVICE)
+    device: Device
 
 
 @operation
-@dataclass(slots=True)
 class Lend(Op):
     op = "lend"
     result = r.Lent
-    device: int = arg(DEVICE)
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
+    device: Device
+    nbytes: Nbytes
 
 
 @operation
-@dataclass(slots=True)
 class Unlend(Op):
     op = "unlend"
     result = r.ReclaimStarted
-    device: int = arg(DEVICE)
-    nbytes: int = arg(_int(1, MAX_LEASE_BYTES))
-    deadline_ms: int = arg(DEADLINE, default=DEFAULT_DEADLINE_MS)
+    device: Device
+    nbytes: Nbytes
+    deadline_ms: Deadline = DEFAULT_DEADLINE_MS
 
 
 @operation
-@dataclass(slots=True)
 class Move(Op):
     op = "move"
     result = r.Replacement
-    lease: str = arg(LEASE_ID)
+    lease: LeaseId
 
 
 @operation
-@dataclass(slots=True)
 class Subscribe(Op):
     op = "subscribe"
     shell = True
@@ -334,14 +255,12 @@ class Subscribe(Op):
     needs_tenant = False
 
 
-_SPECS: dict[type[Op], _Spec] = {}
-
-
 # --- envelope ---------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Request:
+class Request(Struct):
+    """A decoded request: its id and its op's arguments."""
+
     id: int
     args: Op
 
@@ -350,14 +269,27 @@ class Request:
         return self.args.op
 
 
-_ENVELOPE_KEYS = frozenset({"v", "id", "op", "args"})
+class _Envelope(Struct, forbid_unknown_fields=True):
+    """A request as the hot path reads it, in one strict pass; `args` stays
+    encoded until its op is known."""
+
+    v: int
+    id: RequestId
+    op: str
+    args: msgspec.Raw = msgspec.Raw()
 
 
-def _unpack(frame: bytes) -> Any:
-    try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises many types on garbage
-        raise _bad(f"frame is not valid msgpack ({type(exc).__name__})") from None
+_envelopes = msgspec.msgpack.Decoder(_Envelope)
+_anything = msgspec.msgpack.Decoder()
+_args = {name: msgspec.msgpack.Decoder(cls) for name, cls in OPS.items()}
+_EMPTY_MAP = b"\x80"
+# What a decoder raises on a bad frame: msgspec's errors, and Python's
+# recursion limit where nesting runs deeper than msgspec will follow.
+_UNREADABLE = (msgspec.MsgspecError, RecursionError)
+
+
+def _bad(message: str, request_id: int | None = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message, request_id=request_id)
 
 
 def decode_request(frame: bytes) -> Request:
@@ -367,93 +299,59 @@ def decode_request(frame: bytes) -> Request:
             ErrorCode.FRAME_TOO_LARGE,
             f"request is {len(frame)} bytes; the limit is {MAX_FRAME_BYTES}",
         )
-    obj = _unpack(frame)
-    if not isinstance(obj, dict):
-        raise _bad(f"request must be a msgpack map, got {type(obj).__name__}")
-    rid = obj.get("id")
-    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_REQUEST_ID:
-        raise _bad(f"field 'id' must be an integer in [0, {MAX_REQUEST_ID}]")
     try:
-        version = obj.get("v")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise _bad("field 'v' (protocol version) must be an integer")
-        if version not in SUPPORTED_VERSIONS:
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"protocol version {version} is not supported; this daemon speaks "
-                f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
-                details={"supported": list(SUPPORTED_VERSIONS)},
-            )
-        if not _ENVELOPE_KEYS.issuperset(obj):
-            unknown = set(obj) - _ENVELOPE_KEYS
-            raise _bad(f"unknown envelope field(s): {', '.join(sorted(map(str, unknown)))}")
-        op = obj.get("op")
-        if not isinstance(op, str):
-            raise _bad("field 'op' must be a string")
-        cls = OPS.get(op)
-        if cls is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown operation {op[:64]!r}")
-        args = obj.get("args", {})
-        if not isinstance(args, dict):
-            raise _bad("field 'args' must be a map")
-        return Request(rid, _build(cls, args))
+        envelope = _envelopes.decode(frame)
+    except _UNREADABLE as exc:
+        raise _refusal(frame, exc) from None
+    rid = envelope.id
+    _check_version(envelope.v, rid)
+    decoder = _args.get(envelope.op)
+    if decoder is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown operation {envelope.op[:64]!r}",
+                            request_id=rid)
+    try:
+        return Request(rid, decoder.decode(envelope.args or _EMPTY_MAP))
+    except _UNREADABLE as exc:
+        raise _bad(f"{envelope.op}: {str(exc).replace('`$', '`args')}", rid) from None
+
+
+def _check_version(version: int, rid: int) -> None:
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this daemon speaks "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+            request_id=rid, details={"supported": list(SUPPORTED_VERSIONS)})
+
+
+def _refusal(frame: bytes, why: Exception) -> ProtocolError:
+    """Why the strict pass refused an envelope, in the protocol's order of
+    checks (README.md, section 2): the id first where it can be read, so that
+    the error reply names it; then the version, so that a newer client's
+    request is answered `unsupported_version` whatever else it holds; then
+    what the pass said."""
+    try:
+        obj = _anything.decode(frame)
+    except _UNREADABLE as exc:
+        return _bad(f"frame is not valid msgpack ({exc})")
+    if not isinstance(obj, dict):
+        return _bad(f"request must be a msgpack map, got {type(obj).__name__}")
+    try:
+        rid = msgspec.convert(obj.get("id"), RequestId)
+    except msgspec.ValidationError:
+        return _bad(f"field 'id' must be an integer in [0, {MAX_REQUEST_ID}]")
+    try:
+        _check_version(msgspec.convert(obj.get("v"), int), rid)
+    except msgspec.ValidationError:
+        return _bad("field 'v' (protocol version) must be an integer", rid)
     except ProtocolError as exc:
-        exc.request_id = rid
-        raise
-
-
-def _build(cls: type[Op], args: dict[str, Any]) -> Op:
-    spec = _SPECS[cls]
-    if not spec.names.issuperset(args):
-        unknown = set(args) - spec.names
-        raise _bad(f"{cls.op}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    values = {}
-    for name, check, optional, nullable in spec.fields:
-        if name not in args:
-            if not optional:
-                raise _bad(f"{cls.op}: missing field {name!r}")
-            continue
-        value = args[name]
-        if value is None and nullable:
-            continue
-        values[name] = check.validate(name, value)
-    return cls(**values)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """An op's fields, read once from its dataclass: the hot path of every
-    request should not walk dataclass metadata."""
-
-    names: frozenset[str]
-    # name, check, may be absent, may be nil (its default is None)
-    fields: tuple[tuple[str, Check, bool, bool], ...]
-    # name -> default of the optional fields: what need not be sent
-    defaults: dict[str, Any]
-
-
-def _spec(cls: type[Op]) -> _Spec:
-    fields = dataclasses.fields(cast(Any, cls))  # every registered op is a dataclass
-    return _Spec(frozenset(f.name for f in fields),
-                 tuple((f.name, f.metadata["check"], f.default is not dataclasses.MISSING,
-                        f.default is None) for f in fields),
-                 {f.name: f.default for f in fields if f.default is not dataclasses.MISSING})
-
-
-_SPECS.update({cls: _spec(cls) for cls in OPS.values()})
+        return exc
+    return _bad(f"malformed request: {why}", rid)
 
 
 def encode_request(rid: int, op: Op) -> bytes:
-    # Not dataclasses.asdict: its deep copy costs more than the send itself.
-    # Defaults are left out: the same request then works with a daemon that
-    # predates an optional field.
-    spec = _SPECS[type(op)]
-    args = {}
-    for name, *_ in spec.fields:
-        value = getattr(op, name)
-        if value is not None and (name not in spec.defaults or value != spec.defaults[name]):
-            args[name] = value
-    return _pack({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": args})
+    """A request frame; `op`'s fields at their default stay off the wire (Op)."""
+    return _pack({"v": PROTOCOL_VERSION, "id": rid, "op": op.op, "args": op})
 
 
 def encode_result(rid: int, result: Any) -> bytes:
@@ -484,13 +382,13 @@ EVENTS: dict[str, type[r.Event]] = {cls.event: cls for cls in (
     r.ReclaimReport, r.Feed)}
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(Struct):
     code: str = ErrorCode.INTERNAL.value  # an error reply without a code
     message: str = ""
     details: dict[str, Any] = {}
 
 
-class Reply(msgspec.Struct):
+class Reply(Struct):
     """A daemon->tenant frame that is not an event. Its `result` stays
     encoded until the caller, who knows what it asked, decodes it
     (`result_of`): one strict pass into the op's own struct."""
@@ -506,8 +404,8 @@ class Reply(msgspec.Struct):
     def result_of(self, op: type[Op]) -> Any:
         """The result decoded into `op.result`; ProtocolError if it is not one."""
         try:
-            return _result_decoder(op).decode(self.result)
-        except msgspec.MsgspecError as exc:
+            return _results[op].decode(self.result)
+        except _UNREADABLE as exc:
             raise _bad(f"malformed {op.op!r} result from daemon: {exc}") from None
 
 
@@ -525,15 +423,8 @@ def as_event(name: str, data: Any) -> r.Event:
 
 _frames = msgspec.msgpack.Decoder(Reply)
 _events = {name: msgspec.msgpack.Decoder(cls) for name, cls in EVENTS.items()}
-_results: dict[type[Op], msgspec.msgpack.Decoder[Any]] = {}
-_EMPTY_MAP = b"\x80"
-
-
-def _result_decoder(op: type[Op]) -> msgspec.msgpack.Decoder[Any]:
-    decoder = _results.get(op)
-    if decoder is None:
-        decoder = _results[op] = msgspec.msgpack.Decoder(op.result)
-    return decoder
+_results: dict[type[Op], msgspec.msgpack.Decoder[Any]] = {
+    cls: msgspec.msgpack.Decoder(cls.result) for cls in OPS.values()}
 
 
 _MAP_LEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
@@ -549,7 +440,7 @@ def decode_reply(frame: bytes) -> Reply | r.Event:
     on anything malformed."""
     try:
         msg = _frames.decode(frame)
-    except msgspec.MsgspecError as exc:
+    except _UNREADABLE as exc:
         raise _bad(f"malformed frame from daemon: {exc}") from None
     if msg.v != PROTOCOL_VERSION:
         raise _bad("daemon sent a frame that is not a protocol v1 map")
@@ -557,10 +448,9 @@ def decode_reply(frame: bytes) -> Reply | r.Event:
         decoder = _events.get(msg.event)
         if decoder is None:
             return r.UnknownEvent(wire_name=msg.event[:64])
-        data = msg.data if len(msg.data) else _EMPTY_MAP
         try:
-            return decoder.decode(data)
-        except msgspec.MsgspecError as exc:
+            return decoder.decode(msg.data or _EMPTY_MAP)
+        except _UNREADABLE as exc:
             raise _bad(f"malformed {msg.event[:64]!r} event from daemon: {exc}") from None
     if msg.ok is None:
         raise _bad("malformed reply from daemon: no `ok`")

@@ -6,7 +6,6 @@ A fake clock and the real HostBackend writing into a pytest tmp directory (never
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import re
@@ -14,6 +13,7 @@ import secrets
 import stat
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -159,10 +159,11 @@ def _minimal(cls: type[m.Op]) -> m.Op:
     if cls in known:
         return known[cls]
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.default is dataclasses.MISSING:
-            check = f.metadata["check"]
-            values[f.name] = [0] if check.kind is list else check.kind(check.min or 0)
+    for f in msgspec.inspect.type_info(cls).fields:
+        if f.required:
+            t = f.type
+            values[f.name] = [0] if isinstance(t, msgspec.inspect.ListType) else \
+                "0" if isinstance(t, msgspec.inspect.StrType) else t.ge or 0
     return cls(**values)
 
 

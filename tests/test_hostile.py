@@ -62,6 +62,24 @@ def test_peers_claiming_the_ids_libzmq_would_generate_cannot_abort_aquad(daemon)
         ctx.term()
 
 
+def test_requests_nested_past_the_decoders_depth_are_refused(daemon):
+    """A frame within the size limit can nest 60,000 arrays deep: deeper than
+    Python's recursion limit lets msgspec follow, anywhere in the envelope."""
+    ctx = zmq.Context()
+    sock = _dealer(ctx, daemon.socket)
+    head = msgpack.packb({"v": 1, "id": 5, "op": "lease"})
+    try:
+        for key in (b"\xa4args", b"\xa4args\x81\xa6nbytes", b"\xa5extra"):
+            sock.send(bytes([head[0] + 1]) + head[1:] + key + b"\x91" * 60000 + b"\x00")
+            assert sock.poll(5000), "no answer to a deeply nested request"
+            assert msgpack.unpackb(sock.recv())["error"]["code"] == "bad_request"
+        assert _ask(sock, p.Status(leases=False), rid=6)["ok"] is True
+        assert daemon.proc.poll() is None
+    finally:
+        sock.close()
+        ctx.term()
+
+
 def test_descriptor_exhaustion_turns_connections_away_cleanly(start_daemon):
     """systemd's soft limit is 1024; libzmq's listener asserted on EMFILE
     after about 1,009 plain connects."""

@@ -5,10 +5,11 @@ Pure functions only: no sockets, no processes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import re
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -76,32 +77,30 @@ SAMPLES = {
 }
 
 
-def _minimal_value(check: m.Check):
-    """Smallest value a field check accepts (for ops without a hand sample)."""
-    if check.pattern is not None:
+def _minimal_value(t: msgspec.inspect.Type):
+    """Smallest value a field's type accepts (for ops without a hand sample)."""
+    if isinstance(t, msgspec.inspect.StrType):
         for candidate in ("a", "a1", "L" + "a" * 8):
-            if check.pattern.fullmatch(candidate):
+            if re.search(t.pattern, candidate):
                 return candidate
-        raise AssertionError(f"no sample for pattern {check.pattern.pattern}")
-    if check.kind is list:
-        return [_minimal_value(check.item)] * max(check.min_len, 1)
-    if check.kind is int:
-        return int(check.min or 0)
-    if check.kind is float:
-        return (check.min or 0.0) + (1.0 if check.exclusive_min else 0.0)
-    if check.kind is str:
-        return "a" * max(check.min_len, 1)
-    if check.kind is bool:
+        raise AssertionError(f"no sample for pattern {t.pattern}")
+    if isinstance(t, msgspec.inspect.ListType):
+        return [_minimal_value(t.item_type)] * max(t.min_length or 0, 1)
+    if isinstance(t, msgspec.inspect.IntType):
+        return t.ge or 0
+    if isinstance(t, msgspec.inspect.FloatType):
+        return t.ge or 0.0
+    if isinstance(t, msgspec.inspect.BoolType):
         return True
-    raise AssertionError(f"no sample for {check}")
+    raise AssertionError(f"no sample for {t}")
+
+
+def _fields(cls) -> tuple[msgspec.inspect.Field, ...]:
+    return msgspec.inspect.type_info(cls).fields
 
 
 def _minimal(cls):
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            values[f.name] = _minimal_value(f.metadata["check"])
-    return cls(**values)
+    return cls(**{f.name: _minimal_value(f.type) for f in _fields(cls) if f.required})
 
 
 def sample(name: str):
@@ -112,9 +111,7 @@ def test_ops_registry_is_consistent():
     assert set(SAMPLES) <= set(OPS)
     for name, cls in OPS.items():
         assert cls.op == name
-        assert dataclasses.is_dataclass(cls)
-        for f in dataclasses.fields(cls):
-            assert isinstance(f.metadata.get("check"), m.Check), (name, f.name)
+        assert issubclass(cls, m.Op) and cls.__struct_config__.forbid_unknown_fields
         assert isinstance(sample(name), cls)
 
 
@@ -131,7 +128,7 @@ def test_round_trip_every_op(name):
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_every_op_refuses_an_unknown_field(name):
-    args = {k: v for k, v in dataclasses.asdict(sample(name)).items() if v is not None}
+    args = {k: v for k, v in msgspec.structs.asdict(sample(name)).items() if v is not None}
     args["no_such_field"] = 1
     err = refused(req(name, args, rid=3))
     assert err.request_id == 3 and "no_such_field" in err.message
@@ -139,9 +136,8 @@ def test_every_op_refuses_an_unknown_field(name):
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_every_op_refuses_a_missing_required_field(name):
-    required = [f.name for f in dataclasses.fields(OPS[name])
-                if f.default is dataclasses.MISSING]
-    full = dataclasses.asdict(sample(name))
+    required = [f.name for f in _fields(OPS[name]) if f.required]
+    full = msgspec.structs.asdict(sample(name))
     for field_name in required:
         args = {k: v for k, v in full.items() if k != field_name and v is not None}
         err = refused(req(name, args))
@@ -363,9 +359,38 @@ def test_garbage_bytes(data):
     refused(data)
 
 
+@pytest.mark.parametrize("key", [b"\xa4args", b"\xa1x", b"\xa4args\x81\xa6nbytes"])
+def test_nesting_too_deep_anywhere_is_refused(key):
+    # Deeper than msgspec's recursion limit, inside the envelope, not at its top.
+    head = msgpack.packb({"v": 1, "id": 3, "op": "lease"})
+    data = bytes([head[0] + 1]) + head[1:] + key + b"\x91" * 60000 + b"\x00"
+    assert len(data) <= MAX_FRAME_BYTES
+    refused(data)
+
+
+def test_a_refused_argument_is_named_by_its_path_in_args():
+    assert "`args.nbytes`" in refused(req("lease", {"nbytes": True})).message
+    assert "`args.devices[1]`" in refused(
+        req("hello", {"tenant": "a", "devices": [0, 1024]})).message
+    assert refused(req("lease", {"nbytes": 1, "near": 0.5})).message.startswith("lease: ")
+
+
+def test_every_float_argument_is_bounded():
+    # msgspec lets NaN and the infinities into an unbounded float field.
+    def floats(t):
+        if isinstance(t, msgspec.inspect.UnionType):
+            return [f for member in t.types for f in floats(member)]
+        return [t] if isinstance(t, msgspec.inspect.FloatType) else []
+    for cls in OPS.values():
+        for f in _fields(cls):
+            assert all(t.ge is not None and t.le is not None for t in floats(f.type)), f
+
+
 def test_non_string_map_keys_are_refused():
-    # strict_map_key: integer keys are not valid msgpack for this protocol.
-    refused(msgpack.packb({1: 2, "v": 1, "id": 1, "op": "status"}))
+    # Keys are strings in this protocol; the rest of the envelope is readable,
+    # so the refusal names the request.
+    assert refused(msgpack.packb({1: 2, "v": 1, "id": 1, "op": "status"})).request_id == 1
+    assert refused(req("status", {1: True}, rid=4)).request_id == 4
 
 
 def test_oversize_frame():
@@ -518,6 +543,15 @@ def test_garbage_replies(data):
         decode_reply(data)
 
 
+@pytest.mark.parametrize(("head", "key"), [({"v": 1, "id": 3, "ok": True}, b"\xa6result"),
+                                         ({"v": 1, "event": "grant"}, b"\xa4data")])
+def test_replies_nested_too_deep_give_protocol_error(head, key):
+    # Regression: RecursionError escaped decode_reply (and the client's reader).
+    packed = msgpack.packb(head)
+    with pytest.raises(ProtocolError):
+        decode_reply(bytes([packed[0] + 1]) + packed[1:] + key + b"\x91" * 60000 + b"\x00")
+
+
 # Regression: decode_reply used to call dict() on error.details and leak
 # TypeError/ValueError for a non-map.
 @pytest.mark.parametrize("details", [[1, 2], "ab", 5, [[1, 2]]])
@@ -541,7 +575,8 @@ msgpack_objects = st.recursive(
     max_leaves=20,
 )
 
-FIELD_NAMES = ["nbytes", "near", "tenant", "devices", "weight", "lease", "x"]
+# Every op's argument names (and one no op has), so the generator reaches each field's checks.
+FIELD_NAMES = sorted({f.name for cls in OPS.values() for f in msgspec.structs.fields(cls)}) + ["x"]
 
 # Maps that look like requests, so the generator reaches the deep checks.
 near_requests = st.fixed_dictionaries(
@@ -615,34 +650,29 @@ def test_valid_requests_round_trip(rid, op):
     assert decoded == Request(rid, op)
 
 
-def _strategy(check: m.Check):
-    """Values a field check accepts, derived from the check itself."""
-    if check.pattern is not None:
-        return st.from_regex(check.pattern, fullmatch=True).filter(
-            lambda s: check.max_len is None or len(s) <= check.max_len)
-    if check.kind is list:
-        return st.lists(_strategy(check.item), min_size=max(check.min_len, 0),
-                        max_size=check.max_len if check.max_len is not None else 8)
-    if check.kind is int:
-        return st.integers(min_value=int(check.min), max_value=int(check.max))
-    if check.kind is float:
-        return st.floats(min_value=check.min, max_value=check.max,
-                         exclude_min=check.exclusive_min, allow_nan=False)
-    if check.kind is str:
-        return st.text(min_size=check.min_len, max_size=check.max_len or 64)
-    if check.kind is bool:
+def _strategy(t: msgspec.inspect.Type):
+    """Values a field's type accepts, derived from its constraints."""
+    if isinstance(t, msgspec.inspect.UnionType):
+        return st.one_of([_strategy(member) for member in t.types])
+    if isinstance(t, msgspec.inspect.NoneType):
+        return st.none()
+    if isinstance(t, msgspec.inspect.StrType):
+        return st.from_regex(t.pattern, fullmatch=True).filter(
+            lambda s: t.max_length is None or len(s) <= t.max_length)
+    if isinstance(t, msgspec.inspect.ListType):
+        return st.lists(_strategy(t.item_type), min_size=t.min_length or 0,
+                        max_size=t.max_length if t.max_length is not None else 8)
+    if isinstance(t, msgspec.inspect.IntType):
+        return st.integers(min_value=t.ge, max_value=t.le)
+    if isinstance(t, msgspec.inspect.FloatType):
+        return st.floats(min_value=t.ge, max_value=t.le, allow_nan=False)
+    if isinstance(t, msgspec.inspect.BoolType):
         return st.booleans()
-    raise AssertionError(f"no strategy for {check}")
+    raise AssertionError(f"no strategy for {t}")
 
 
 def _op_strategy(cls):
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        s = _strategy(f.metadata["check"])
-        if f.default is None:
-            s = st.none() | s
-        kwargs[f.name] = s
-    return st.builds(cls, **kwargs)
+    return st.builds(cls, **{f.name: _strategy(f.type) for f in _fields(cls)})
 
 
 @settings(max_examples=200, deadline=None)

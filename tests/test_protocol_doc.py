@@ -1,6 +1,6 @@
 """protocol/README.md and the message definitions say the same thing.
 
-The definitions in protocol/messages.py (requests) and protocol/replies.py
+The structs in protocol/messages.py (requests) and protocol/replies.py
 (results, events) are what the daemon validates and the client decodes; the
 README is what implementers read. Every operation, argument, requirement,
 result field, event, event field and error code must appear in both, the
@@ -8,7 +8,6 @@ same way."""
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import re
 
@@ -62,15 +61,30 @@ def test_every_operation_is_listed_with_whether_it_needs_hello():
 def test_each_operations_arguments_are_documented_as_defined(name):
     section = _section(rf"`{name}`")
     rows = _table(section, "argument")
-    fields = dataclasses.fields(OPS[name])
+    fields = msgspec.structs.fields(OPS[name])
     if not fields:
         assert not rows and "No arguments" in section, name
         return
     documented = {_name(r[0]): r[-1] for r in rows}
     assert set(documented) == {f.name for f in fields}, name
-    for f in fields:
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        assert (documented[f.name] == "required") == required, (name, f.name)
+    types = {_name(r[0]): r[1] for r in rows}
+    for f in msgspec.inspect.type_info(OPS[name]).fields:
+        assert (documented[f.name] == "required") == f.required, (name, f.name)
+        assert types[f.name] == _wire_type(f.type), (name, f.name)
+
+
+_WIRE_TYPES = {msgspec.inspect.IntType: "int", msgspec.inspect.StrType: "str",
+               msgspec.inspect.FloatType: "float", msgspec.inspect.BoolType: "bool"}
+
+
+def _wire_type(t: msgspec.inspect.Type) -> str:
+    """An argument's type as the tables spell it: `int`, `array of int`, `str or nil`."""
+    if isinstance(t, msgspec.inspect.UnionType):
+        (value,) = [m for m in t.types if not isinstance(m, msgspec.inspect.NoneType)]
+        return f"{_wire_type(value)} or nil"
+    if isinstance(t, msgspec.inspect.ListType):
+        return f"array of {_wire_type(t.item_type)}"
+    return _WIRE_TYPES[type(t)]
 
 
 def test_every_event_is_documented():

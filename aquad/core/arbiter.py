@@ -349,14 +349,8 @@ class Arbiter:
         tenant = caller.registered
         near = tenant.devices[0] if args.near is None else args.near
         self._device(near)
-        if len(tenant.leases) >= self.limits.max_leases_per_tenant:
-            raise ProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"tenant holds {len(tenant.leases)} leases; the limit is "
-                f"{self.limits.max_leases_per_tenant}")
-        device = self._place(self.pools, args.nbytes, near, tenant.devices)
-        if device is None:
-            raise self._out_of_memory(args.nbytes)
+        self._check_lease_count(tenant)
+        device = self._placed(tenant, args.nbytes, near)
         self._check_quota(tenant.peer, leases=1,
                           nbytes=self.pools[device].round_up(args.nbytes))
         return self._lease_reply(self._grant(tenant, device, args.nbytes, near))
@@ -364,10 +358,21 @@ class Arbiter:
     def grant(self, tenant: Tenant, nbytes: int, near: int) -> LeaseRecord:
         """A lease placed as `lease` places it, without its quota and count
         checks (a move's replacement): out_of_memory if nothing has room."""
+        return self._grant(tenant, self._placed(tenant, nbytes, near), nbytes, near)
+
+    def _placed(self, tenant: Tenant, nbytes: int, near: int) -> int:
+        """The device a lease of `nbytes` near `near` goes on; out_of_memory if none."""
         device = self._place(self.pools, nbytes, near, tenant.devices)
         if device is None:
             raise self._out_of_memory(nbytes)
-        return self._grant(tenant, device, nbytes, near)
+        return device
+
+    def _check_lease_count(self, tenant: Tenant) -> None:
+        if len(tenant.leases) >= self.limits.max_leases_per_tenant:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"tenant holds {len(tenant.leases)} leases; the limit is "
+                f"{self.limits.max_leases_per_tenant}")
 
     def _grant(self, tenant: Tenant, device: int, nbytes: int, near: int) -> LeaseRecord:
         pool = self.pools[device]
@@ -408,11 +413,7 @@ class Arbiter:
                 or not hmac.compare_digest(orphan.grant.capability, args.capability)):
             raise ProtocolError(ErrorCode.NO_SUCH_LEASE,
                                 f"no lease {args.lease} awaits adoption by this tenant")
-        if len(tenant.leases) >= self.limits.max_leases_per_tenant:
-            raise ProtocolError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"tenant holds {len(tenant.leases)} leases; the limit is "
-                f"{self.limits.max_leases_per_tenant}")
+        self._check_lease_count(tenant)
         del self.orphans[args.lease]
         grant = orphan.grant
         # Not checked against the quota: it was within it when granted, and
