@@ -194,7 +194,7 @@ def iter_leases(conn: Connection, *, tenant: str | None = None, device: int | No
     after = None
     while True:
         page = status_page(conn, p.Status(tenant=tenant, device=device, after=after,
-                                           limit=limit))
+                                          limit=limit))
         yield from page.get("leases", ())
         after = page.get("next")  # absent from a daemon without paging: one page is all
         if after is None:
