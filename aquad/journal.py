@@ -17,15 +17,13 @@ At startup the journal is read, then rewritten with the leases kept.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import stat
 import zlib
 
 from .core.adoption import JournaledLease
-from .rundir import StartupError
+from .rundir import open_own
 
 log = logging.getLogger("aquad")
 
@@ -83,13 +81,10 @@ class Journal:
     def load(self) -> dict[str, JournaledLease]:
         """The predecessor's live leases (empty if it left no journal)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_own(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return {}
-        except OSError as exc:
-            raise StartupError(self._refusal(exc)) from None
         try:
-            self._check(fd)
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return replay(f.read())
         finally:
@@ -111,8 +106,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._check(self._fd)
+        self._fd = open_own(self.path, os.O_WRONLY | os.O_APPEND)
 
     # --- serving -------------------------------------------------------------
 
@@ -150,14 +144,3 @@ class Journal:
     def _grant_record(grant: JournaledLease) -> dict:
         # Not dataclasses.asdict: its deep copy cost more than the rest of a grant.
         return {key: getattr(grant, name) for name, key in _KEYS.items()}
-
-    def _check(self, fd: int) -> None:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            raise StartupError(f"refusing {self.path}: not a regular file of aquad's own "
-                               f"with one link; remove it")
-
-    def _refusal(self, exc: OSError) -> str:
-        if exc.errno == errno.ELOOP:
-            return f"refusing {self.path}: it is a symlink; remove it"
-        return f"cannot open {self.path}: {exc.strerror}"

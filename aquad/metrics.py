@@ -312,10 +312,6 @@ class _TCPServer(socketserver.TCPServer):
     allow_reuse_address = True
 
 
-class _UnixServer(socketserver.UnixStreamServer):
-    pass
-
-
 class Exporter:
     def __init__(self, target: Target) -> None:
         from prometheus_client import CollectorRegistry
@@ -345,7 +341,7 @@ class Exporter:
             _unlink_stale_socket(address)
             old = os.umask(0o117)  # 0660, as the daemon's socket
             try:
-                self._server = _UnixServer(address, self._handler)
+                self._server = socketserver.UnixStreamServer(address, self._handler)
             finally:
                 os.umask(old)
             run = self._serve

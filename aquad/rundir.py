@@ -59,6 +59,33 @@ def prepare_directory(socket_path: str) -> None:
     _refuse_untrusted(socket_path, directory, holds_socket=True)
 
 
+def open_own(path: str, flags: int, mode: int = 0o600) -> int:
+    """A descriptor of `path` (the lock, the journal), opened with `flags`
+    but never through a link, once it is a regular file of aquad's own with
+    one name: a link or a second name planted here would have aquad write
+    the file it points to. StartupError otherwise; FileNotFoundError passes."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StartupError(f"refusing {path}: it is a symlink; remove it") from None
+        raise StartupError(f"cannot open {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} links"  # a hard link to some other file
+    if problem:
+        os.close(fd)
+        raise StartupError(f"refusing {path}: it {problem}; remove it")
+    return fd
+
+
 class SocketLock:
     """An flock next to the socket: bind() silently replaces an existing
     socket file, so without it a second daemon would steal the first's clients."""
@@ -82,27 +109,8 @@ class SocketLock:
         self._fd = fd
 
     def _open(self) -> int:
-        """The lock file, made or reused, but never through a link: one
-        planted here would have aquad truncate the file it points to."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-                         | os.O_NOCTTY, 0o644)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StartupError(f"refusing {self.path}: it is a symlink; remove it") from None
-            raise StartupError(f"cannot open {self.path}: {exc.strerror}") from None
-        st = os.fstat(fd)
-        problem = None
-        if not stat.S_ISREG(st.st_mode):
-            problem = "is not a regular file"
-        elif st.st_uid != os.geteuid():
-            problem = f"is owned by uid {st.st_uid}"
-        elif st.st_nlink != 1:
-            problem = f"has {st.st_nlink} links"  # a hard link to some other file
-        if problem:
-            os.close(fd)
-            raise StartupError(f"refusing {self.path}: it {problem}; remove it")
-        return fd
+        """The lock file, made or reused (see open_own)."""
+        return open_own(self.path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY, 0o644)
 
     def release(self) -> None:
         # The lock file stays: unlinking it would let a newcomer lock a fresh

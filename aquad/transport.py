@@ -208,11 +208,6 @@ class Transport:
         self._enqueue(conn, zmtp.frame(frame))
         return conn.id in self.conns
 
-    def close_conn(self, conn_id: bytes, why: str) -> None:
-        conn = self.conns.get(conn_id)
-        if conn is not None:
-            self._close(conn, why)
-
     def sweep(self) -> None:
         """Close handshakes that stall and unregistered peers gone quiet."""
         now = self._clock()

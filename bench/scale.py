@@ -28,11 +28,11 @@ from typing import Any
 
 import zmq
 from _common import Aquad, aquad_process, write_json
+from scheduler_ref import ReferenceScheduler
 
 import aqua_protocol as p
 from aqua_protocol.paths import endpoint
 from aquad.core.scheduler import Preempt, Scheduler
-from aquad.core.scheduler_ref import ReferenceScheduler
 
 CONFIG = """\
 max_tenants = 2048

@@ -9,6 +9,7 @@ thread is reading at the time.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -192,36 +193,36 @@ def iter_leases(conn: Connection, *, tenant: str | None = None, device: int | No
     lease granted before the walk and alive at its end comes exactly once."""
     after = None
     while True:
-        page = _status_page(conn, p.Status(tenant=tenant, device=device, after=after,
-                                           limit=limit))
+        page = status_page(conn, p.Status(tenant=tenant, device=device, after=after,
+                                          limit=limit))
         yield from page.get("leases", ())
         after = page.get("next")  # absent from a daemon without paging: one page is all
         if after is None:
             return
 
 
-def _status_page(conn: Connection, op: p.Status, tries: int = 20) -> dict[str, Any]:
-    """One `status` request, waiting out the daemon's rate limit on it (a long
-    walk can use up a uid's budget of daemon time)."""
-    for _ in range(tries - 1):
+def status_page(conn: Connection, op: p.Status, tries: float = 20) -> dict[str, Any]:
+    """One `status` request, waiting out the daemon's rate limit on it up to
+    `tries` times (a long walk, or `aquactl top` with math.inf, can use up a
+    uid's budget of daemon time)."""
+    tried = 1
+    while True:
         try:
             return conn.request(op)
         except LimitExceeded as exc:
             wait = exc.details.get("retry_after_s")
-            if not isinstance(wait, (int, float)):
-                raise  # some other limit: waiting does not help
+            if not isinstance(wait, (int, float)) or tried >= tries:
+                raise  # some other limit (waiting does not help), or waited enough
+            tried += 1
             time.sleep(min(float(wait), 1.0))
-    return conn.request(op)
 
 
 class Connection:
     """One DEALER socket speaking protocol v1, safe to share between threads."""
 
     def __init__(self, socket: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.socket_path = resolve_socket(socket)
-        self.timeout = timeout
+        self._books(resolve_socket(socket), timeout)
         check_socket(self.socket_path)
-        self.segment_prefix = segment_prefix(self.socket_path)  # of the segments it may map
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
@@ -236,6 +237,13 @@ class Connection:
         # that does not hold the lock may wait on (select), never the socket.
         # Edge-triggered: whoever reads under the lock reads until empty.
         self.fd: int = self._sock.getsockopt(zmq.FD)
+
+    def _books(self, socket_path: str, timeout: float) -> None:
+        """What the methods read besides the socket (aqua.inprocess sets the
+        socket itself)."""
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.segment_prefix = segment_prefix(socket_path)  # of the segments it may map
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.gone: str | None = None  # why the daemon is unusable, once it is
@@ -410,11 +418,8 @@ def request_once(socket: str | None, op: p.Op, *, timeout: float = DEFAULT_TIMEO
                  ) -> Any:
     """One request on a connection of its own, closed after (launchers,
     benchmarks, tests: whoever asks the daemon something once)."""
-    conn = Connection(socket, timeout=timeout)
-    try:
+    with contextlib.closing(Connection(socket, timeout=timeout)) as conn:
         return conn.request(op)
-    finally:
-        conn.close()
 
 
 def _gpu_unmap_failed() -> bool:

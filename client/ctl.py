@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,8 +15,8 @@ import msgspec
 import aqua_protocol as p
 from aqua_protocol import replies as r
 
-from .client import Connection, iter_leases
-from .errors import AquaError, DaemonUnavailable, LimitExceeded
+from .client import Connection, iter_leases, status_page
+from .errors import AquaError, DaemonUnavailable
 
 EXIT_UNAVAILABLE = 2
 # Lease rows a human table shows; the rest are counted. A screen cannot use
@@ -38,16 +39,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def devices_table(status: dict) -> str:
+def namer(status: dict) -> Callable[[str | None], str]:
+    """`t3 (llama)` for a tenant id, `-` for none."""
+    names = {t["id"]: t["name"] for t in status["tenants"]}
+    return lambda tid: "-" if tid is None else f"{tid} ({names.get(tid, '?')})"
+
+
+def device_rows(status: dict, holder: Callable[[str | None], str]) -> list[list[object]]:
+    """Per device: id, backend, capacity, leased, free, use, leases, the slice's
+    holder (as `holder` writes it) and how many wait for the slice."""
     slices = {s["device"]: s for s in status.get("slices", [])}
-    rows = []
+    rows: list[list[object]] = []
     for d in status["devices"]:
         used = d["leased_bytes"] / d["capacity_bytes"] if d["capacity_bytes"] else 0.0
         sl = slices.get(d["id"], {})
-        rows.append([d["id"], d["name"], d["backend"], human_bytes(d["capacity_bytes"]),
+        rows.append([d["id"], d["backend"], human_bytes(d["capacity_bytes"]),
                      human_bytes(d["leased_bytes"]), human_bytes(d["free_bytes"]),
-                     f"{used:.0%}", d["leases"], sl.get("holder") or "-",
+                     f"{used:.0%}", d["leases"], holder(sl.get("holder")),
                      len(sl.get("queue", []))])
+    return rows
+
+
+def devices_table(status: dict) -> str:
+    rows = device_rows(status, lambda tid: tid or "-")
+    for row, d in zip(rows, status["devices"]):
+        row.insert(1, d["name"])
     return table(["DEV", "NAME", "BACKEND", "CAPACITY", "LEASED", "FREE", "USE", "LEASES",
                   "SLICE", "WAITING"], rows)
 
@@ -72,10 +88,9 @@ def leases_table(status: dict, total: int | None = None) -> str:
     leases = status["leases"]
     if not leases:
         return "no leases"
-    names = {t["id"]: t["name"] for t in status["tenants"]}
-    rows = [[l["id"], f"{l['tenant']} ({names.get(l['tenant'], '?')})", l["device"],
-             l["tier"], human_bytes(l["nbytes"]), f"{l['age_s']:.1f}s"]
-            for l in leases]
+    who = namer(status)
+    rows = [[l["id"], who(l["tenant"]), l["device"], l["tier"], human_bytes(l["nbytes"]),
+             f"{l['age_s']:.1f}s"] for l in leases]
     out = table(["LEASE", "TENANT", "DEV", "TIER", "SIZE", "AGE"], rows)
     if total is None:
         if status.get("next") is not None:
@@ -86,11 +101,7 @@ def leases_table(status: dict, total: int | None = None) -> str:
 
 
 def slices_table(status: dict) -> str:
-    names = {t["id"]: t["name"] for t in status["tenants"]}
-
-    def who(tid: str | None) -> str:
-        return "-" if tid is None else f"{tid} ({names.get(tid, '?')})"
-
+    who = namer(status)
     parts = []
     for dev in status["slices"]:
         head = (f"device {dev['device']}: holder {who(dev['holder'])}, "
@@ -270,21 +281,9 @@ def render_top(status: dict, per_s: dict[str, float], when: float) -> str:
     head = [time.strftime("%H:%M:%S", time.localtime(when)),
             f"tenants {len(status['tenants'])}", f"leases {lease_count(status)}"]
     head += [f"{column} {per_s[key]:.1f}" for key, column in RATES if key in per_s]
-    names = {t["id"]: t["name"] for t in status["tenants"]}
-    slices = {s["device"]: s for s in status.get("slices", [])}
-    devices = []
-    for d in status["devices"]:
-        sl = slices.get(d["id"], {})
-        holder = sl.get("holder")
-        use = d["leased_bytes"] / d["capacity_bytes"] if d["capacity_bytes"] else 0.0
-        devices.append([d["id"], d["backend"], human_bytes(d["capacity_bytes"]),
-                        human_bytes(d["leased_bytes"]), human_bytes(d["free_bytes"]),
-                        f"{use:.0%}", d["leases"],
-                        "-" if holder is None else f"{holder} ({names.get(holder, '?')})",
-                        len(sl.get("queue", []))])
     parts = ["# " + "  ".join(head),
              table(["DEV", "BACKEND", "CAPACITY", "LEASED", "FREE", "USE", "LEASES",
-                    "SLICE", "WAITING"], devices)]
+                    "SLICE", "WAITING"], device_rows(status, namer(status)))]
     if status["tenants"]:
         sl = _tenant_slices(status)
         rows = [[t["id"], t["name"], t["pid"], ",".join(map(str, t["devices"])), t["leases"],
@@ -298,25 +297,14 @@ def render_top(status: dict, per_s: dict[str, float], when: float) -> str:
     return "\n".join(parts)
 
 
-def _summary(conn: Connection) -> dict:
-    """status without leases, waiting out the daemon's rate limit."""
-    while True:
-        try:
-            return conn.request(p.Status(leases=False))
-        except LimitExceeded as exc:
-            wait = exc.details.get("retry_after_s")
-            if not isinstance(wait, (int, float)):
-                raise
-            time.sleep(min(float(wait), 1.0))
-
-
 def top(conn: Connection, args: argparse.Namespace) -> int:
     """Like `nvidia-smi dmon`: a block per interval, appended, no curses;
     --json: one status object per line, with `time` and `rates` added."""
     before: tuple[float, dict] | None = None
     shown = 0
     while True:
-        status = _summary(conn)
+        # The summary without leases, waiting out the daemon's rate limit.
+        status = status_page(conn, p.Status(leases=False), tries=math.inf)
         now, wall = time.monotonic(), time.time()
         per_s = rates(before[1], status, now - before[0]) if before else {}
         if args.json:

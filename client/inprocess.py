@@ -30,6 +30,7 @@ The one module of the tenant library that loads the daemon's core
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -126,21 +127,12 @@ class InProcessConnection(Connection):
     a _Frames of an InProcessDaemon."""
 
     def __init__(self, daemon: InProcessDaemon, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        # Not Connection.__init__: it checks and connects a socket. These are
-        # the attributes its methods read.
-        self.socket_path = daemon.socket
-        self.timeout = timeout
-        self.segment_prefix = segment_prefix(daemon.socket)
+        # Not Connection.__init__: it checks and connects a socket.
+        self._books(daemon.socket, timeout)
         self._daemon = daemon
         self._sock = daemon.attach()  # type: ignore[assignment]
         self._poller = _Poller(self._sock)  # type: ignore[assignment]
         self.fd = self._sock.fd
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self.gone = None
-        self.on_event = None
-        self.keepalive_s = 1.0
-        self._last_sent = time.monotonic()
 
     def _check_link(self) -> None:
         if self.gone is None and self._sock.closed:
@@ -203,11 +195,8 @@ class InProcessDaemon:
 
     def request(self, op: p.Op, timeout: float = 5.0) -> Any:
         """One request on a connection of its own (as PrivateDaemon.request)."""
-        conn = InProcessConnection(self, timeout=timeout)
-        try:
+        with contextlib.closing(InProcessConnection(self, timeout=timeout)) as conn:
             return conn.request(op)
-        finally:
-            conn.close()
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request(p.Status())

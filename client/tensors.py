@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import AquaError
+from .memory import madvise_chunked
 
 if TYPE_CHECKING:
     from .client import Client, Lease
@@ -47,14 +48,12 @@ def _lease_bytes(lease: Lease, nbytes: int, other: torch.Tensor) -> torch.Tensor
 
 
 _MADV_DONTNEED = 4  # linux/mman.h
-_libc: ctypes.CDLL | None = None
 
 
 def _discard_pages(tensor: torch.Tensor) -> int:
     """Give the whole pages inside a host tensor's bytes back to the kernel,
     keeping the address mapped (it reads zeros until written again). Returns
     the bytes given back; 0 where nothing may be (GPU or pinned memory)."""
-    global _libc
     if tensor.device.type != "cpu" or tensor.is_pinned():
         return 0
     start = tensor.data_ptr()
@@ -65,9 +64,7 @@ def _discard_pages(tensor: torch.Tensor) -> int:
     first, last = -(-start // page) * page, end // page * page
     if last <= first:
         return 0
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED):
+    if not madvise_chunked(first, last - first, _MADV_DONTNEED):
         # The bytes are safe in the lease either way; only the memory stays in use.
         log.warning("madvise(MADV_DONTNEED) failed: %s", ctypes.get_errno())
         return 0

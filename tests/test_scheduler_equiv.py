@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aquad.core.scheduler import Scheduler
-from aquad.core.scheduler_ref import ReferenceScheduler
+from bench.scheduler_ref import ReferenceScheduler
 
 DEVICES = (0, 1, 2, 3)
 QUANTUM, GRACE = 0.05, 0.2

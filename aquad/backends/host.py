@@ -20,11 +20,11 @@ from typing import Any
 
 from ..core.tenants import Peer
 from ..core.topology import Device, Topology
+from ..shmdir import DEFAULT as SHM_DIR
 from .base import BackendError
 
 log = logging.getLogger("aquad")
 
-SHM_DIR = "/dev/shm"
 SPARES = 16  # segment files kept ready for grants (see __init__)
 
 

@@ -31,8 +31,9 @@ where only such tenants wait) may lower a device's least vruntime, and the
 groups there then recompute eligibility (O(n)); revoked tenants still
 waiting are checked on every call (O(revoked)).
 view() orders the queue once (O(n log n)). The decisions are exactly those of
-aquad.core.scheduler_ref (the former scan-everyone implementation, kept as the
-test oracle): the same comparisons on the same floating-point values.
+bench/scheduler_ref.py (the former scan-everyone implementation, kept as the
+test oracle and benchmark baseline): the same comparisons on the same
+floating-point values.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The scheduler as it was before its per-event cost became O(log n): every
 call scans every tenant. Kept as the oracle for tests/test_scheduler_equiv.py
-(the daemon uses aquad.core.scheduler.Scheduler); the policy it implements
-is stated in that module's docstring.
+and the baseline of bench/scale.py, outside the daemon's packages (the daemon
+uses aquad.core.scheduler.Scheduler); the policy it implements is stated in
+that module's docstring.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .scheduler import _EPS, Action, Grant, Preempt, Revoke, Runner, _pct
+from aquad.core.scheduler import _EPS, Action, Grant, Preempt, Revoke, Runner, _pct
 
 
 class ReferenceScheduler:
