@@ -16,6 +16,7 @@ simulator predicts what that benchmark measures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -55,6 +56,12 @@ class StepCosts:
         return max(0.0, self.decode_step_s + self.per_request_s * batch
                    + self.per_kv_token_s * kv_tokens)
 
+    def scaled(self, factor: float) -> StepCosts:
+        """Compute `factor` times as dear (a busier machine: less CPU each)."""
+        return StepCosts(*(factor * getattr(self, f) for f in
+                           ("prefill_step_s", "per_prompt_s", "per_token_s", "decode_step_s",
+                            "per_request_s", "per_kv_token_s")), step_s=self.step_s)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -65,6 +72,13 @@ class Profile:
     copy_latency_s: float
     copy_bandwidth: float  # bytes/s
     doc: dict[str, Any]
+    # How much dearer compute was in the measured runs than when it was
+    # timed (the shared machine's load), fitted on the runs the profile's
+    # "fit" names (bench/sim_validate.py --fit); 1 without one.
+    load_factor: float = 1.0
+
+    def step_costs(self, key: str) -> StepCosts:
+        return self.models[key].scaled(self.load_factor)
 
     def server(self, devices: int) -> ServerSpec:
         """`devices` compute devices with no NVLink; the 'PCIe' to the host
@@ -92,7 +106,8 @@ def profile_from_dict(doc: dict[str, Any]) -> Profile:
                                 d["step_s"], d["per_request_s"], d["per_kv_token_s"])
         kv[key] = int(m["kv_bytes_per_token"])
     return Profile(models, kv, float(doc["control"]["lease_rtt_s"]), respond,
-                   float(doc["copy"]["latency_s"]), float(doc["copy"]["bandwidth_bps"]), doc)
+                   float(doc["copy"]["latency_s"]), float(doc["copy"]["bandwidth_bps"]), doc,
+                   float(doc.get("fit", {}).get("load_factor", 1.0)))
 
 
 def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: str) -> Scenario:
@@ -114,9 +129,9 @@ def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: s
     slices = {t.slice_tokens for t in tenants}
     if len(slices) != 1:
         raise ValueError("the simulator takes one slice length for all tenants")
-    costs = {k: (c if mode == "baseline" else
-                 StepCosts(**{**c.__dict__, "step_s": profile.respond_s}))
-             for k, c in profile.models.items()}
+    costs = {k: dataclasses.replace(profile.step_costs(k),
+                                    step_s=profile.respond_s if mode == "aqua" else 0.0)
+             for k in profile.models}
     arrivals.sort(key=lambda a: a.t)
     return Scenario(profile.server(len(sim_tenants)), tuple(sim_tenants), tuple(arrivals),
                     slice_tokens=slices.pop(), max_overhead=None, incremental="whole",
