@@ -135,10 +135,12 @@ def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: s
     arrivals.sort(key=lambda a: a.t)
     return Scenario(profile.server(len(sim_tenants)), tuple(sim_tenants), tuple(arrivals),
                     slice_tokens=slices.pop(), max_overhead=None, incremental="whole",
+                    quantum_s=REPLAY_QUANTUM_S,
                     costs=costs, engine_limits=(256, 8192), control_latency_s=profile.lease_rtt_s)
 
 
 MODE_POLICY = {"baseline": "fcfs", "aqua": "aqua"}
+REPLAY_QUANTUM_S = 0.020  # demo/replay.py runs its aquad with --quantum-ms 20
 
 
 def predict(tenants: Sequence[Any], profile: Profile) -> dict[str, dict]:

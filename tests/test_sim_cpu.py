@@ -231,6 +231,7 @@ def test_the_scenario_mirrors_the_benchmarks_setup(profile):
             fitted = profile.step_costs(engine.spec.model)
             assert engine.costs.decode(3, 300) == pytest.approx(fitted.decode(3, 300))
             assert engine.costs.step_s == (profile.respond_s if mode == "aqua" else 0.0)
+        assert sc.quantum_s == 0.020  # the replay's aquad: --quantum-ms 20
         assert sorted((a.t, a.prompt, a.max_new) for a in sc.arrivals) == sorted(
             (a.t, a.prompt_len, a.max_new) for t in tenants for a in t.arrivals)
     with pytest.raises(ValueError, match="baseline or aqua"):
