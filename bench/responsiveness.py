@@ -17,11 +17,29 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime
 
 from aqua_demo.replay import compare, default_tenants, trace_tenants
 from aqua_demo.report import plot_ttft_cdf, table
 
 TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces")
+WORKLOAD_KEYS = ("requests", "burst", "max_new", "concurrency", "seed", "trace", "time_scale")
+
+
+def workload_tenants(w: dict) -> tuple[list, str]:
+    """The tenants a workload (WORKLOAD_KEYS, as the flags give them)
+    replays, and a line that says what it is."""
+    if w["trace"]:
+        path = os.path.join(TRACES, f"azure-llm-2023-{w['trace']}.csv")
+        tenants = trace_tenants(path, w["requests"], time_scale=w["time_scale"],
+                                seed=w["seed"], max_new=w["max_new"],
+                                concurrency=w["concurrency"])
+        return tenants, (f"Azure 2023 {w['trace']} trace, {w['requests']} requests per tenant, "
+                         f"{w['time_scale']:g}x faster, prompts /10, outputs /8")
+    tenants = default_tenants(w["requests"], w["burst"], w["seed"],
+                              max_new=w["max_new"], concurrency=w["concurrency"])
+    return tenants, (f"{w['requests']} requests per tenant, a burst of {w['burst']}, "
+                     f"{w['max_new']} new tokens each")
 
 
 def main() -> int:
@@ -39,27 +57,25 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--plot", metavar="PNG", default="ttft-cdf.png")
     args = parser.parse_args()
-    if args.trace:
-        path = os.path.join(TRACES, f"azure-llm-2023-{args.trace}.csv")
-        tenants = trace_tenants(path, args.requests, time_scale=args.time_scale,
-                                seed=args.seed, max_new=args.max_new,
-                                concurrency=args.concurrency)
-        what = (f"Azure 2023 {args.trace} trace, {args.requests} requests per tenant, "
-                f"{args.time_scale:g}x faster, prompts /10, outputs /8")
-    else:
-        tenants = default_tenants(args.requests, args.burst, args.seed,
-                                  max_new=args.max_new, concurrency=args.concurrency)
-        what = (f"{args.requests} requests per tenant, a burst of {args.burst}, "
-                f"{args.max_new} new tokens each")
+    workload = {k: getattr(args, k) for k in WORKLOAD_KEYS}
+    tenants, what = workload_tenants(workload)
     print(f"{len(tenants)} tenants ({', '.join(t.name for t in tenants)}); {what}", flush=True)
+    load_before = os.getloadavg()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     result = compare(tenants, seed=args.seed, progress=True)
     print(table(result))
     print(f"\nwall time {result['wall_s']:.0f} s (both modes)")
     print(f"TTFT CDFs: {os.path.abspath(plot_ttft_cdf(result, args.plot))}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({mode: {k: v for k, v in result[mode].items() if k not in ("ttft_s", "tbt_s")}
-                       for mode in ("baseline", "aqua")}, f, indent=2)
+            # What made it, so the simulator can replay the same workload
+            # (bench/sim_validate.py) and a reader can judge the load.
+            json.dump({"command": "python bench/responsiveness.py " + " ".join(sys.argv[1:]),
+                       "date": started, "workload": workload, "wall_s": result["wall_s"],
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       **{mode: {k: v for k, v in result[mode].items()
+                                 if k not in ("ttft_s", "tbt_s")}
+                          for mode in ("baseline", "aqua")}}, f, indent=2)
     return 0
 
 

@@ -112,7 +112,7 @@ def tenant_main(spec_json: str) -> int:
     job = json.loads(spec_json)
     spec = ReplayTenant(**{**job["tenant"], "arrivals": [ReplayArrival(**a) for a in
                                                       job["tenant"]["arrivals"]]})
-    mode, start = job["mode"], job["start"]
+    mode = job["mode"]
     torch.set_num_threads(1)
     model = build_model(spec.size, job["seed"])
     rng = random.Random(job["seed"] + 1)
@@ -131,6 +131,10 @@ def tenant_main(spec_json: str) -> int:
             submitted.append(engine.submit(prompt, a.max_new, arrival=start + a.t))
 
     print("ready", flush=True)
+    # The start comes once every tenant is ready: a fixed start set before
+    # the imports would be missed on a loaded machine, and every TTFT would
+    # carry the lag (CLOCK_MONOTONIC is one clock for all processes).
+    start = float(sys.stdin.readline())
     while time.monotonic() < start:
         time.sleep(0.001)
     turn = client.turn() if client is not None else None
@@ -178,16 +182,19 @@ def run_mode(mode: str, tenants: list[ReplayTenant], *, seed: int,
         procs = []
         try:
             daemon.start()
-            start = time.monotonic() + 3.0 + 0.5 * len(tenants)  # after imports
             for i, spec in enumerate(tenants):
-                job = {"mode": mode, "start": start, "seed": seed + i, "socket": socket,
+                job = {"mode": mode, "seed": seed + i, "socket": socket,
                        "device": i, "tenant": asdict(spec)}
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "aqua_demo.replay", json.dumps(job)],
-                    stdout=subprocess.PIPE, text=True))
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
             for proc in procs:
                 if proc.stdout.readline().strip() != "ready":
                     raise RuntimeError(f"a {mode} tenant failed to start")
+            start = time.monotonic() + 0.2  # all are ready: their imports are done
+            for proc in procs:
+                proc.stdin.write(f"{start!r}\n")
+                proc.stdin.flush()
             if progress:
                 expected = max(a.t for spec in tenants for a in spec.arrivals) + 2.0
                 _progress(mode, procs, start, expected)

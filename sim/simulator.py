@@ -40,7 +40,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,9 @@ class SimTenant:
     model: str  # key of workload.MODELS
     gpu: int
     share: float = 1.0  # of the GPU's KV room, when tenants share a GPU
+    # KV-cache tokens the engine may keep resident, when set by the engine
+    # rather than derived from the GPU's memory (the CPU engine's budget).
+    kv_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class Scenario:
     # so its next page-out copies only what changed. "all"; "none"; "host":
     # only leases in host DRAM are kept (peer HBM is scarce: a resident
     # request does not sit on it), which treats aqua's leases differently from
-    # host_swap's, so it is not the default.
+    # host_swap's, so it is not the default. "whole": the lease is kept, but
+    # every page-out copies the whole cache (the CPU engine's LeaseKV).
     incremental: str = "all"
     # Cap on paging time as a fraction of compute (PromptScheduler stretches
     # its slices to keep it); None rotates every slice_tokens steps whatever
@@ -95,12 +99,25 @@ class Scenario:
     # A producer GPU's own model takes its spare memory back (aqua only:
     # the other policies lease no GPU memory).
     reclaim: LoadStep | None = None
+    # The cost hook: per workload.MODELS key, an object with prefill(tokens,
+    # prompts), decode(batch, kv_tokens) and step_s (see workload.Costs, the
+    # GPU roofline used for models it does not name, and sim/cpu.py's fitted
+    # StepCosts).
+    costs: Mapping[str, Any] | None = None
+    # The engine's (max_num_seqs, max_batched_tokens) for fcfs; None:
+    # `vllm serve`'s defaults for the GPU.
+    engine_limits: tuple[int, int] | None = None
+    # What a lease request costs the engine before its copy can start (a
+    # round trip to aquad; 0: instantaneous, as at paper scale it is noise).
+    control_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.tenants:
             raise ValueError("a scenario needs at least one tenant")
-        if self.incremental not in ("host", "all", "none"):
-            raise ValueError("incremental must be host, all or none")
+        if self.incremental not in ("host", "all", "none", "whole"):
+            raise ValueError("incremental must be host, all, none or whole")
+        if self.control_latency_s < 0:
+            raise ValueError("control_latency_s must be >= 0")
         for t in self.tenants:
             if t.model not in MODELS:
                 raise ValueError(f"tenant {t.name}: unknown model {t.model!r}; "
@@ -134,14 +151,15 @@ class SimEngine:
         self.gpu = spec.gpu
         model = MODELS[spec.model]
         self.kv_bytes = model.kv_bytes_per_token
-        self.costs = Costs(model, sim.server.gpu)
+        hook = (sim.scenario.costs or {}).get(spec.model)
+        self.costs = hook if hook is not None else Costs(model, sim.server.gpu)
         # Every model on this GPU keeps its weights there; the KV room left is
         # split by share.
         others = sum(MODELS[t.model].weight_bytes for t in sim.scenario.tenants
                      if t.gpu == spec.gpu and t is not spec)
-        budget = kv_budget_tokens(model, sim.server.gpu, share=spec.share,
-                                  other_weights=others)
-        seqs, tokens = vllm_limits(sim.server.gpu)
+        budget = spec.kv_budget or kv_budget_tokens(model, sim.server.gpu, share=spec.share,
+                                                    other_weights=others)
+        seqs, tokens = sim.scenario.engine_limits or vllm_limits(sim.server.gpu)
         self.sched = PromptScheduler(
             sim.policy if sim.policy in ("fcfs", "reserve") else "fair", budget,
             sim.scenario.slice_tokens, sim.scenario.max_overhead,
@@ -310,11 +328,12 @@ class SimEngine:
         if not plan.run:
             raise RuntimeError(f"{self.spec.name}: pending requests but nothing to run")
         fabric = sim.fabric
-        out_end = now
+        begin = now + self.costs.step_s  # what every step pays first
+        out_end = begin
         for r in plan.preempt:
-            out_end = max(out_end, self._page_out(r, now))
+            out_end = max(out_end, self._page_out(r, begin))
         in_end, prefill, fresh, releases = out_end, 0, [], []
-        recomputed = 0
+        recomputed = n_recomputed = 0
         for r in plan.resume:
             held = self.leases.get(r.id)  # a dropped cache has no lease
             if held is not None:
@@ -333,12 +352,13 @@ class SimEngine:
                 if r.id in self.dropped:
                     self.dropped.discard(r.id)
                     recomputed += self._context(r)
+                    n_recomputed += 1
                 prefill += self._context(r)
                 fresh.append(r)
         self.paging_stall_s += in_end - now
         self.recomputed_tokens += recomputed
-        recompute_s = self.costs.prefill(recomputed)
-        prefill_end = in_end + self.costs.prefill(prefill)
+        recompute_s = self.costs.prefill(recomputed, n_recomputed)
+        prefill_end = in_end + self.costs.prefill(prefill, len(fresh))
         fresh_ids = {r.id for r in fresh}
         decode = [r for r in plan.run if r.id not in fresh_ids]
         kv_tokens = sum(self._context(r) for r in decode)
@@ -349,16 +369,16 @@ class SimEngine:
         # A batched prefill emits each prompt's first token as its part is
         # done (the way chunked prefill does), not all at the batch's end.
         firsts, done_tokens = [], 0
-        for r in fresh:
+        for i, r in enumerate(fresh):
             done_tokens += self._context(r)
-            firsts.append(in_end + self.costs.prefill(done_tokens))
+            firsts.append(in_end + self.costs.prefill(done_tokens, i + 1))
         sim.at(decode_end, self._step_done, (fresh, firsts, decode, decode_end, releases))
 
     def _keeps(self, tier: str) -> bool:
         """Does a resumed request keep a lease on this tier (incremental
         swap-out)?"""
         mode = self.sim.scenario.incremental
-        return mode == "all" or (mode == "host" and tier == "host")
+        return mode in ("all", "whole") or (mode == "host" and tier == "host")
 
     def _page_out(self, r: Request, now: float) -> float:
         if self.sim.policy == "recompute":
@@ -372,6 +392,8 @@ class SimEngine:
             # valid; send only the blocks written since, plus the last
             # (partly filled, so dirty) one.
             start = held.valid - held.valid % BLOCK_TOKENS
+            if self.sim.scenario.incremental == "whole":
+                start = 0
             held.valid = ctx
             held.ready_at = self.sim.fabric.copy(self.gpu, held.device,
                                                  (ctx - start) * self.kv_bytes,
@@ -385,6 +407,7 @@ class SimEngine:
         if held is not None:  # outgrown: start over in a bigger lease
             del self.leases[r.id]
             self._let_go(held)
+        now += self.sim.scenario.control_latency_s  # the lease's round trip
         try:
             reply = self.call(m.Lease(nbytes=nbytes, near=self.gpu))
         except ProtocolError as exc:

@@ -29,12 +29,20 @@ MODELS: dict[str, ModelSpec] = {
     "llama-2-13b": ModelSpec("Llama-2-13B", 13.0e9, 40, 2 * 40 * 5120 * 2, 4096),
     "mistral-7b": ModelSpec("Mistral-7B", 7.24e9, 32, 2 * 32 * 1024 * 2, 32768),
     "opt-30b": ModelSpec("OPT-30B", 30.0e9, 48, 2 * 48 * 7168 * 2, 2048),
+    # The CPU engine's models (aqua_demo.replay.MODEL_SIZES: hidden 64/128/192,
+    # 2/4/6 layers, head dim 16/32/32, 2 KV heads, fp32), which
+    # bench/responsiveness.py serves; their costs come from a calibrated
+    # profile (sim/cpu.py), not the roofline.
+    "llama-small": ModelSpec("llama-small (CPU)", 205_120, 2, 2 * 2 * 2 * 16 * 4, 1024, 4),
+    "llama-medium": ModelSpec("llama-medium (CPU)", 853_120, 4, 2 * 4 * 2 * 32 * 4, 1024, 4),
+    "llama-large": ModelSpec("llama-large (CPU)", 2_312_640, 6, 2 * 6 * 2 * 32 * 4, 1024, 4),
 }
 
 
 @dataclass(frozen=True)
 class Costs:
-    """A simple roofline for one model on one GPU.
+    """The simulator's cost hook, by default; sim/cpu.py's StepCosts is the
+    other (fitted to a timed engine). A simple roofline for one model on one GPU.
 
     Decode streams the weights and every resident KV byte from HBM once per
     step (memory-bound at the batch sizes that matter) unless its FLOPs take
@@ -54,7 +62,11 @@ class Costs:
         kv = kv_tokens * self.model.kv_bytes_per_token
         return max(self._stream(self.model.weight_bytes + kv), self._compute(batch))
 
-    def prefill(self, tokens: int) -> float:
+    step_s = 0.0  # a GPU step's fixed cost is in its kernels' bytes and FLOPs
+
+    def prefill(self, tokens: int, prompts: int = 1) -> float:
+        """`tokens` prompt tokens (of `prompts` prompts: the roofline does
+        not care how they split)."""
         if tokens <= 0:
             return 0.0
         return max(self._stream(self.model.weight_bytes), self._compute(tokens))

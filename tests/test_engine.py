@@ -61,7 +61,9 @@ def test_fcfs_preempts_the_newest_by_recompute_when_blocks_run_out():
         s.arrive(r)
     s.plan()
     for r in reqs:
-        r.tokens += [1, 1]  # each now needs a third block for its next token
+        # 33 tokens of context each: this step's decode writes the 33rd
+        # into a third block (vLLM: slots for computed + new tokens).
+        r.tokens += [1, 1, 1]
     plan = s.plan()
     assert [r.id for r in plan.drop] == [3, 2] and plan.resume == []
     assert [r.id for r in plan.run] == [0, 1]

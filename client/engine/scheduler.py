@@ -184,15 +184,18 @@ class PromptScheduler:
     def _plan_fcfs(self) -> Plan:
         budget = self.budget // self.block_tokens
         running, waiting = self._resident, self._waiting
-        # Room for the token this step adds to every running request; the
+        # Room for the token this step adds to every running request's
+        # cache (its context: vLLM allocates slots for computed + new
+        # tokens, and the last generated token is this step's input); the
         # newest go first when there is none (vLLM preempts by recompute).
         # The oldest always runs: arrive() made sure it fits, up to the
-        # rounding to whole blocks.
-        need = sum(self._blocks(_context(r) + 1) for r in running)
+        # rounding to whole blocks. tests/test_sim_vllm.py checks these rules
+        # step for step against vLLM's own scheduler.
+        need = sum(self._blocks(_context(r)) for r in running)
         drop: list[Request] = []
         while need > budget and len(running) > 1:
             victim = running.pop()
-            need -= self._blocks(_context(victim) + 1)
+            need -= self._blocks(_context(victim))
             victim.state = "paused"
             victim.preemptions += 1
             drop.append(victim)
@@ -206,7 +209,7 @@ class PromptScheduler:
                 waiting.popleft()
                 continue
             prefill = _context(r)  # the prompt, plus what it had generated if dropped
-            if need + self._blocks(prefill + 1) > budget:
+            if need + self._blocks(prefill) > budget:
                 break  # head-of-line blocking, as in vLLM
             if prefill > tokens and resume:
                 break  # this step's tokens are spent; it starts next step
@@ -214,7 +217,7 @@ class PromptScheduler:
             r.state = "resident"
             running.append(r)
             resume.append(r)
-            need += self._blocks(prefill + 1)
+            need += self._blocks(prefill)
             tokens -= prefill
         return Plan([], resume, list(running), drop)
 

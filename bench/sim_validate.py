@@ -1,0 +1,115 @@
+"""The calibrated simulator against bench/responsiveness.py's measurements.
+
+For every saved measurement (bench/profiles/measured/*.json, each written by
+`bench/responsiveness.py --json`, naming its workload), the simulator
+replays the same workload with the CPU profile's costs (aqua_sim.cpu) and a
+table compares TTFT p50/p99 per mode (bound 20 %), preemptions and KV bytes
+paged (bound 10 %), and the baseline/aqua TTFT ratios (within the repeats'
+spread where a workload was measured more than once, else 20 %). Repeats of
+a workload (same flags) are averaged.
+
+    python bench/sim_validate.py [--profile bench/profiles/cpu-llama.json] [FILE.json ...]
+    python bench/sim_validate.py --fit FILE.json [FILE.json ...]
+
+`--fit` fits the one free parameter, the load factor (how much dearer compute
+was in the measured runs than when bench/calibrate.py timed it: the shared
+machine's load moves), on the named runs only, by TTFT p50/p99 of both
+modes, and writes it into the profile with the files it came from; the
+other measurements are held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+
+from responsiveness import workload_tenants
+
+from aqua_sim.cpu import DEFAULT_PROFILE, PROFILES, compare, load_profile, predict
+
+MEASURED = os.path.join(PROFILES, "measured")
+
+
+def group(paths: list[str]) -> dict[str, list[dict]]:
+    """Measurements by workload (the flags that made them), in file order."""
+    out: dict[str, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        doc["file"] = os.path.basename(path)
+        out.setdefault(json.dumps(doc["workload"], sort_keys=True), []).append(doc)
+    return out
+
+
+def fit_load_factor(profile, paths: list[str]) -> tuple[float, float]:
+    """The load factor (0.5-4, log grid) that minimises the mean |log|
+    error of the TTFT figures on `paths`; and that error."""
+    groups = [(workload_tenants(json.loads(k))[0], docs) for k, docs in group(paths).items()]
+    best = (math.inf, 1.0)
+    for i in range(61):
+        factor = 0.5 * 8 ** (i / 60)
+        trial = dataclasses.replace(profile, load_factor=factor)
+        errs = [abs(math.log(r.predicted / r.measured))
+                for tenants, docs in groups for r in compare(docs, predict(tenants, trial))
+                if r.figure.startswith("TTFT") and r.spread is None
+                and r.measured > 0 and r.predicted > 0]
+        best = min(best, (sum(errs) / len(errs), factor))
+    return best[1], best[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--fit", nargs="+", metavar="FILE")
+    parser.add_argument("files", nargs="*")
+    args = parser.parse_args()
+    profile = load_profile(args.profile)
+    if args.fit:
+        factor, err = fit_load_factor(dataclasses.replace(profile, load_factor=1.0), args.fit)
+        doc = dict(profile.doc)
+        doc["fit"] = {"load_factor": factor, "mean_abs_log_error": err,
+                      "files": [os.path.basename(p) for p in args.fit],
+                      "command": "python bench/sim_validate.py --fit "
+                                 + " ".join(os.path.relpath(p) for p in args.fit)}
+        with open(args.profile, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        print(f"load factor {factor:.3f} (mean |log error| {err:.3f}) on "
+              f"{', '.join(doc['fit']['files'])}: written to {args.profile}")
+        profile = load_profile(args.profile)
+    paths = args.files or sorted(glob.glob(os.path.join(MEASURED, "*.json")))
+    if not paths:
+        print(f"no measurements in {MEASURED}", file=sys.stderr)
+        return 2
+    fitted = profile.doc.get("fit", {}).get("files", [])
+    print(f"profile {os.path.relpath(args.profile)} ({profile.doc['date']}, "
+          f"load {profile.doc['machine']['loadavg_before'][0]:.1f}); load factor "
+          f"{profile.load_factor:.3f}" + (f" fitted on {', '.join(fitted)}" if fitted else ""))
+    misses = 0
+    for key, docs in group(paths).items():
+        w = json.loads(key)
+        tenants, what = workload_tenants(w)
+        rows = compare(docs, predict(tenants, profile))
+        loads = ", ".join(f"{d['loadavg_before'][0]:.1f}" for d in docs)
+        role = "fit" if any(d["file"] in fitted for d in docs) else "held out"
+        print(f"\n### {what}, seed {w['seed']} ({role}): {len(docs)} run(s) "
+              f"({', '.join(d['file'] for d in docs)}; load average {loads})\n")
+        print("| figure | measured | predicted | error | bound | ok |")
+        print("|---|---:|---:|---:|---|---|")
+        for r in rows:
+            bound = (f"spread {r.spread[0]:.2f}-{r.spread[1]:.2f}"
+                     if r.spread and r.spread[1] > r.spread[0] else f"{r.bound or 0.2:.0%}")
+            print(f"| {r.figure} | {r.measured:.2f} | {r.predicted:.2f} | {r.error:+.0%} | "
+                  f"{bound} | {'yes' if r.ok else '**no**'} |")
+            misses += not r.ok
+    print(f"\n{misses} figure(s) outside their bound")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The simulator calibrated to the CPU engine (bench/calibrate.py's profile).
+
+The GPU roofline (workload.Costs) cannot express what a batch-1 engine on a
+CPU core pays: a fixed cost per forward that dwarfs the bytes it reads. Here
+every step costs what the profile fitted from timed steps of the real engine:
+
+    prefill: step + per_prompt x prompts + per_token x prompt tokens
+    decode:  step + per_request x batch + per_kv_token x KV tokens
+
+and a page-out or page-in costs the engine's measured copy latency plus
+bytes over its measured shared-memory bandwidth. `responsiveness_scenario`
+mirrors bench/responsiveness.py (its tenants, models, arrivals, KV budgets,
+slices; the engine's scheduler limits; one device each, host leases) so the
+simulator predicts what that benchmark measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .hardware import GB, GiB, GpuSpec, ServerSpec
+from .simulator import Scenario, SimTenant
+from .workload import MODELS, Arrival
+
+PROFILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "bench", "profiles")
+DEFAULT_PROFILE = os.path.join(PROFILES, "cpu-llama.json")
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """One model's fitted step costs (seconds); the simulator's cost hook."""
+
+    prefill_step_s: float
+    per_prompt_s: float
+    per_token_s: float
+    decode_step_s: float
+    per_request_s: float
+    per_kv_token_s: float
+    step_s: float = 0.0  # per engine step whatever it does (control: respond())
+
+    def prefill(self, tokens: int, prompts: int = 1) -> float:
+        if tokens <= 0:
+            return 0.0
+        return max(0.0, self.prefill_step_s + self.per_prompt_s * prompts
+                   + self.per_token_s * tokens)
+
+    def decode(self, batch: int, kv_tokens: int) -> float:
+        if batch <= 0:
+            return 0.0
+        return max(0.0, self.decode_step_s + self.per_request_s * batch
+                   + self.per_kv_token_s * kv_tokens)
+
+    def scaled(self, factor: float) -> StepCosts:
+        """Compute `factor` times as dear (a busier machine: less CPU each)."""
+        return StepCosts(*(factor * getattr(self, f) for f in
+                           ("prefill_step_s", "per_prompt_s", "per_token_s", "decode_step_s",
+                            "per_request_s", "per_kv_token_s")), step_s=self.step_s)
+
+
+@dataclass(frozen=True)
+class Profile:
+    models: dict[str, StepCosts]  # workload.MODELS key -> costs
+    kv_bytes_per_token: dict[str, int]  # as measured from the engine's caches
+    lease_rtt_s: float
+    respond_s: float
+    copy_latency_s: float
+    copy_bandwidth: float  # bytes/s
+    doc: dict[str, Any]
+    # How much dearer compute was in the measured runs than when it was
+    # timed (the shared machine's load), fitted on the runs the profile's
+    # "fit" names (bench/sim_validate.py --fit); 1 without one.
+    load_factor: float = 1.0
+
+    def step_costs(self, key: str) -> StepCosts:
+        return self.models[key].scaled(self.load_factor)
+
+    def server(self, devices: int) -> ServerSpec:
+        """`devices` compute devices with no NVLink; the 'PCIe' to the host
+        is the engine's measured copy into shared memory."""
+        cpu = GpuSpec("cpu (calibrated)", hbm_bytes=64 * GB, hbm_bw=10 * GB, peak_flops=1e11,
+                      nvlink_bw=self.copy_bandwidth, pcie_bw=self.copy_bandwidth)
+        return ServerSpec(cpu, gpus=devices, nvlink_islands=(), pcie_efficiency=1.0,
+                          copy_latency_s=self.copy_latency_s, host_pool_bytes=8 * GiB)
+
+
+def load_profile(path: str = DEFAULT_PROFILE) -> Profile:
+    with open(path) as f:
+        doc = json.load(f)
+    return profile_from_dict(doc)
+
+
+def profile_from_dict(doc: dict[str, Any]) -> Profile:
+    models, kv = {}, {}
+    respond = float(doc["control"]["respond_s"])
+    for key, m in doc["models"].items():
+        if key not in MODELS:
+            raise ValueError(f"profile names model {key!r}, not in workload.MODELS")
+        p, d = m["prefill"], m["decode"]
+        models[key] = StepCosts(p["step_s"], p["per_prompt_s"], p["per_token_s"],
+                                d["step_s"], d["per_request_s"], d["per_kv_token_s"])
+        kv[key] = int(m["kv_bytes_per_token"])
+    return Profile(models, kv, float(doc["control"]["lease_rtt_s"]), respond,
+                   float(doc["copy"]["latency_s"]), float(doc["copy"]["bandwidth_bps"]), doc,
+                   float(doc.get("fit", {}).get("load_factor", 1.0)))
+
+
+def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: str) -> Scenario:
+    """bench/responsiveness.py's setup for `mode` ("baseline" or "aqua"):
+    one tenant per aqua_demo.replay.ReplayTenant, each on its own device
+    (the replay gives tenant i device i), its own KV budget and slice, the
+    scheduler's defaults (no slice stretching, the engine's fcfs limits),
+    whole-cache copies into a lease kept per request (LeaseKV), and every
+    aqua step paying respond()."""
+    if mode not in ("baseline", "aqua"):
+        raise ValueError("mode is baseline or aqua")
+    sim_tenants, arrivals = [], []
+    for i, t in enumerate(tenants):
+        key = f"llama-{t.size}"
+        if key not in profile.models:
+            raise ValueError(f"the profile has no costs for {key}")
+        sim_tenants.append(SimTenant(t.name, key, i, kv_budget=t.kv_budget))
+        arrivals += [Arrival(a.t, a.prompt_len, a.max_new, i) for a in t.arrivals]
+    slices = {t.slice_tokens for t in tenants}
+    if len(slices) != 1:
+        raise ValueError("the simulator takes one slice length for all tenants")
+    costs = {k: dataclasses.replace(profile.step_costs(k),
+                                    step_s=profile.respond_s if mode == "aqua" else 0.0)
+             for k in profile.models}
+    arrivals.sort(key=lambda a: a.t)
+    return Scenario(profile.server(len(sim_tenants)), tuple(sim_tenants), tuple(arrivals),
+                    slice_tokens=slices.pop(), max_overhead=None, incremental="whole",
+                    quantum_s=REPLAY_QUANTUM_S,
+                    costs=costs, engine_limits=(256, 8192), control_latency_s=profile.lease_rtt_s)
+
+
+MODE_POLICY = {"baseline": "fcfs", "aqua": "aqua"}
+REPLAY_QUANTUM_S = 0.020  # demo/replay.py runs its aquad with --quantum-ms 20
+
+
+def predict(tenants: Sequence[Any], profile: Profile) -> dict[str, dict]:
+    """The simulator's figures for both of bench/responsiveness.py's modes."""
+    from .simulator import Simulation  # noqa: PLC0415
+
+    return {mode: Simulation(responsiveness_scenario(tenants, profile, mode=mode),
+                             MODE_POLICY[mode]).run()
+            for mode in ("baseline", "aqua")}
+
+
+# What is compared, and within what: counts do not depend on the machine's
+# load, so they are held to 10 %; times to 20 %.
+TIME_BOUND, COUNT_BOUND = 0.20, 0.10
+FIGURES = (
+    ("TTFT p50 (ms), baseline", "baseline", "ttft_p50_s", 1e3, TIME_BOUND),
+    ("TTFT p99 (ms), baseline", "baseline", "ttft_p99_s", 1e3, TIME_BOUND),
+    ("TTFT p50 (ms), aqua", "aqua", "ttft_p50_s", 1e3, TIME_BOUND),
+    ("TTFT p99 (ms), aqua", "aqua", "ttft_p99_s", 1e3, TIME_BOUND),
+    ("preemptions, baseline", "baseline", "preemptions", 1, COUNT_BOUND),
+    ("preemptions, aqua", "aqua", "preemptions", 1, COUNT_BOUND),
+    ("KV MiB paged, aqua", "aqua", "bytes_paged", 2**-20, COUNT_BOUND),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    measured: float
+    predicted: float
+    bound: float | None  # relative; None: judged against the spread instead
+    spread: tuple[float, float] | None = None  # measured min, max over repeats
+
+    @property
+    def error(self) -> float:
+        if self.measured == 0:
+            return 0.0 if self.predicted == 0 else float("inf")
+        return (self.predicted - self.measured) / self.measured
+
+    @property
+    def ok(self) -> bool:
+        if self.spread is not None:
+            lo, hi = self.spread
+            if hi > lo:  # repeats: the prediction must fall inside their spread
+                return lo <= self.predicted <= hi
+        # One run, or repeats that agree: a zero stays zero, else the bound.
+        if self.measured == 0:
+            return self.predicted == 0
+        return abs(self.error) <= (self.bound if self.bound is not None else TIME_BOUND)
+
+
+def ratio(doc: dict, key: str) -> float:
+    return doc["baseline"][key] / doc["aqua"][key] if doc["aqua"][key] else float("inf")
+
+
+def compare(measured: Sequence[dict], predicted: dict[str, dict]) -> list[Row]:
+    """Rows for one workload: `measured` are its repeats (bench/responsiveness.py
+    JSON); each figure's measured value is their mean, the baseline/aqua
+    TTFT ratios are judged against the repeats' spread."""
+    rows = []
+    for name, mode, key, scale, bound in FIGURES:
+        values = [doc[mode][key] for doc in measured]
+        rows.append(Row(name, scale * sum(values) / len(values),
+                        scale * predicted[mode][key], bound))
+    for q in ("p50", "p99"):
+        key = f"ttft_{q}_s"
+        values = [ratio(doc, key) for doc in measured]
+        rows.append(Row(f"TTFT {q} baseline/aqua", sum(values) / len(values),
+                        ratio(predicted, key), None, (min(values), max(values))))
+    return rows
