@@ -29,6 +29,7 @@ max_tenants); never a lease id or a pid.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -358,10 +359,8 @@ class Exporter:
             self._published.wait(TEXTFILE_S)
             if self.snapshot is not None:
                 self._published.clear()
-                try:
+                with contextlib.suppress(OSError):  # a full or read-only disk: try again next time
                     write_to_textfile(self.target.address, self.registry)
-                except OSError:
-                    pass  # a full or read-only disk: try again next time
             self._stop.wait(TEXTFILE_S)
 
     def close(self) -> None:
@@ -373,10 +372,8 @@ class Exporter:
         if self._thread is not None:
             self._thread.join(timeout=REQUEST_TIMEOUT_S + 1)
         if self.target.kind in ("unix", "file"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.target.address)
-            except FileNotFoundError:
-                pass
 
 
 def _unlink_stale_socket(path: str) -> None:

@@ -126,7 +126,7 @@ class Server:
         self._open = True
 
     def close_socket(self) -> None:
-        """Undo open() when startup fails after it."""
+        """Undo open(): at the stop, or when startup fails after it."""
         self.transport.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -157,12 +157,7 @@ class Server:
             # Best effort and never a wait: what does not fit in the peer's
             # socket buffer now is dropped with the connection.
             self.transport.send(conn, farewell)
-        self.transport.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        self._lock.release()
+        self.close_socket()
         logs.event(log, logging.INFO, "stopped", leases="released")
 
     # --- the socket task ------------------------------------------------------

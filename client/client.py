@@ -509,10 +509,9 @@ class Client:
         try:
             lease = Lease(self, reply, populate=populate, near=near)
         except BaseException:
-            try:
+            # A daemon that is gone took the lease with it; the first error matters.
+            with contextlib.suppress(DaemonUnavailable):
                 self._conn.request(p.Release(lease=reply.lease))
-            except DaemonUnavailable:
-                pass  # the daemon took the lease with it; the first error matters
             raise
         with self._leases_lock:
             self._leases[lease.id] = lease
@@ -688,11 +687,9 @@ class Client:
             log.warning("aquad revoked slice %s: %s", self._turn.slice, event.reason)
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):  # already woken, or closed
             if self._wake_w >= 0:
                 os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or closed
 
     def _run_notices(self) -> None:
         """Move every lease a `reclaim` notice names (on the event thread);
@@ -774,10 +771,8 @@ class Client:
             if self._stop.is_set():
                 return
             if self._wake_r in ready:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
             try:
                 if not conn.poll_events(block=conn.fd in ready or not ready):
                     time.sleep(0.001)  # a caller reads now: let it

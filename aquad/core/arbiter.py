@@ -195,13 +195,10 @@ class Arbiter:
 
     def next_deadline(self) -> float | None:
         """Clock time at which tick() has work, or None."""
-        ours = self.scheduler.next_deadline()
-        if not self.elastic.active:
-            return ours
-        theirs = self.elastic.next_deadline()
-        if ours is None or theirs is None:
-            return theirs if ours is None else ours
-        return min(ours, theirs)
+        due = [self.scheduler.next_deadline()]
+        if self.elastic.active:
+            due.append(self.elastic.next_deadline())
+        return min((t for t in due if t is not None), default=None)
 
     def clock(self) -> float:
         return self._clock()
