@@ -132,14 +132,10 @@ def take_snapshot(server: Server, *, tenant_labels: bool = False) -> Snapshot:
 
 def _histogram(family: Any, labels: list[str], b: Buckets) -> None:
     cumulative, total = [], 0
-    for bound, n in zip((*map(_le, b.bounds), "+Inf"), b.counts):
+    for bound, n in zip((*(repr(float(le)) for le in b.bounds), "+Inf"), b.counts):
         total += n
         cumulative.append((bound, total))
     family.add_metric(labels, cumulative, sum_value=b.sum)
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
 
 
 def families(s: Snapshot) -> Iterator[Any]:
