@@ -412,7 +412,8 @@ def fetch(conn: Connection, args: argparse.Namespace) -> dict:
     if args.command != "leases":
         # The lease table of `status` shows a screenful; the JSON is the
         # daemon's status object, first page of leases included.
-        return conn.request(p.Status(leases=args.command == "status", limit=limit))
+        wants = args.command == "status"
+        return conn.request(p.Status(leases=wants, limit=limit))
     status = conn.request(p.Status(leases=False))
     if args.all:
         status["leases"] = list(iter_leases(conn, tenant=args.tenant, device=args.device))

@@ -45,9 +45,10 @@ from .messages import (
 
 __all__ = [
     "EVENTS", "HARD_MAX_FRAME_BYTES", "MAX_FRAME_BYTES", "MAX_STATUS_LEASES", "OPS",
-    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Adopt", "Bye", "ErrorCode", "Heartbeat", "Hello",
-    "Lease", "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status",
-    "Subscribe", "Turn", "TurnDone", "TurnYield", "Drain", "Lend", "Move", "Reclaim", "Undrain",
-    "Unlend", "decode_reply", "decode_request", "encode_error", "encode_event", "encode_request",
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Adopt", "Bye", "ErrorCode", "Heartbeat",
+    "Hello", "Lease",
+    "LeaseInfo", "Op", "ProtocolError", "Release", "Reply", "Request", "Status", "Subscribe",
+    "Turn", "TurnDone", "TurnYield", "Drain", "Lend", "Move", "Reclaim", "Undrain", "Unlend",
+    "decode_reply", "decode_request", "encode_error", "encode_event", "encode_request",
     "encode_result", "replies",
 ]
