@@ -17,6 +17,7 @@ At startup the journal is read, then rewritten with the leases kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,10 +96,8 @@ class Journal:
         Written beside it and renamed over it, so a crash here leaves the old
         journal or the new one, never half of either."""
         tmp = self.path + ".new"
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:

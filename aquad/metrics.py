@@ -29,6 +29,7 @@ max_tenants); never a lease id or a pid.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -37,7 +38,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,14 +132,10 @@ def take_snapshot(server: Server, *, tenant_labels: bool = False) -> Snapshot:
 
 def _histogram(family: Any, labels: list[str], b: Buckets) -> None:
     cumulative, total = [], 0
-    for bound, n in zip((*map(_le, b.bounds), "+Inf"), b.counts):
+    for bound, n in zip((*(repr(float(le)) for le in b.bounds), "+Inf"), b.counts):
         total += n
         cumulative.append((bound, total))
     family.add_metric(labels, cumulative, sum_value=b.sum)
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
 
 
 def families(s: Snapshot) -> Iterator[Any]:
@@ -155,10 +152,16 @@ def families(s: Snapshot) -> Iterator[Any]:
     def counter(name: str, doc: str, value: float) -> Any:
         return CounterMetricFamily(name, doc, value=value)
 
-    info = GaugeMetricFamily("aquad_build_info", "aquad's version, backend and protocol",
-                             labels=["version", "backend", "protocol"])
-    info.add_metric([s.version, s.backend, str(s.protocol)], 1)
-    yield info
+    def by(family: Any, name: str, doc: str, labels: list[str],
+           samples: Iterable[tuple[list[str], float]]) -> Any:
+        """A family of one sample per label set."""
+        fam = family(name, doc, labels=labels)
+        for values, value in samples:
+            fam.add_metric(values, value)
+        return fam
+
+    yield by(GaugeMetricFamily, "aquad_build_info", "aquad's version, backend and protocol",
+             ["version", "backend", "protocol"], [([s.version, s.backend, str(s.protocol)], 1)])
     yield gauge("aquad_start_time_seconds", "when aquad started, Unix time", s.started_at)
     yield gauge("aquad_snapshot_timestamp_seconds",
                 "when the daemon's loop last published these figures, Unix time "
@@ -176,10 +179,8 @@ def families(s: Snapshot) -> Iterator[Any]:
          "waiting"),
     ]
     for name, doc, attr in per_device:
-        fam = GaugeMetricFamily(name, doc, labels=["device", "backend"])
-        for d in s.devices:
-            fam.add_metric([str(d.id), d.backend], float(getattr(d, attr)))
-        yield fam
+        yield by(GaugeMetricFamily, name, doc, ["device", "backend"],
+                 (([str(d.id), d.backend], float(getattr(d, attr))) for d in s.devices))
 
     yield gauge("aquad_tenants", "registered tenants", s.tenants)
     yield gauge("aquad_leases", "leases held by tenants", s.leases)
@@ -192,15 +193,11 @@ def families(s: Snapshot) -> Iterator[Any]:
                 s.struck)
 
     st = s.stats
-    fam = CounterMetricFamily("aquad_lease_grants", "leases granted, by link tier from "
-                              "the tenant's device", labels=["tier"])
-    fam_b = CounterMetricFamily("aquad_lease_granted_bytes", "bytes granted (charged), by "
-                                "tier", labels=["tier"])
-    for tier in sorted(st.lease_grants):
-        fam.add_metric([tier], st.lease_grants[tier])
-        fam_b.add_metric([tier], st.granted_bytes[tier])
-    yield fam
-    yield fam_b
+    tiers = sorted(st.lease_grants)
+    yield by(CounterMetricFamily, "aquad_lease_grants", "leases granted, by link tier from "
+             "the tenant's device", ["tier"], (([t], st.lease_grants[t]) for t in tiers))
+    yield by(CounterMetricFamily, "aquad_lease_granted_bytes", "bytes granted (charged), by "
+             "tier", ["tier"], (([t], st.granted_bytes[t]) for t in tiers))
     yield counter("aquad_lease_frees", "leases freed (released, or their tenant left)",
                   st.lease_frees)
     yield counter("aquad_lease_freed_bytes", "bytes freed (charged)", st.freed_bytes)
@@ -217,11 +214,8 @@ def families(s: Snapshot) -> Iterator[Any]:
     _histogram(waits, [], st.slice_waits)
     yield waits
     yield counter("aquad_tenant_joins", "tenants registered (hello)", st.tenant_joins)
-    drops = CounterMetricFamily("aquad_tenant_drops", "tenants that left, by reason",
-                                labels=["reason"])
-    for reason in sorted(st.tenant_drops):
-        drops.add_metric([reason], st.tenant_drops[reason])
-    yield drops
+    yield by(CounterMetricFamily, "aquad_tenant_drops", "tenants that left, by reason",
+             ["reason"], (([why], st.tenant_drops[why]) for why in sorted(st.tenant_drops)))
     yield counter("aquad_reclaims", "leased memory reclaimed for a device's own use "
                   "(elastic memory; 0 until it lands)", st.reclaims)
     yield counter("aquad_reclaimed_bytes", "bytes reclaimed (elastic memory)",
@@ -235,27 +229,20 @@ def families(s: Snapshot) -> Iterator[Any]:
     for op in sorted(s.requests.latency):
         _histogram(latency, [op], s.requests.latency[op])
     yield latency
-    errors = CounterMetricFamily("aquad_request_errors", "requests refused, by op and "
-                                 "error code", labels=["op", "code"])
-    for (op, code) in sorted(s.requests.errors):
-        errors.add_metric([op, code], s.requests.errors[op, code])
-    yield errors
+    yield by(CounterMetricFamily, "aquad_request_errors", "requests refused, by op and "
+             "error code", ["op", "code"],
+             (([op, code], n) for (op, code), n in sorted(s.requests.errors.items())))
     yield counter("aquad_connections_refused", "connections turned away (over a "
                   "connection limit, or out of descriptors)", s.refused_connections)
     yield counter("aquad_feed_missed_events", "events not sent to a subscriber that read "
                   "too slowly", s.feed_missed)
 
     if s.by_tenant is not None:
-        leases = GaugeMetricFamily("aquad_tenant_leases", "leases held, by tenant name",
-                                   labels=["tenant"])
-        nbytes = GaugeMetricFamily("aquad_tenant_leased_bytes", "bytes leased (as "
-                                   "requested), by tenant name", labels=["tenant"])
-        for name in sorted(s.by_tenant):
-            n, b = s.by_tenant[name]
-            leases.add_metric([name], n)
-            nbytes.add_metric([name], b)
-        yield leases
-        yield nbytes
+        names = sorted(s.by_tenant.items())
+        yield by(GaugeMetricFamily, "aquad_tenant_leases", "leases held, by tenant name",
+                 ["tenant"], (([name], n) for name, (n, _) in names))
+        yield by(GaugeMetricFamily, "aquad_tenant_leased_bytes", "bytes leased (as "
+                 "requested), by tenant name", ["tenant"], (([name], b) for name, (_, b) in names))
 
 
 class _Collector:
@@ -368,10 +355,8 @@ class Exporter:
             self._published.wait(TEXTFILE_S)
             if self.snapshot is not None:
                 self._published.clear()
-                try:
+                with contextlib.suppress(OSError):  # a full or read-only disk: try again next time
                     write_to_textfile(self.target.address, self.registry)
-                except OSError:
-                    pass  # a full or read-only disk: try again next time
             self._stop.wait(TEXTFILE_S)
 
     def close(self) -> None:
@@ -383,10 +368,8 @@ class Exporter:
         if self._thread is not None:
             self._thread.join(timeout=REQUEST_TIMEOUT_S + 1)
         if self.target.kind in ("unix", "file"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.target.address)
-            except FileNotFoundError:
-                pass
 
 
 def _unlink_stale_socket(path: str) -> None:

@@ -23,13 +23,9 @@ class StartupError(Exception):
     """aquad cannot start; the message tells the operator what to do."""
 
 
-def _trusted() -> frozenset[int]:
-    return frozenset({0, os.geteuid()})
-
-
 def _refuse_untrusted(socket_path: str, directory: str, *, holds_socket: bool) -> None:
     try:
-        problem = directory_problem(directory, _trusted(), holds_socket=holds_socket)
+        problem = directory_problem(directory, {0, os.geteuid()}, holds_socket=holds_socket)
     except OSError as exc:
         raise StartupError(f"cannot use {socket_path}: {exc.filename}: {exc.strerror}") from None
     if problem:
@@ -95,7 +91,8 @@ class SocketLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = self._open()
+        # The lock file, made or reused (see open_own).
+        fd = open_own(self.path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,10 +104,6 @@ class SocketLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
-
-    def _open(self) -> int:
-        """The lock file, made or reused (see open_own)."""
-        return open_own(self.path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY, 0o644)
 
     def release(self) -> None:
         # The lock file stays: unlinking it would let a newcomer lock a fresh

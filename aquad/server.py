@@ -100,39 +100,33 @@ class Server:
 
     def open(self) -> None:
         """Lock, bind and set permissions. Synchronous: fails before serving."""
-        prepare_directory(self.socket_path)  # refuses one others can write to
-        self._lock.acquire()
-        if os.path.lexists(self.socket_path):
-            os.unlink(self.socket_path)  # a dead predecessor's; we hold the lock
         gid = -1
         if self.socket_group:
             try:
                 gid = grp.getgrnam(self.socket_group).gr_gid
             except KeyError:
-                self._lock.release()
                 raise StartupError(f"no such group {self.socket_group!r}") from None
+        prepare_directory(self.socket_path)  # refuses one others can write to
+        self._lock.acquire()
+        if os.path.lexists(self.socket_path):
+            os.unlink(self.socket_path)  # a dead predecessor's; we hold the lock
         old = os.umask(0o117)  # the socket file is born 0660, no window
+        what = "bind"
         try:
             self.transport.listen(self.socket_path)
-        except OSError as exc:
-            self._lock.release()
-            raise StartupError(f"cannot bind {self.socket_path}: {exc.strerror}") from None
-        finally:
-            os.umask(old)
-        try:
             if gid != -1:
+                what = "set permissions on"
                 # By path, as bind() made it: safe in the checked directory (rundir.py).
                 os.chown(self.socket_path, -1, gid, follow_symlinks=False)
         except OSError as exc:
-            self.transport.close()
-            os.unlink(self.socket_path)
-            self._lock.release()
-            raise StartupError(f"cannot set permissions on {self.socket_path}: "
-                               f"{exc.strerror}") from None
+            self.close_socket()
+            raise StartupError(f"cannot {what} {self.socket_path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
         self._open = True
 
     def close_socket(self) -> None:
-        """Undo open() when startup fails after it."""
+        """Undo open(): at the stop, or when startup fails after it."""
         self.transport.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -163,12 +157,7 @@ class Server:
             # Best effort and never a wait: what does not fit in the peer's
             # socket buffer now is dropped with the connection.
             self.transport.send(conn, farewell)
-        self.transport.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        self._lock.release()
+        self.close_socket()
         logs.event(log, logging.INFO, "stopped", leases="released")
 
     # --- the socket task ------------------------------------------------------

@@ -24,6 +24,7 @@ What any socket user can make the daemon hold or spend is bounded here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -253,15 +254,11 @@ class Transport:
             return
         os.close(self._reserve)
         self._reserve = None
-        try:
+        with contextlib.suppress(OSError):
             sock, _ = self._listener.accept()
             sock.close()
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):  # tried again at the next shed
             self._reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass  # tried again at the next shed
 
     def _warn_rarely(self, message: str) -> None:
         """At most one warning per 10 s: an attack must not flood the log."""
@@ -422,9 +419,7 @@ class Transport:
         self.queued_bytes -= len(conn.out)
         conn.out.clear()
         conn.inbox.clear()
-        try:
+        with contextlib.suppress(OSError):
             self._ep.unregister(conn.fd)
-        except OSError:
-            pass
         conn.sock.close()
         return True

@@ -111,8 +111,7 @@ def check_socket(path: str) -> None:
         raise _not_running(path) from None
     except PermissionError:
         raise PermissionDenied(
-            f"no permission to reach {path}: ask for membership in the socket's group",
-            code="permission_denied") from None
+            f"no permission to reach {path}: ask for membership in the socket's group") from None
     if stat.S_ISLNK(st.st_mode):
         raise DaemonNotRunning(f"{path} is a symlink; point AQUA_SOCKET / --socket at the "
                                f"socket itself ({os.path.realpath(path)})")
@@ -125,8 +124,7 @@ def check_socket(path: str) -> None:
     except PermissionError:
         raise PermissionDenied(
             f"no permission to connect to {path} (mode {stat.S_IMODE(st.st_mode):o}, "
-            f"group {st.st_gid}): ask for membership in the socket's group",
-            code="permission_denied") from None
+            f"group {st.st_gid}): ask for membership in the socket's group") from None
     except ConnectionRefusedError:
         raise DaemonNotRunning(
             f"aquad is not running: {path} is a stale socket nobody listens on") from None
@@ -142,8 +140,7 @@ def _check_directory(path: str, trusted: frozenset[int]) -> None:
     except FileNotFoundError:
         raise _not_running(path) from None
     except PermissionError:
-        raise PermissionDenied(f"no permission to reach {os.path.dirname(path)}",
-                               code="permission_denied") from None
+        raise PermissionDenied(f"no permission to reach {os.path.dirname(path)}") from None
     if problem:
         raise UntrustedDaemon(
             f"refusing {path}: {problem}. The socket's directory and every one above it "
@@ -449,9 +446,10 @@ class Client:
         # Finished leases kept mapped for reuse (client/keep.py): up to
         # `keep_bytes`; 0 releases every finished lease at once.
         self._kept = KeptLeases(int(keep_bytes))
-        # GPU leases whose last alias died after release(): finalizers append
-        # (any thread, maybe inside a request), the heartbeat thread sends.
-        self._deferred: collections.deque[Lease] = collections.deque()
+        # GPU leases whose last alias died after release(), and old ids of
+        # moved ones: finalizers append (any thread, maybe inside a request),
+        # the heartbeat thread sends.
+        self._deferred: collections.deque[Lease | str] = collections.deque()
         self._stop = threading.Event()
         self._turn = TurnMachine()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
@@ -511,10 +509,9 @@ class Client:
         try:
             lease = Lease(self, reply, populate=populate, near=near)
         except BaseException:
-            try:
+            # A daemon that is gone took the lease with it; the first error matters.
+            with contextlib.suppress(DaemonUnavailable):
                 self._conn.request(p.Release(lease=reply.lease))
-            except DaemonUnavailable:
-                pass  # the daemon took the lease with it; the first error matters
             raise
         with self._leases_lock:
             self._leases[lease.id] = lease
@@ -586,13 +583,10 @@ class Client:
         except (DaemonUnavailable, NoSuchLease) as exc:
             log.debug("release of %s not confirmed: %s", lease_id, exc)
 
-    def _release_id_later(self, lease_id: str) -> None:
-        self._deferred.append(_Retired(lease_id))
-
-    def _release_later(self, lease: Lease) -> None:
-        """Queue a release for the heartbeat thread (it runs from the
-        finalizer that unmapped the lease, on whatever thread dropped the last
-        tensor: no socket work there)."""
+    def _release_later(self, lease: Lease | str) -> None:
+        """Queue a release (of a lease, or of a moved lease's old id) for the
+        heartbeat thread (it runs from the finalizer that unmapped the lease,
+        on whatever thread dropped the last tensor: no socket work there)."""
         self._deferred.append(lease)
 
     def _send_deferred(self) -> None:
@@ -602,9 +596,12 @@ class Client:
             except IndexError:
                 return  # the other thread took the last one
             try:
-                self._release(lease)
+                if isinstance(lease, str):
+                    self._release_id(lease)
+                else:
+                    self._release(lease)
             except AquaError as exc:
-                log.debug("deferred release of %s failed: %s", lease.id, exc)
+                log.debug("deferred release of %s failed: %s", lease, exc)
 
     # --- GPU time slices ------------------------------------------------------
 
@@ -690,11 +687,9 @@ class Client:
             log.warning("aquad revoked slice %s: %s", self._turn.slice, event.reason)
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):  # already woken, or closed
             if self._wake_w >= 0:
                 os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or closed
 
     def _run_notices(self) -> None:
         """Move every lease a `reclaim` notice names (on the event thread);
@@ -776,10 +771,8 @@ class Client:
             if self._stop.is_set():
                 return
             if self._wake_r in ready:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
             try:
                 if not conn.poll_events(block=conn.fd in ready or not ready):
                     time.sleep(0.001)  # a caller reads now: let it
@@ -930,16 +923,6 @@ class Client:
         return f"<aqua.Client {self.id} {self.name!r} devices={list(self.devices)}>"
 
 
-class _Retired:
-    """The old lease id of a moved lease, for a release deferred until its
-    memory is unmapped (what _send_deferred hands to _release)."""
-
-    def __init__(self, lease_id: str) -> None:
-        self.id = lease_id
-        self.lost = False
-        self.kind = ""
-
-
 class Lease:
     """Offload memory granted by aquad and mapped into this process."""
 
@@ -1061,7 +1044,7 @@ class Lease:
         if old.close():
             client._release_id(old_id)
         else:
-            old.on_closed(lambda: client._release_id_later(old_id))
+            old.on_closed(lambda: client._release_later(old_id))
 
     def _fenced(self, *, still_held: bool) -> None:
         """aquad fenced the lease: the memory is no longer ours to touch (on

@@ -408,17 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fetch(conn: Connection, args: argparse.Namespace) -> dict:
     """What the command shows, in as few and as small replies as it needs."""
+    limit = p.MAX_STATUS_LEASES if args.json else SHOWN_LEASES
     if args.command != "leases":
         # The lease table of `status` shows a screenful; the JSON is the
         # daemon's status object, first page of leases included.
         wants = args.command == "status"
-        limit = p.MAX_STATUS_LEASES if args.json else SHOWN_LEASES
         return conn.request(p.Status(leases=wants, limit=limit))
     status = conn.request(p.Status(leases=False))
     if args.all:
         status["leases"] = list(iter_leases(conn, tenant=args.tenant, device=args.device))
     else:
-        limit = p.MAX_STATUS_LEASES if args.json else SHOWN_LEASES
         page = conn.request(p.Status(tenant=args.tenant, device=args.device, limit=limit))
         status["leases"], status["next"] = page["leases"], page.get("next")
     return status

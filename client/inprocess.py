@@ -96,10 +96,8 @@ class _Frames:
         with self._ready:
             frame = self._queue.popleft()
             if not self._queue:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(self.fd, 4096)
-                except BlockingIOError:
-                    pass
             return frame
 
     def close(self) -> None:

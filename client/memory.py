@@ -8,6 +8,7 @@ this mapping.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -200,23 +201,19 @@ class ShmMapping:
             return True
         if self._unpin is not None:
             # Before munmap: the driver must not keep pages of a dead range.
-            try:
+            with contextlib.suppress(Exception):  # unpinned is merely slower
                 self._unpin()
-            except Exception:  # noqa: BLE001 - unpinned is merely slower
-                pass
             self._unpin = None
         if not self._views:
             # Nothing can read the bytes any more: free the pages here, in
             # chunks with the GIL released, so that munmap() (GIL held) has no
             # pages left to drop and the daemon's unlink none to free.
             madvise_chunked(self._address, self.nbytes, MADV_REMOVE)
-        try:
+        # Refused while tensors still alias the pages: the mapping lives until
+        # they are collected. The segment is already unlinked by the daemon,
+        # so nobody else can ever see these bytes.
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            # Tensors still alias the pages; the mapping lives until they are
-            # collected. The segment is already unlinked by the daemon, so
-            # nobody else can ever see these bytes.
-            pass
         self._mm = None
         return True
 

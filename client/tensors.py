@@ -310,22 +310,16 @@ class TensorPager:
     def page_in(self) -> None:
         if not self.paged_out:
             return
-        if self.in_place:
-            with Copies() as copy:
-                for e in self._entries:
-                    if e.nbytes:
-                        copy(_bytes_of(e.tensor), _lease_bytes(e.lease, e.nbytes, e.tensor))
-            for e in self._entries:
-                self.bytes_in += e.nbytes
-            self.paged_out = False
-            return
-        fresh = [torch.empty(e.shape, dtype=e.dtype, device=e.device) for e in self._entries]
+        # In place: back into the same memory; else into fresh storage.
+        outs = [_bytes_of(e.tensor) if self.in_place else
+                torch.empty(e.shape, dtype=e.dtype, device=e.device) for e in self._entries]
         with self._locked(), Copies() as copy:
-            for e, out in zip(self._entries, fresh):
+            for e, out in zip(self._entries, outs):
                 if e.nbytes:
                     copy(out.reshape(-1).view(torch.uint8), _lease_bytes(e.lease, e.nbytes, out))
-        for e, out in zip(self._entries, fresh):
-            e.tensor.data = out
+        for e, out in zip(self._entries, outs):
+            if not self.in_place:
+                e.tensor.data = out
             self.bytes_in += e.nbytes
         self.paged_out = False
 

@@ -99,11 +99,10 @@ class PrivateDaemon:
         mappings, so every mapped lease has pages)."""
         held = []
         for path in self._paths():
-            try:
+            # A file unlinked since the listing: the daemon is freeing it.
+            with contextlib.suppress(FileNotFoundError):
                 if os.stat(path).st_blocks > 0:
                     held.append(os.path.basename(path))
-            except FileNotFoundError:
-                pass  # unlinked since the listing: the daemon is freeing it
         return held
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:

@@ -48,14 +48,14 @@ def lender_main(job: dict[str, Any]) -> int:
 
     with aqua.connect(tenant="lender", device=LENDER_DEVICE) as client:
         lent = msgspec.to_builtins(client.lend(job["lend_bytes"]))
-        _say("LENT", {"t": time.monotonic(), **lent})
+        say("LENT", {"t": time.monotonic(), **lent})
         sys.stdin.readline()
         t0 = time.monotonic()
         # The burst needs every byte of the device: what was lent and what
         # aquad had there from the start.
         report = client.reclaim(lent["capacity_bytes"], deadline_ms=DEADLINE_MS)
         t1 = time.monotonic()
-        _say("RECLAIMED", {"t0": t0, "t1": t1, "report": msgspec.to_builtins(report)})
+        say("RECLAIMED", {"t0": t0, "t1": t1, "report": msgspec.to_builtins(report)})
     return 0
 
 
@@ -102,7 +102,7 @@ def borrower_main(job: dict[str, Any]) -> int:
 
         server = threading.Thread(target=serve, name="serve")
         server.start()
-        _say("HOLDING", {"devices": sorted(where.values()),
+        say("HOLDING", {"devices": sorted(where.values()),
                          "nbytes": sum(s.nbytes for s in saved)})
         sys.stdin.readline()
         stop.set()
@@ -110,16 +110,20 @@ def borrower_main(job: dict[str, Any]) -> int:
         # The last word: every tensor restored (leases freed) and compared.
         final = all(torch.equal(s.restore(), r) for s, r in zip(saved, reference))
         checks.append((time.monotonic(), final))
-        _say("RESULT", {"tenant": name, "moves": moves, "checks": checks,
+        say("RESULT", {"tenant": name, "moves": moves, "checks": checks,
                         "fenced": client.fenced, "evictions": client.evictions})
     return 0 if all(ok for _, ok in checks) else 1
 
 
-def _say(tag: str, data: dict[str, Any]) -> None:
+# The demo's tenant processes speak to it in lines `TAG {json}` on stdout
+# (their other lines are echoed) and hear single words on stdin.
+
+
+def say(tag: str, data: dict[str, Any]) -> None:
     print(tag, json.dumps(data), flush=True)
 
 
-def _read(proc: subprocess.Popen, tag: str) -> dict[str, Any]:
+def expect(proc: subprocess.Popen, tag: str) -> dict[str, Any]:
     """The next `tag` line of a tenant; its other lines are echoed."""
     for line in proc.stdout:
         head, _, rest = line.partition(" ")
@@ -134,7 +138,7 @@ def _spawn(role: str, job: dict[str, Any], env: dict[str, str]) -> subprocess.Po
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def _tell(proc: subprocess.Popen, word: str) -> None:
+def tell(proc: subprocess.Popen, word: str) -> None:
     proc.stdin.write(word + "\n")
     proc.stdin.flush()
 
@@ -160,7 +164,7 @@ def run_elastic(leases: int, lease_mib: int, plot: str, *, corrupt: bool = False
                 raise SystemExit(f"aqua-demo: {exc}") from None
             lender = _spawn("lender", {"lend_bytes": lend_bytes}, env)
             procs.append(lender)
-            lent = _read(lender, "LENT")
+            lent = expect(lender, "LENT")
             print(f"   [lender] computes on device {LENDER_DEVICE} and lends "
                   f"{human_bytes(lent['lent_bytes'])} of it: capacity "
                   f"{human_bytes(lent['capacity_bytes'])}", flush=True)
@@ -170,18 +174,18 @@ def run_elastic(leases: int, lease_mib: int, plot: str, *, corrupt: bool = False
                          for i, n in enumerate(BORROWERS)]
             procs += borrowers
             for name, proc in zip(BORROWERS, borrowers):
-                held = _read(proc, "HOLDING")
+                held = expect(proc, "HOLDING")
                 print(f"   [{name}] computes on device {BORROWER_DEVICE}; offloaded "
                       f"{human_bytes(held['nbytes'])} into leases on device(s) "
                       f"{sorted(set(held['devices']))}; serving from them", flush=True)
             print(f"   [lender] a burst: reclaims all of device {LENDER_DEVICE} "
                   f"(deadline {DEADLINE_MS} ms)", flush=True)
-            _tell(lender, "burst")
-            burst = _read(lender, "RECLAIMED")
+            tell(lender, "burst")
+            burst = expect(lender, "RECLAIMED")
             results = []
             for proc in borrowers:
-                _tell(proc, "stop")
-                results.append(_read(proc, "RESULT"))
+                tell(proc, "stop")
+                results.append(expect(proc, "RESULT"))
             codes = [proc.wait(timeout=60) for proc in procs]
         finally:
             for proc in procs:

@@ -32,6 +32,7 @@ from aqua.ctl import human_bytes
 from aqua.errors import DaemonNotRunning
 from aqua.testing import PrivateDaemon
 
+from .elastic import expect, run_elastic, say, tell
 from .scrape import figures, free_port, scrape
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
@@ -57,7 +58,7 @@ def tenant_main(name: str, device: int, layers: int, layer_mib: int) -> int:
         print(f"[{name}] offloaded {human_bytes(total)} into {len(saved)} leases on "
               f"device(s) {devices} in {t_off * 1e3:.0f} ms "
               f"({total / t_off / 1e9:.1f} GB/s)", flush=True)
-        print("HOLDING", flush=True)
+        say("HOLDING", {})
         sys.stdin.readline()
         t0 = time.perf_counter()
         restored = [s.restore() for s in saved]
@@ -73,14 +74,6 @@ def _aquactl(socket: str) -> str:
     out = subprocess.run([sys.executable, "-m", "aqua.ctl", "--socket", socket, "status"],
                          capture_output=True, text=True, timeout=30)
     return out.stdout if out.returncode == 0 else out.stderr
-
-
-def _expect(proc: subprocess.Popen, token: str) -> None:
-    for line in proc.stdout:
-        if line.strip() == token:
-            return
-        print("   " + line.rstrip(), flush=True)
-    raise SystemExit(f"aqua-demo: a tenant exited early (code {proc.wait()})")
 
 
 def run_demo(layers: int, layer_mib: int, devices: str) -> int:
@@ -106,15 +99,14 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
                      "--layer-mib", str(layer_mib), "--socket", socket],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
             for proc in tenants:
-                _expect(proc, "HOLDING")
+                expect(proc, "HOLDING")
             print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
             print(_aquactl(socket), flush=True)
             print(f"== the same, from aquad's metrics ({url})\n", flush=True)
             print(figures(scrape(url, since=time.time())) + "\n", flush=True)
             print("== tenants restore and verify", flush=True)
             for proc in tenants:
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
+                tell(proc, "go")
             failures = 0
             for proc in tenants:
                 out, _ = proc.communicate(timeout=120)
@@ -193,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "leases"):
         code = run_demo(args.layers, args.layer_mib, args.host_devices)
     if code == 0 and args.part in ("all", "elastic"):
-        from aqua_demo.elastic import run_elastic  # noqa: PLC0415
-
         code = run_elastic(args.elastic_leases, args.elastic_lease_mib, args.elastic_plot,
                            corrupt=args.elastic_corrupt)
     if code == 0 and args.part in ("all", "burst"):

@@ -33,6 +33,11 @@ from .scheduler import Action, Grant, Preempt, Scheduler
 from .stats import Stats
 from .tenants import Peer, Tenant, TenantRegistry
 
+# Ops that may change what the scheduler (or a reclaim) owes anyone: after
+# their reply the shell sends events and re-arms its timer.
+_RESCHEDULES = frozenset({m.Bye, m.Turn, m.TurnDone, m.TurnYield, m.Reclaim, m.Drain,
+                          m.Undrain, m.Lend, m.Unlend})
+
 
 class LeaseIds:
     """Unguessable lease ids: 144 random bits each. Ids are not secret (status
@@ -125,28 +130,10 @@ class Arbiter:
         self.operators = frozenset({0, os.geteuid()})
         self.elastic = Elastic(self)
         self.reclaims_done: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)
-        # Per op: its handler, and whether it may change what the scheduler
-        # (or a reclaim) owes anyone: then the shell sends events and re-arms
-        # its timer after the reply.
-        self._handlers: dict[type, tuple[Callable[[Caller, Any], dict[str, Any]], bool]] = {
-            m.Hello: (self._hello, False),
-            m.Heartbeat: (self._heartbeat, False),
-            m.Bye: (self._bye, True),
-            m.Lease: (self._lease, False),
-            m.Release: (self._release, False),
-            m.LeaseInfo: (self._lease_info, False),
-            m.Status: (self._status, False),
-            m.Adopt: (self._adopt, False),
-            m.Turn: (self._turn, True),
-            m.TurnDone: (self._turn_done, True),
-            m.TurnYield: (self._turn_yield, True),
-            m.Reclaim: (self._reclaim, True),
-            m.Drain: (self._drain, True),
-            m.Undrain: (self._undrain, True),
-            m.Lend: (self._lend, True),
-            m.Unlend: (self._unlend, True),
-            m.Move: (self._move, False),
-        }
+        # Per op, its handler (named after the op): the arbiter's every op
+        # but the shell's own (`subscribe`).
+        self._handlers: dict[type, Callable[[Caller, Any], dict[str, Any]]] = {
+            cls: getattr(self, f"_{cls.op}") for cls in m.OPS.values() if not cls.shell}
 
     # --- entry points from the shell ---------------------------------------
 
@@ -168,8 +155,7 @@ class Arbiter:
             elif request.args.needs_tenant:
                 raise ProtocolError(ErrorCode.NOT_REGISTERED,
                                     f"send hello before {request.op!r}")
-            handler, reschedules = self._handlers[type(request.args)]
-            result = handler(Caller(conn, peer, tenant), request.args)
+            result = self._handlers[type(request.args)](Caller(conn, peer, tenant), request.args)
         except ProtocolError as exc:
             exc.request_id = request.id
             raise
@@ -177,7 +163,7 @@ class Arbiter:
         return Outcome(result,
                        registered=after if tenant is None and after is not None else None,
                        gone=tenant if tenant is not None and after is None else None,
-                       reschedule=reschedules or bool(self._events))
+                       reschedule=type(request.args) in _RESCHEDULES or bool(self._events))
 
     def drop_tenant(self, tenant_id: str, *, may_live: bool = False) -> Tenant | None:
         """Forget a tenant (it left, died or went silent) and free its leases.
@@ -209,13 +195,10 @@ class Arbiter:
 
     def next_deadline(self) -> float | None:
         """Clock time at which tick() has work, or None."""
-        ours = self.scheduler.next_deadline()
-        if not self.elastic.active:
-            return ours
-        theirs = self.elastic.next_deadline()
-        if ours is None or theirs is None:
-            return theirs if ours is None else ours
-        return min(ours, theirs)
+        due = [self.scheduler.next_deadline()]
+        if self.elastic.active:
+            due.append(self.elastic.next_deadline())
+        return min((t for t in due if t is not None), default=None)
 
     def clock(self) -> float:
         return self._clock()
@@ -353,7 +336,7 @@ class Arbiter:
         device = self._placed(tenant, args.nbytes, near)
         self._check_quota(tenant.peer, leases=1,
                           nbytes=self.pools[device].round_up(args.nbytes))
-        return self._lease_reply(self._grant(tenant, device, args.nbytes, near))
+        return self.lease_reply(self._grant(tenant, device, args.nbytes, near))
 
     def grant(self, tenant: Tenant, nbytes: int, near: int) -> LeaseRecord:
         """A lease placed as `lease` places it, without its quota and count
@@ -427,7 +410,7 @@ class Arbiter:
         self.stats.adoptions += 1
         self.leases.add(lease)
         tenant.leases.add(lease.id)
-        return self._lease_reply(lease)
+        return self.lease_reply(lease)
 
     def _journal_grant(self, lease: LeaseRecord, tenant: Tenant) -> None:
         peer = tenant.peer
@@ -443,7 +426,7 @@ class Arbiter:
 
     def _lease_info(self, caller: Caller, args: m.LeaseInfo) -> dict[str, Any]:
         tenant = caller.registered
-        return self._lease_reply(self._owned(args.lease, tenant))
+        return self.lease_reply(self._owned(args.lease, tenant))
 
     def _status(self, caller: Caller, args: m.Status) -> dict[str, Any]:
         if not args.leases:
@@ -548,48 +531,39 @@ class Arbiter:
         return {"state": "queued", "devices": list(runner.devices)}
 
     def _emit(self, actions: list[Action], replying_to: str | None = None) -> None:
-        """Events for tenants, counted; `replying_to` learns of its own grant
-        from the reply, not an event."""
+        """Events for tenants, counted and noted for operators; `replying_to`
+        learns of its own grant from the reply, not an event."""
+        stats = self.stats
         for action in actions:
             tenant = self.tenants.get(action.tenant)
             if tenant is None:
                 continue
-            self._count(action, tenant)
+            note = {"tenant": tenant.id, "name": tenant.name, "slice": action.slice}
+            event: tuple[str, dict[str, Any]]
+            if isinstance(action, Grant):
+                stats.slice_grants += 1
+                waited = self.scheduler.runners[action.tenant].waits[-1]
+                stats.slice_waits.observe(waited)
+                kind = "slice_granted"
+                note |= {"devices": list(action.devices), "waited_s": round(waited, 6)}
+                event = "grant", {"slice": action.slice, "devices": list(action.devices),
+                                  "quantum_s": action.quantum}
+            elif isinstance(action, Preempt):
+                stats.preemptions += 1
+                kind = "slice_preempted"
+                event = "preempt", {"slice": action.slice, "grace_s": action.grace}
+            else:
+                stats.revocations += 1
+                kind = "slice_revoked"
+                note["reason"] = action.reason
+                event = "revoked", {"slice": action.slice, "reason": action.reason}
+            if self.notes is not None:
+                self.notes.append((kind, note))
             if isinstance(action, Grant):
                 if action.tenant == replying_to:
                     continue
-                self.stats.handovers += 1
-                data = {"slice": action.slice, "devices": list(action.devices),
-                        "quantum_s": action.quantum}
-                self._events.append((tenant.conn, "grant", data))
-            elif isinstance(action, Preempt):
-                self._events.append((tenant.conn, "preempt",
-                                     {"slice": action.slice, "grace_s": action.grace}))
-            else:
-                self._events.append((tenant.conn, "revoked",
-                                     {"slice": action.slice, "reason": action.reason}))
-
-    def _count(self, action: Action, tenant: Tenant) -> None:
-        stats, notes = self.stats, self.notes
-        if isinstance(action, Grant):
-            stats.slice_grants += 1
-            waited = self.scheduler.runners[action.tenant].waits[-1]
-            stats.slice_waits.observe(waited)
-            if notes is not None:
-                notes.append(("slice_granted", {
-                    "tenant": tenant.id, "name": tenant.name, "slice": action.slice,
-                    "devices": list(action.devices), "waited_s": round(waited, 6)}))
-        elif isinstance(action, Preempt):
-            stats.preemptions += 1
-            if notes is not None:
-                notes.append(("slice_preempted", {"tenant": tenant.id, "name": tenant.name,
-                                                  "slice": action.slice}))
-        else:
-            stats.revocations += 1
-            if notes is not None:
-                notes.append(("slice_revoked", {"tenant": tenant.id, "name": tenant.name,
-                                                "slice": action.slice,
-                                                "reason": action.reason}))
+                stats.handovers += 1
+            self._events.append((tenant.conn, *event))
 
     # --- helpers -------------------------------------------------------------
 
@@ -631,11 +605,8 @@ class Arbiter:
         if self.elastic.active:
             self.elastic.freed(lease)
 
-    def lease_reply(self, lease: LeaseRecord) -> dict[str, Any]:
-        return self._lease_reply(lease)
-
     @staticmethod
-    def _lease_reply(lease: LeaseRecord) -> dict[str, Any]:
+    def lease_reply(lease: LeaseRecord) -> dict[str, Any]:
         reply = {"lease": lease.id, "device": lease.device, "nbytes": lease.nbytes,
                  "tier": lease.tier.label, "handle": lease.segment.handle}
         if lease.capability:

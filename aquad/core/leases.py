@@ -164,15 +164,9 @@ class LeaseTable:
 
     def on_device(self, device: int) -> list[LeaseRecord]:
         """Every live lease on `device`, oldest first (a reclaim's candidates)."""
-        order = self._by_device.get(device)
-        if order is None:
-            return []
-        out = []
-        for seq, lease_id in order.scan(0):
-            lease = self._leases.get(lease_id)
-            if lease is not None and lease.seq == seq:
-                out.append(lease)
-        return out
+        order = self._by_device.get(device, GrantOrder())
+        return [lease for seq, lease_id in order.scan(0)
+                if (lease := self._leases.get(lease_id)) is not None and lease.seq == seq]
 
     def compact(self) -> None:
         """Drop freed entries from the indexes once they are half dead: off

@@ -27,6 +27,7 @@ touches (pools, lease table, tenants, backend, events).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,12 +125,8 @@ class Elastic:
         self.active[device] = r
         arb.stats.reclaims += 1
         arb.stats.reclaimed_bytes += r.taken
-        for tenant_id, ids in by_tenant.items():
-            tenant = arb.tenants.get(tenant_id)
-            if tenant is not None:
-                arb.emit_event(tenant.conn, "reclaim", {
-                    "reclaim": r.id, "device": device, "deadline_s": deadline_s,
-                    "leases": ids})
+        self._tell(by_tenant, "reclaim", lambda ids: {
+            "reclaim": r.id, "device": device, "deadline_s": deadline_s, "leases": ids})
         reply = {"reclaim": r.id, "device": device, "requested_bytes": nbytes,
                  "taken_bytes": r.taken, "capacity_bytes": pool.capacity,
                  "over_bytes": pool.over, "deadline_s": deadline_s,
@@ -204,15 +201,14 @@ class Elastic:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"move: lease {lease.id} is not being reclaimed")
         done = r.replacements.get(lease.id)
-        replacement = None if done is None else arb.leases.owned(done["lease"], tenant.id)
-        if replacement is not None:
-            return arb.lease_reply(replacement) | {"replaces": lease.id}
-        near = lease.near if lease.near >= 0 else tenant.devices[0]
-        # Not checked against the tenant's quotas or lease limit: it holds
-        # both for one copy, and the old one goes by the deadline either way.
-        new = arb.grant(tenant, lease.nbytes, near)
-        r.replacements[lease.id] = {"lease": new.id, "device": new.device,
-                                    "tier": new.tier.label}
+        new = None if done is None else arb.leases.owned(done["lease"], tenant.id)
+        if new is None:
+            near = lease.near if lease.near >= 0 else tenant.devices[0]
+            # Not checked against the tenant's quotas or lease limit: it holds
+            # both for one copy, and the old one goes by the deadline either way.
+            new = arb.grant(tenant, lease.nbytes, near)
+            r.replacements[lease.id] = {"lease": new.id, "device": new.device,
+                                        "tier": new.tier.label}
         return arb.lease_reply(new) | {"replaces": lease.id}
 
     # --- what the arbiter reports -----------------------------------------
@@ -266,14 +262,19 @@ class Elastic:
             by_tenant.setdefault(tenant_id, []).append(lease_id)
             if not revoked:
                 held.add(lease_id)
-        for tenant_id, ids in by_tenant.items():
-            tenant = arb.tenants.get(tenant_id)
-            if tenant is not None:
-                arb.emit_event(tenant.conn, "fenced", {
-                    "reclaim": r.id, "device": r.device, "leases": ids,
-                    "held": [i for i in ids if i in held]})
+        self._tell(by_tenant, "fenced", lambda ids: {
+            "reclaim": r.id, "device": r.device, "leases": ids,
+            "held": [i for i in ids if i in held]})
         if self.active.get(r.device) is r:
             self._finish(r, "fenced" if r.counts["fenced"] else "done")
+
+    def _tell(self, by_tenant: dict[str, list[str]], event: str,
+              data: Callable[[list[str]], dict[str, Any]]) -> None:
+        """Each tenant (still here) the `event` about its leases `by_tenant`."""
+        for tenant_id, ids in by_tenant.items():
+            tenant = self._arb.tenants.get(tenant_id)
+            if tenant is not None:
+                self._arb.emit_event(tenant.conn, event, data(ids))
 
     def _finish(self, r: Reclaim, state: str, *, tell: bool = True) -> dict[str, Any]:
         arb = self._arb
