@@ -253,11 +253,25 @@ class FairScheduler(Scheduler):
         self.running.sort(key=self._key)  # stock preempts running[-1] for room
         for request in self.waiting:
             self.queued_at.setdefault(request.request_id, self.current_step)
+        ordered = self._sort_waiting()
+        if self._preempt_for(ordered):
+            # _preempt_request puts a victim at the head of `waiting`: left
+            # there, stock would resume it at once, ahead of the request it
+            # made room for.
+            self._sort_waiting()
+
+    def _sort_waiting(self) -> list[Request]:
         ordered = sorted(self.waiting, key=self._key)
         self.waiting.clear()
         self.waiting.extend(ordered)
+        return ordered
+
+    def _preempt_for(self, ordered: list[Request]) -> bool:
+        """Preempt for the waiting requests, least key first, that would not
+        fit; True if any request was preempted."""
+        preempted = False
         if self.kv_holding_waiting:
-            return  # stock admits those first; leave their step alone
+            return preempted  # stock admits those first; leave their step alone
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         # Decode growth of the running batch comes out of the same pool.
         free -= sum(1 for r in self.running if r.num_tokens % self.block_size == 0)
@@ -269,22 +283,24 @@ class FairScheduler(Scheduler):
                 continue
             need = self._blocks_needed(waiting)
             if need > self.kv_cache_manager.block_pool.num_gpu_blocks - 1:
-                return
+                return preempted
             if (need > free or slots <= 0) and (need <= free + soon_blocks
                                                  and slots + soon_slots > 0):
                 self.deferred_preemptions += 1
-                return  # room comes within a slice: wait for it, as stock would
+                return preempted  # room comes within a slice: wait for it, as stock would
             while need > free or slots <= 0:
                 victim = self._victim_for(waiting)
                 if victim is None:
-                    return  # waiting requests behind this one have no less service
+                    return preempted  # waiting requests behind this one have no less service
                 self.running.remove(victim)
                 self._preempt_request(victim, now, drop_stale_output=self.requires_kv_delivery)
                 self.fair_preemptions += 1
+                preempted = True
                 free = self.kv_cache_manager.block_pool.get_num_free_blocks()
                 slots += 1
             free -= need
             slots -= 1
+        return preempted
 
     # --- vLLM hooks ---------------------------------------------------------
 
