@@ -75,7 +75,8 @@ class StepLog:
             if hasattr(scheduler, "slice_steps"):
                 slices = {i: scheduler.slice_steps(scheduler.requests[i]) for i in new + resumed}
             self.rows.append({
-                "t": time.perf_counter(), "cpu": time.process_time(), "ran": sorted(out.num_scheduled_tokens),
+                "t": time.perf_counter(), "cpu": time.process_time(),
+                "ran": sorted(out.num_scheduled_tokens),
                 "tokens": out.total_num_scheduled_tokens, "new": new, "resumed": resumed,
                 "preempted": sorted(out.preempted_req_ids or ()), "slices": slices,
                 "fair_preempted": getattr(scheduler, "fair_preemptions", 0) - fair_before,
