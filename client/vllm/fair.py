@@ -10,9 +10,10 @@ request preempted for room is recomputed. FairScheduler time-shares the
 engine instead:
 
 - Requests are served least attained service first: the fewest output
-  tokens served (a new prompt has none, so it is admitted at once); a
-  request queued for more than `max_wait_steps` steps goes first (within
-  its tenant), so a preempted request is not kept out by newcomers.
+  tokens served (a new prompt has none, so it is admitted at once). A
+  request never admitted goes before the admitted ones of its tenant, and
+  then a request queued for more than `max_wait_steps` steps, so a
+  preempted request is not kept out by newcomers for long.
 - A running request keeps its place for a slice of `slice_steps` engine
   steps after it was (re)admitted, and then until its KV is at most a
   quarter block past a block boundary (only full blocks are offloaded).
@@ -23,7 +24,9 @@ engine instead:
   [min_slice_steps, max_slice_steps].
 - When a waiting request with less service needs room (a KV block count or
   a running slot), the most-served running requests whose slice is over are
-  preempted. Their full KV blocks were already stored by the offload
+  preempted, unless running requests that reach max_tokens within
+  min_slice_steps steps free that room (the newcomer waits for them, as
+  with stock vLLM). Their full KV blocks were already stored by the offload
   connector (aqua leases with `AquaOffloadingSpec`), so they resume by a
   reload; only the partly filled last block is computed again.
 - Optional tenant fairness (`tenants`: true): a request's tenant is
@@ -32,7 +35,8 @@ engine instead:
   tenant has a virtual token counter (VTC: input tokens x `input_weight` +
   output tokens x `output_weight`), lifted to the least active tenant's
   counter when the tenant comes back from idle, and tenants with the lower
-  counter go first, for admission and against preemption. While two tenants
+  counter go first, for admission and against preemption (a tenant's
+  newcomers with one prompt of credit). While two tenants
   both have requests waiting, their counters stay within
   `service_gap_bound()` of each other.
 
