@@ -5,7 +5,7 @@ and bench/vllm_fair.py, one process per engine.
 
     python tests/vllm_fair_driver.py SPEC_JSON
 
-SPEC: {"variant": "stock"|"fair"|"stock-cpu-offload", "model", "socket",
+SPEC: {"variant": "stock"|"fair"|"stock-aqua"|"stock-cpu-offload", "model", "socket",
 "blocks", "max_seqs", "max_len", "requests": [{"prompt": [ids], "max_tokens",
 "tenant", "at_s" | "at_step"}], "fair": {...aqua_fair settings}, "repeats",
 "lease_bytes", "warmup", "more": [[further requests]], "step_log": bool,
@@ -40,6 +40,10 @@ def make_engine(spec: dict):
             spec["socket"], spec.get("lease_bytes", "256MiB"), aqua_lease_chunk_bytes="16MiB")
         extra["scheduler_cls"] = "aqua.vllm.FairScheduler"
         extra["additional_config"] = {"aqua_fair": spec.get("fair", {})}
+    elif variant == "stock-aqua":
+        # stock scheduler over the aqua tier: the connector's cost apart from the policy's
+        extra["kv_transfer_config"] = aqua_offload(
+            spec["socket"], spec.get("lease_bytes", "256MiB"), aqua_lease_chunk_bytes="16MiB")
     elif variant == "stock-cpu-offload":
         # vLLM's own CPU offloading, the same budget as the aqua tier
         extra["kv_transfer_config"] = {
