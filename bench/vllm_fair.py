@@ -81,6 +81,8 @@ def run_variant(spec: dict) -> dict:
 def figures(rep: dict, requests: list[dict]) -> dict:
     rows = rep["requests"]
     ttft = sorted(r["times"][0] - r["arrived_s"] for r in rows)
+    # the same in engine steps: independent of machine load
+    ttft_steps = sorted(r["steps"][0] - r["arrived_step"] for r in rows)
     tbt = sorted(b - a for r in rows for a, b in zip(r["times"], r["times"][1:]))
     generated = sum(len(r["tokens"]) for r in rows)
     # normalised service of a request: output tokens per second in the system
@@ -91,12 +93,15 @@ def figures(rep: dict, requests: list[dict]) -> dict:
     needed = sum(len(q["prompt"]) + q["max_tokens"] - 1 for q in requests)
     return {
         "ttft_p50_s": percentile(ttft, 0.50), "ttft_p99_s": percentile(ttft, 0.99),
+        "ttft_p50_steps": percentile(ttft_steps, 0.50),
+        "ttft_p99_steps": percentile(ttft_steps, 0.99),
         "tbt_p99_s": percentile(tbt, 0.99), "throughput_tok_s": generated / rep["wall_s"],
         "jain_requests": jain(rates),
         "jain_tenants": jain([statistics.fmean(v) for v in by_tenant.values()]),
         "computed": rep["computed"], "recomputed": rep["computed"] - needed,
         "reloaded_tokens": rep["loaded_bytes"] / TOKEN_BYTES,
         "preemptions": rep["preemptions"], "wall_s": rep["wall_s"], "steps": rep["steps"],
+        "ms_per_step": 1000 * rep["wall_s"] / rep["steps"],
     }
 
 
@@ -149,6 +154,10 @@ def run(args: argparse.Namespace) -> dict:
         "tbt_p99_fair_over_stock": fair["tbt_p99_s"]["median"] / stock["tbt_p99_s"]["median"],
         "throughput_fair_over_stock": (fair["throughput_tok_s"]["median"]
                                        / stock["throughput_tok_s"]["median"]),
+        "ttft_p99_steps_stock_over_fair": (stock["ttft_p99_steps"]["median"]
+                                           / max(1.0, fair["ttft_p99_steps"]["median"])),
+        "ms_per_step_fair_over_stock": (fair["ms_per_step"]["median"]
+                                        / stock["ms_per_step"]["median"]),
     }
     return doc
 
@@ -162,7 +171,9 @@ def report(doc: dict) -> None:
             ("tbt_p99_s", "TBT p99", 3), ("throughput_tok_s", "tok/s", 1),
             ("jain_requests", "Jain req", 3), ("jain_tenants", "Jain ten", 3),
             ("recomputed", "recomp", 0), ("reloaded_tokens", "reloaded", 0),
-            ("preemptions", "preempt", 0), ("steps", "steps", 0)]
+            ("preemptions", "preempt", 0), ("steps", "steps", 0),
+            ("ttft_p50_steps", "TTFT p50 st", 0), ("ttft_p99_steps", "TTFT p99 st", 0),
+            ("ms_per_step", "ms/step", 1)]
     print(f"{'variant':18}" + "".join(f"{name:>22}" for _, name, _ in cols))
     for v, figs in doc["runs"].items():
         cells = [f"{figs[k]['median']:.{d}f} [{figs[k]['min']:.{d}f}-{figs[k]['max']:.{d}f}]"

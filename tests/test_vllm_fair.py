@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "tests", "vllm_fair_driver.py")
 LONG, LONG_OUT, LATE_AT = 8, 96, 20  # long requests, their output, the late one's step
 FAIR = {"min_slice_steps": 8, "max_slice_steps": 16}
+QUIET_AT = 36  # the quiet schedule's newcomer arrives 4 tokens before the others finish
 
 
 def burst() -> list[dict]:
@@ -44,6 +45,17 @@ def tenants() -> list[dict]:
              "tenant": "a" if i % 4 else "b", "at_step": 0} for i in range(32)]
 
 
+def quiet() -> list[dict]:
+    """An engine that keeps up: three requests fill the KV cache, and a
+    newcomer that does not fit arrives when they are 5 steps from done."""
+    rng = random.Random(5)
+    running = [{"prompt": [rng.randrange(3, 1024) for _ in range(32)], "max_tokens": 40,
+                "at_step": 0} for _ in range(3)]
+    newcomer = {"prompt": [rng.randrange(3, 1024) for _ in range(96)], "max_tokens": 8,
+                "at_step": QUIET_AT}
+    return [*running, newcomer]
+
+
 def drive(spec: dict) -> dict:
     out = subprocess.run([sys.executable, DRIVER, json.dumps(spec)], capture_output=True,
                          text=True, cwd=REPO, timeout=600,
@@ -62,15 +74,18 @@ def spec(variant: str, model: str, socket: str, requests: list[dict], **extra) -
 
 @pytest.fixture(scope="module")
 def stock(model: str) -> dict:
-    return drive(spec("stock", model, "/nonexistent/aquad.sock", burst()))["reps"][0]
+    """The burst, then the quiet schedule."""
+    doc = drive(spec("stock", model, "/nonexistent/aquad.sock", burst(), more=[quiet()]))
+    return {**doc["reps"][0], "quiet": doc["more"][0]}
 
 
 @pytest.fixture(scope="module")
 def fair(model: str, module_daemon: Daemon) -> dict:
-    """The burst, then the tenant schedule, with tenant fairness on."""
-    doc = drive(spec("fair", model, module_daemon.socket, burst(),
-                     fair={**FAIR, "tenants": True}, more=[tenants()]))
-    return {"burst": doc["reps"][0], "tenants": doc["more"][0]}
+    """The burst, the tenant schedule and the quiet one, with tenant
+    fairness on and the step log."""
+    doc = drive(spec("fair", model, module_daemon.socket, burst(), step_log=True,
+                     fair={**FAIR, "tenants": True}, more=[tenants(), quiet()]))
+    return {"burst": doc["reps"][0], "tenants": doc["more"][0], "quiet": doc["more"][1]}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +117,39 @@ def test_late_prompt_gets_its_first_token_before_the_long_ones_finish(stock: dic
     assert stock_first > stock_done, "stock vLLM served the newcomer early (test too easy)"
 
 
+def test_newcomers_go_before_preempted_requests_of_their_tenant(fair: dict) -> None:
+    """A request never admitted yet is admitted before a preempted one of
+    its tenant is resumed, so its first token does not wait for them."""
+    run = fair["tenants"]
+    first = {str(i): r["steps"][0] for i, r in enumerate(run["requests"])}
+    tenant = {str(i): r["tenant"] for i, r in enumerate(run["requests"])}
+    resumed_at = []
+    for step, row in enumerate(run["step_log"], 1):
+        for req_id in row["resumed"]:
+            i = req_id.split("-")[0]
+            waiting_newcomers = [j for j in first if tenant[j] == tenant[i] and first[j] > step]
+            assert not waiting_newcomers, (f"step {step}: {i} resumed while newcomers "
+                                           f"{waiting_newcomers} of its tenant waited")
+            resumed_at.append(step)
+    assert resumed_at, "nothing was preempted and resumed: the schedule tests nothing"
+    assert max(first.values()) < max(resumed_at)
+
+
+def test_no_preemption_when_room_frees_within_a_slice(stock: dict, fair: dict) -> None:
+    """On an engine that keeps up, a newcomer waits the few steps until a
+    running request finishes, as with stock vLLM, instead of paging one out."""
+    mine, theirs = fair["quiet"], stock["quiet"]
+    assert theirs["preemptions"] == 0
+    assert mine["preemptions"] == 0 and mine["fair_preemptions"] == 0
+    assert mine["deferred_preemptions"] > 0  # the newcomer did not fit at once
+    *_, newcomer = mine["requests"]
+    assert newcomer["arrived_step"] == QUIET_AT
+    assert newcomer["steps"][0] - QUIET_AT <= FAIR["min_slice_steps"] + 1
+    assert newcomer["steps"][0] == theirs["requests"][-1]["steps"][0]
+    for a, b in zip(mine["requests"], theirs["requests"], strict=True):
+        assert a["tokens"] == b["tokens"]
+
+
 def test_preempted_requests_reload_from_the_tier(stock: dict, fair: dict) -> None:
     run = fair["burst"]
     assert run["fair_preemptions"] > 0
@@ -112,7 +160,7 @@ def test_preempted_requests_reload_from_the_tier(stock: dict, fair: dict) -> Non
 
 
 def test_no_blocks_leak_and_nothing_starves(stock: dict, fair: dict) -> None:
-    for run in (stock, fair["burst"], fair["tenants"]):
+    for run in (stock, stock["quiet"], fair["burst"], fair["tenants"], fair["quiet"]):
         assert run["kv_usage_after"] == 0.0
         assert run["unfinished_after"] == 0
         for r in run["requests"]:

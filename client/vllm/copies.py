@@ -69,7 +69,12 @@ class AquaOffloadingWorker(OffloadingWorker):
                 raise ValueError("aqua's KV offload tier needs one contiguous page per KV "
                                  "block and tensor (packed layouts are not supported)")
             self.kv.append(tensor.view(torch.int8))
-        self.pages = [t.shape[1] for t in self.kv]
+        self.pages = [t.shape[1] for t in self.kv]  # bytes per KV block, per tensor
+        # CPU copies move whole words: torch's index_copy_ on int8 moves a
+        # byte per element, about 100x slower than on int64 for the same
+        # bytes (bench/README.md, vllm_fair.py section).
+        self.word = _widest_word(self.pages, [t.data_ptr() for t in self.kv])
+        self.kv = [t.view(self.word) for t in self.kv]
         if blocks_per_chunk * sum(self.pages) != chunk_bytes:
             raise ValueError(f"KV pages add up to {blocks_per_chunk * sum(self.pages)} bytes per "
                              f"offload chunk, the scheduler sized chunks at {chunk_bytes}")
@@ -103,7 +108,7 @@ class AquaOffloadingWorker(OffloadingWorker):
             views, offset = [], 0
             for page in self.pages:
                 rows = chunks * self.blocks_per_chunk
-                views.append(whole[offset:offset + rows * page].view(rows, page))
+                views.append(whole[offset:offset + rows * page].view(rows, page).view(self.word))
                 offset += rows * page
             self._views[index] = views
 
@@ -199,6 +204,16 @@ class AquaOffloadingWorker(OffloadingWorker):
         for mapping in self._mappings:
             mapping.close()
         self._mappings.clear()
+
+
+def _widest_word(pages: list[int], addresses: list[int]) -> torch.dtype:
+    """The widest integer type that tiles every KV page and starts at
+    every tensor's address (lease regions start at multiples of pages)."""
+    for word in (torch.int64, torch.int32, torch.int16):
+        size = word.itemsize
+        if all(p % size == 0 for p in pages) and all(a % size == 0 for a in addresses):
+            return word
+    return torch.int8
 
 
 class _CudaJobs:

@@ -10,9 +10,10 @@ request preempted for room is recomputed. FairScheduler time-shares the
 engine instead:
 
 - Requests are served least attained service first: the fewest output
-  tokens served (a new prompt has none, so it is admitted at once); a
-  request queued for more than `max_wait_steps` steps goes first (within
-  its tenant), so a preempted request is not kept out by newcomers.
+  tokens served (a new prompt has none, so it is admitted at once). A
+  request never admitted goes before the admitted ones of its tenant, and
+  then a request queued for more than `max_wait_steps` steps, so a
+  preempted request is not kept out by newcomers for long.
 - A running request keeps its place for a slice of `slice_steps` engine
   steps after it was (re)admitted, and then until its KV is at most a
   quarter block past a block boundary (only full blocks are offloaded).
@@ -23,7 +24,9 @@ engine instead:
   [min_slice_steps, max_slice_steps].
 - When a waiting request with less service needs room (a KV block count or
   a running slot), the most-served running requests whose slice is over are
-  preempted. Their full KV blocks were already stored by the offload
+  preempted, unless running requests that reach max_tokens within
+  min_slice_steps steps free that room (the newcomer waits for them, as
+  with stock vLLM). Their full KV blocks were already stored by the offload
   connector (aqua leases with `AquaOffloadingSpec`), so they resume by a
   reload; only the partly filled last block is computed again.
 - Optional tenant fairness (`tenants`: true): a request's tenant is
@@ -32,7 +35,8 @@ engine instead:
   tenant has a virtual token counter (VTC: input tokens x `input_weight` +
   output tokens x `output_weight`), lifted to the least active tenant's
   counter when the tenant comes back from idle, and tenants with the lower
-  counter go first, for admission and against preemption. While two tenants
+  counter go first, for admission and against preemption (a tenant's
+  newcomers with one prompt of credit). While two tenants
   both have requests waiting, their counters stay within
   `service_gap_bound()` of each other.
 
@@ -155,6 +159,7 @@ class FairScheduler(Scheduler):
         self.step_seconds = 0.0  # EWMA of the time between busy steps
         self._last_step_at: float | None = None
         self.fair_preemptions = 0  # preemptions this policy made (stock's are counted apart)
+        self.deferred_preemptions = 0  # steps a preemption waited for room freed soon
         self.max_backlogged_gap = 0.0  # largest VTC gap seen between waiting tenants
 
     # --- the policy --------------------------------------------------------
@@ -168,26 +173,43 @@ class FairScheduler(Scheduler):
         steps = math.ceil(paging_s / (f.paging_fraction * self.step_seconds))
         return max(f.min_slice_steps, min(f.max_slice_steps, steps))
 
+    def first_token_credit(self) -> float:
+        """How far a tenant's counter may be ahead of another's and its new
+        requests still be admitted before the other's waiting ones: one
+        whole prompt's worth."""
+        return self.fair.input_weight * self.max_model_len if self.fair.tenants else 0.0
+
     def service_gap_bound(self) -> float:
-        """The most two backlogged tenants' counters drift apart: one
-        admission (a whole prompt) plus a full batch running out its longest
-        slices (up to a block more, to end on a block boundary) before the
-        lagging tenant's next admission."""
+        """The most two backlogged tenants' counters drift apart: the
+        newcomers' credit (first_token_credit), one admission (a whole
+        prompt) and a full batch running out its longest slices (up to a
+        block more, to end on a block boundary) before the lagging tenant's
+        next admission."""
         f = self.fair
-        return (f.input_weight * self.max_model_len
+        return (self.first_token_credit() + f.input_weight * self.max_model_len
                 + f.output_weight * self.max_num_running_reqs
                 * (f.max_slice_steps + self.block_size))
 
-    def _key(self, request: Request) -> tuple[float, bool, int, float]:
+    def _key(self, request: Request) -> tuple[float, int, int, float]:
         """Least first: the tenant's counter (with `tenants`), then requests
-        queued longer than max_wait_steps (least attained service alone
-        would keep a preempted request waiting while newcomers catch up),
-        then output tokens served, then arrival."""
+        never admitted (a newcomer's first token waits for one slice, not
+        for the preempted requests it would otherwise queue behind), then
+        requests queued longer than max_wait_steps (least attained service
+        alone would keep a preempted request waiting while newcomers catch
+        up), then output tokens served, then arrival."""
         req_id = request.request_id
         tenant = self.vtc.get(tenant_of(request), 0.0) if self.fair.tenants else 0.0
-        queued = self.queued_at.get(req_id)
-        patient = queued is None or self.current_step - queued <= self.fair.max_wait_steps
-        return (tenant, patient, self.served.get(req_id, 0), request.arrival_time)
+        if req_id not in self.admitted_at:
+            rank = 0
+            # A newcomer's tenant gets one whole prompt of credit: its first
+            # token does not wait for every other tenant to catch up with a
+            # counter a little ahead (service_gap_bound counts the credit).
+            tenant -= self.first_token_credit()
+        else:
+            queued = self.queued_at.get(req_id)
+            patient = queued is None or self.current_step - queued <= self.fair.max_wait_steps
+            rank = 2 if patient else 1
+        return (tenant, rank, self.served.get(req_id, 0), request.arrival_time)
 
     def _preemptible(self, request: Request) -> bool:
         """Its slice is over, and it is at most a quarter block past a block
@@ -214,6 +236,20 @@ class FairScheduler(Scheduler):
     def _blocks_needed(self, request: Request) -> int:
         return -(-(request.num_tokens + 1) // self.block_size)
 
+    def _finishing_soon(self) -> tuple[int, int]:
+        """(KV blocks, running slots) that running requests free within
+        min_slice_steps steps by reaching max_tokens (a stop token only
+        frees them sooner): a waiting request that fits in them waits that
+        long, as it would for a preempted request's slice, without the
+        preemption's store and reload."""
+        horizon = self.fair.min_slice_steps
+        blocks = slots = 0
+        for request in self.running:
+            if request.max_tokens - request.num_output_tokens <= horizon:
+                blocks += -(-request.num_computed_tokens // self.block_size)
+                slots += 1
+        return blocks, slots
+
     def _time_share(self) -> None:
         """Order the queues least served first and preempt the most-served
         running requests whose slice is over for waiting requests with less
@@ -221,33 +257,54 @@ class FairScheduler(Scheduler):
         self.running.sort(key=self._key)  # stock preempts running[-1] for room
         for request in self.waiting:
             self.queued_at.setdefault(request.request_id, self.current_step)
+        ordered = self._sort_waiting()
+        if self._preempt_for(ordered):
+            # _preempt_request puts a victim at the head of `waiting`: left
+            # there, stock would resume it at once, ahead of the request it
+            # made room for.
+            self._sort_waiting()
+
+    def _sort_waiting(self) -> list[Request]:
         ordered = sorted(self.waiting, key=self._key)
         self.waiting.clear()
         self.waiting.extend(ordered)
+        return ordered
+
+    def _preempt_for(self, ordered: list[Request]) -> bool:
+        """Preempt for the waiting requests, least key first, that would not
+        fit; True if any request was preempted."""
+        preempted = False
         if self.kv_holding_waiting:
-            return  # stock admits those first; leave their step alone
+            return preempted  # stock admits those first; leave their step alone
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         # Decode growth of the running batch comes out of the same pool.
         free -= sum(1 for r in self.running if r.num_tokens % self.block_size == 0)
         slots = self.max_num_active_reqs - len(self.running)
+        soon_blocks, soon_slots = self._finishing_soon()
         now = time.monotonic()
         for waiting in ordered:
             if waiting.status not in _SCHEDULABLE or waiting.num_stale_output_tokens:
                 continue
             need = self._blocks_needed(waiting)
             if need > self.kv_cache_manager.block_pool.num_gpu_blocks - 1:
-                return
+                return preempted
+            if (need > free or slots <= 0) and (need <= free + soon_blocks
+                                                 and slots + soon_slots > 0):
+                self.deferred_preemptions += 1
+                return preempted  # room comes within a slice: wait for it, as stock would
             while need > free or slots <= 0:
                 victim = self._victim_for(waiting)
                 if victim is None:
-                    return  # waiting requests behind this one have no less service
+                    return preempted  # waiting requests behind this one have no less service
                 self.running.remove(victim)
                 self._preempt_request(victim, now, drop_stale_output=self.requires_kv_delivery)
                 self.fair_preemptions += 1
+                preempted = True
                 free = self.kv_cache_manager.block_pool.get_num_free_blocks()
                 slots += 1
             free -= need
             slots -= 1
+        return preempted
 
     # --- vLLM hooks ---------------------------------------------------------
 
