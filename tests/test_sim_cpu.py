@@ -154,22 +154,19 @@ def misses(rows_by_workload: dict[str, list]) -> set[tuple[str, str]]:
 # miss fails, and so does one of these turning good: update the list (and
 # the docs) with the measurements.
 KNOWN_MISSES = {
-    ("burst seed 0", "TTFT p50 (ms), baseline"),
-    ("burst seed 0", "TTFT p99 (ms), aqua"),
-    ("burst seed 0", "preemptions, baseline"),
-    ("burst seed 1", "TTFT p50 (ms), aqua"),
+    ("burst seed 0", "TTFT p50 (ms), aqua"),
+    ("burst seed 0", "TTFT p50 baseline/aqua"),
     ("burst seed 1", "TTFT p99 (ms), aqua"),
-    ("burst seed 1", "preemptions, baseline"),
     ("burst seed 1", "TTFT p50 baseline/aqua"),
     ("burst seed 1", "TTFT p99 baseline/aqua"),
-    ("burst seed 2", "TTFT p50 (ms), aqua"),
+    ("burst seed 2", "TTFT p99 (ms), baseline"),
+    ("burst seed 2", "TTFT p99 (ms), aqua"),
     ("burst seed 2", "TTFT p99 baseline/aqua"),
     ("conv seed 0", "TTFT p50 (ms), baseline"),
+    ("conv seed 0", "TTFT p99 (ms), baseline"),
     ("conv seed 0", "TTFT p50 (ms), aqua"),
     ("conv seed 0", "TTFT p99 (ms), aqua"),
-    ("conv seed 0", "preemptions, baseline"),
-    ("conv seed 0", "preemptions, aqua"),
-    ("conv seed 0", "KV MiB paged, aqua"),
+    ("conv seed 0", "TTFT p99 baseline/aqua"),
 }
 
 
@@ -177,18 +174,18 @@ def test_the_calibrated_simulator_reproduces_the_measurements(validation):
     rows = {key: r for key, (_, _, r) in validation.items()}
     assert misses(rows) == KNOWN_MISSES
     # What validates, said plainly: on every burst workload, held-out seeds
-    # included, aqua's preemptions and bytes paged are within 10 % and the
-    # baseline's TTFT p99 within 20 %.
+    # included, both modes' preemptions and aqua's bytes paged are within
+    # 10 % and the baseline's TTFT p50 within 20 %.
     for key, r in rows.items():
         if label(key).startswith("burst"):
             by = {row.figure: row for row in r}
-            for figure in ("preemptions, aqua", "KV MiB paged, aqua",
-                           "TTFT p99 (ms), baseline"):
+            for figure in ("preemptions, aqua", "preemptions, baseline",
+                           "KV MiB paged, aqua", "TTFT p50 (ms), baseline"):
                 assert by[figure].ok, (label(key), figure)
 
 
 @pytest.mark.parametrize("wrong", ["decode twice as dear", "copies ten times slower",
-                                   "KV twice as large", "load factor 1"])
+                                   "KV twice as large", "load factor doubled"])
 def test_a_wrong_profile_misses_more(profile, validation, wrong):
     """Each calibrated quantity matters: get one wrong and figures that
     validated leave their bounds (so the test above cannot pass with any
@@ -200,8 +197,8 @@ def test_a_wrong_profile_misses_more(profile, validation, wrong):
     elif wrong == "copies ten times slower":
         bad = dataclasses.replace(profile, copy_bandwidth=profile.copy_bandwidth / 10,
                                   copy_latency_s=10 * profile.copy_latency_s)
-    elif wrong == "load factor 1":
-        bad = dataclasses.replace(profile, load_factor=1.0)
+    elif wrong == "load factor doubled":
+        bad = dataclasses.replace(profile, load_factor=2 * profile.load_factor)
     else:
         bad = profile
     rows = {}
