@@ -41,7 +41,6 @@ from .transport import Conn, ConnLimits, Transport
 
 log = logging.getLogger("aquad")
 
-# Requests after which the scheduler, or a reclaim, may have news for others.
 # How often the cuda backend's GPUs are asked how much memory is free, to see
 # their own processes grow into aquad's share (the paper's reference: 4 s).
 MEMORY_WATCH_S = 0.5
@@ -64,8 +63,6 @@ def _logged(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("internal error in %s", what)
-
-
 
 
 class Server:
@@ -438,7 +435,6 @@ class Server:
         finally:
             self._watchers.pop(tenant_id, None)
             os.close(pidfd)
-
 
     # --- what operators see ---------------------------------------------------
 
