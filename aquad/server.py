@@ -253,7 +253,6 @@ class Server:
         if out.gone is not None:
             conn.tenant = False
             self._left(out.gone, "bye", logging.INFO)
-            self._forget_watchers()
         if out.reschedule:
             self._dispatch()
             self._flush()  # the next holder's grant goes out before this reply
@@ -352,8 +351,6 @@ class Server:
                                why="a previous aquad's leases nobody reclaimed")
                 for tenant in expired.tenants:
                     self._left(tenant, "heartbeat", logging.WARNING, "missed its heartbeats")
-                if expired.tenants:
-                    self._forget_watchers()
                 self._dispatch()
                 if expired.tenants or expired.orphans:
                     self.arbiter.maintain()  # not on any request's path: unlink now
@@ -387,15 +384,12 @@ class Server:
         scope = self._watchers[tenant.id] = trio.CancelScope()
         self._nursery.start_soon(self._watch_process, tenant.id, tenant.peer.pid, scope)
 
-    def _forget_watchers(self) -> None:
-        """Stop watching processes of tenants that are no longer registered."""
-        for tid, scope in list(self._watchers.items()):
-            if self.arbiter.tenants.get(tid) is None:
-                scope.cancel()
-                del self._watchers[tid]
-
     def _left(self, tenant: Any, reason: str, level: int, why: str | None = None) -> None:
-        """A tenant is gone (its leases and slices with it): log, count, feed."""
+        """A tenant is gone (its leases and slices with it): stop watching
+        its process; log, count, feed."""
+        scope = self._watchers.pop(tenant.id, None)
+        if scope is not None:
+            scope.cancel()
         fields = {"tenant": tenant.id, "name": tenant.name, "pid": tenant.peer.pid,
                   "reason": reason, "why": why}
         logs.event(log, level, "tenant_left", **fields)
@@ -409,7 +403,6 @@ class Server:
                 # A process that exits or closes its socket without `bye` is
                 # ordinary (a stopped engine); one gone silent is not.
                 self._left(tenant, reason, logging.INFO, why)
-            self._forget_watchers()
             self._dispatch()
             self.arbiter.maintain()  # not on any request's path: unlink now
 
@@ -421,7 +414,6 @@ class Server:
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self._watchers.pop(tenant_id, None)
             self._drop(tenant_id, "exited before it was watched", "exited")
             return
         except (OSError, AttributeError) as exc:

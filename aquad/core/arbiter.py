@@ -357,9 +357,7 @@ class Arbiter:
                             near=near)
         if self.journal is not None:
             lease.capability = self._new_capability()
-            self._journal_grant(lease, tenant)
-        self.leases.add(lease)
-        tenant.leases.add(lease.id)
+        self._add(lease, tenant)
         self.stats.lease_grants[lease.tier.label] += 1
         self.stats.granted_bytes[lease.tier.label] += charged
         return lease
@@ -393,17 +391,19 @@ class Arbiter:
                             tier_of(self.topology, tenant.devices[0], grant.device),
                             orphan.segment, self.clock(), capability=grant.capability,
                             near=tenant.devices[0])
-        self._journal_grant(lease, tenant)  # its new owner
+        self._add(lease, tenant)  # journaled for its new owner
         self.stats.adoptions += 1
-        self.leases.add(lease)
-        tenant.leases.add(lease.id)
         return self.lease_reply(lease)
 
-    def _journal_grant(self, lease: LeaseRecord, tenant: Tenant) -> None:
-        peer = tenant.peer
-        self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes,
-                                            lease.device, peer.uid, peer.gid, peer.pid,
-                                            lease.capability, tenant.name))
+    def _add(self, lease: LeaseRecord, tenant: Tenant) -> None:
+        """Book a lease to its tenant, in the journal too where there is one."""
+        if self.journal is not None:
+            peer = tenant.peer
+            self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes,
+                                                lease.device, peer.uid, peer.gid, peer.pid,
+                                                lease.capability, tenant.name))
+        self.leases.add(lease)
+        tenant.leases.add(lease.id)
 
     def _release(self, caller: Caller, args: m.Release) -> dict[str, Any]:
         tenant = caller.registered
