@@ -242,18 +242,6 @@ def families(s: Snapshot) -> Iterator[Any]:
                  "requested), by tenant name", ["tenant"], (([name], b) for name, (_, b) in names))
 
 
-class _Collector:
-    """A prometheus_client collector over whatever snapshot is newest."""
-
-    def __init__(self, exporter: Exporter) -> None:
-        self._exporter = exporter
-
-    def collect(self) -> Iterator[Any]:
-        snapshot = self._exporter.snapshot
-        if snapshot is not None:
-            yield from families(snapshot)
-
-
 # --- where the metrics go --------------------------------------------------
 
 
@@ -304,7 +292,7 @@ class Exporter:
         self.target = target
         self.snapshot: Snapshot | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self.registry.register(self)  # a collector: collect() below
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -336,6 +324,12 @@ class Exporter:
             run = self._write_files
         self._thread = threading.Thread(target=run, name="aquad-metrics", daemon=True)
         self._thread.start()
+
+    def collect(self) -> Iterator[Any]:
+        """prometheus_client's collector call: the newest snapshot's families."""
+        snapshot = self.snapshot
+        if snapshot is not None:
+            yield from families(snapshot)
 
     def publish(self, snapshot: Snapshot) -> None:
         """From the loop: one store, one flag."""

@@ -32,6 +32,7 @@ from .reclaim import Elastic, shortfall
 from .scheduler import Action, Grant, Preempt, Scheduler
 from .stats import Stats
 from .tenants import Peer, Tenant, TenantRegistry
+from .topology import Device
 
 # Ops that may change what the scheduler (or a reclaim) owes anyone: after
 # their reply the shell sends events and re-arms its timer.
@@ -303,7 +304,7 @@ class Arbiter:
             "weight": tenant.weight,
             "heartbeat_interval_s": self.limits.heartbeat_interval_s,
             "heartbeat_timeout_s": self.limits.heartbeat_timeout_s,
-            "devices": [self._device_status(d.id) for d in self.topology.devices],
+            "devices": [self._device_status(d) for d in self.topology.devices],
         }
 
     def _heartbeat(self, caller: Caller, args: m.Heartbeat) -> dict[str, Any]:
@@ -601,10 +602,8 @@ class Arbiter:
             reply["capability"] = lease.capability  # the owner's alone: never in status
         return reply
 
-    def _device_status(self, device: int) -> dict[str, Any]:
-        dev = self.topology.device(device)
-        assert dev is not None, device  # callers pass the daemon's own ids
-        pool = self.pools[device]
+    def _device_status(self, dev: Device) -> dict[str, Any]:
+        pool = self.pools[dev.id]
         return {"id": dev.id, "name": dev.name, "backend": dev.backend,
                 "capacity_bytes": pool.capacity, "leased_bytes": pool.used,
                 "free_bytes": pool.free, "granule_bytes": pool.granule}
@@ -620,7 +619,7 @@ class Arbiter:
             "schema": 1,
             "daemon": {"protocol": m.PROTOCOL_VERSION, "backend": self.backend.name,
                        "uptime_s": round(now - self.started_at, 3)},
-            "devices": [dict(self._device_status(d.id),
+            "devices": [dict(self._device_status(d),
                              leases=self.leases.device_count.get(d.id, 0))
                         for d in self.topology.devices],
             "tenants": [self._tenant_status(t, now)
