@@ -84,6 +84,8 @@ LeaseId = Annotated[str, Meta(pattern=_whole(LEASE_ID_RE), max_length=65)]
 
 # --- operations -------------------------------------------------------------
 
+OPS: dict[str, type[Op]] = {}  # every operation, by wire name
+
 
 class Op(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the operations: each is the struct its request's `args`
@@ -106,9 +108,6 @@ class Op(Struct, forbid_unknown_fields=True, omit_defaults=True):
         super().__init_subclass__(**kwargs)
         cls.op = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
         OPS[cls.op] = cls
-
-
-OPS: dict[str, type[Op]] = {}
 
 
 class Hello(Op):
