@@ -56,9 +56,6 @@ class Feed:
     def __len__(self) -> int:
         return len(self._subs)
 
-    def __contains__(self, conn: bytes) -> bool:
-        return conn in self._subs
-
     def subscribe(self, conn: bytes, peer: Peer) -> dict:
         if conn in self._subs:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this connection is already subscribed")

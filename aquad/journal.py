@@ -85,11 +85,8 @@ class Journal:
             fd = open_own(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return {}
-        try:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return replay(f.read())
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "rb") as f:
+            return replay(f.read())
 
     def start(self, kept: list[JournaledLease]) -> None:
         """Compact: the journal becomes the kept leases, then is appended to.

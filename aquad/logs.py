@@ -60,21 +60,20 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(prefix + part for part in text.split("\n"))
 
 
-def to_journal(environ: dict[str, str] | None = None) -> bool:
+def to_journal() -> bool:
     """Whether stderr is the journal's stream: systemd sets $JOURNAL_STREAM
     to its device:inode (a child with stderr redirected inherits the
     variable, not the stream)."""
-    env = os.environ if environ is None else environ
     try:
         st = os.fstat(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError):
         return False
-    return env.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+    return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
 
 
-def setup(level: str, *, environ: dict[str, str] | None = None) -> None:
+def setup(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if to_journal(environ):
+    if to_journal():
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter(

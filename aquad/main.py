@@ -104,9 +104,14 @@ def build(config: Config) -> Server:
     # Only host segments outlive the daemon: GPU memory dies with its context.
     journal = Journal(config.socket) if backend.name == "host" else None
     arbiter = Arbiter(backend, clock=time.monotonic, limits=limits, journal=journal)
+    exporter = None
+    if config.metrics:  # prometheus_client is loaded only then
+        from .metrics import Exporter, parse_target
+
+        exporter = Exporter(parse_target(config.metrics))
     server = Server(arbiter, config.socket, socket_group=config.socket_group,
                     heartbeat_check_s=min(0.5, config.heartbeat_timeout_s / 4),
-                    notifier=Notifier(), exporter=exporter(config),
+                    notifier=Notifier(), exporter=exporter,
                     tenant_labels=config.metrics_tenant_labels)
     server.startup.update(segments)
     server.open()
@@ -126,16 +131,6 @@ def build(config: Config) -> Server:
     if got.stale:
         logs.event(log, logging.WARNING, "stale_segments_removed", segments=got.stale)
     return server
-
-
-def exporter(config: Config):
-    """The metrics exporter --metrics asks for (prometheus_client is loaded
-    only then), or None."""
-    if not config.metrics:
-        return None
-    from .metrics import Exporter, parse_target
-
-    return Exporter(parse_target(config.metrics))
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}

@@ -146,12 +146,6 @@ def families(s: Snapshot) -> Iterator[Any]:
         HistogramMetricFamily,
     )
 
-    def gauge(name: str, doc: str, value: float) -> Any:
-        return GaugeMetricFamily(name, doc, value=value)
-
-    def counter(name: str, doc: str, value: float) -> Any:
-        return CounterMetricFamily(name, doc, value=value)
-
     def by(family: Any, name: str, doc: str, labels: list[str],
            samples: Iterable[tuple[list[str], float]]) -> Any:
         """A family of one sample per label set."""
@@ -162,11 +156,6 @@ def families(s: Snapshot) -> Iterator[Any]:
 
     yield by(GaugeMetricFamily, "aquad_build_info", "aquad's version, backend and protocol",
              ["version", "backend", "protocol"], [([s.version, s.backend, str(s.protocol)], 1)])
-    yield gauge("aquad_start_time_seconds", "when aquad started, Unix time", s.started_at)
-    yield gauge("aquad_snapshot_timestamp_seconds",
-                "when the daemon's loop last published these figures, Unix time "
-                "(falls behind if the loop is stuck)", s.taken_at)
-
     per_device = [
         ("aquad_device_capacity_bytes", "bytes aquad may lease on the device", "capacity"),
         ("aquad_device_leased_bytes", "bytes leased on the device (charged, rounded up "
@@ -182,46 +171,58 @@ def families(s: Snapshot) -> Iterator[Any]:
         yield by(GaugeMetricFamily, name, doc, ["device", "backend"],
                  (([str(d.id), d.backend], float(getattr(d, attr))) for d in s.devices))
 
-    yield gauge("aquad_tenants", "registered tenants", s.tenants)
-    yield gauge("aquad_leases", "leases held by tenants", s.leases)
-    yield gauge("aquad_orphan_leases", "leases of a previous aquad awaiting adoption",
-                s.orphans)
-    yield gauge("aquad_connections", "open connections to the socket", s.connections)
-    yield gauge("aquad_subscribers", "connections subscribed to the event feed",
-                s.subscribers)
-    yield gauge("aquad_tenants_struck", "tenants whose quanta revocations have shortened",
-                s.struck)
-
     st = s.stats
+    gauge, counter = GaugeMetricFamily, CounterMetricFamily
+    scalars = [
+        (gauge, "aquad_start_time_seconds", "when aquad started, Unix time", s.started_at),
+        (gauge, "aquad_snapshot_timestamp_seconds", "when the daemon's loop last published "
+         "these figures, Unix time (falls behind if the loop is stuck)", s.taken_at),
+        (gauge, "aquad_tenants", "registered tenants", s.tenants),
+        (gauge, "aquad_leases", "leases held by tenants", s.leases),
+        (gauge, "aquad_orphan_leases", "leases of a previous aquad awaiting adoption",
+         s.orphans),
+        (gauge, "aquad_connections", "open connections to the socket", s.connections),
+        (gauge, "aquad_subscribers", "connections subscribed to the event feed",
+         s.subscribers),
+        (gauge, "aquad_tenants_struck", "tenants whose quanta revocations have shortened",
+         s.struck),
+        (counter, "aquad_lease_frees", "leases freed (released, or their tenant left)",
+         st.lease_frees),
+        (counter, "aquad_lease_freed_bytes", "bytes freed (charged)", st.freed_bytes),
+        (counter, "aquad_lease_adoptions", "leases of a previous aquad adopted by their "
+         "owners", st.adoptions),
+        (counter, "aquad_slice_grants", "GPU-time slices granted", st.slice_grants),
+        (counter, "aquad_slice_handovers", "slices granted to a tenant that had queued "
+         "(sent as a grant event)", st.handovers),
+        (counter, "aquad_slice_preemptions", "holders asked to yield", st.preemptions),
+        (counter, "aquad_slice_revocations", "slices revoked (not yielded within the grace "
+         "period); each is a strike", st.revocations),
+        (counter, "aquad_tenant_joins", "tenants registered (hello)", st.tenant_joins),
+        (counter, "aquad_reclaims", "leased memory reclaimed for a device's own use "
+         "(elastic memory)", st.reclaims),
+        (counter, "aquad_reclaimed_bytes", "bytes reclaimed (elastic memory)",
+         st.reclaimed_bytes),
+        (counter, "aquad_moved_bytes", "lease bytes moved between devices (elastic memory)",
+         st.moved_bytes),
+        (counter, "aquad_connections_refused", "connections turned away (over a connection "
+         "limit, or out of descriptors)", s.refused_connections),
+        (counter, "aquad_feed_missed_events", "events not sent to a subscriber that read too "
+         "slowly", s.feed_missed),
+    ]
+    for family, name, doc, value in scalars:
+        yield family(name, doc, value=value)
+
     tiers = sorted(st.lease_grants)
     yield by(CounterMetricFamily, "aquad_lease_grants", "leases granted, by link tier from "
              "the tenant's device", ["tier"], (([t], st.lease_grants[t]) for t in tiers))
     yield by(CounterMetricFamily, "aquad_lease_granted_bytes", "bytes granted (charged), by "
              "tier", ["tier"], (([t], st.granted_bytes[t]) for t in tiers))
-    yield counter("aquad_lease_frees", "leases freed (released, or their tenant left)",
-                  st.lease_frees)
-    yield counter("aquad_lease_freed_bytes", "bytes freed (charged)", st.freed_bytes)
-    yield counter("aquad_lease_adoptions", "leases of a previous aquad adopted by their "
-                  "owners", st.adoptions)
-    yield counter("aquad_slice_grants", "GPU-time slices granted", st.slice_grants)
-    yield counter("aquad_slice_handovers", "slices granted to a tenant that had queued "
-                  "(sent as a grant event)", st.handovers)
-    yield counter("aquad_slice_preemptions", "holders asked to yield", st.preemptions)
-    yield counter("aquad_slice_revocations", "slices revoked (not yielded within the "
-                  "grace period); each is a strike", st.revocations)
     waits = HistogramMetricFamily("aquad_slice_wait_seconds",
                                   "time from asking for a slice to its grant")
     _histogram(waits, [], st.slice_waits)
     yield waits
-    yield counter("aquad_tenant_joins", "tenants registered (hello)", st.tenant_joins)
     yield by(CounterMetricFamily, "aquad_tenant_drops", "tenants that left, by reason",
              ["reason"], (([why], st.tenant_drops[why]) for why in sorted(st.tenant_drops)))
-    yield counter("aquad_reclaims", "leased memory reclaimed for a device's own use "
-                  "(elastic memory; 0 until it lands)", st.reclaims)
-    yield counter("aquad_reclaimed_bytes", "bytes reclaimed (elastic memory)",
-                  st.reclaimed_bytes)
-    yield counter("aquad_moved_bytes", "lease bytes moved between devices (elastic "
-                  "memory)", st.moved_bytes)
 
     latency = HistogramMetricFamily("aquad_request_duration_seconds",
                                     "time the daemon spent on a request, by op",
@@ -232,10 +233,6 @@ def families(s: Snapshot) -> Iterator[Any]:
     yield by(CounterMetricFamily, "aquad_request_errors", "requests refused, by op and "
              "error code", ["op", "code"],
              (([op, code], n) for (op, code), n in sorted(s.requests.errors.items())))
-    yield counter("aquad_connections_refused", "connections turned away (over a "
-                  "connection limit, or out of descriptors)", s.refused_connections)
-    yield counter("aquad_feed_missed_events", "events not sent to a subscriber that read "
-                  "too slowly", s.feed_missed)
 
     if s.by_tenant is not None:
         names = sorted(s.by_tenant.items())
@@ -243,18 +240,6 @@ def families(s: Snapshot) -> Iterator[Any]:
                  ["tenant"], (([name], n) for name, (n, _) in names))
         yield by(GaugeMetricFamily, "aquad_tenant_leased_bytes", "bytes leased (as "
                  "requested), by tenant name", ["tenant"], (([name], b) for name, (_, b) in names))
-
-
-class _Collector:
-    """A prometheus_client collector over whatever snapshot is newest."""
-
-    def __init__(self, exporter: Exporter) -> None:
-        self._exporter = exporter
-
-    def collect(self) -> Iterator[Any]:
-        snapshot = self._exporter.snapshot
-        if snapshot is not None:
-            yield from families(snapshot)
 
 
 # --- where the metrics go --------------------------------------------------
@@ -307,7 +292,7 @@ class Exporter:
         self.target = target
         self.snapshot: Snapshot | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self.registry.register(self)  # a collector: collect() below
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -339,6 +324,12 @@ class Exporter:
             run = self._write_files
         self._thread = threading.Thread(target=run, name="aquad-metrics", daemon=True)
         self._thread.start()
+
+    def collect(self) -> Iterator[Any]:
+        """prometheus_client's collector call: the newest snapshot's families."""
+        snapshot = self.snapshot
+        if snapshot is not None:
+            yield from families(snapshot)
 
     def publish(self, snapshot: Snapshot) -> None:
         """From the loop: one store, one flag."""

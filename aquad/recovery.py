@@ -11,9 +11,9 @@ are freed.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
+from .backends.base import alive
 from .core.arbiter import Arbiter
 from .journal import Journal
 
@@ -27,29 +27,12 @@ class Recovered:
     stale: int  # files removed that no journal record named
 
 
-def alive(pid: int) -> bool:
-    """Whether a process with this pid exists now. A reused pid can make a
-    dead owner look alive: that only keeps its lease until the grace period
-    ends, since adopting it takes the capability."""
-    try:
-        os.close(os.pidfd_open(pid))
-        return True
-    except ProcessLookupError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # another user's live process
-        return True
-
-
 def recover(arbiter: Arbiter, journal: Journal | None, grace_s: float) -> Recovered:
     backend = arbiter.backend
     kept, freed = [], 0
     for grant in (journal.load() if journal is not None else {}).values():
+        # A reused pid can make a dead owner look alive: that only keeps its
+        # lease until the grace period ends, since adopting it takes the capability.
         segment = backend.adopt(grant.segment, grant.nbytes, grant.uid) \
             if alive(grant.pid) else None
         if segment is not None and arbiter.keep_orphan(grant, segment, grace_s):

@@ -41,7 +41,6 @@ from .transport import Conn, ConnLimits, Transport
 
 log = logging.getLogger("aquad")
 
-# Requests after which the scheduler, or a reclaim, may have news for others.
 # How often the cuda backend's GPUs are asked how much memory is free, to see
 # their own processes grow into aquad's share (the paper's reference: 4 s).
 MEMORY_WATCH_S = 0.5
@@ -64,8 +63,6 @@ def _logged(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("internal error in %s", what)
-
-
 
 
 class Server:
@@ -256,7 +253,6 @@ class Server:
         if out.gone is not None:
             conn.tenant = False
             self._left(out.gone, "bye", logging.INFO)
-            self._forget_watchers()
         if out.reschedule:
             self._dispatch()
             self._flush()  # the next holder's grant goes out before this reply
@@ -355,8 +351,6 @@ class Server:
                                why="a previous aquad's leases nobody reclaimed")
                 for tenant in expired.tenants:
                     self._left(tenant, "heartbeat", logging.WARNING, "missed its heartbeats")
-                if expired.tenants:
-                    self._forget_watchers()
                 self._dispatch()
                 if expired.tenants or expired.orphans:
                     self.arbiter.maintain()  # not on any request's path: unlink now
@@ -390,15 +384,12 @@ class Server:
         scope = self._watchers[tenant.id] = trio.CancelScope()
         self._nursery.start_soon(self._watch_process, tenant.id, tenant.peer.pid, scope)
 
-    def _forget_watchers(self) -> None:
-        """Stop watching processes of tenants that are no longer registered."""
-        for tid, scope in list(self._watchers.items()):
-            if self.arbiter.tenants.get(tid) is None:
-                scope.cancel()
-                del self._watchers[tid]
-
     def _left(self, tenant: Any, reason: str, level: int, why: str | None = None) -> None:
-        """A tenant is gone (its leases and slices with it): log, count, feed."""
+        """A tenant is gone (its leases and slices with it): stop watching
+        its process; log, count, feed."""
+        scope = self._watchers.pop(tenant.id, None)
+        if scope is not None:
+            scope.cancel()
         fields = {"tenant": tenant.id, "name": tenant.name, "pid": tenant.peer.pid,
                   "reason": reason, "why": why}
         logs.event(log, level, "tenant_left", **fields)
@@ -412,7 +403,6 @@ class Server:
                 # A process that exits or closes its socket without `bye` is
                 # ordinary (a stopped engine); one gone silent is not.
                 self._left(tenant, reason, logging.INFO, why)
-            self._forget_watchers()
             self._dispatch()
             self.arbiter.maintain()  # not on any request's path: unlink now
 
@@ -424,7 +414,6 @@ class Server:
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self._watchers.pop(tenant_id, None)
             self._drop(tenant_id, "exited before it was watched", "exited")
             return
         except (OSError, AttributeError) as exc:
@@ -438,7 +427,6 @@ class Server:
         finally:
             self._watchers.pop(tenant_id, None)
             os.close(pidfd)
-
 
     # --- what operators see ---------------------------------------------------
 

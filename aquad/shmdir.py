@@ -47,11 +47,11 @@ class SegmentDir:
         return self.huge in ("within_size", "always")
 
 
-def _mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str, dict]:
+def _mount_of(path: str) -> tuple[str, str, dict]:
     """(mount point, fs type, super options) of the mount holding `path`."""
     real = os.path.realpath(path)
     best = ("", "", {})
-    with open(mountinfo) as f:
+    with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             # id parent major:minor root mount-point options [optional...] - type source super

@@ -33,7 +33,7 @@ import select
 import socket
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,7 +121,7 @@ class Transport:
         self._listener: socket.socket | None = None
         self.conns: dict[bytes, Conn] = {}
         self._by_fd: dict[int, Conn] = {}
-        self._per_uid: dict[int, int] = {}
+        self._per_uid: Counter[int] = Counter()  # connections counted against the limit
         self._backlog: deque[Conn] = deque()  # conns with messages read, not handled
         self._ready: list[tuple[int, int]] = []  # what pending() saw, for run_once()
         self._ids = itertools.count(1)
@@ -223,7 +223,7 @@ class Transport:
                 self._close(conn, f"unregistered and idle for {IDLE_S:g} s")
 
     def count_for_uid(self, uid: int) -> int:
-        return self._per_uid.get(uid, 0)
+        return self._per_uid[uid]
 
     # --- accept ---------------------------------------------------------------
 
@@ -291,14 +291,14 @@ class Transport:
         self.conns[conn.id] = conn
         self._by_fd[conn.fd] = conn
         if not why:
-            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+            self._per_uid[peer.uid] += 1
         self._ep.register(conn.fd, _IN)
         self._enqueue(conn, zmtp.HELLO)
 
     def _over_budget(self, peer: Peer) -> str | None:
         if len(self.conns) >= self.limits.max_connections:
             return f"aquad is at its limit of {self.limits.max_connections} connections"
-        if self._per_uid.get(peer.uid, 0) >= self.limits.max_per_uid:
+        if self._per_uid[peer.uid] >= self.limits.max_per_uid:
             return (f"uid {peer.uid} already has {self.limits.max_per_uid} connections "
                     f"to aquad (the per-user limit)")
         return None
@@ -411,11 +411,9 @@ class Transport:
         if conn.refusal:
             self._refusing -= 1
         else:
-            left = self._per_uid[conn.peer.uid] - 1
-            if left:
-                self._per_uid[conn.peer.uid] = left
-            else:
-                del self._per_uid[conn.peer.uid]
+            self._per_uid[conn.peer.uid] -= 1
+            if not self._per_uid[conn.peer.uid]:
+                del self._per_uid[conn.peer.uid]  # uids come and go: keep those connected
         self.queued_bytes -= len(conn.out)
         conn.out.clear()
         conn.inbox.clear()

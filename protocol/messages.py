@@ -84,12 +84,15 @@ LeaseId = Annotated[str, Meta(pattern=_whole(LEASE_ID_RE), max_length=65)]
 
 # --- operations -------------------------------------------------------------
 
+OPS: dict[str, type[Op]] = {}  # every operation, by wire name
+
 
 class Op(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the operations: each is the struct its request's `args`
     decode into, strictly (an unknown field is refused). Optional fields at
     their default stay off the wire, so the same request works with a daemon
-    that predates an optional field. `op` is the wire name."""
+    that predates an optional field. `op` is the wire name: the class name
+    in snake case (LeaseInfo: lease_info); every subclass is one in OPS."""
 
     op: ClassVar[str]
     needs_tenant: ClassVar[bool] = True
@@ -101,18 +104,13 @@ class Op(Struct, forbid_unknown_fields=True, omit_defaults=True):
     # The struct its result is decoded into (protocol/replies.py).
     result: ClassVar[type[Any]] = r.Empty
 
-
-OPS: dict[str, type[Op]] = {}
-
-
-def operation(cls: type[Op]) -> type[Op]:
-    OPS[cls.op] = cls
-    return cls
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.op = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        OPS[cls.op] = cls
 
 
-@operation
 class Hello(Op):
-    op = "hello"
     result = r.Welcome
     needs_tenant = False
     tenant: Annotated[str, Meta(pattern=_whole(NAME_RE), max_length=64)]
@@ -120,69 +118,51 @@ class Hello(Op):
     weight: Annotated[float, Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] | None = None
 
 
-@operation
 class Heartbeat(Op):
-    op = "heartbeat"
+    """No arguments: the tenant is alive."""
 
 
-@operation
 class Bye(Op):
-    op = "bye"
     result = r.Released
 
 
-@operation
 class Lease(Op):
-    op = "lease"
     result = r.Granted
     nbytes: Nbytes
     near: Device | None = None
 
 
-@operation
 class Release(Op):
-    op = "release"
     result = r.Released
     lease: LeaseId
 
 
-@operation
 class LeaseInfo(Op):
-    op = "lease_info"
     result = r.Granted
     lease: LeaseId
 
 
-@operation
 class Adopt(Op):
-    op = "adopt"
     result = r.Granted
     lease: LeaseId
     capability: Annotated[str, Meta(pattern=_whole(CAPABILITY_RE), max_length=32)]
 
 
-@operation
 class Turn(Op):
-    op = "turn"
     result = r.TurnState
     devices: Devices | None = None
 
 
-@operation
 class TurnDone(Op):
-    op = "turn_done"
+    """No arguments: the slice is given back, nothing more wanted."""
 
 
-@operation
 class TurnYield(Op):
-    op = "turn_yield"
     result = r.TurnState
     slice: Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 
 
-@operation
 class Status(Op):
-    op = "status"
     result = r.StatusReport
     needs_tenant = False
     budgeted = True
@@ -196,9 +176,7 @@ class Status(Op):
 # --- elastic memory (added within v1) ---------------------------------------
 
 
-@operation
 class Reclaim(Op):
-    op = "reclaim"
     result = r.ReclaimStarted
     needs_tenant = False
     device: Device
@@ -206,50 +184,38 @@ class Reclaim(Op):
     deadline_ms: Deadline = DEFAULT_DEADLINE_MS
 
 
-@operation
 class Drain(Op):
-    op = "drain"
     result = r.ReclaimStarted
     needs_tenant = False
     device: Device
     deadline_ms: Deadline = DEFAULT_DEADLINE_MS
 
 
-@operation
 class Undrain(Op):
-    op = "undrain"
     result = r.Undrained
     needs_tenant = False
     device: Device
 
 
-@operation
 class Lend(Op):
-    op = "lend"
     result = r.Lent
     device: Device
     nbytes: Nbytes
 
 
-@operation
 class Unlend(Op):
-    op = "unlend"
     result = r.ReclaimStarted
     device: Device
     nbytes: Nbytes
     deadline_ms: Deadline = DEFAULT_DEADLINE_MS
 
 
-@operation
 class Move(Op):
-    op = "move"
     result = r.Replacement
     lease: LeaseId
 
 
-@operation
 class Subscribe(Op):
-    op = "subscribe"
     shell = True
     result = r.Subscribed
     needs_tenant = False

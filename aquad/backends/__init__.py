@@ -53,6 +53,3 @@ def make_backend(kind: str, *, socket_path: str, host_devices: tuple[int, int],
     count, capacity = host_devices
     return HostBackend(count, capacity, prefix=prefix, shm_dir=shm_dir)
 
-
-__all__ = ["Backend", "BackendError", "GpuPolicy", "HostBackend", "cuda_unavailable",
-           "make_backend"]

@@ -8,10 +8,29 @@ its `kind` and nothing above this layer branches on the backend.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 from ..core.tenants import Peer
 from ..core.topology import Topology
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists now (it may be another's, by
+    pid reuse)."""
+    try:
+        os.close(os.pidfd_open(pid))
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # another user's live process
+        return True
 
 
 class BackendError(Exception):

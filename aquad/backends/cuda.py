@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from ..config import ConfigError
 from ..core.tenants import Peer
 from ..core.topology import Topology
-from .base import BackendError
+from .base import BackendError, alive
 from .discovery import Discovery, GpuPolicy, build_topology, match_ordinals, query_free, query_nvml
 from .host import HostBackend, ShmSegment
 
@@ -95,14 +95,12 @@ class CudaBackend:
     granule = GRANULE
 
     def __init__(self, topology: Topology, gpus: dict[int, tuple[int, str]], *,
-                 runtime: Runtime, host: HostBackend | None = None, headroom: int = 0,
-                 free_memory: Any = None) -> None:
+                 runtime: Runtime, host: HostBackend | None = None, headroom: int = 0) -> None:
         """`gpus`: aqua device id -> (CUDA ordinal here, PCI bus id).
         `headroom`: bytes kept below each GPU's free memory (the watcher's
-        margin too); `free_memory`: indices -> NVML free bytes (a fake in
-        tests; default: NVML)."""
+        margin too)."""
         self.headroom = headroom
-        self._free_memory = free_memory or query_free
+        self._free_memory = query_free  # indices -> NVML free bytes (tests put a fake)
         self._topology = topology
         self._gpus = gpus
         self._rt = runtime
@@ -293,14 +291,8 @@ class CudaBackend:
 
     def _exited(self, pid: int) -> bool:
         fd = self._watched.get(pid)
-        if fd is not None:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            return bool(poller.poll(0))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        if fd is None:
+            return not alive(pid)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))

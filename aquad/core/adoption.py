@@ -40,21 +40,25 @@ class Orphan:
     deadline: float
 
 
-class Capabilities:
-    """128-bit random secrets as hex, drawn 256 at a time (one getrandom
-    costs more than the rest of a grant's bookkeeping)."""
+class RandomTokens:
+    """Random tokens, by default 128-bit hex (the capabilities). Drawn and
+    encoded BATCH at a time: a getrandom call costs more than the rest of a
+    grant's bookkeeping."""
 
     BATCH = 256
-    BYTES = 16
+    BYTES = 16  # random bytes per token
 
     def __init__(self) -> None:
         self._text = ""
         self._at = 0
 
+    def encode(self, raw: bytes) -> str:
+        return raw.hex()
+
     def __call__(self) -> str:
         if self._at >= len(self._text):
-            self._text = os.urandom(self.BYTES * self.BATCH).hex()
+            self._text = self.encode(os.urandom(self.BYTES * self.BATCH))
             self._at = 0
         start = self._at
-        self._at += 2 * self.BYTES
+        self._at += len(self._text) // self.BATCH
         return self._text[start:self._at]

@@ -22,7 +22,7 @@ from aqua_protocol import ErrorCode, ProtocolError
 from aqua_protocol import messages as m
 
 from ..backends.base import Backend, BackendError
-from .adoption import Capabilities, JournaledLease, Orphan
+from .adoption import JournaledLease, Orphan, RandomTokens
 from .allocator import GranuleAllocator
 from .leases import LeaseRecord, LeaseTable
 from .limits import Limits
@@ -32,6 +32,7 @@ from .reclaim import Elastic, shortfall
 from .scheduler import Action, Grant, Preempt, Scheduler
 from .stats import Stats
 from .tenants import Peer, Tenant, TenantRegistry
+from .topology import Device
 
 # Ops that may change what the scheduler (or a reclaim) owes anyone: after
 # their reply the shell sends events and re-arms its timer.
@@ -39,27 +40,18 @@ _RESCHEDULES = frozenset({m.Bye, m.Turn, m.TurnDone, m.TurnYield, m.Reclaim, m.D
                           m.Undrain, m.Lend, m.Unlend})
 
 
-class LeaseIds:
+class LeaseIds(RandomTokens):
     """Unguessable lease ids: 144 random bits each. Ids are not secret (status
     lists them to operators): what protects a lease is the ownership check on
-    every request. Drawn and encoded 256 at a time: a getrandom call costs
-    more than the rest of a grant's bookkeeping."""
+    every request."""
 
-    BATCH = 256
     BYTES = 18  # a multiple of 3: each id is whole base64 characters
-    CHARS = BYTES // 3 * 4
 
-    def __init__(self) -> None:
-        self._text = ""
-        self._at = 0
+    def encode(self, raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode()
 
     def __call__(self) -> str:
-        if self._at >= len(self._text):
-            self._text = base64.urlsafe_b64encode(os.urandom(self.BYTES * self.BATCH)).decode()
-            self._at = 0
-        start = self._at
-        self._at += self.CHARS
-        return "L" + self._text[start:self._at]
+        return "L" + super().__call__()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +87,6 @@ class Arbiter:
         *,
         clock: Callable[[], float],
         limits: Limits = Limits(),
-        new_id: Callable[[], str] | None = None,
         journal: Any = None,
     ) -> None:
         self.backend = backend
@@ -112,15 +103,15 @@ class Arbiter:
         self.quotas = Quotas(limits.quotas, max_tenants=limits.max_tenants,
                              capacity=sum(p.capacity for p in self.pools.values()))
         self.limits = limits
-        self._clock = clock
-        self._new_id = new_id or LeaseIds()
+        self.clock = clock
+        self._new_id = LeaseIds()
         self.started_at = clock()
         self.closing = False
         # Where grants and frees are recorded so that a restarted daemon can
         # give leases back to their owners (aquad/journal.py); None: nothing
         # outlives the daemon (the cuda backend, the simulator).
         self.journal = journal
-        self._new_capability = Capabilities()
+        self._new_capability = RandomTokens()
         self.orphans: dict[str, Orphan] = {}  # a predecessor's leases, by id
         self.stats = Stats()
         # What happened to slices, for operators watching (`subscribe`): a
@@ -149,7 +140,7 @@ class Arbiter:
                     # A routing id reused by another process: never serve it.
                     raise ProtocolError(ErrorCode.PERMISSION_DENIED,
                                         "connection does not belong to this tenant")
-                tenant.last_seen = self._clock()
+                tenant.last_seen = self.clock()
                 if self.orphans and not tenant.adopted:
                     self._end_adoption(tenant, request.args)
             elif request.args.needs_tenant:
@@ -200,9 +191,6 @@ class Arbiter:
             due.append(self.elastic.next_deadline())
         return min((t for t in due if t is not None), default=None)
 
-    def clock(self) -> float:
-        return self._clock()
-
     def emit_event(self, conn: bytes, name: str, data: dict[str, Any]) -> None:
         self._events.append((conn, name, data))
 
@@ -229,7 +217,7 @@ class Arbiter:
 
     def expire(self) -> list[Tenant]:
         """Drop tenants whose heartbeats stopped; returns who was dropped."""
-        stale = self.tenants.stale(self._clock(), self.limits.heartbeat_timeout_s)
+        stale = self.tenants.stale(self.clock(), self.limits.heartbeat_timeout_s)
         for tenant in stale:
             self.drop_tenant(tenant.id, may_live=True)
         return stale
@@ -257,12 +245,12 @@ class Arbiter:
         if pool is None or not pool.fits(grant.nbytes):
             return False
         self.orphans[grant.lease] = Orphan(grant, segment, pool.allocate(grant.nbytes),
-                                           self._clock() + grace_s)
+                                           self.clock() + grace_s)
         return True
 
     def expire_orphans(self) -> list[Orphan]:
         """Free the orphans whose grace period ended; returns them."""
-        now = self._clock()
+        now = self.clock()
         expired = [o for o in self.orphans.values() if o.deadline <= now]
         for orphan in expired:
             self._free_orphan(orphan)
@@ -306,7 +294,7 @@ class Arbiter:
         self._check_quota(peer, tenants=1)
         weight = self.limits.weights.grant(peer.uid, args.tenant, args.weight)
         tenant = self.tenants.add(args.tenant, caller.conn, peer, tuple(args.devices),
-                                  weight, self._clock())
+                                  weight, self.clock())
         self.quotas.charge(peer, tenants=1)
         self.scheduler.add(tenant.id, tenant.devices, tenant.weight)
         return {
@@ -316,7 +304,7 @@ class Arbiter:
             "weight": tenant.weight,
             "heartbeat_interval_s": self.limits.heartbeat_interval_s,
             "heartbeat_timeout_s": self.limits.heartbeat_timeout_s,
-            "devices": [self._device_status(d.id) for d in self.topology.devices],
+            "devices": [self._device_status(d) for d in self.topology.devices],
         }
 
     def _heartbeat(self, caller: Caller, args: m.Heartbeat) -> dict[str, Any]:
@@ -366,13 +354,11 @@ class Arbiter:
         charged = pool.allocate(nbytes)
         self.quotas.charge(tenant.peer, leases=1, nbytes=charged)
         lease = LeaseRecord(self._new_id(), tenant.id, device, nbytes, charged,
-                            tier_of(self.topology, near, device), segment, self._clock(),
+                            tier_of(self.topology, near, device), segment, self.clock(),
                             near=near)
         if self.journal is not None:
             lease.capability = self._new_capability()
-            self._journal_grant(lease, tenant)
-        self.leases.add(lease)
-        tenant.leases.add(lease.id)
+        self._add(lease, tenant)
         self.stats.lease_grants[lease.tier.label] += 1
         self.stats.granted_bytes[lease.tier.label] += charged
         return lease
@@ -404,19 +390,21 @@ class Arbiter:
         self.quotas.charge(tenant.peer, leases=1, nbytes=orphan.charged)
         lease = LeaseRecord(grant.lease, tenant.id, grant.device, grant.nbytes, orphan.charged,
                             tier_of(self.topology, tenant.devices[0], grant.device),
-                            orphan.segment, self._clock(), capability=grant.capability,
+                            orphan.segment, self.clock(), capability=grant.capability,
                             near=tenant.devices[0])
-        self._journal_grant(lease, tenant)  # its new owner
+        self._add(lease, tenant)  # journaled for its new owner
         self.stats.adoptions += 1
-        self.leases.add(lease)
-        tenant.leases.add(lease.id)
         return self.lease_reply(lease)
 
-    def _journal_grant(self, lease: LeaseRecord, tenant: Tenant) -> None:
-        peer = tenant.peer
-        self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes,
-                                            lease.device, peer.uid, peer.gid, peer.pid,
-                                            lease.capability, tenant.name))
+    def _add(self, lease: LeaseRecord, tenant: Tenant) -> None:
+        """Book a lease to its tenant, in the journal too where there is one."""
+        if self.journal is not None:
+            peer = tenant.peer
+            self.journal.granted(JournaledLease(lease.id, lease.segment.name, lease.nbytes,
+                                                lease.device, peer.uid, peer.gid, peer.pid,
+                                                lease.capability, tenant.name))
+        self.leases.add(lease)
+        tenant.leases.add(lease.id)
 
     def _release(self, caller: Caller, args: m.Release) -> dict[str, Any]:
         tenant = caller.registered
@@ -527,7 +515,7 @@ class Arbiter:
         runner = self.scheduler.runners[tenant.id]
         if runner.state == "holding":
             return {"state": "granted", "slice": runner.slice, "devices": list(runner.devices),
-                    "quantum_s": max(0.0, runner.quantum_end - self._clock())}
+                    "quantum_s": max(0.0, runner.quantum_end - self.clock())}
         return {"state": "queued", "devices": list(runner.devices)}
 
     def _emit(self, actions: list[Action], replying_to: str | None = None) -> None:
@@ -614,10 +602,8 @@ class Arbiter:
             reply["capability"] = lease.capability  # the owner's alone: never in status
         return reply
 
-    def _device_status(self, device: int) -> dict[str, Any]:
-        dev = self.topology.device(device)
-        assert dev is not None, device  # callers pass the daemon's own ids
-        pool = self.pools[device]
+    def _device_status(self, dev: Device) -> dict[str, Any]:
+        pool = self.pools[dev.id]
         return {"id": dev.id, "name": dev.name, "backend": dev.backend,
                 "capacity_bytes": pool.capacity, "leased_bytes": pool.used,
                 "free_bytes": pool.free, "granule_bytes": pool.granule}
@@ -628,12 +614,12 @@ class Arbiter:
         """The `status` reply; its schema is documented in docs/status-schema.md.
         Nothing in it but the page of leases grows with the number of leases:
         the totals are kept up to date by the lease table."""
-        now = self._clock()
+        now = self.clock()
         out = {
             "schema": 1,
             "daemon": {"protocol": m.PROTOCOL_VERSION, "backend": self.backend.name,
                        "uptime_s": round(now - self.started_at, 3)},
-            "devices": [dict(self._device_status(d.id),
+            "devices": [dict(self._device_status(d),
                              leases=self.leases.device_count.get(d.id, 0))
                         for d in self.topology.devices],
             "tenants": [self._tenant_status(t, now)

@@ -10,6 +10,7 @@ length, whatever the table holds.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -82,8 +83,8 @@ class LeaseTable:
         self._all = GrantOrder()
         self._by_tenant: dict[str, GrantOrder] = {}
         self._by_device: dict[int, GrantOrder] = {}
-        self.tenant_bytes: dict[str, int] = {}
-        self.device_count: dict[int, int] = {}
+        self.tenant_bytes: Counter[str] = Counter()
+        self.device_count: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -102,8 +103,8 @@ class LeaseTable:
         for order in (self._all, self._by_tenant.setdefault(lease.tenant, GrantOrder()),
                       self._by_device.setdefault(lease.device, GrantOrder())):
             order.add(lease.seq, lease.id)
-        self.tenant_bytes[lease.tenant] = self.tenant_bytes.get(lease.tenant, 0) + lease.charged
-        self.device_count[lease.device] = self.device_count.get(lease.device, 0) + 1
+        self.tenant_bytes[lease.tenant] += lease.charged
+        self.device_count[lease.device] += 1
 
     def owned(self, lease_id: str, tenant_id: str) -> LeaseRecord | None:
         """The lease if `tenant_id` owns it. Someone else's lease and a lease
@@ -121,10 +122,8 @@ class LeaseTable:
         if not tenant_order:  # a departed tenant leaves no index behind
             del self._by_tenant[lease.tenant]
         self._by_device[lease.device].discard()
-        left = self.tenant_bytes[lease.tenant] - lease.charged
-        if left:
-            self.tenant_bytes[lease.tenant] = left
-        else:
+        self.tenant_bytes[lease.tenant] -= lease.charged
+        if not self.tenant_bytes[lease.tenant]:
             del self.tenant_bytes[lease.tenant]
         self.device_count[lease.device] -= 1
         return lease

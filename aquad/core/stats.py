@@ -65,34 +65,26 @@ class Stats:
     # tenants
     tenant_joins: int = 0
     tenant_drops: Counter[str] = field(default_factory=Counter)  # by reason
-    # Elastic memory (reclaiming leased memory back for a device's owner, and
-    # moving leases between devices) counts here when it lands; until then
-    # these read 0 and the exporter still publishes them.
+    # elastic memory (core/reclaim.py)
     reclaims: int = 0
     reclaimed_bytes: int = 0
     moved_bytes: int = 0
 
     def copy(self) -> Stats:
         """A copy that the loop can hand to another thread."""
-        return dataclasses.replace(
-            self, lease_grants=Counter(self.lease_grants),
-            granted_bytes=Counter(self.granted_bytes), slice_waits=self.slice_waits.copy(),
-            tenant_drops=Counter(self.tenant_drops))
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).copy() for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Counter | Buckets)})
 
     def view(self) -> dict[str, Any]:
-        """The counters as plain JSON (status's `counters`)."""
-        return {
-            "lease_grants": sum(self.lease_grants.values()),
-            "granted_bytes": sum(self.granted_bytes.values()),
-            "lease_frees": self.lease_frees, "freed_bytes": self.freed_bytes,
-            "adoptions": self.adoptions,
-            "slice_grants": self.slice_grants, "handovers": self.handovers,
-            "preemptions": self.preemptions, "revocations": self.revocations,
-            "tenant_joins": self.tenant_joins,
-            "tenant_drops": sum(self.tenant_drops.values()),
-            "reclaims": self.reclaims, "reclaimed_bytes": self.reclaimed_bytes,
-            "moved_bytes": self.moved_bytes,
-        }
+        """The counters as plain JSON (status's `counters`): per-label
+        counts summed, histograms left out."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, Buckets):
+                out[f.name] = sum(value.values()) if isinstance(value, Counter) else value
+        return out
 
 
 class RequestStats:
