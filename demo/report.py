@@ -35,7 +35,7 @@ def table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_ttft_cdf(summary: dict[str, dict], path: str, title: str = "") -> str:
+def plot_ttft_cdf(summary: dict[str, dict], path: str) -> str:
     """Write a PNG with the TTFT CDF of each mode; returns its path."""
     import matplotlib  # noqa: PLC0415
 
@@ -54,7 +54,7 @@ def plot_ttft_cdf(summary: dict[str, dict], path: str, title: str = "") -> str:
     ax.set_ylim(0, 1.01)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title(title or "Time to first token under a burst")
+    ax.set_title("Time to first token under a burst")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
