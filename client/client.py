@@ -434,12 +434,6 @@ def request_once(socket: str | None, op: p.Op, *, timeout: float = DEFAULT_TIMEO
         return conn.request(op)
 
 
-def _gpu_unmap_failed() -> bool:
-    # Only if GPU leases were ever opened here (no cupy import otherwise).
-    mod = sys.modules.get("aqua.cuda_memory")
-    return bool(mod is not None and mod.unmap_failed())
-
-
 class Client:
     """A registered tenant. Make one with `aqua.connect()`."""
 
@@ -887,7 +881,9 @@ class Client:
         self._deferred.clear()  # the bye releases them
         with self._leases_lock:
             self._leases.clear()
-        mapped = bool(aliased) or _gpu_unmap_failed()
+        # GPU leases were opened here only if cuda_memory is loaded (no cupy import otherwise).
+        cuda = sys.modules.get("aqua.cuda_memory")
+        mapped = bool(aliased) or (cuda is not None and cuda.unmap_failed())
         if mapped:
             # A bye would let aquad free GPU memory this process still maps
             # (undefined in CUDA; the pages could go to another tenant). Say

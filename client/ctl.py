@@ -420,7 +420,7 @@ def filtered_total(status: dict, args: argparse.Namespace) -> int | None:
 
 def json_text(doc: object, pretty: bool) -> str:
     # Compact unless a person reads it (indenting 100k leases took 0.4 s),
-    # and one string, one write: json.dump encodes in Python and writes every
+    # and one string to print: json.dump encodes in Python and writes every
     # token, 3 million writes and 16 s for 100k leases; json.dumps takes the
     # C encoder.
     return json.dumps(doc, indent=2) if pretty else json.dumps(doc, separators=(",", ":"))
