@@ -341,10 +341,7 @@ def events(conn: Connection, args: argparse.Namespace) -> int:
         conn.wait_for(lambda: bool(got), None)
         batch, got[:] = list(got), []
         for event in batch:
-            if args.json:
-                print(json_text(event, False))
-            else:
-                print(render_event(event))
+            print(json_text(event, False) if args.json else render_event(event))
             shown += 1
             if args.count is not None and shown >= args.count:
                 sys.stdout.flush()
