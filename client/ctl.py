@@ -292,10 +292,8 @@ def top(conn: Connection, args: argparse.Namespace) -> int:
         per_s = rates(before[1], status, now - before[0]) if before else {}
         if args.json:
             print(json_text({"time": round(wall, 3), "rates": per_s, **status}, False))
-        else:
-            if shown:
-                print()
-            print(render_top(status, per_s, wall))
+        else:  # blocks apart by a blank line
+            print(("\n" if shown else "") + render_top(status, per_s, wall))
         sys.stdout.flush()
         shown += 1
         if args.count is not None and shown >= args.count:
