@@ -53,7 +53,5 @@ __all__ = [
     "DaemonNotResponding", "DaemonNotRunning", "DaemonUnavailable", "FrameTooLarge",
     "InternalError", "Lease", "LimitExceeded", "NoSuchDevice", "NoSuchLease", "NotRegistered",
     "OutOfMemory", "PermissionDenied", "ShuttingDown", "TensorPager", "TurnMachine", "TurnTimeout",
-    "UnknownOp", "UnsupportedVersion",
-    "UntrustedDaemon",
-    "connect", "resolve_socket",
+    "UnknownOp", "UnsupportedVersion", "UntrustedDaemon", "connect", "resolve_socket",
 ]

@@ -184,14 +184,14 @@ def wait_for_daemon(path: str, proc: Any = None, timeout: float = 20.0) -> None:
             time.sleep(0.02)
 
 
-def iter_leases(conn: Connection, *, tenant: str | None = None, device: int | None = None,
-                limit: int = p.MAX_STATUS_LEASES) -> Iterator[dict[str, Any]]:
+def iter_leases(conn: Connection, *, tenant: str | None = None, device: int | None = None
+                ) -> Iterator[dict[str, Any]]:
     """Every lease `status` lists, page by page along its `next` cursor: each
     lease granted before the walk and alive at its end comes exactly once."""
     after = None
     while True:
         page = status_page(conn, p.Status(tenant=tenant, device=device, after=after,
-                                          limit=limit))
+                                          limit=p.MAX_STATUS_LEASES))
         yield from page.get("leases", ())
         after = page.get("next")  # absent from a daemon without paging: one page is all
         if after is None:
@@ -245,6 +245,7 @@ class Connection:
         self._ids = itertools.count(1)
         self.gone: str | None = None  # why the daemon is unusable, once it is
         self.on_event: Callable[[r.Event], None] | None = None
+        self.reports: dict[int, r.ReclaimReport] = {}  # reclaim id: its report, as it comes
         self.keepalive_s = 1.0
         self._last_sent = time.monotonic()
 
@@ -315,6 +316,8 @@ class Connection:
         if isinstance(event, r.Shutdown):
             self.gone = "aquad shut down: " + (event.reason or "no reason given")
             raise ShuttingDown(self.gone)
+        if isinstance(event, r.ReclaimReport):
+            self.reports[event.reclaim] = event  # for reclaim(), and passed on
         if isinstance(event, r.UnknownEvent):
             log.debug("ignoring event %r, unknown to this client", event.wire_name)
         elif self.on_event is not None:
@@ -327,11 +330,9 @@ class Connection:
         signals only what comes after the socket was last read empty, so
         leaving a pushed event queued would leave it unseen by a waiter on
         `fd` (a `reclaim` notice, with a deadline)."""
-        try:
-            while self.gone is None and self._sock.poll(0, zmq.POLLIN):
-                self._dispatch(self._read())
-        except ShuttingDown:
-            pass  # `gone` says so to the next call; this one has its answer
+        # A farewell: `gone` says so to the next call; this one has its answer.
+        with contextlib.suppress(ShuttingDown):
+            self._read_pending()
 
     def poll_events(self, *, block: bool = False) -> bool:
         """Read pushed events without sending. Skips the check (False) if
@@ -340,11 +341,23 @@ class Connection:
         if not self._lock.acquire(blocking=block):
             return False
         try:
-            while not self.gone and self._sock.poll(0, zmq.POLLIN):
-                self._dispatch(self._read())
+            self._read_pending()
         finally:
             self._lock.release()
         return True
+
+    def reclaim(self, op: p.Op, timeout: float | None = None) -> r.ReclaimReport:
+        """Send a drain, reclaim or unlend and wait for its report, up to
+        `timeout` (default: the reclaim's deadline and this connection's
+        timeout: by the deadline every lease is moved or fenced)."""
+        reply: r.ReclaimStarted = self.request(op)
+        if reply.report is not None:  # done: nothing had to move
+            return reply.report
+        rid = reply.reclaim
+        limit = timeout if timeout is not None else reply.deadline_s + self.timeout
+        if not self.wait_for(lambda: rid in self.reports, limit):
+            raise DaemonNotResponding(f"reclaim {rid} did not end within {limit:g} s")
+        return self.reports.pop(rid)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Read events until predicate() holds (True) or timeout passes (False).
@@ -366,15 +379,18 @@ class Connection:
                 window = 0.05 if deadline is None else min(0.05, deadline - now)
                 ready = dict(self._poller.poll(max(1, int(window * 1000))))
                 if self._sock in ready:
-                    self._dispatch(self._read())  # a farewell before the loss
+                    self._read_pending()  # a farewell before the loss
                 else:
                     self._check_link()
             time.sleep(0)  # let a thread blocked on the lock have it
 
-    def _dispatch(self, msg: p.Reply | r.Event) -> None:
-        if isinstance(msg, r.Event):
-            self._on_event(msg)
-        # A reply nobody waits for is the late answer to a timed-out request.
+    def _read_pending(self) -> None:
+        """Dispatch every event already queued (with the lock held); a reply
+        nobody waits for is the late answer to a timed-out request."""
+        while self.gone is None and self._sock.poll(0, zmq.POLLIN):
+            msg = self._read()
+            if isinstance(msg, r.Event):
+                self._on_event(msg)
 
     def _send(self, op: p.Op) -> int:
         rid = next(self._ids)
@@ -390,8 +406,7 @@ class Connection:
     def _no_peer(self) -> None:
         """A send found nobody to take it: raise DaemonGone, saying why with
         what the daemon left before it went (its farewell, if it sent one)."""
-        while self.gone is None and self._sock.poll(0, zmq.POLLIN):
-            self._dispatch(self._read())  # a `shutdown` event raises ShuttingDown
+        self._read_pending()  # a `shutdown` event raises ShuttingDown
         self._check_link()
         self.gone = f"aquad stopped reading requests ({self.socket_path})"
         raise DaemonGone(self.gone)
@@ -419,44 +434,37 @@ def request_once(socket: str | None, op: p.Op, *, timeout: float = DEFAULT_TIMEO
         return conn.request(op)
 
 
-def _gpu_unmap_failed() -> bool:
-    # Only if GPU leases were ever opened here (no cupy import otherwise).
-    mod = sys.modules.get("aqua.cuda_memory")
-    return bool(mod is not None and mod.unmap_failed())
-
-
 class Client:
     """A registered tenant. Make one with `aqua.connect()`."""
 
-    def __init__(self, tenant: str, devices: Iterable[int], *, socket: str | None = None,
+    def __init__(self, tenant: str, devices: int | Iterable[int], *, socket: str | None = None,
                  weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  reconnect: bool = False, keep_bytes: int = 0) -> None:
-        devices = list(devices)
+        devices = [devices] if isinstance(devices, int) else list(devices)
         # None: the operator's weight for this tenant; a weight may ask for less.
         self._hello = p.Hello(tenant=tenant, devices=devices,
                               weight=None if weight is None else float(weight))
-        self._conn, hello = self._register(self._open(socket, timeout))
+        self._conn = self._join(self._open(socket, timeout))
         self.reconnect = reconnect
         self.reconnects = 0  # times a lost daemon was replaced by a new one
         self.name = tenant
         self.devices: tuple[int, ...] = tuple(devices)
-        self._registered(self._conn, hello)
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
         # Finished leases kept mapped for reuse (client/keep.py): up to
         # `keep_bytes`; 0 releases every finished lease at once.
         self._kept = KeptLeases(int(keep_bytes))
         # GPU leases whose last alias died after release(), and old ids of
-        # moved ones: finalizers append (any thread, maybe inside a request),
-        # the heartbeat thread sends.
+        # moved ones: finalizers append (on whatever thread dropped the last
+        # tensor, maybe inside a request: no socket work there), the
+        # heartbeat thread sends.
         self._deferred: collections.deque[Lease | str] = collections.deque()
         self._stop = threading.Event()
         self._turn = TurnMachine()
         self._hooks: tuple[Callable[[], object] | None, Callable[[], object] | None] = (None, None)
         # Elastic memory: `reclaim` notices wait here for the event thread,
-        # which moves the leases; `reclaim_done` reports, by reclaim id.
+        # which moves the leases.
         self._notices: collections.deque[r.ReclaimNotice] = collections.deque()
-        self._reclaims_done: dict[int, r.ReclaimReport] = {}
         self.moves = 0  # leases moved to other memory on aquad's notice
         self.evictions = 0  # ... or, with no room anywhere, into this process
         self.fenced = 0  # leases lost to a fence (not moved by the deadline)
@@ -469,20 +477,19 @@ class Client:
         """A connection to the daemon (aqua.inprocess opens its own kind)."""
         return Connection(socket, timeout=timeout)
 
-    def _register(self, conn: Connection) -> tuple[Connection, r.Welcome]:
+    def _join(self, conn: Connection) -> Connection:
+        """Register on `conn` (closed if that fails) and take in the welcome."""
         try:
-            hello = conn.request(self._hello)
+            hello: r.Welcome = conn.request(self._hello)
         except BaseException:
             conn.close()
             raise
-        return conn, hello
-
-    def _registered(self, conn: Connection, hello: r.Welcome) -> None:
         self.id: str = hello.tenant_id
         self.backend: str = hello.backend
         self.daemon_devices: list[r.DeviceInfo] = hello.devices
         conn.on_event = self._on_event
         conn.keepalive_s = hello.heartbeat_interval_s
+        return conn
 
     # --- leases -----------------------------------------------------------------
 
@@ -563,31 +570,20 @@ class Client:
         were copied out before this is called, so its failure costs nothing."""
         with self._leases_lock:
             self._leases.pop(lease.id, None)
-        if lease.lost or lease.kind == "local":
-            return
-        try:
-            if self._conn.gone:
-                raise DaemonGone(self._conn.gone)
-            self._conn.request(p.Release(lease=lease.id))
-        except DaemonUnavailable as exc:
+        if not (lease.lost or lease.kind == "local"):
             # A restarted aquad frees it once we reconnect (see `adopt`).
-            log.debug("release of %s not confirmed: %s", lease.id, exc)
+            self._release_id(lease.id, quiet=(DaemonUnavailable,))
 
-    def _release_id(self, lease_id: str) -> None:
+    def _release_id(self, lease_id: str, quiet: tuple[type[AquaError], ...] = (
+            DaemonUnavailable, NoSuchLease)) -> None:
         """Release a lease id this client no longer maps (a moved lease's old
         memory), best effort like _release."""
         try:
             if self._conn.gone:
                 raise DaemonGone(self._conn.gone)
             self._conn.request(p.Release(lease=lease_id))
-        except (DaemonUnavailable, NoSuchLease) as exc:
+        except quiet as exc:
             log.debug("release of %s not confirmed: %s", lease_id, exc)
-
-    def _release_later(self, lease: Lease | str) -> None:
-        """Queue a release (of a lease, or of a moved lease's old id) for the
-        heartbeat thread (it runs from the finalizer that unmapped the lease,
-        on whatever thread dropped the last tensor: no socket work there)."""
-        self._deferred.append(lease)
 
     def _send_deferred(self) -> None:
         while self._deferred:  # on every lease(): no exception when empty
@@ -676,12 +672,14 @@ class Client:
                     lease = self._leases.get(lease_id)
                 if lease is not None:
                     self._kept.remove(lease_id)  # never handed out again
-                    lease._fenced(still_held=lease_id in held)
+                    # No longer ours to touch (on the host backend, touching
+                    # it faults); GPU memory stays held until it is released.
+                    lease.fenced = True
+                    # Not `held`: nothing left to release at aquad.
+                    lease.lost = lease.lost or lease_id not in held
                     self.fenced += 1
                     log.error("aquad fenced lease %s (not moved by its deadline): its "
                               "bytes are gone", lease_id)
-        elif isinstance(event, r.ReclaimReport):
-            self._reclaims_done[event.reclaim] = event
         elif self._turn.on_event(event) == "revoked":
             assert isinstance(event, r.Revoked)
             log.warning("aquad revoked slice %s: %s", self._turn.slice, event.reason)
@@ -724,8 +722,8 @@ class Client:
         blocks until borrowers moved away (or were fenced) and returns the
         report (protocol/README.md 4.3)."""
         dev = self.devices[0] if device is None else device
-        return self._reclaimed(self._conn.request(
-            p.Unlend(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms)), timeout)
+        return self._conn.reclaim(
+            p.Unlend(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms), timeout)
 
     def reclaim(self, nbytes: int, device: int | None = None, *,
                 deadline_ms: int = p.messages.DEFAULT_DEADLINE_MS,
@@ -733,18 +731,8 @@ class Client:
         """Take `nbytes` of a home device's capacity back from aquad (this
         tenant's own work needs it); blocks like unlend()."""
         dev = self.devices[0] if device is None else device
-        return self._reclaimed(self._conn.request(
-            p.Reclaim(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms)), timeout)
-
-    def _reclaimed(self, reply: r.ReclaimStarted, timeout: float | None) -> r.ReclaimReport:
-        if reply.report is not None:  # done: nothing had to move
-            return reply.report
-        rid = reply.reclaim
-        # The deadline bounds it: by then every lease is moved or fenced.
-        limit = timeout if timeout is not None else reply.deadline_s + self._conn.timeout
-        if not self._conn.wait_for(lambda: rid in self._reclaims_done, limit):
-            raise DaemonNotResponding(f"reclaim {rid} did not end within {limit:g} s")
-        return self._reclaims_done.pop(rid)
+        return self._conn.reclaim(
+            p.Reclaim(device=dev, nbytes=int(nbytes), deadline_ms=deadline_ms), timeout)
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -806,7 +794,7 @@ class Client:
         while not self._stop.wait(delay):
             delay = min(delay * 2, RECONNECT_MAX_S)
             try:
-                conn, hello = self._register(
+                conn = self._join(
                     self._open(self._conn.socket_path, min(self._conn.timeout, 2.0)))
             except UntrustedDaemon as exc:
                 log.error("not reconnecting: %s", exc)
@@ -817,7 +805,6 @@ class Client:
             conn.timeout = self._conn.timeout
             # Leases and the turn first, then the swap: whoever waits for
             # `connected` finds the books of the new daemon complete.
-            self._registered(conn, hello)
             try:
                 adopted, lost = self._adopt_leases(conn)
             except DaemonUnavailable as exc:
@@ -894,7 +881,9 @@ class Client:
         self._deferred.clear()  # the bye releases them
         with self._leases_lock:
             self._leases.clear()
-        mapped = bool(aliased) or _gpu_unmap_failed()
+        # GPU leases were opened here only if cuda_memory is loaded (no cupy import otherwise).
+        cuda = sys.modules.get("aqua.cuda_memory")
+        mapped = bool(aliased) or (cuda is not None and cuda.unmap_failed())
         if mapped:
             # A bye would let aquad free GPU memory this process still maps
             # (undefined in CUDA; the pages could go to another tenant). Say
@@ -1044,15 +1033,7 @@ class Lease:
         if old.close():
             client._release_id(old_id)
         else:
-            old.on_closed(lambda: client._release_later(old_id))
-
-    def _fenced(self, *, still_held: bool) -> None:
-        """aquad fenced the lease: the memory is no longer ours to touch (on
-        the host backend, touching it faults). GPU memory stays held until
-        this lease is released (`still_held`)."""
-        self.fenced = True
-        if not still_held:
-            self.lost = True  # nothing left to release at aquad
+            old.on_closed(lambda: client._deferred.append(old_id))
 
     def _unmap(self) -> bool:
         """True if the memory is unmapped now, False if tensors still alias it."""
@@ -1102,7 +1083,7 @@ class Lease:
             if self._unmap():
                 self._client._release(self)
             else:
-                self._mapping.on_closed(lambda: self._client._release_later(self))
+                self._mapping.on_closed(lambda: self._client._deferred.append(self))
 
     def __enter__(self) -> Lease:
         return self
@@ -1124,6 +1105,5 @@ def connect(tenant: str, device: int | Iterable[int] = 0, *, socket: str | None 
     much of the host leases its consumers finish with (restore(), an
     engine's finished request) it keeps mapped for the next page-out instead
     of releasing (client/keep.py); 0, the default, keeps none."""
-    devices = [device] if isinstance(device, int) else list(device)
-    return Client(tenant, devices, socket=socket, weight=weight, timeout=timeout,
+    return Client(tenant, device, socket=socket, weight=weight, timeout=timeout,
                   reconnect=reconnect, keep_bytes=keep_bytes)

@@ -230,24 +230,9 @@ def run_elastic(conn: Connection, args: argparse.Namespace
     if args.command == "undrain":
         return conn.request(p.Undrain(device=device))
     if args.command == "drain":
-        op: p.Op = p.Drain(device=device, deadline_ms=args.deadline_ms)
-    else:
-        op = p.Reclaim(device=device, nbytes=parse_size(operands[1]),
-                       deadline_ms=args.deadline_ms)
-    done: dict[int, r.ReclaimReport] = {}
-
-    def on_event(event: r.Event) -> None:
-        if isinstance(event, r.ReclaimReport):
-            done[event.reclaim] = event
-
-    conn.on_event = on_event
-    reply: r.ReclaimStarted = conn.request(op)
-    if reply.report is not None:
-        return reply.report
-    rid = reply.reclaim
-    if not conn.wait_for(lambda: rid in done, reply.deadline_s + args.timeout):
-        raise AquaError(f"reclaim {rid} sent no report within its deadline")
-    return done[rid]
+        return conn.reclaim(p.Drain(device=device, deadline_ms=args.deadline_ms))
+    return conn.reclaim(p.Reclaim(device=device, nbytes=parse_size(operands[1]),
+                                  deadline_ms=args.deadline_ms))
 
 
 # --- live views: `aquactl top` and `aquactl events` ---------------------------
@@ -287,11 +272,9 @@ def render_top(status: dict, per_s: dict[str, float], when: float) -> str:
     if status["tenants"]:
         sl = _tenant_slices(status)
         rows = [[t["id"], t["name"], t["pid"], ",".join(map(str, t["devices"])), t["leases"],
-                 human_bytes(t["leased_bytes"]), sl.get(t["id"], {}).get("state", "-"),
-                 f"{sl.get(t['id'], {}).get('share', 0.0):.0%}",
-                 sl.get(t["id"], {}).get("grants", 0),
-                 f"{sl.get(t['id'], {}).get('wait_p99_ms', 0.0):.1f}",
-                 sl.get(t["id"], {}).get("revocations", 0)] for t in status["tenants"]]
+                 human_bytes(t["leased_bytes"]), s.get("state", "-"), f"{s.get('share', 0.0):.0%}",
+                 s.get("grants", 0), f"{s.get('wait_p99_ms', 0.0):.1f}", s.get("revocations", 0)]
+                for t in status["tenants"] for s in [sl.get(t["id"], {})]]
         parts.append(table(["TENANT", "NAME", "PID", "DEVICES", "LEASES", "LEASED", "STATE",
                             "SHARE", "GRANTS", "WAIT p99 ms", "REVOKED"], rows))
     return "\n".join(parts)
@@ -308,11 +291,9 @@ def top(conn: Connection, args: argparse.Namespace) -> int:
         now, wall = time.monotonic(), time.time()
         per_s = rates(before[1], status, now - before[0]) if before else {}
         if args.json:
-            write_json({"time": round(wall, 3), "rates": per_s, **status}, False)
-        else:
-            if shown:
-                print()
-            print(render_top(status, per_s, wall))
+            print(json_text({"time": round(wall, 3), "rates": per_s, **status}, False))
+        else:  # blocks apart by a blank line
+            print(("\n" if shown else "") + render_top(status, per_s, wall))
         sys.stdout.flush()
         shown += 1
         if args.count is not None and shown >= args.count:
@@ -358,10 +339,7 @@ def events(conn: Connection, args: argparse.Namespace) -> int:
         conn.wait_for(lambda: bool(got), None)
         batch, got[:] = list(got), []
         for event in batch:
-            if args.json:
-                write_json(event, False)
-            else:
-                print(render_event(event))
+            print(json_text(event, False) if args.json else render_event(event))
             shown += 1
             if args.count is not None and shown >= args.count:
                 sys.stdout.flush()
@@ -412,8 +390,7 @@ def fetch(conn: Connection, args: argparse.Namespace) -> dict:
     if args.command != "leases":
         # The lease table of `status` shows a screenful; the JSON is the
         # daemon's status object, first page of leases included.
-        wants = args.command == "status"
-        return conn.request(p.Status(leases=wants, limit=limit))
+        return conn.request(p.Status(leases=args.command == "status", limit=limit))
     status = conn.request(p.Status(leases=False))
     if args.all:
         status["leases"] = list(iter_leases(conn, tenant=args.tenant, device=args.device))
@@ -436,13 +413,32 @@ def filtered_total(status: dict, args: argparse.Namespace) -> int | None:
     return lease_count(status)
 
 
-def write_json(doc: object, pretty: bool) -> None:
+def json_text(doc: object, pretty: bool) -> str:
     # Compact unless a person reads it (indenting 100k leases took 0.4 s),
-    # and one string, one write: json.dump encodes in Python and writes every
+    # and one string to print: json.dump encodes in Python and writes every
     # token, 3 million writes and 16 s for 100k leases; json.dumps takes the
     # C encoder.
-    text = json.dumps(doc, indent=2) if pretty else json.dumps(doc, separators=(",", ":"))
-    sys.stdout.write(text + "\n")
+    return json.dumps(doc, indent=2) if pretty else json.dumps(doc, separators=(",", ":"))
+
+
+def show_view(conn: Connection, args: argparse.Namespace) -> str:
+    status = fetch(conn, args)
+    render, key = VIEWS[args.command]
+    if args.json:
+        return json_text(status if key is None else status[key], args.pretty or sys.stdout.isatty())
+    if args.command == "leases":
+        return leases_table(status, filtered_total(status, args))
+    return render(status)
+
+
+def show_elastic(conn: Connection, args: argparse.Namespace) -> str:
+    result = run_elastic(conn, args)
+    if args.json:
+        return json_text(msgspec.to_builtins(result), args.pretty or sys.stdout.isatty())
+    if isinstance(result, r.Undrained):
+        return (f"device {result.device} open again: capacity "
+                f"{human_bytes(result.capacity_bytes)}, free {human_bytes(result.free_bytes)}")
+    return render_reclaim(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,25 +458,20 @@ def main(argv: list[str] | None = None) -> int:
     except AquaError as exc:  # not running, stale socket, no permission
         print(f"aquactl: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    if args.command in ELASTIC_COMMANDS:
-        return elastic_main(conn, args)
     if args.command in LIVE:
-        return _live(LIVE[args.command], conn, args)
-    if args.operands:
+        # Ctrl-C, or `aquactl events | head` closing the pipe, ends it quietly.
+        code, result = _ask(conn, lambda: LIVE[args.command](conn, args),
+                            quiet=(KeyboardInterrupt, BrokenPipeError))
+        return code if result is None else result
+    if args.operands and args.command not in ELASTIC_COMMANDS:
         print(f"aquactl: {args.command} takes no operands", file=sys.stderr)
         conn.close()
         return 1
-    code, status = _ask(conn, lambda: fetch(conn, args))
-    if status is None:
-        return code
-    render, key = VIEWS[args.command]
-    if args.json:
-        write_json(status if key is None else status[key], args.pretty or sys.stdout.isatty())
-    elif args.command == "leases":
-        print(leases_table(status, filtered_total(status, args)))
-    else:
-        print(render(status))
-    return 0
+    show = show_elastic if args.command in ELASTIC_COMMANDS else show_view
+    code, text = _ask(conn, lambda: show(conn, args))
+    if text is not None:
+        print(text)
+    return code
 
 
 def _ask(conn: Connection, call: Callable[[], Any],
@@ -500,27 +491,6 @@ def _ask(conn: Connection, call: Callable[[], Any],
         return 1, None
     finally:
         conn.close()
-
-
-def elastic_main(conn: Connection, args: argparse.Namespace) -> int:
-    code, result = _ask(conn, lambda: run_elastic(conn, args))
-    if result is None:
-        return code
-    if args.json:
-        write_json(msgspec.to_builtins(result), args.pretty or sys.stdout.isatty())
-    elif isinstance(result, r.Undrained):
-        print(f"device {result.device} open again: capacity "
-              f"{human_bytes(result.capacity_bytes)}, free {human_bytes(result.free_bytes)}")
-    else:
-        print(render_reclaim(result))
-    return 0
-
-
-def _live(view: Callable[[Connection, argparse.Namespace], int], conn: Connection,
-          args: argparse.Namespace) -> int:
-    # Ctrl-C, or `aquactl events | head` closing the pipe, ends it quietly.
-    code, result = _ask(conn, lambda: view(conn, args), quiet=(KeyboardInterrupt, BrokenPipeError))
-    return code if result is None else result
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ class InProcessClient(Client):
     """aqua.Client registered with an InProcessDaemon (make one with
     InProcessDaemon.connect)."""
 
-    def __init__(self, daemon: InProcessDaemon, tenant: str, devices: Iterable[int], *,
+    def __init__(self, daemon: InProcessDaemon, tenant: str, devices: int | Iterable[int], *,
                  weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self._daemon = daemon
         super().__init__(tenant, devices, socket=daemon.socket, weight=weight, timeout=timeout)
@@ -188,8 +188,7 @@ class InProcessDaemon:
     def connect(self, tenant: str, device: int | Iterable[int] = 0, *,
                 weight: float | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
         """aqua.connect(), registering with this daemon."""
-        devices = [device] if isinstance(device, int) else list(device)
-        return InProcessClient(self, tenant, devices, weight=weight, timeout=timeout)
+        return InProcessClient(self, tenant, device, weight=weight, timeout=timeout)
 
     def request(self, op: p.Op, timeout: float = 5.0) -> Any:
         """One request on a connection of its own (as PrivateDaemon.request)."""
@@ -197,8 +196,7 @@ class InProcessDaemon:
             return conn.request(op)
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(p.Status())
-        return result
+        return self.request(p.Status())
 
     def close(self) -> None:
         """Stop as aquad does: free everything, tell every tenant `shutdown`."""

@@ -38,10 +38,6 @@ class KeptLeases:
         with self._lock:
             return sum(lease.nbytes for lease, _ in self._kept)
 
-    def __contains__(self, lease_id: str) -> bool:
-        with self._lock:
-            return any(lease.id == lease_id for lease, _ in self._kept)
-
     def put(self, lease: Lease, near: int | None) -> list[Lease]:
         """Keep `lease`; returns the leases the caller must release now:
         `lease` itself if it cannot be kept, else the oldest ones that no

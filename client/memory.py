@@ -116,7 +116,44 @@ def _segment_problem(st: os.stat_result, nbytes: int) -> str | None:
     return None
 
 
-class ShmMapping:
+class LocalMapping:
+    """A lease's bytes in this process's own memory: where a lease goes when
+    aquad reclaims its memory and has no room elsewhere (kind `local`). Its
+    views go through a numpy array of the whole memory (`_array`), as
+    ShmMapping's do."""
+
+    def __init__(self, nbytes: int) -> None:
+        import numpy as np  # noqa: PLC0415
+
+        self.nbytes = nbytes
+        self._memory = np.empty(nbytes, dtype=np.uint8)
+
+    def _array(self):
+        return self._memory
+
+    def buffer(self) -> memoryview:
+        # Through the array: slices of the memoryview keep it alive.
+        return memoryview(self._array())
+
+    def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
+        import torch  # noqa: PLC0415 - only where tensors are touched
+
+        if dtype is torch.uint8 and shape is None:
+            return torch.from_numpy(self._array())  # every copy's case: no reshaping
+        shape, size = tensor_shape(self.nbytes, dtype, shape)
+        return torch.from_numpy(self._array()[:size]).view(dtype).view(shape)
+
+    def pin(self) -> bool:
+        return False
+
+    def close(self) -> bool:
+        return True  # numpy frees it with the last view
+
+    def on_closed(self, callback: Callable[[], object]) -> None:
+        callback()
+
+
+class ShmMapping(LocalMapping):
     """A POSIX shared-memory segment mapped read-write into this process.
 
     Every view of the memory (tensor(), buffer()) goes through a numpy array
@@ -147,7 +184,10 @@ class ShmMapping:
             madvise_chunked(self._address, nbytes, MADV_POPULATE_WRITE)
 
     def _array(self):
-        """A numpy array over the whole mapping, counted as a live view."""
+        """A numpy array over the whole mapping, counted as a live view.
+        Through numpy on purpose: np.frombuffer holds a buffer export on the
+        mmap, so it cannot be unmapped under a live tensor (torch.frombuffer
+        holds none, and a closed lease would leave tensors dangling)."""
         import numpy as np  # noqa: PLC0415
 
         if self._mm is None:
@@ -164,22 +204,6 @@ class ShmMapping:
     def aliased(self) -> bool:
         """Some array, tensor or buffer over the mapping is still alive."""
         return self._views > 0
-
-    def buffer(self) -> memoryview:
-        # Through a tracked array: slices of the memoryview keep it alive.
-        return memoryview(self._array())
-
-    def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
-        import torch  # noqa: PLC0415 - only where tensors are touched
-
-        # Through numpy on purpose: np.frombuffer holds a buffer export on the
-        # mmap, so it cannot be unmapped under a live tensor (torch.frombuffer
-        # holds none, and a closed lease would leave tensors dangling).
-        if dtype is torch.uint8 and shape is None:
-            return torch.from_numpy(self._array())  # every copy's case: no reshaping
-        shape, size = tensor_shape(self.nbytes, dtype, shape)
-        flat = torch.from_numpy(self._array()[:size])
-        return flat.view(dtype).view(shape)
 
     def pin(self) -> bool:
         """Page-lock the mapping for GPU copies (once); False where no CUDA can."""
@@ -217,38 +241,6 @@ class ShmMapping:
         self._mm = None
         return True
 
-    def on_closed(self, callback: Callable[[], object]) -> None:
-        callback()
-
-
-class LocalMapping:
-    """A lease's bytes in this process's own memory: where a lease goes when
-    aquad reclaims its memory and has no room elsewhere (kind `local`)."""
-
-    def __init__(self, nbytes: int) -> None:
-        import numpy as np  # noqa: PLC0415
-
-        self.nbytes = nbytes
-        self._array = np.empty(nbytes, dtype=np.uint8)
-
-    def buffer(self) -> memoryview:
-        return memoryview(self._array)
-
-    def tensor(self, dtype: Any, shape: tuple[int, ...] | None):
-        import torch  # noqa: PLC0415
-
-        shape, size = tensor_shape(self.nbytes, dtype, shape)
-        return torch.from_numpy(self._array[:size]).view(dtype).view(shape)
-
-    def pin(self) -> bool:
-        return False
-
-    def close(self) -> bool:
-        return True  # numpy frees it with the last view
-
-    def on_closed(self, callback: Callable[[], object]) -> None:
-        callback()
-
 
 def copy_between(dst: Mapping, src: Mapping, nbytes: int) -> None:
     """Copy the first `nbytes` of one mapping into another (a lease moving).
@@ -256,8 +248,7 @@ def copy_between(dst: Mapping, src: Mapping, nbytes: int) -> None:
     either: torch copies it (peer-to-peer or over PCIe) and waits."""
     if not nbytes:
         return
-    if isinstance(dst, (ShmMapping, LocalMapping)) and isinstance(src, (ShmMapping,
-                                                                        LocalMapping)):
+    if isinstance(dst, LocalMapping) and isinstance(src, LocalMapping):  # ShmMapping too
         to, of = dst.buffer(), src.buffer()
         try:
             to[:nbytes] = of[:nbytes]

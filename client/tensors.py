@@ -17,6 +17,7 @@ device-wide synchronisation.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 from collections.abc import Sequence
@@ -71,15 +72,10 @@ def _discard_pages(tensor: torch.Tensor) -> int:
     return last - first
 
 
-_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _streams.get(index)
-    if stream is None:
-        stream = _streams[index] = torch.cuda.Stream(device=index)
-    return stream
+@functools.cache
+def _side_stream(index: int) -> torch.cuda.Stream:
+    """The dedicated copy stream of CUDA device `index`."""
+    return torch.cuda.Stream(device=index)
 
 
 class Copies:
@@ -101,7 +97,8 @@ class Copies:
             dst.copy_(src)
             return
         device = src.device if src.is_cuda else dst.device
-        stream = _side_stream(device)
+        stream = _side_stream(torch.cuda.current_device() if device.index is None
+                              else device.index)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
@@ -205,9 +202,7 @@ def offload(client: Client, tensor: torch.Tensor, near: int | None = None) -> Of
     src = _bytes_of(tensor)
     lease = client.lease(max(src.numel(), 1), near=near, reuse=True)
     try:
-        if src.numel():
-            with lease.lock, Copies() as copy:
-                copy(_lease_bytes(lease, src.numel(), src), src)
+        pack(lease, [src])
     except BaseException:
         lease.release()
         raise

@@ -75,23 +75,18 @@ class PrivateDaemon:
         return request_once(self.socket, op, timeout=timeout)
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(p.Status())
-        return result
-
-    def _dirs(self) -> list[str]:
-        """Where its files may be: the directory it was given, and /dev/shm,
-        where it falls back to when it cannot use that one."""
-        return [SHM_DIR, *([self.shm_dir] if self.shm_dir != SHM_DIR and
-                           os.path.isdir(self.shm_dir) else [])]
+        return self.request(p.Status())
 
     def files(self) -> list[str]:
         """Every file of this daemon (names), spare segments included."""
         return [os.path.basename(path) for path in self._paths()]
 
     def _paths(self) -> list[str]:
+        """Its files in the directory it was given, and in /dev/shm, where it
+        falls back to when it cannot use that one."""
         prefix = segment_prefix(self.socket)
-        return [os.path.join(d, f) for d in self._dirs() for f in os.listdir(d)
-                if f.startswith(prefix)]
+        dirs = [d for d in dict.fromkeys((SHM_DIR, self.shm_dir)) if os.path.isdir(d)]
+        return [os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.startswith(prefix)]
 
     def segments(self) -> list[str]:
         """Lease segments that hold pages. The daemon keeps spare files ready

@@ -133,8 +133,9 @@ def expect(proc: subprocess.Popen, tag: str) -> dict[str, Any]:
     raise SystemExit(f"aqua-demo: a tenant exited early (code {proc.wait()})")
 
 
-def _spawn(role: str, job: dict[str, Any], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "aqua_demo.elastic", role, json.dumps(job)],
+def spawn(module: str, role: str, job: dict[str, Any], env: dict[str, str]) -> subprocess.Popen:
+    """A tenant process: `python -m module role job-as-json`."""
+    return subprocess.Popen([sys.executable, "-m", module, role, json.dumps(job)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -162,15 +163,15 @@ def run_elastic(leases: int, lease_mib: int, plot: str, *, corrupt: bool = False
                 daemon.start()
             except DaemonNotRunning as exc:
                 raise SystemExit(f"aqua-demo: {exc}") from None
-            lender = _spawn("lender", {"lend_bytes": lend_bytes}, env)
+            lender = spawn("aqua_demo.elastic", "lender", {"lend_bytes": lend_bytes}, env)
             procs.append(lender)
             lent = expect(lender, "LENT")
             print(f"   [lender] computes on device {LENDER_DEVICE} and lends "
                   f"{human_bytes(lent['lent_bytes'])} of it: capacity "
                   f"{human_bytes(lent['capacity_bytes'])}", flush=True)
-            borrowers = [_spawn("borrower", {"name": n, "leases": leases,
-                                             "lease_bytes": lease_mib << 20,
-                                             "corrupt": corrupt and i == 0}, env)
+            borrowers = [spawn("aqua_demo.elastic", "borrower", {"name": n, "leases": leases,
+                                                               "lease_bytes": lease_mib << 20,
+                                                               "corrupt": corrupt and i == 0}, env)
                          for i, n in enumerate(BORROWERS)]
             procs += borrowers
             for name, proc in zip(BORROWERS, borrowers):

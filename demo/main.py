@@ -21,6 +21,7 @@ shows the moves over time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -32,23 +33,24 @@ from aqua.ctl import human_bytes
 from aqua.errors import DaemonNotRunning
 from aqua.testing import PrivateDaemon
 
-from .elastic import expect, run_elastic, say, tell
+from .elastic import expect, run_elastic, say, spawn, tell
 from .scrape import figures, free_port, scrape
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
 
 
-def tenant_main(name: str, device: int, layers: int, layer_mib: int) -> int:
+def tenant_main(job: dict) -> int:
     """One tenant: offload a fake KV cache, wait for 'go', restore, verify."""
     import torch  # noqa: PLC0415
 
     import aqua  # noqa: PLC0415
 
+    name = job["name"]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    per_layer = layer_mib * 2**20 // 2  # fp16 elements
-    kv = [torch.randn(per_layer, generator=gen).to(torch.float16) for _ in range(layers)]
+    per_layer = job["layer_mib"] * 2**20 // 2  # fp16 elements
+    kv = [torch.randn(per_layer, generator=gen).to(torch.float16) for _ in range(job["layers"])]
     reference = [t.clone() for t in kv]
-    with aqua.connect(tenant=name, device=device) as client:
+    with aqua.connect(tenant=name, device=job["device"]) as client:
         t0 = time.perf_counter()
         saved = [client.offload(t) for t in kv]
         t_off = time.perf_counter() - t0
@@ -77,9 +79,9 @@ def _aquactl(socket: str) -> str:
 
 
 def run_demo(layers: int, layer_mib: int, devices: str) -> int:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory(prefix="aqua-demo-") as tmp:
         socket = os.path.join(tmp, "aquad.sock")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", AQUA_SOCKET=socket)
         url = f"http://127.0.0.1:{free_port()}/metrics"
         print(f"== starting aquad (host backend, {devices}) on {socket}", flush=True)
         print(f"   its Prometheus metrics: {url}", flush=True)
@@ -93,11 +95,8 @@ def run_demo(layers: int, layer_mib: int, devices: str) -> int:
                 raise SystemExit(f"aqua-demo: {exc}") from None
             print(f"== starting {len(TENANTS)} tenant processes", flush=True)
             for name, device in TENANTS:
-                tenants.append(subprocess.Popen(
-                    [sys.executable, "-m", "aqua_demo.main", "--tenant", name,
-                     "--device", str(device), "--layers", str(layers),
-                     "--layer-mib", str(layer_mib), "--socket", socket],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+                tenants.append(spawn("aqua_demo.main", "tenant", {
+                    "name": name, "device": device, "layers": layers, "layer_mib": layer_mib}, env))
             for proc in tenants:
                 expect(proc, "HOLDING")
             print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
@@ -150,6 +149,9 @@ def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tenant"]:  # the tenant role, run by the demo itself in child processes
+        return tenant_main(json.loads(argv[1]))
     parser = argparse.ArgumentParser(prog="aqua-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "leases", "burst", "elastic"), default="all")
     parser.add_argument("--layers", type=int, default=8, help="leases per tenant (default 8)")
@@ -172,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the move timeline goes (default ./aqua-demo-reclaim.png)")
     # Flips a byte of a moved lease: shows that the demo catches it.
     parser.add_argument("--elastic-corrupt", action="store_true", help=argparse.SUPPRESS)
-    # The tenant role, run by the demo itself in child processes.
-    parser.add_argument("--tenant", help=argparse.SUPPRESS)
-    parser.add_argument("--device", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--socket", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.tenant:
-        if args.socket:
-            os.environ["AQUA_SOCKET"] = args.socket
-        return tenant_main(args.tenant, args.device, args.layers, args.layer_mib)
     code = 0
     if args.part in ("all", "leases"):
         code = run_demo(args.layers, args.layer_mib, args.host_devices)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 ROWS = (
-    # key, label, unit scale, better when lower
+    # key, label, unit scale, better when lower (None: a count, no gain shown)
     ("ttft_p50_s", "TTFT p50 (ms)", 1e3, True),
     ("ttft_p99_s", "TTFT p99 (ms)", 1e3, True),
     ("tbt_p50_s", "time between tokens p50 (ms)", 1e3, True),
@@ -11,9 +11,9 @@ ROWS = (
     ("throughput_tok_s", "throughput (tokens/s)", 1.0, False),
     ("jain", "Jain fairness, prompts", 1.0, False),
     ("jain_tenants", "Jain fairness, tenants", 1.0, False),
-    ("bytes_paged", "KV bytes paged (MiB)", 1 / 2**20, True),
-    ("preemptions", "preemptions", 1.0, True),
-    ("completed", "requests completed", 1.0, False),
+    ("bytes_paged", "KV bytes paged (MiB)", 1 / 2**20, None),
+    ("preemptions", "preemptions", 1.0, None),
+    ("completed", "requests completed", 1.0, None),
 )
 
 
@@ -24,18 +24,14 @@ def table(summary: dict[str, dict]) -> str:
              f"{'-' * 32} {'-' * 10} {'-' * 10} {'-' * 10}"]
     for key, label, scale, lower in ROWS:
         b, a = base[key] * scale, aqua[key] * scale
-        if key in ("bytes_paged", "preemptions", "completed"):
-            gain = ""
-        elif lower:
-            gain = f"{b / a:.2f}x" if a else "-"
-        else:
-            gain = f"{a / b:.2f}x" if b else "-"
+        over, under = (b, a) if lower else (a, b)
+        gain = "" if lower is None else f"{over / under:.2f}x" if under else "-"
         fmt = "{:10.0f}" if key in ("preemptions", "completed") else "{:10.2f}"
         lines.append(f"{label:32} {fmt.format(b)} {fmt.format(a)} {gain:>10}")
     return "\n".join(lines)
 
 
-def plot_ttft_cdf(summary: dict[str, dict], path: str, title: str = "") -> str:
+def plot_ttft_cdf(summary: dict[str, dict], path: str) -> str:
     """Write a PNG with the TTFT CDF of each mode; returns its path."""
     import matplotlib  # noqa: PLC0415
 
@@ -54,7 +50,7 @@ def plot_ttft_cdf(summary: dict[str, dict], path: str, title: str = "") -> str:
     ax.set_ylim(0, 1.01)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title(title or "Time to first token under a burst")
+    ax.set_title("Time to first token under a burst")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
