@@ -311,9 +311,21 @@ class Exporter:
             run = self._serve
         elif kind == "unix":
             _unlink_stale_socket(address)
+            # Bind and listen under a staging name, then rename: a socket file
+            # that exists before listen() refuses connections, and a scraper
+            # that polls for the path would take that as aquad being down.
+            staging = f"{address}.{os.getpid()}.new"
             old = os.umask(0o117)  # 0660, as the daemon's socket
             try:
-                self._server = socketserver.UnixStreamServer(address, self._handler)
+                self._server = socketserver.UnixStreamServer(staging, self._handler)
+                os.replace(staging, address)
+            except OSError:
+                if self._server is not None:
+                    self._server.server_close()
+                    self._server = None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
+                raise
             finally:
                 os.umask(old)
             run = self._serve

@@ -320,3 +320,32 @@ def test_the_daemonset_manifest_is_valid_yaml_with_what_aquad_needs():
     assert container["ports"][0]["containerPort"] == 9400
     # alive means the loop answers (aquactl), not merely that a thread serves HTTP
     assert "aquactl" in container["livenessProbe"]["exec"]["command"][0]
+
+
+def test_the_unix_socket_appears_only_once_it_listens(sockdir, monkeypatch):
+    """A scraper polls for the path and connects at once; a path bound but not
+    yet listening refuses it (seen as ConnectionRefused in a loaded run)."""
+    import socketserver
+
+    from aquad.metrics import Exporter
+
+    where = os.path.join(sockdir, "early.sock")
+    seen_before_listen = []
+    real_activate = socketserver.UnixStreamServer.server_activate
+
+    def activate(self) -> None:
+        seen_before_listen.append(os.path.exists(where))
+        real_activate(self)
+
+    monkeypatch.setattr(socketserver.UnixStreamServer, "server_activate", activate)
+    exporter = Exporter(parse_target(f"unix:{where}"))
+    exporter.start()
+    try:
+        assert seen_before_listen == [False]
+        assert os.stat(where).st_mode & 0o777 == 0o660
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(where)  # listening from the moment the path exists
+        assert os.listdir(sockdir) == ["early.sock"]  # no staging name left
+    finally:
+        exporter.close()
+    assert not os.path.exists(where)
