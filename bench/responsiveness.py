@@ -39,6 +39,18 @@ def cpu_ticks() -> dict[str, int]:
                     map(int, fields)))
 
 
+def autogroup_nice() -> int | None:
+    """This process's scheduling group's nice (Linux autogroups: the CPU is
+    shared fairly between sessions whatever their processes' own nice, so
+    other users' `nice -n 19` work does not yield to a measurement unless
+    their group's nice is raised or this one's lowered)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def workload_tenants(w: dict) -> tuple[list, str]:
     """The tenants a workload (WORKLOAD_KEYS, as the flags give them)
     replays, and a line that says what it is."""
@@ -91,6 +103,7 @@ def main() -> int:
                        # "user"; other engineers' niced tests "nice").
                        "cpu_ticks": {k: v - ticks_before.get(k, 0)
                                      for k, v in cpu_ticks().items()},
+                       "autogroup_nice": autogroup_nice(),
                        # Every TTFT (sorted), so a tail can be compared whole.
                        **{mode: {k: v for k, v in result[mode].items() if k != "tbt_s"}
                           for mode in ("baseline", "aqua")}}, f, indent=2)

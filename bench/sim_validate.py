@@ -30,32 +30,18 @@ import sys
 
 from responsiveness import workload_tenants
 
-from aqua_sim.cpu import (
-    DEFAULT_PROFILE,
-    DISTURBED,
-    PROFILES,
-    compare,
-    load_profile,
-    other_work,
-    predict,
-    undisturbed,
-)
+from aqua_sim.cpu import DEFAULT_PROFILE, PROFILES, compare, load_profile, other_work, predict
 
 MEASURED = os.path.join(PROFILES, "measured")
 
 
-def group(paths: list[str], skipped: list[dict] | None = None) -> dict[str, list[dict]]:
-    """Undisturbed measurements by workload (the flags that made them), in
-    file order; the disturbed ones go to `skipped`."""
+def group(paths: list[str]) -> dict[str, list[dict]]:
+    """Measurements by workload (the flags that made them), in file order."""
     out: dict[str, list[dict]] = {}
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
         doc["file"] = os.path.basename(path)
-        if not undisturbed(doc):
-            if skipped is not None:
-                skipped.append(doc)
-            continue
         out.setdefault(json.dumps(doc["workload"], sort_keys=True), []).append(doc)
     return out
 
@@ -105,13 +91,7 @@ def main() -> int:
           f"load {profile.doc['machine']['loadavg_before'][0]:.1f}); load factor "
           f"{profile.load_factor:.3f}" + (f" fitted on {', '.join(fitted)}" if fitted else ""))
     misses = wide = 0
-    skipped: list[dict] = []
-    groups = group(paths, skipped)
-    for doc in skipped:
-        print(f"not compared: {doc['file']} (other work took {other_work(doc):.0%} of the "
-              f"CPU during the run, over {DISTURBED:.0%}; load average "
-              f"{doc['loadavg_before'][0]:.1f})")
-    for key, docs in groups.items():
+    for key, docs in group(paths).items():
         w = json.loads(key)
         tenants, what = workload_tenants(w)
         rows = compare(docs, predict(tenants, profile))

@@ -26,7 +26,6 @@ from aqua_sim.cpu import (
     predict,
     profile_from_dict,
     responsiveness_scenario,
-    undisturbed,
 )
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -169,8 +168,6 @@ def measurements() -> dict[str, list[dict]]:
     for path in sorted(glob.glob(os.path.join(PROFILES, "measured", "*.json"))):
         with open(path) as f:
             doc = json.load(f)
-        if not undisturbed(doc):
-            continue  # reported by bench/sim_validate.py, not compared
         by_workload.setdefault(json.dumps(doc["workload"], sort_keys=True), []).append(doc)
     return by_workload
 
@@ -188,7 +185,9 @@ def validation(profile):
 
 def label(key: str) -> str:
     w = json.loads(key)
-    return f"{w['trace'] or 'burst'} seed {w['seed']}"
+    if w["trace"]:
+        return f"{w['trace']} {w['requests']}x{w['time_scale']:g} seed {w['seed']}"
+    return f"burst seed {w['seed']}"
 
 
 def misses(rows_by_workload: dict[str, list]) -> set[tuple[str, str]]:
@@ -201,37 +200,44 @@ def misses(rows_by_workload: dict[str, list]) -> set[tuple[str, str]]:
 # miss fails, and so does one of these turning good: update the list (and
 # the docs) with the measurements.
 KNOWN_MISSES = {
-    ("burst seed 0", "TTFT p50 (ms), aqua"),
-    ("burst seed 0", "TTFT p50 baseline/aqua"),
+    ("burst seed 0", "TTFT p50 (ms), baseline"),
+    ("burst seed 0", "TTFT p99 baseline/aqua"),
     ("burst seed 1", "TTFT p99 (ms), aqua"),
-    ("burst seed 1", "TTFT p50 baseline/aqua"),
     ("burst seed 1", "TTFT p99 baseline/aqua"),
-    ("burst seed 2", "TTFT p99 (ms), baseline"),
     ("burst seed 2", "TTFT p99 (ms), aqua"),
     ("burst seed 2", "TTFT p99 baseline/aqua"),
-    ("conv seed 0", "TTFT p50 (ms), baseline"),
-    ("conv seed 0", "TTFT p99 (ms), baseline"),
-    ("conv seed 0", "TTFT p50 (ms), aqua"),
-    ("conv seed 0", "TTFT p99 (ms), aqua"),
-    ("conv seed 0", "TTFT p99 baseline/aqua"),
+    ("conv 30x4 seed 0", "TTFT p99 (ms), baseline"),
+    ("conv 30x4 seed 0", "TTFT p99 (ms), aqua"),
+    ("conv 60x8 seed 0", "TTFT p99 (ms), aqua"),
 }
 
 
 def test_the_calibrated_simulator_reproduces_the_measurements(validation):
     rows = {key: r for key, (_, _, r) in validation.items()}
     assert misses(rows) == KNOWN_MISSES
-    # What validates, said plainly: on every burst workload, held-out seeds
-    # included, both modes' preemptions and aqua's bytes paged are within
-    # 10 % and the baseline's TTFT p50 within 20 %.
+    # What validates, said plainly: on every workload both modes'
+    # preemptions and aqua's bytes paged are within 10 %; on the held-out
+    # ones (burst seed 2, both conversation traces), both modes' TTFT p50
+    # within 20 %; and the conversation trace that preempts is one of them.
+    held_out = {"burst seed 2", "conv 30x4 seed 0", "conv 60x8 seed 0"}
+    assert held_out <= {label(key) for key in rows}
     for key, r in rows.items():
-        if label(key).startswith("burst"):
-            by = {row.figure: row for row in r}
-            for figure in ("preemptions, aqua", "preemptions, baseline",
-                           "KV MiB paged, aqua", "TTFT p50 (ms), baseline"):
-                assert by[figure].ok, (label(key), figure)
+        by = {row.figure: row for row in r}
+        figures = ["preemptions, aqua", "preemptions, baseline", "KV MiB paged, aqua"]
+        if label(key) in held_out:
+            figures += ["TTFT p50 (ms), baseline", "TTFT p50 (ms), aqua"]
+        for figure in figures:
+            assert by[figure].ok, (label(key), figure)
+    preempting = {row.figure: row.measured for row in rows[next(
+        k for k in rows if label(k) == "conv 60x8 seed 0")]}
+    assert preempting["preemptions, baseline"] > 0 and preempting["preemptions, aqua"] > 0
 
 
-WRONG = ["decode twice as dear", "copy bandwidth a tenth", "copies ten times slower",
+# The copy bandwidth alone must be 100x wrong to show: the engine's copies
+# are 9-400 KiB, tens of microseconds at GB/s against steps of milliseconds
+# and the copies' own ~1 ms fixed cost (docs/simulator.md), so up to 30x
+# it moves no compared figure out of its bound.
+WRONG = ["decode twice as dear", "copy bandwidth a hundredth", "copies ten times slower",
          "KV twice as large", "load factor doubled", "no core sharing",
          "baseline admits whole reservations"]
 
@@ -251,8 +257,8 @@ def test_a_wrong_profile_misses_more(profile, validation, wrong):
     elif wrong == "copies ten times slower":
         bad = dataclasses.replace(profile, copy_bandwidth=profile.copy_bandwidth / 10,
                                   copy_latency_s=10 * profile.copy_latency_s)
-    elif wrong == "copy bandwidth a tenth":
-        bad = dataclasses.replace(profile, copy_bandwidth=profile.copy_bandwidth / 10)
+    elif wrong == "copy bandwidth a hundredth":
+        bad = dataclasses.replace(profile, copy_bandwidth=profile.copy_bandwidth / 100)
     elif wrong == "load factor doubled":
         bad = dataclasses.replace(profile, load_factor=2 * profile.load_factor)
     elif wrong == "no core sharing":
