@@ -7,16 +7,21 @@ Three kinds of cost, each measured on this machine with the real code:
   prefill steps to `step + per_prompt x prompts + per_token x prompt tokens`
   and of decode steps to `step + per_request x batch + per_kv_token x KV
   tokens` (the engine decodes each request at batch 1, so a step is a sum of
-  per-request forwards). The models are timed in one process each, all at
-  once, as bench/responsiveness.py runs its tenants (three processes on this
-  machine's cores): the contention is in the figures.
+  per-request forwards). Each model is timed alone, one process at a time
+  (what a step costs with the machine to itself); then in pairs and all
+  three at once, as bench/responsiveness.py runs its tenants, to measure
+  how much dearer sharing the cores makes a step with 2 and 3 processes
+  computing. The simulator applies that slowdown to the engines that have
+  work at the time (Scenario.contention) rather than folding one
+  contention level into every step: an idle trace runs each tenant alone,
+  a burst runs all three.
 - **control**: a lease/release round trip to a real aquad, and `respond()`
   holding a turn (what every aqua step pays);
 - **copies**: the engine's own page-out and page-in (`LeaseKV.save` / `load`,
   a real KV cache into a lease's shared memory and back), fitted to
   `latency + bytes / bandwidth`.
 
-    python bench/calibrate.py [--seconds 20] [--out bench/profiles/cpu-llama.json]
+    python bench/calibrate.py [--seconds 15] [--out bench/profiles/cpu-llama.json]
 
 The profile (JSON) names the command, date, machine and load average;
 `aqua_sim.cpu` reads it.
@@ -78,7 +83,7 @@ def _rel_rms(rows: list[list[float]], ys: list[float], coef: list[float]) -> flo
 
 def time_model(size: str, seconds: float, seed: int) -> dict:
     """Time Engine.step() on one model for `seconds`: random batches of
-    prompts (16-96 tokens, as the replay draws them), each prefilled in one
+    prompts (4-96 tokens, as the replay draws them), each prefilled in one
     step, then decoded for a random number of steps."""
     import torch  # noqa: PLC0415
 
@@ -95,8 +100,12 @@ def time_model(size: str, seconds: float, seed: int) -> dict:
     first = True
     while time.monotonic() < end:
         engine = Engine(model, PromptScheduler("fcfs", 1 << 20, 5))
-        k = rng.randint(1, 6)
-        reqs = [engine.submit([rng.randrange(VOCAB) for _ in range(rng.randint(16, 96))], 41)
+        # Half the steps prefill one prompt: with k prompts of similar length
+        # the prompt count and the token count rise together, and a fit over
+        # them alone cannot tell a per-prompt cost from a per-token one. 4-96
+        # tokens: the burst draws 16-96, the traces' prompts /10 give 4-96.
+        k = 1 if rng.random() < 0.5 else rng.randint(2, 6)
+        reqs = [engine.submit([rng.randrange(VOCAB) for _ in range(rng.randint(4, 96))], 41)
                 for _ in range(k)]
         t0 = time.perf_counter()
         engine.step()
@@ -226,27 +235,10 @@ def time_control_and_copies(seed: int, rounds: int = 200) -> dict:
     }
 
 
-def child_main(size: str, seconds: float, seed: int) -> int:
-    print(json.dumps(time_model(size, seconds, seed)), flush=True)
-    return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="timing per model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=DEFAULT_OUT)
-    parser.add_argument("--child", nargs=3, metavar=("SIZE", "SECONDS", "SEED"),
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child_main(args.child[0], float(args.child[1]), int(args.child[2]))
-    load_before = os.getloadavg()
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    sizes = ("small", "medium", "large")
-    # All models at once, one process each, as the replay's tenants run.
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", size, str(args.seconds),
-                               str(args.seed + i)], stdout=subprocess.PIPE, text=True)
+def _time_children(sizes: list[str], seconds: float, seed: int) -> dict[str, dict]:
+    """time_model() for each of `sizes`, one process each, all at once."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", size, str(seconds),
+                               str(seed + i)], stdout=subprocess.PIPE, text=True)
              for i, size in enumerate(sizes)]
     samples = {}
     for size, proc in zip(sizes, procs):
@@ -254,7 +246,55 @@ def main() -> int:
         if proc.returncode != 0:
             raise RuntimeError(f"timing {size} exited {proc.returncode}")
         samples[size] = json.loads(out.strip().splitlines()[-1])
-    models = {f"llama-{size}": fit_model(samples[size]) for size in sizes}
+    return samples
+
+
+def _slowdown(fit: dict, decode: list) -> float:
+    """Measured decode time over what the fit (alone) predicts for the same
+    steps, in total: the mean slowdown, which is what a request's time sums."""
+    d = fit["decode"]
+    predicted = sum(d["step_s"] + d["per_request_s"] * k + d["per_kv_token_s"] * n
+                    for k, n, _ in decode)
+    return sum(t for *_, t in decode) / predicted if predicted > 0 else float("nan")
+
+
+def child_main(size: str, seconds: float, seed: int) -> int:
+    print(json.dumps(time_model(size, seconds, seed)), flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0,
+                        help="timing per model alone (half that all at once)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "SECONDS", "SEED"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_main(args.child[0], float(args.child[1]), int(args.child[2]))
+    from responsiveness import cpu_ticks  # noqa: PLC0415 (bench/, beside this script)
+
+    load_before = os.getloadavg()
+    ticks_before = cpu_ticks()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    sizes = ("small", "medium", "large")
+    # Each model alone: the costs. Then in pairs and all three at once, as
+    # the replay's tenants run: how much sharing the cores slows a step.
+    solo: dict[str, dict] = {}
+    for i, size in enumerate(sizes):
+        solo.update(_time_children([size], args.seconds, args.seed + i))
+    models = {f"llama-{size}": fit_model(solo[size]) for size in sizes}
+    pairs: dict[str, list] = {size: [] for size in sizes}
+    for i in range(len(sizes)):
+        pair = [sizes[i], sizes[(i + 1) % len(sizes)]]
+        for size, got in _time_children(pair, args.seconds / 3, args.seed + 10 + i).items():
+            pairs[size] += got["decode"]
+    together = _time_children(list(sizes), args.seconds / 2, args.seed + 20)
+    slowdown = {f"llama-{size}": [1.0, _slowdown(models[f"llama-{size}"], pairs[size]),
+                                  _slowdown(models[f"llama-{size}"], together[size]["decode"])]
+                for size in sizes}
     rest = time_control_and_copies(args.seed)
     profile = {
         "command": "python bench/calibrate.py " + " ".join(sys.argv[1:]),
@@ -262,10 +302,17 @@ def main() -> int:
         "machine": {"host": platform.node(), "cpu_count": os.cpu_count(),
                     "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "timing": {"processes": len(sizes), "threads_per_process": 1,
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "cpu_ticks": {k: v - ticks_before.get(k, 0)
+                                  for k, v in cpu_ticks().items()}},
+        "timing": {"alone": "one process at a time", "threads_per_process": 1,
                    "seconds_per_model": args.seconds},
         "models": models,
+        # Per model, its decode steps' time with 1, 2 and 3 processes
+        # computing at once over what its fit (alone) predicts (in total): the
+        # simulator's Scenario.contention.
+        "contention": {"slowdown": slowdown, "cores": os.cpu_count(),
+                       "seconds": {"pairs": args.seconds / 3, "three": args.seconds / 2}},
         **rest,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -279,6 +326,8 @@ def main() -> int:
               f" decode {d['step_s'] * 1e3:5.2f} ms + {d['per_request_s'] * 1e3:5.2f} ms/req"
               f" + {d['per_kv_token_s'] * 1e9:5.1f} ns/KV token (rms {d['rel_rms']:.0%});"
               f" KV {m['kv_bytes_per_token']} B/token")
+    print("decode steps with 2 and 3 processes at once, over the fit alone: "
+          + ", ".join(f"{k} {v[1]:.2f}x, {v[2]:.2f}x" for k, v in slowdown.items()))
     c, k = rest["control"], rest["copy"]
     print(f"lease round trip {c['lease_rtt_s'] * 1e6:.0f} us, "
           f"respond() {c['respond_s'] * 1e6:.1f} us;"

@@ -26,6 +26,31 @@ TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces")
 WORKLOAD_KEYS = ("requests", "burst", "max_new", "concurrency", "seed", "trace", "time_scale")
 
 
+def cpu_ticks() -> dict[str, int]:
+    """The machine's CPU time so far by kind (/proc/stat, clock ticks; {}
+    where there is none): over a run, "nice" is what other users' niced
+    work took, "steal" what the hypervisor gave elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:9]
+    except OSError:
+        return {}
+    return dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"),
+                    map(int, fields)))
+
+
+def autogroup_nice() -> int | None:
+    """This process's scheduling group's nice (Linux autogroups: the CPU is
+    shared fairly between sessions whatever their processes' own nice, so
+    other users' `nice -n 19` work does not yield to a measurement unless
+    their group's nice is raised or this one's lowered)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def workload_tenants(w: dict) -> tuple[list, str]:
     """The tenants a workload (WORKLOAD_KEYS, as the flags give them)
     replays, and a line that says what it is."""
@@ -61,6 +86,7 @@ def main() -> int:
     tenants, what = workload_tenants(workload)
     print(f"{len(tenants)} tenants ({', '.join(t.name for t in tenants)}); {what}", flush=True)
     load_before = os.getloadavg()
+    ticks_before = cpu_ticks()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     result = compare(tenants, seed=args.seed, progress=True)
     print(table(result))
@@ -73,8 +99,13 @@ def main() -> int:
             json.dump({"command": "python bench/responsiveness.py " + " ".join(sys.argv[1:]),
                        "date": started, "workload": workload, "wall_s": result["wall_s"],
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                       **{mode: {k: v for k, v in result[mode].items()
-                                 if k not in ("ttft_s", "tbt_s")}
+                       # What the whole machine did meanwhile (this run is
+                       # "user"; other engineers' niced tests "nice").
+                       "cpu_ticks": {k: v - ticks_before.get(k, 0)
+                                     for k, v in cpu_ticks().items()},
+                       "autogroup_nice": autogroup_nice(),
+                       # Every TTFT (sorted), so a tail can be compared whole.
+                       **{mode: {k: v for k, v in result[mode].items() if k != "tbt_s"}
                           for mode in ("baseline", "aqua")}}, f, indent=2)
     return 0
 

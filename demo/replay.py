@@ -263,6 +263,10 @@ def summarize(results: list[dict]) -> dict:
         **service_summary((r["arrival"], r["times"]) for r in reqs),
         "jain_tenants": jain(per_tenant),
         "bytes_paged": sum(doc["bytes_paged"] for doc in results),
+        # Each tenant's first-token times (sorted): which tenant makes a tail.
+        "ttft_by_tenant_s": {doc["tenant"]: sorted(r["times"][0] - r["arrival"]
+                                                   for r in doc["requests"] if r["times"])
+                             for doc in results},
         "preemptions": sum(r["preemptions"] for r in reqs),
     }
 

@@ -10,8 +10,12 @@ every step costs what the profile fitted from timed steps of the real engine:
 and a page-out or page-in costs the engine's measured copy latency plus
 bytes over its measured shared-memory bandwidth. `responsiveness_scenario`
 mirrors bench/responsiveness.py (its tenants, models, arrivals, KV budgets,
-slices; the engine's scheduler limits; one device each, host leases) so the
-simulator predicts what that benchmark measures.
+slices; the engine's scheduler limits; one device each, host leases; the
+machine's cores, which the tenant processes share) so the simulator
+predicts what that benchmark measures. The costs are timed with the machine
+to one process; while other tenants have work too, each step is as much
+slower as calibration measured with that many processes at once
+(Scenario.contention).
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ class Profile:
     # timed (the shared machine's load), fitted on the runs the profile's
     # "fit" names (bench/sim_validate.py --fit); 1 without one.
     load_factor: float = 1.0
+    # Per model, its steps' slowdown with 1, 2, ... tenant processes
+    # computing at once (Scenario.contention); empty for a profile timed
+    # with its contention folded in.
+    contention: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
     def step_costs(self, key: str) -> StepCosts:
         return self.models[key].scaled(self.load_factor)
@@ -105,9 +113,12 @@ def profile_from_dict(doc: dict[str, Any]) -> Profile:
         models[key] = StepCosts(p["step_s"], p["per_prompt_s"], p["per_token_s"],
                                 d["step_s"], d["per_request_s"], d["per_kv_token_s"])
         kv[key] = int(m["kv_bytes_per_token"])
+    contention = {k: tuple(float(x) for x in v)
+                  for k, v in doc.get("contention", {}).get("slowdown", {}).items()}
     return Profile(models, kv, float(doc["control"]["lease_rtt_s"]), respond,
                    float(doc["copy"]["latency_s"]), float(doc["copy"]["bandwidth_bps"]), doc,
-                   float(doc.get("fit", {}).get("load_factor", 1.0)))
+                   float(doc.get("fit", {}).get("load_factor", 1.0)),
+                   contention)
 
 
 def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: str) -> Scenario:
@@ -136,20 +147,35 @@ def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: s
     return Scenario(profile.server(len(sim_tenants)), tuple(sim_tenants), tuple(arrivals),
                     slice_tokens=slices.pop(), max_overhead=None, incremental="whole",
                     quantum_s=REPLAY_QUANTUM_S,
-                    costs=costs, engine_limits=(256, 8192), control_latency_s=profile.lease_rtt_s)
+                    costs=costs, engine_limits=(256, 8192), control_latency_s=profile.lease_rtt_s,
+                    contention=profile.contention or None)
 
 
 MODE_POLICY = {"baseline": "fcfs", "aqua": "aqua"}
 REPLAY_QUANTUM_S = 0.020  # demo/replay.py runs its aquad with --quantum-ms 20
 
 
-def predict(tenants: Sequence[Any], profile: Profile) -> dict[str, dict]:
-    """The simulator's figures for both of bench/responsiveness.py's modes."""
+def predict(tenants: Sequence[Any], profile: Profile,
+            policy: dict[str, str] = MODE_POLICY) -> dict[str, dict]:
+    """The simulator's figures for both of bench/responsiveness.py's modes
+    (`policy`: the simulator's policy per mode; tests get one wrong)."""
     from .simulator import Simulation  # noqa: PLC0415
 
     return {mode: Simulation(responsiveness_scenario(tenants, profile, mode=mode),
-                             MODE_POLICY[mode]).run()
+                             policy[mode]).run()
             for mode in ("baseline", "aqua")}
+
+
+def other_work(doc: dict) -> float | None:
+    """The share of the machine's CPU that went to other work (niced
+    processes, the hypervisor's steal) during a bench/responsiveness.py run
+    (its "cpu_ticks"); None where not recorded (runs before it was). Other
+    work also fills what the run leaves idle, so an idle workload shows
+    more of it without being slowed by it."""
+    ticks = doc.get("cpu_ticks")
+    if not ticks or not sum(ticks.values()):
+        return None
+    return (ticks.get("nice", 0) + ticks.get("steal", 0)) / sum(ticks.values())
 
 
 # What is compared, and within what: counts do not depend on the machine's
@@ -173,6 +199,16 @@ class Row:
     predicted: float
     bound: float | None  # relative; None: judged against the spread instead
     spread: tuple[float, float] | None = None  # measured min, max over repeats
+    runs: tuple[float, ...] = ()  # each repeat's measured value
+
+    @property
+    def run_spread(self) -> float:
+        """How far the repeats differ: (max - min) / mean; 0 for one run.
+        Where it exceeds the bound, no prediction could meet the bound on
+        every run: the measurement is the limit, not the model."""
+        if len(self.runs) < 2 or self.measured == 0:
+            return 0.0
+        return (max(self.runs) - min(self.runs)) / abs(self.measured)
 
     @property
     def error(self) -> float:
@@ -202,12 +238,13 @@ def compare(measured: Sequence[dict], predicted: dict[str, dict]) -> list[Row]:
     TTFT ratios are judged against the repeats' spread."""
     rows = []
     for name, mode, key, scale, bound in FIGURES:
-        values = [doc[mode][key] for doc in measured]
-        rows.append(Row(name, scale * sum(values) / len(values),
-                        scale * predicted[mode][key], bound))
+        values = [scale * doc[mode][key] for doc in measured]
+        rows.append(Row(name, sum(values) / len(values),
+                        scale * predicted[mode][key], bound, runs=tuple(values)))
     for q in ("p50", "p99"):
         key = f"ttft_{q}_s"
         values = [ratio(doc, key) for doc in measured]
         rows.append(Row(f"TTFT {q} baseline/aqua", sum(values) / len(values),
-                        ratio(predicted, key), None, (min(values), max(values))))
+                        ratio(predicted, key), None, (min(values), max(values)),
+                        runs=tuple(values)))
     return rows

@@ -110,6 +110,12 @@ class Scenario:
     # What a lease request costs the engine before its copy can start (a
     # round trip to aquad; 0: instantaneous, as at paper scale it is noise).
     control_latency_s: float = 0.0
+    # Compute devices that are really CPU cores shared by every engine (the
+    # CPU engine: one tenant process per "device", all on the same cores):
+    # per workload.MODELS key, how many times slower its steps compute while
+    # 1, 2, ... engines have work (measured; the first entry is 1). None:
+    # every device computes on its own (GPUs).
+    contention: Mapping[str, tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         if not self.tenants:
@@ -118,6 +124,9 @@ class Scenario:
             raise ValueError("incremental must be host, all, none or whole")
         if self.control_latency_s < 0:
             raise ValueError("control_latency_s must be >= 0")
+        for key, table in (self.contention or {}).items():
+            if not table or min(table) <= 0:
+                raise ValueError(f"contention for {key}: positive factors, one per busy count")
         for t in self.tenants:
             if t.model not in MODELS:
                 raise ValueError(f"tenant {t.name}: unknown model {t.model!r}; "
@@ -357,12 +366,13 @@ class SimEngine:
                 fresh.append(r)
         self.paging_stall_s += in_end - now
         self.recomputed_tokens += recomputed
-        recompute_s = self.costs.prefill(recomputed, n_recomputed)
-        prefill_end = in_end + self.costs.prefill(prefill, len(fresh))
+        slow = self._slowdown()
+        recompute_s = slow * self.costs.prefill(recomputed, n_recomputed)
+        prefill_end = in_end + slow * self.costs.prefill(prefill, len(fresh))
         fresh_ids = {r.id for r in fresh}
         decode = [r for r in plan.run if r.id not in fresh_ids]
         kv_tokens = sum(self._context(r) for r in decode)
-        decode_end = prefill_end + self.costs.decode(len(decode), kv_tokens)
+        decode_end = prefill_end + slow * self.costs.decode(len(decode), kv_tokens)
         # Switching costs what the step waited for copies, or what it spent
         # recomputing dropped caches.
         self.sched.record_step(in_end - now + recompute_s, decode_end - in_end - recompute_s)
@@ -371,8 +381,21 @@ class SimEngine:
         firsts, done_tokens = [], 0
         for i, r in enumerate(fresh):
             done_tokens += self._context(r)
-            firsts.append(in_end + self.costs.prefill(done_tokens, i + 1))
+            firsts.append(in_end + slow * self.costs.prefill(done_tokens, i + 1))
         sim.at(decode_end, self._step_done, (fresh, firsts, decode, decode_end, releases))
+
+    def _slowdown(self) -> float:
+        """How much slower this step computes: with the engines that have
+        work (an engine with nothing pending sleeps, as the replay's tenants
+        do) sharing the cores, as measured (Scenario.contention); beyond the
+        measured counts, proportionally more. Sampled when a step starts: a
+        step is short against how long the set of busy engines lasts."""
+        table = (self.sim.scenario.contention or {}).get(self.spec.model)
+        if not table:
+            return 1.0
+        busy = sum(1 for e in self.sim.engines if e.sched.pending)
+        n = len(table)
+        return table[min(busy, n) - 1] * max(1.0, busy / n)
 
     def _keeps(self, tier: str) -> bool:
         """Does a resumed request keep a lease on this tier (incremental
