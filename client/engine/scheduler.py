@@ -62,10 +62,6 @@ class Request:
     def done(self) -> bool:
         return len(self.tokens) >= self.max_new_tokens
 
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] - self.arrival if self.token_times else None
-
 
 POLICIES = ("fcfs", "reserve", "fair")
 BLOCK_TOKENS = 16  # vLLM's default KV block
@@ -181,6 +177,12 @@ class PromptScheduler:
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
 
+    def _head(self) -> Request | None:
+        """The first waiting request (fcfs, reserve), dropping finished ones."""
+        while self._waiting and self._waiting[0].state == "done":
+            self._waiting.popleft()
+        return self._waiting[0] if self._waiting else None
+
     def _plan_fcfs(self) -> Plan:
         budget = self.budget // self.block_tokens
         running, waiting = self._resident, self._waiting
@@ -203,11 +205,7 @@ class PromptScheduler:
             waiting.appendleft(victim)
         resume: list[Request] = []
         tokens = self.max_batched_tokens - len(running)  # one per decode
-        while waiting and not drop and len(running) < self.max_num_seqs:
-            r = waiting[0]
-            if r.state == "done":
-                waiting.popleft()
-                continue
+        while not drop and len(running) < self.max_num_seqs and (r := self._head()):
             prefill = _context(r)  # the prompt, plus what it had generated if dropped
             if need + self._blocks(prefill) > budget:
                 break  # head-of-line blocking, as in vLLM
@@ -223,15 +221,9 @@ class PromptScheduler:
 
     def _plan_reserve(self) -> Plan:
         resume = []
-        waiting = self._waiting
-        while waiting:  # arrival order; head-of-line blocking is the point
-            r = waiting[0]
-            if r.state == "done":
-                waiting.popleft()
-                continue
-            if self._used + r.reserve > self.budget:
-                break
-            waiting.popleft()
+        # Arrival order; head-of-line blocking is the point.
+        while (r := self._head()) and self._used + r.reserve <= self.budget:
+            self._waiting.popleft()
             r.state = "resident"
             self._used += r.reserve
             self._resident.append(r)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,15 +156,12 @@ class AquaOffloadingWorker(OffloadingWorker):
             self._cuda.submit(job_id, self._pointers(plan, store), plan.nbytes, store)
             return True
         start = time.perf_counter()
-        for index, parts in plan.by_lease.items():
-            views = self._views[index]
-            for group, blocks, rows in parts:
-                b, r = torch.from_numpy(blocks), torch.from_numpy(rows)
-                for t in self.group_tensors[group]:
-                    if store:
-                        views[t].index_copy_(0, r, self.kv[t].index_select(0, b))
-                    else:
-                        self.kv[t].index_copy_(0, b, views[t].index_select(0, r))
+        for t, view, blocks, rows in self._pages(plan):
+            b, r = torch.from_numpy(blocks), torch.from_numpy(rows)
+            if store:
+                view.index_copy_(0, r, self.kv[t].index_select(0, b))
+            else:
+                self.kv[t].index_copy_(0, b, view.index_select(0, r))
         self._done.append(TransferResult(job_id, True, plan.nbytes,
                                          time.perf_counter() - start))
         return True
@@ -171,21 +169,27 @@ class AquaOffloadingWorker(OffloadingWorker):
     def _pointers(self, plan: _Rows, store: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(source, destination, size) of every page copy in the job."""
         src, dst, sizes = [], [], []
-        for index, parts in plan.by_lease.items():
-            views = self._views[index]
-            for group, blocks, rows in parts:
-                for t in self.group_tensors[group]:
-                    page = self.pages[t]
-                    kv = self.kv[t].data_ptr() + blocks * page
-                    lease = views[t].data_ptr() + rows * page
-                    src.append(kv if store else lease)
-                    dst.append(lease if store else kv)
-                    sizes.append(np.full(len(blocks), page, dtype=np.int64))
+        for t, view, blocks, rows in self._pages(plan):
+            page = self.pages[t]
+            kv = self.kv[t].data_ptr() + blocks * page
+            lease = view.data_ptr() + rows * page
+            src.append(kv if store else lease)
+            dst.append(lease if store else kv)
+            sizes.append(np.full(len(blocks), page, dtype=np.int64))
         if not sizes:
             empty = np.empty(0, dtype=np.int64)
             return empty, empty, empty
         return (np.concatenate(src).astype(np.int64), np.concatenate(dst).astype(np.int64),
                 np.concatenate(sizes))
+
+    def _pages(self, plan: _Rows) -> Iterator[tuple[int, torch.Tensor, np.ndarray, np.ndarray]]:
+        """(KV tensor index, its view of the lease, KV block ids, lease rows)
+        of every (lease, group, tensor) part of a job."""
+        for index, parts in plan.by_lease.items():
+            views = self._views[index]
+            for group, blocks, rows in parts:
+                for t in self.group_tensors[group]:
+                    yield t, views[t], blocks, rows
 
     def get_finished(self) -> list[TransferResult]:
         if self._cuda is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -39,6 +40,10 @@ _PLATFORM_WORKERS = {
     "cpu": "vllm.v1.worker.cpu_worker.CPUWorker",
     "cuda": "vllm.v1.worker.gpu_worker.Worker",
 }
+# additional_config["aqua"] key -> the environment variable read where it is absent.
+_SETTINGS = {"socket": "AQUA_SOCKET", "tenant": "AQUA_TENANT", "weight": "AQUA_WEIGHT",
+             "device": "AQUA_DEVICE", "idle_ms": "AQUA_IDLE_MS",
+             "base_worker": "AQUA_BASE_WORKER"}
 
 
 def _settings(vllm_config: Any) -> dict[str, Any]:
@@ -46,22 +51,11 @@ def _settings(vllm_config: Any) -> dict[str, Any]:
     own = extra.get("aqua", {}) if isinstance(extra, dict) else {}
     if not isinstance(own, dict):
         raise ValueError("additional_config['aqua'] must be a dict")
-    unknown = set(own) - {"socket", "tenant", "weight", "device", "idle_ms", "base_worker"}
+    unknown = set(own) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown aqua settings in additional_config: {sorted(unknown)}")
-
-    def pick(key: str, env: str) -> Any:
-        value = own.get(key)
-        return value if value is not None else os.environ.get(env) or None
-
-    return {
-        "socket": pick("socket", "AQUA_SOCKET"),
-        "tenant": pick("tenant", "AQUA_TENANT"),
-        "weight": pick("weight", "AQUA_WEIGHT"),
-        "device": pick("device", "AQUA_DEVICE"),
-        "idle_ms": pick("idle_ms", "AQUA_IDLE_MS"),
-        "base_worker": pick("base_worker", "AQUA_BASE_WORKER"),
-    }
+    return {key: own[key] if own.get(key) is not None else os.environ.get(env) or None
+            for key, env in _SETTINGS.items()}
 
 
 def _base_worker_name(settings: dict[str, Any]) -> str:
@@ -69,10 +63,9 @@ def _base_worker_name(settings: dict[str, Any]) -> str:
         return str(settings["base_worker"])
     from vllm.platforms import current_platform  # noqa: PLC0415
 
-    if current_platform.is_cpu():
-        return _PLATFORM_WORKERS["cpu"]
-    if current_platform.is_cuda():
-        return _PLATFORM_WORKERS["cuda"]
+    for platform, worker in _PLATFORM_WORKERS.items():
+        if getattr(current_platform, f"is_{platform}")():
+            return worker
     raise ValueError(f"aqua.vllm.AquaWorker knows no worker for platform "
                      f"{current_platform.device_name!r}: set AQUA_BASE_WORKER")
 
@@ -152,7 +145,7 @@ class _Turns:
 
     def aqua_stats(self) -> dict[str, Any]:
         """The turn counters (`LLM.collective_rpc("aqua_stats")`)."""
-        return self._aqua.stats.as_dict() if self._aqua is not None else {"enabled": False}
+        return asdict(self._aqua.stats) if self._aqua is not None else {"enabled": False}
 
     def shutdown(self) -> None:
         if self._aqua is not None:
