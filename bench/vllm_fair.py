@@ -144,17 +144,17 @@ def run(args: argparse.Namespace) -> dict:
         "runs": {v: summarise([figures(r, requests) for r in raw[v]["reps"]])
                  for v in variants},
     }
-    stock, fair = doc["runs"]["stock"], doc["runs"]["fair"]
+    def ratio(num: str, den: str, key: str, floor: float | None = None) -> float:
+        below = doc["runs"][den][key]["median"]
+        return doc["runs"][num][key]["median"] / (below if floor is None else max(floor, below))
+
     doc["ratios"] = {
-        "ttft_p50_stock_over_fair": stock["ttft_p50_s"]["median"] / fair["ttft_p50_s"]["median"],
-        "ttft_p99_stock_over_fair": stock["ttft_p99_s"]["median"] / fair["ttft_p99_s"]["median"],
-        "tbt_p99_fair_over_stock": fair["tbt_p99_s"]["median"] / stock["tbt_p99_s"]["median"],
-        "throughput_fair_over_stock": (fair["throughput_tok_s"]["median"]
-                                       / stock["throughput_tok_s"]["median"]),
-        "ttft_p99_steps_stock_over_fair": (stock["ttft_p99_steps"]["median"]
-                                           / max(1.0, fair["ttft_p99_steps"]["median"])),
-        "ms_per_step_fair_over_stock": (fair["ms_per_step"]["median"]
-                                        / stock["ms_per_step"]["median"]),
+        "ttft_p50_stock_over_fair": ratio("stock", "fair", "ttft_p50_s"),
+        "ttft_p99_stock_over_fair": ratio("stock", "fair", "ttft_p99_s"),
+        "tbt_p99_fair_over_stock": ratio("fair", "stock", "tbt_p99_s"),
+        "throughput_fair_over_stock": ratio("fair", "stock", "throughput_tok_s"),
+        "ttft_p99_steps_stock_over_fair": ratio("stock", "fair", "ttft_p99_steps", floor=1.0),
+        "ms_per_step_fair_over_stock": ratio("fair", "stock", "ms_per_step"),
     }
     return doc
 

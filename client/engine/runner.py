@@ -38,15 +38,12 @@ class LeaseKV:
         total = sum(t.numel() * t.element_size() for t in tensors)
         lease = self._leases.get(rid)
         if lease is None or lease.nbytes < total:
-            if lease is not None:
-                del self._leases[rid]
-                lease.release(keep=True)
+            self.drop(rid)  # too small
             # A lease a finished request left, where the client keeps them.
             lease = self.client.lease(total, reuse=True)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
-        pack(lease, tensors)
+        self.bytes_out += pack(lease, tensors)
         self._meta[rid] = ([(t.shape, t.dtype) for t in tensors], tensors[0].device)
-        self.bytes_out += total
 
     def load(self, rid: int, make_cache: Callable[[], Any]) -> Any:
         specs, device = self._meta.pop(rid)

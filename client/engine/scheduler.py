@@ -168,11 +168,7 @@ class PromptScheduler:
         return list(self._resident)
 
     def plan(self) -> Plan:
-        if self.policy == "fcfs":
-            return self._plan_fcfs()
-        if self.policy == "reserve":
-            return self._plan_reserve()
-        return self._plan_fair()
+        return getattr(self, f"_plan_{self.policy}")()
 
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)

@@ -63,19 +63,17 @@ class AquaOffloadingWorker(OffloadingWorker):
     def __init__(self, kv_caches: CanonicalKVCaches, blocks_per_chunk: int,
                  chunk_bytes: int, socket: str) -> None:
         self.blocks_per_chunk = blocks_per_chunk
-        self.kv: list[torch.Tensor] = []
-        for t in kv_caches.tensors:
-            tensor = t.tensor
-            if tensor.dim() != 2 or tensor.stride(1) != 1 or tensor.stride(0) != tensor.shape[1]:
-                raise ValueError("aqua's KV offload tier needs one contiguous page per KV "
-                                 "block and tensor (packed layouts are not supported)")
-            self.kv.append(tensor.view(torch.int8))
-        self.pages = [t.shape[1] for t in self.kv]  # bytes per KV block, per tensor
+        tensors = [t.tensor for t in kv_caches.tensors]
+        if any(t.dim() != 2 or t.stride(1) != 1 or t.stride(0) != t.shape[1] for t in tensors):
+            raise ValueError("aqua's KV offload tier needs one contiguous page per KV "
+                             "block and tensor (packed layouts are not supported)")
+        # bytes per KV block, per tensor
+        self.pages = [t.shape[1] * t.element_size() for t in tensors]
         # CPU copies move whole words: torch's index_copy_ on int8 moves a
         # byte per element, about 100x slower than on int64 for the same
         # bytes (bench/README.md, vllm_fair.py section).
-        self.word = _widest_word(self.pages, [t.data_ptr() for t in self.kv])
-        self.kv = [t.view(self.word) for t in self.kv]
+        self.word = _widest_word(self.pages, [t.data_ptr() for t in tensors])
+        self.kv = [t.view(torch.int8).view(self.word) for t in tensors]
         if blocks_per_chunk * sum(self.pages) != chunk_bytes:
             raise ValueError(f"KV pages add up to {blocks_per_chunk * sum(self.pages)} bytes per "
                              f"offload chunk, the scheduler sized chunks at {chunk_bytes}")

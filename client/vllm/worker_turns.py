@@ -75,7 +75,6 @@ class TurnKeeper:
         self._turn: AbstractContextManager | None = None
         self._busy = False
         self._step_ends = 0  # steps finished; the watchdog's "nothing happened" test
-        self._closed = False
         self._paged: list[torch.Tensor] = []  # what the pager holds now
         self.client: aqua.Client | None = None
         self.pager: aqua.TensorPager | None = None
@@ -130,7 +129,6 @@ class TurnKeeper:
     def close(self) -> None:
         """Give the turn back, page in, release the leases, unregister."""
         with self._cond:
-            self._closed = True
             self._cond.notify_all()
             client, self.client = self.client, None
             if client is None:
@@ -204,7 +202,7 @@ class TurnKeeper:
     def _watch(self) -> None:
         """Give the turn back once the engine has not stepped for idle_s."""
         with self._cond:
-            while not self._closed and self.client is not None:
+            while self.client is not None:
                 if self._turn is None or self._busy:
                     self._cond.wait()
                     continue
