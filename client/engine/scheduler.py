@@ -34,7 +34,6 @@ The engine asks `plan()` before every step and carries the plan out.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -104,8 +103,6 @@ class PromptScheduler:
         self._waiting: deque[Request] = deque()  # fcfs, reserve: not running, in order
         self._resident: list[Request] = []  # in submission order
         self._fresh: list[Request] = []  # may still lack a first token
-        self._seq: dict[int, int] = {}  # request id -> submission order
-        self._arrivals = itertools.count()
         self._used = 0  # KV tokens reserved by resident requests
         self._steps_in_slice = 0
         self._dirty = True  # something arrived or finished: re-plan now
@@ -121,7 +118,6 @@ class PromptScheduler:
         if request.id in self.active:
             raise ValueError(f"request {request.id} is already active")
         self.active[request.id] = request
-        self._seq[request.id] = next(self._arrivals)
         if self.policy != "fair":
             self._waiting.append(request)
         self._fresh.append(request)
@@ -133,7 +129,6 @@ class PromptScheduler:
             self._used -= request.reserve
         request.state = "done"
         self.active.pop(request.id, None)
-        self._seq.pop(request.id, None)
         self._dirty = True
         self._freed = True
         if request.id in self._started:
@@ -340,8 +335,8 @@ class PromptScheduler:
             if r.id not in self._started:
                 self._started.add(r.id)
                 self._started_reserve += r.reserve
-        seq = self._seq
-        self._resident = sorted(chosen, key=lambda r: seq[r.id])
+        ids = {r.id for r in chosen}
+        self._resident = [r for r in self.active.values() if r.id in ids]  # submission order
         self._used = sum(r.reserve for r in chosen)
         return Plan(preempt, resume, list(self._resident))
 

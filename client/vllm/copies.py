@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,13 +48,9 @@ class AquaLoadStoreSpec(BlockIDsLoadStoreSpec):
         self.leases = leases
 
 
-@dataclass
-class _Rows:
-    """Where a job's blocks go: per lease index, the KV block ids and the
-    matching rows of that lease's per-tensor views, per KV cache group."""
-
-    by_lease: dict[int, list[tuple[int, np.ndarray, np.ndarray]]]  # [(group, blocks, rows)]
-    nbytes: int
+# One run of page copies of a job: (KV tensor index, that tensor's view of
+# the lease, KV block ids, the matching rows of the view).
+_Pages = list[tuple[int, torch.Tensor, np.ndarray, np.ndarray]]
 
 
 class AquaOffloadingWorker(OffloadingWorker):
@@ -111,11 +105,12 @@ class AquaOffloadingWorker(OffloadingWorker):
                 offset += rows * page
             self._views[index] = views
 
-    def _rows(self, gpu: GPULoadStoreSpec, spec: AquaLoadStoreSpec) -> _Rows:
-        """Match each KV block of the job with its chunk and sub-block row.
-        A group's first block may start inside a chunk (block_indices)."""
+    def _pages(self, gpu: GPULoadStoreSpec, spec: AquaLoadStoreSpec) -> tuple[_Pages, int]:
+        """Match each KV block of the job with its chunk and sub-block row:
+        the job's runs of page copies, and its bytes. A group's first block
+        may start inside a chunk (block_indices)."""
         bpc, cpl = self.blocks_per_chunk, spec.chunks_per_lease
-        by_lease: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        pages: _Pages = []
         nbytes = 0
         block_at = chunk_at = 0
         chunk_ids = spec.block_ids.astype(np.int64)
@@ -130,11 +125,13 @@ class AquaOffloadingWorker(OffloadingWorker):
             rows = (chunks % cpl) * bpc + logical % bpc
             for index in np.unique(leases):
                 mask = leases == index
-                by_lease.setdefault(int(index), []).append((group, blocks[mask], rows[mask]))
+                views = self._views[int(index)]
+                pages += [(t, views[t], blocks[mask], rows[mask])
+                          for t in self.group_tensors[group]]
             nbytes += size * sum(self.pages[t] for t in self.group_tensors[group])
             block_at += size
             chunk_at += count
-        return _Rows(by_lease, nbytes)
+        return pages, nbytes
 
     # --- OffloadingWorker -----------------------------------------------------
 
@@ -149,25 +146,24 @@ class AquaOffloadingWorker(OffloadingWorker):
     def _transfer(self, job_id: int, gpu: GPULoadStoreSpec, spec: AquaLoadStoreSpec, *,
                   store: bool) -> bool:
         self._map(spec)
-        plan = self._rows(gpu, spec)
+        pages, nbytes = self._pages(gpu, spec)
         if self._cuda is not None:
-            self._cuda.submit(job_id, self._pointers(plan, store), plan.nbytes, store)
+            self._cuda.submit(job_id, self._pointers(pages, store), nbytes, store)
             return True
         start = time.perf_counter()
-        for t, view, blocks, rows in self._pages(plan):
+        for t, view, blocks, rows in pages:
             b, r = torch.from_numpy(blocks), torch.from_numpy(rows)
             if store:
                 view.index_copy_(0, r, self.kv[t].index_select(0, b))
             else:
                 self.kv[t].index_copy_(0, b, view.index_select(0, r))
-        self._done.append(TransferResult(job_id, True, plan.nbytes,
-                                         time.perf_counter() - start))
+        self._done.append(TransferResult(job_id, True, nbytes, time.perf_counter() - start))
         return True
 
-    def _pointers(self, plan: _Rows, store: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pointers(self, pages: _Pages, store: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(source, destination, size) of every page copy in the job."""
         src, dst, sizes = [], [], []
-        for t, view, blocks, rows in self._pages(plan):
+        for t, view, blocks, rows in pages:
             page = self.pages[t]
             kv = self.kv[t].data_ptr() + blocks * page
             lease = view.data_ptr() + rows * page
@@ -179,15 +175,6 @@ class AquaOffloadingWorker(OffloadingWorker):
             return empty, empty, empty
         return (np.concatenate(src).astype(np.int64), np.concatenate(dst).astype(np.int64),
                 np.concatenate(sizes))
-
-    def _pages(self, plan: _Rows) -> Iterator[tuple[int, torch.Tensor, np.ndarray, np.ndarray]]:
-        """(KV tensor index, its view of the lease, KV block ids, lease rows)
-        of every (lease, group, tensor) part of a job."""
-        for index, parts in plan.by_lease.items():
-            views = self._views[index]
-            for group, blocks, rows in parts:
-                for t in self.group_tensors[group]:
-                    yield t, views[t], blocks, rows
 
     def get_finished(self) -> list[TransferResult]:
         if self._cuda is not None:
