@@ -95,7 +95,6 @@ class LeaseTier:
     a time up to `max_chunks`; `up` is False once aquad is unreachable."""
 
     def __init__(self, settings: TierSettings, chunk_bytes: int) -> None:
-        self.settings = settings
         self.chunk_bytes = chunk_bytes
         self.chunks_per_lease = max(1, settings.chunk_bytes // chunk_bytes)
         self.leases: list[Lease] = []

