@@ -33,16 +33,15 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aqua_demo.stats import jain, percentile  # noqa: E402
+from aqua_demo.stats import jain, percentile, service_summary, token_rate  # noqa: E402
 from bench._common import aquad_process, write_json  # noqa: E402
+from bench.vllm_tenants import MODEL, TOKEN_BYTES  # noqa: E402
 from demo.trace import read_trace  # noqa: E402
 from tests.vllm_support import BLOCK, tiny_llama  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(os.path.dirname(HERE), "tests", "vllm_fair_driver.py")
 TRACE = os.path.join(HERE, "traces", "azure-llm-2023-conv.csv")
-MODEL = dict(layers=4, hidden=512, heads=8, kv_heads=2)  # as bench/vllm_tenants.py
-TOKEN_BYTES = MODEL["layers"] * 2 * MODEL["kv_heads"] * (MODEL["hidden"] // MODEL["heads"]) * 4
 TENANTS = ("alice", "bob", "carol", "dave")
 
 
@@ -80,22 +79,20 @@ def run_variant(spec: dict) -> dict:
 
 def figures(rep: dict, requests: list[dict]) -> dict:
     rows = rep["requests"]
-    ttft = sorted(r["times"][0] - r["arrived_s"] for r in rows)
-    # the same in engine steps: independent of machine load
+    service = service_summary((r["arrived_s"], r["times"]) for r in rows)
+    # TTFT in engine steps: independent of machine load
     ttft_steps = sorted(r["steps"][0] - r["arrived_step"] for r in rows)
-    tbt = sorted(b - a for r in rows for a, b in zip(r["times"], r["times"][1:]))
-    generated = sum(len(r["tokens"]) for r in rows)
     # normalised service of a request: output tokens per second in the system
-    rates = [len(r["tokens"]) / (r["times"][-1] - r["arrived_s"]) for r in rows]
+    rates = [token_rate(r["arrived_s"], r["times"]) for r in rows]
     by_tenant: dict[str, list[float]] = {}
     for r, rate in zip(rows, rates):
         by_tenant.setdefault(r["tenant"], []).append(rate)
     needed = sum(len(q["prompt"]) + q["max_tokens"] - 1 for q in requests)
     return {
-        "ttft_p50_s": percentile(ttft, 0.50), "ttft_p99_s": percentile(ttft, 0.99),
+        **{key: service[key] for key in ("ttft_p50_s", "ttft_p99_s", "tbt_p99_s")},
         "ttft_p50_steps": percentile(ttft_steps, 0.50),
         "ttft_p99_steps": percentile(ttft_steps, 0.99),
-        "tbt_p99_s": percentile(tbt, 0.99), "throughput_tok_s": generated / rep["wall_s"],
+        "throughput_tok_s": service["tokens"] / rep["wall_s"],
         "jain_requests": jain(rates),
         "jain_tenants": jain([statistics.fmean(v) for v in by_tenant.values()]),
         "computed": rep["computed"], "recomputed": rep["computed"] - needed,
@@ -147,17 +144,17 @@ def run(args: argparse.Namespace) -> dict:
         "runs": {v: summarise([figures(r, requests) for r in raw[v]["reps"]])
                  for v in variants},
     }
-    stock, fair = doc["runs"]["stock"], doc["runs"]["fair"]
+    def ratio(num: str, den: str, key: str, floor: float | None = None) -> float:
+        below = doc["runs"][den][key]["median"]
+        return doc["runs"][num][key]["median"] / (below if floor is None else max(floor, below))
+
     doc["ratios"] = {
-        "ttft_p50_stock_over_fair": stock["ttft_p50_s"]["median"] / fair["ttft_p50_s"]["median"],
-        "ttft_p99_stock_over_fair": stock["ttft_p99_s"]["median"] / fair["ttft_p99_s"]["median"],
-        "tbt_p99_fair_over_stock": fair["tbt_p99_s"]["median"] / stock["tbt_p99_s"]["median"],
-        "throughput_fair_over_stock": (fair["throughput_tok_s"]["median"]
-                                       / stock["throughput_tok_s"]["median"]),
-        "ttft_p99_steps_stock_over_fair": (stock["ttft_p99_steps"]["median"]
-                                           / max(1.0, fair["ttft_p99_steps"]["median"])),
-        "ms_per_step_fair_over_stock": (fair["ms_per_step"]["median"]
-                                        / stock["ms_per_step"]["median"]),
+        "ttft_p50_stock_over_fair": ratio("stock", "fair", "ttft_p50_s"),
+        "ttft_p99_stock_over_fair": ratio("stock", "fair", "ttft_p99_s"),
+        "tbt_p99_fair_over_stock": ratio("fair", "stock", "tbt_p99_s"),
+        "throughput_fair_over_stock": ratio("fair", "stock", "throughput_tok_s"),
+        "ttft_p99_steps_stock_over_fair": ratio("stock", "fair", "ttft_p99_steps", floor=1.0),
+        "ms_per_step_fair_over_stock": ratio("fair", "stock", "ms_per_step"),
     }
     return doc
 

@@ -38,15 +38,12 @@ class LeaseKV:
         total = sum(t.numel() * t.element_size() for t in tensors)
         lease = self._leases.get(rid)
         if lease is None or lease.nbytes < total:
-            if lease is not None:
-                del self._leases[rid]
-                lease.release(keep=True)
+            self.drop(rid)  # too small
             # A lease a finished request left, where the client keeps them.
             lease = self.client.lease(total, reuse=True)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
-        pack(lease, tensors)
+        self.bytes_out += pack(lease, tensors)
         self._meta[rid] = ([(t.shape, t.dtype) for t in tensors], tensors[0].device)
-        self.bytes_out += total
 
     def load(self, rid: int, make_cache: Callable[[], Any]) -> Any:
         specs, device = self._meta.pop(rid)
@@ -149,15 +146,17 @@ class Engine:
                 self.kv.drop(r.id)
             self.scheduler.finished(r)
 
-    def _ids(self, tokens: list[int]) -> torch.Tensor:
-        return torch.tensor([tokens], device=self.model.device)
+    def _forward(self, r: Request, tokens: list[int], cache: Any) -> torch.Tensor:
+        """Run `tokens` through the model on `cache`, which becomes r's; the logits."""
+        ids = torch.tensor([tokens], device=self.model.device)
+        out = self.model(ids, past_key_values=cache, use_cache=True)
+        self._caches[r.id] = out.past_key_values
+        return out.logits
 
     def _prefill(self, r: Request) -> None:
-        cache = self._new_cache()
-        out = self.model(self._ids(r.prompt), past_key_values=cache, use_cache=True)
+        logits = self._forward(r, r.prompt, self._new_cache())
         r.prefilled = True
-        self._caches[r.id] = out.past_key_values
-        self._emit(r, out.logits)
+        self._emit(r, logits)
 
     def _recompute(self, r: Request) -> None:
         """Rebuild a dropped cache from the prompt and the tokens so far; the
@@ -165,15 +164,11 @@ class Engine:
         batched prefill can differ from incremental decoding in the last
         bits, so a recomputed request is not guaranteed bit-identical.)"""
         context = r.prompt + r.tokens[:-1]
-        out = self.model(self._ids(context), past_key_values=self._new_cache(), use_cache=True)
-        self._caches[r.id] = out.past_key_values
+        self._forward(r, context, self._new_cache())
         self.recomputed_tokens += len(context)
 
     def _decode(self, r: Request) -> None:
-        cache = self._caches[r.id]
-        out = self.model(self._ids(r.tokens[-1:]), past_key_values=cache, use_cache=True)
-        self._caches[r.id] = out.past_key_values
-        self._emit(r, out.logits)
+        self._emit(r, self._forward(r, r.tokens[-1:], self._caches[r.id]))
 
     @property
     def bytes_paged(self) -> int:

@@ -34,7 +34,6 @@ The engine asks `plan()` before every step and carries the plan out.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -61,10 +60,6 @@ class Request:
     @property
     def done(self) -> bool:
         return len(self.tokens) >= self.max_new_tokens
-
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] - self.arrival if self.token_times else None
 
 
 POLICIES = ("fcfs", "reserve", "fair")
@@ -108,8 +103,6 @@ class PromptScheduler:
         self._waiting: deque[Request] = deque()  # fcfs, reserve: not running, in order
         self._resident: list[Request] = []  # in submission order
         self._fresh: list[Request] = []  # may still lack a first token
-        self._seq: dict[int, int] = {}  # request id -> submission order
-        self._arrivals = itertools.count()
         self._used = 0  # KV tokens reserved by resident requests
         self._steps_in_slice = 0
         self._dirty = True  # something arrived or finished: re-plan now
@@ -125,7 +118,6 @@ class PromptScheduler:
         if request.id in self.active:
             raise ValueError(f"request {request.id} is already active")
         self.active[request.id] = request
-        self._seq[request.id] = next(self._arrivals)
         if self.policy != "fair":
             self._waiting.append(request)
         self._fresh.append(request)
@@ -137,7 +129,6 @@ class PromptScheduler:
             self._used -= request.reserve
         request.state = "done"
         self.active.pop(request.id, None)
-        self._seq.pop(request.id, None)
         self._dirty = True
         self._freed = True
         if request.id in self._started:
@@ -172,14 +163,16 @@ class PromptScheduler:
         return list(self._resident)
 
     def plan(self) -> Plan:
-        if self.policy == "fcfs":
-            return self._plan_fcfs()
-        if self.policy == "reserve":
-            return self._plan_reserve()
-        return self._plan_fair()
+        return getattr(self, f"_plan_{self.policy}")()
 
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
+
+    def _head(self) -> Request | None:
+        """The first waiting request (fcfs, reserve), dropping finished ones."""
+        while self._waiting and self._waiting[0].state == "done":
+            self._waiting.popleft()
+        return self._waiting[0] if self._waiting else None
 
     def _plan_fcfs(self) -> Plan:
         budget = self.budget // self.block_tokens
@@ -203,11 +196,7 @@ class PromptScheduler:
             waiting.appendleft(victim)
         resume: list[Request] = []
         tokens = self.max_batched_tokens - len(running)  # one per decode
-        while waiting and not drop and len(running) < self.max_num_seqs:
-            r = waiting[0]
-            if r.state == "done":
-                waiting.popleft()
-                continue
+        while not drop and len(running) < self.max_num_seqs and (r := self._head()):
             prefill = _context(r)  # the prompt, plus what it had generated if dropped
             if need + self._blocks(prefill) > budget:
                 break  # head-of-line blocking, as in vLLM
@@ -223,15 +212,9 @@ class PromptScheduler:
 
     def _plan_reserve(self) -> Plan:
         resume = []
-        waiting = self._waiting
-        while waiting:  # arrival order; head-of-line blocking is the point
-            r = waiting[0]
-            if r.state == "done":
-                waiting.popleft()
-                continue
-            if self._used + r.reserve > self.budget:
-                break
-            waiting.popleft()
+        # Arrival order; head-of-line blocking is the point.
+        while (r := self._head()) and self._used + r.reserve <= self.budget:
+            self._waiting.popleft()
             r.state = "resident"
             self._used += r.reserve
             self._resident.append(r)
@@ -352,8 +335,8 @@ class PromptScheduler:
             if r.id not in self._started:
                 self._started.add(r.id)
                 self._started_reserve += r.reserve
-        seq = self._seq
-        self._resident = sorted(chosen, key=lambda r: seq[r.id])
+        ids = {r.id for r in chosen}
+        self._resident = [r for r in self.active.values() if r.id in ids]  # submission order
         self._used = sum(r.reserve for r in chosen)
         return Plan(preempt, resume, list(self._resident))
 

@@ -16,6 +16,8 @@ Names load on first use, so `import aqua.vllm` alone imports no vLLM.
 
 from __future__ import annotations
 
+import importlib
+
 SPEC_NAME = "aqua"  # short spec_name registered by the plugin
 
 
@@ -28,20 +30,15 @@ def register() -> None:
                                             "AquaOffloadingSpec")
 
 
+# Public name -> the submodule that defines it, imported on first use.
+_LAZY = {"AquaOffloadingSpec": "offload", "AquaOffloadingManager": "offload",
+         "AquaWorker": "worker", "FairScheduler": "fair", "AsyncFairScheduler": "fair"}
+
+
 def __getattr__(name: str):
-    if name in ("AquaOffloadingSpec", "AquaOffloadingManager"):
-        from . import offload  # noqa: PLC0415
-
-        return getattr(offload, name)
-    if name == "AquaWorker":
-        from .worker import AquaWorker  # noqa: PLC0415
-
-        return AquaWorker
-    if name in ("FairScheduler", "AsyncFairScheduler"):
-        from . import fair  # noqa: PLC0415
-
-        return getattr(fair, name)
-    raise AttributeError(name)
+    if name not in _LAZY:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
 __all__ = ["AquaOffloadingManager", "AquaOffloadingSpec", "AquaWorker", "AsyncFairScheduler",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,32 +48,26 @@ class AquaLoadStoreSpec(BlockIDsLoadStoreSpec):
         self.leases = leases
 
 
-@dataclass
-class _Rows:
-    """Where a job's blocks go: per lease index, the KV block ids and the
-    matching rows of that lease's per-tensor views, per KV cache group."""
-
-    by_lease: dict[int, list[tuple[int, np.ndarray, np.ndarray]]]  # [(group, blocks, rows)]
-    nbytes: int
+# One run of page copies of a job: (KV tensor index, that tensor's view of
+# the lease, KV block ids, the matching rows of the view).
+_Pages = list[tuple[int, torch.Tensor, np.ndarray, np.ndarray]]
 
 
 class AquaOffloadingWorker(OffloadingWorker):
     def __init__(self, kv_caches: CanonicalKVCaches, blocks_per_chunk: int,
                  chunk_bytes: int, socket: str) -> None:
         self.blocks_per_chunk = blocks_per_chunk
-        self.kv: list[torch.Tensor] = []
-        for t in kv_caches.tensors:
-            tensor = t.tensor
-            if tensor.dim() != 2 or tensor.stride(1) != 1 or tensor.stride(0) != tensor.shape[1]:
-                raise ValueError("aqua's KV offload tier needs one contiguous page per KV "
-                                 "block and tensor (packed layouts are not supported)")
-            self.kv.append(tensor.view(torch.int8))
-        self.pages = [t.shape[1] for t in self.kv]  # bytes per KV block, per tensor
+        tensors = [t.tensor for t in kv_caches.tensors]
+        if any(t.dim() != 2 or t.stride(1) != 1 or t.stride(0) != t.shape[1] for t in tensors):
+            raise ValueError("aqua's KV offload tier needs one contiguous page per KV "
+                             "block and tensor (packed layouts are not supported)")
+        # bytes per KV block, per tensor
+        self.pages = [t.shape[1] * t.element_size() for t in tensors]
         # CPU copies move whole words: torch's index_copy_ on int8 moves a
         # byte per element, about 100x slower than on int64 for the same
         # bytes (bench/README.md, vllm_fair.py section).
-        self.word = _widest_word(self.pages, [t.data_ptr() for t in self.kv])
-        self.kv = [t.view(self.word) for t in self.kv]
+        self.word = _widest_word(self.pages, [t.data_ptr() for t in tensors])
+        self.kv = [t.view(torch.int8).view(self.word) for t in tensors]
         if blocks_per_chunk * sum(self.pages) != chunk_bytes:
             raise ValueError(f"KV pages add up to {blocks_per_chunk * sum(self.pages)} bytes per "
                              f"offload chunk, the scheduler sized chunks at {chunk_bytes}")
@@ -112,11 +105,12 @@ class AquaOffloadingWorker(OffloadingWorker):
                 offset += rows * page
             self._views[index] = views
 
-    def _rows(self, gpu: GPULoadStoreSpec, spec: AquaLoadStoreSpec) -> _Rows:
-        """Match each KV block of the job with its chunk and sub-block row.
-        A group's first block may start inside a chunk (block_indices)."""
+    def _pages(self, gpu: GPULoadStoreSpec, spec: AquaLoadStoreSpec) -> tuple[_Pages, int]:
+        """Match each KV block of the job with its chunk and sub-block row:
+        the job's runs of page copies, and its bytes. A group's first block
+        may start inside a chunk (block_indices)."""
         bpc, cpl = self.blocks_per_chunk, spec.chunks_per_lease
-        by_lease: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        pages: _Pages = []
         nbytes = 0
         block_at = chunk_at = 0
         chunk_ids = spec.block_ids.astype(np.int64)
@@ -131,11 +125,13 @@ class AquaOffloadingWorker(OffloadingWorker):
             rows = (chunks % cpl) * bpc + logical % bpc
             for index in np.unique(leases):
                 mask = leases == index
-                by_lease.setdefault(int(index), []).append((group, blocks[mask], rows[mask]))
+                views = self._views[int(index)]
+                pages += [(t, views[t], blocks[mask], rows[mask])
+                          for t in self.group_tensors[group]]
             nbytes += size * sum(self.pages[t] for t in self.group_tensors[group])
             block_at += size
             chunk_at += count
-        return _Rows(by_lease, nbytes)
+        return pages, nbytes
 
     # --- OffloadingWorker -----------------------------------------------------
 
@@ -150,37 +146,30 @@ class AquaOffloadingWorker(OffloadingWorker):
     def _transfer(self, job_id: int, gpu: GPULoadStoreSpec, spec: AquaLoadStoreSpec, *,
                   store: bool) -> bool:
         self._map(spec)
-        plan = self._rows(gpu, spec)
+        pages, nbytes = self._pages(gpu, spec)
         if self._cuda is not None:
-            self._cuda.submit(job_id, self._pointers(plan, store), plan.nbytes, store)
+            self._cuda.submit(job_id, self._pointers(pages, store), nbytes, store)
             return True
         start = time.perf_counter()
-        for index, parts in plan.by_lease.items():
-            views = self._views[index]
-            for group, blocks, rows in parts:
-                b, r = torch.from_numpy(blocks), torch.from_numpy(rows)
-                for t in self.group_tensors[group]:
-                    if store:
-                        views[t].index_copy_(0, r, self.kv[t].index_select(0, b))
-                    else:
-                        self.kv[t].index_copy_(0, b, views[t].index_select(0, r))
-        self._done.append(TransferResult(job_id, True, plan.nbytes,
-                                         time.perf_counter() - start))
+        for t, view, blocks, rows in pages:
+            b, r = torch.from_numpy(blocks), torch.from_numpy(rows)
+            if store:
+                view.index_copy_(0, r, self.kv[t].index_select(0, b))
+            else:
+                self.kv[t].index_copy_(0, b, view.index_select(0, r))
+        self._done.append(TransferResult(job_id, True, nbytes, time.perf_counter() - start))
         return True
 
-    def _pointers(self, plan: _Rows, store: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pointers(self, pages: _Pages, store: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(source, destination, size) of every page copy in the job."""
         src, dst, sizes = [], [], []
-        for index, parts in plan.by_lease.items():
-            views = self._views[index]
-            for group, blocks, rows in parts:
-                for t in self.group_tensors[group]:
-                    page = self.pages[t]
-                    kv = self.kv[t].data_ptr() + blocks * page
-                    lease = views[t].data_ptr() + rows * page
-                    src.append(kv if store else lease)
-                    dst.append(lease if store else kv)
-                    sizes.append(np.full(len(blocks), page, dtype=np.int64))
+        for t, view, blocks, rows in pages:
+            page = self.pages[t]
+            kv = self.kv[t].data_ptr() + blocks * page
+            lease = view.data_ptr() + rows * page
+            src.append(kv if store else lease)
+            dst.append(lease if store else kv)
+            sizes.append(np.full(len(blocks), page, dtype=np.int64))
         if not sizes:
             empty = np.empty(0, dtype=np.int64)
             return empty, empty, empty

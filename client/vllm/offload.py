@@ -81,11 +81,6 @@ class AquaOffloadingManager(CPUOffloadingManager):
         self._num_chunks = tier.chunks  # what is leased so far
         self._slices_reported: dict[str, float] = {}  # SliceStats as last exported
 
-    def _grow_for(self, keys: Collection[OffloadKey]) -> None:
-        new = sum(1 for key in keys if self._policy.get(key) is None)
-        while self._get_num_free_chunks() < new and self.tier.grow():
-            self._num_chunks = self.tier.chunks
-
     @override
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         if not self.tier.up:
@@ -98,7 +93,10 @@ class AquaOffloadingManager(CPUOffloadingManager):
         if not self.tier.up:
             return None
         keys = list(keys)
-        self._grow_for(keys)
+        # Lease more chunks while the keys not stored yet do not fit.
+        new = sum(1 for key in keys if self._policy.get(key) is None)
+        while self._get_num_free_chunks() < new and self.tier.grow():
+            self._num_chunks = self.tier.chunks
         return super().prepare_store(keys, req_context)
 
     @override
@@ -115,20 +113,14 @@ class AquaOffloadingManager(CPUOffloadingManager):
             stats.set_gauge(LEASE_BYTES, leased.get(tier, 0), (tier,))
         stats.set_gauge(CAPACITY_BYTES, self.tier.max_chunks * self.tier.chunk_bytes)
         stats.set_gauge(TIER_UP, 1 if self.tier.up else 0)
-        self._slice_figures(stats)
-        return stats
-
-    def _slice_figures(self, stats: Any) -> None:
-        """The worker's slice counters since the last call, if it runs here."""
-        slices = current_stats()
-        if slices is None:
-            return
+        slices = current_stats()  # the worker's slice counters, if it runs here
         for field, (name, _) in SLICE_COUNTERS.items():
-            now = float(getattr(slices, field))
+            now = 0.0 if slices is None else float(getattr(slices, field))
             delta = now - self._slices_reported.get(field, 0.0)
-            if delta > 0:
+            if delta > 0:  # what grew since the last call
                 stats.increase_counter(name, delta)
                 self._slices_reported[field] = now
+        return stats
 
     @override
     def shutdown(self) -> None:

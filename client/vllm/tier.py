@@ -66,7 +66,7 @@ class TierSettings:
     chunk_bytes: int  # bytes per lease
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any], default_tenant: str = "vllm") -> TierSettings:
+    def from_extra(cls, extra: Mapping[str, Any]) -> TierSettings:
         size, fraction = extra.get("aqua_lease_bytes"), extra.get("aqua_lease_fraction")
         if size is not None and fraction is not None:
             raise ValueError("give aqua_lease_bytes or aqua_lease_fraction, not both")
@@ -81,7 +81,7 @@ class TierSettings:
             raise ValueError(f"aqua_device must be a device id (int >= 0), got {device!r}")
         return cls(
             socket=resolve_socket(extra.get("aqua_socket")),
-            tenant=str(extra.get("aqua_tenant") or default_tenant),
+            tenant=str(extra.get("aqua_tenant") or "vllm"),
             device=device,
             lease_bytes=None if size is None else parse_bytes(size, "aqua_lease_bytes"),
             fraction=fraction,
@@ -95,7 +95,6 @@ class LeaseTier:
     a time up to `max_chunks`; `up` is False once aquad is unreachable."""
 
     def __init__(self, settings: TierSettings, chunk_bytes: int) -> None:
-        self.settings = settings
         self.chunk_bytes = chunk_bytes
         self.chunks_per_lease = max(1, settings.chunk_bytes // chunk_bytes)
         self.leases: list[Lease] = []

