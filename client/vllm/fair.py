@@ -7,18 +7,38 @@
 Stock vLLM runs requests first come, first served: a burst larger than the
 KV cache waits behind the requests admitted first until they finish, and a
 request preempted for room is recomputed. FairScheduler time-shares the
-engine instead, least attained service first (`_key`): a (re)admitted
-request keeps its place for a slice long enough that paging its KV out and
-back in costs at most `paging_fraction` of the slice's compute
-(`slice_steps`, `_preemptible`), and then the most-served running requests
-are preempted for waiting requests with less service that would not fit
-(`_time_share`). Their full KV blocks were already stored by the offload
-connector (aqua leases with `AquaOffloadingSpec`), so they resume by a
-reload. With `tenants`, each tenant has a virtual token counter (VTC) that
-orders admission and preemption first; a request's tenant is
-`SamplingParams(extra_args={"aqua_tenant": NAME})` (the one per-request
-field vLLM carries unchanged to its scheduler; absent: tenant ""). Each
-rule, with what it is for, is in docs/vllm-fair.md.
+engine instead:
+
+- Requests are served least attained service first: the fewest output
+  tokens served (a new prompt has none, so it is admitted at once). A
+  request never admitted goes before the admitted ones of its tenant, and
+  then a request queued for more than `max_wait_steps` steps, so a
+  preempted request is not kept out by newcomers for long.
+- A running request keeps its place for a slice of `slice_steps` engine
+  steps after it was (re)admitted, and then until its KV is at most a
+  quarter block past a block boundary (only full blocks are offloaded).
+  The slice is long enough that paging the request's KV out and back in
+  costs at most `paging_fraction` of the compute of the slice:
+  slice_steps = ceil(2 x kv_bytes / load_bandwidth / (paging_fraction x
+  step_seconds)), step_seconds measured as the engine runs, clamped to
+  [min_slice_steps, max_slice_steps].
+- When a waiting request with less service needs room (a KV block count or
+  a running slot), the most-served running requests whose slice is over are
+  preempted, unless running requests that reach max_tokens within
+  min_slice_steps steps free that room (the newcomer waits for them, as
+  with stock vLLM). Their full KV blocks were already stored by the offload
+  connector (aqua leases with `AquaOffloadingSpec`), so they resume by a
+  reload; only the partly filled last block is computed again.
+- Optional tenant fairness (`tenants`: true): a request's tenant is
+  `SamplingParams(extra_args={"aqua_tenant": NAME})` (the one per-request
+  field vLLM carries unchanged to its scheduler; absent: tenant ""). Each
+  tenant has a virtual token counter (VTC: input tokens x `input_weight` +
+  output tokens x `output_weight`), lifted to the least active tenant's
+  counter when the tenant comes back from idle, and tenants with the lower
+  counter go first, for admission and against preemption (a tenant's
+  newcomers with one prompt of credit). While two tenants
+  both have requests waiting, their counters stay within
+  `service_gap_bound()` of each other.
 
 The mechanism is vLLM's own: this class orders `running` and `waiting` and
 preempts through `_preempt_request` before the stock `schedule()` step

