@@ -21,6 +21,7 @@ demo (exit status 1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -29,11 +30,13 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
-from aqua.ctl import human_bytes
-from aqua.errors import DaemonNotRunning
-from aqua.testing import PrivateDaemon
+from aqua.ctl import human_bytes, table
+from aqua.testing import PrivateDaemon, private_daemon
+
+from .report import figure
 
 LENDER_DEVICE, BORROWER_DEVICE, SPARE_DEVICE = 0, 1, 2
 BORROWERS = ("borrower-a", "borrower-b")
@@ -133,15 +136,33 @@ def expect(proc: subprocess.Popen, tag: str) -> dict[str, Any]:
     raise SystemExit(f"aqua-demo: a tenant exited early (code {proc.wait()})")
 
 
-def spawn(module: str, role: str, job: dict[str, Any], env: dict[str, str]) -> subprocess.Popen:
-    """A tenant process: `python -m module role job-as-json`."""
-    return subprocess.Popen([sys.executable, "-m", module, role, json.dumps(job)],
+def spawn(role: str, job: dict[str, Any], env: dict[str, str]) -> subprocess.Popen:
+    """A tenant process: `python -m aqua_demo.main role job-as-json` (main.ROLES)."""
+    return subprocess.Popen([sys.executable, "-m", "aqua_demo.main", role, json.dumps(job)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
 def tell(proc: subprocess.Popen, word: str) -> None:
     proc.stdin.write(word + "\n")
     proc.stdin.flush()
+
+
+Procs = list[subprocess.Popen]
+
+
+@contextlib.contextmanager
+def aquad_for_tenants(prefix: str, *args: str) -> Iterator[tuple[PrivateDaemon, dict, Procs]]:
+    """A private aquad in a fresh directory, the environment its tenant
+    processes run in (AQUA_SOCKET names it), and a list for those processes:
+    any still running on the way out is killed before aquad stops."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, private_daemon(tmp, *args) as daemon:
+        procs: Procs = []
+        try:
+            yield daemon, dict(os.environ, PYTHONUNBUFFERED="1", AQUA_SOCKET=daemon.socket), procs
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
 
 
 def run_elastic(leases: int, lease_mib: int, plot: str, *, corrupt: bool = False) -> int:
@@ -152,55 +173,41 @@ def run_elastic(leases: int, lease_mib: int, plot: str, *, corrupt: bool = False
     lend_bytes = 2 * device_bytes
     print(f"\n== elastic memory: a lender takes its memory back ({len(BORROWERS)} borrowers, "
           f"{leases} leases of {lease_mib} MiB each)", flush=True)
-    with tempfile.TemporaryDirectory(prefix="aqua-demo-elastic-") as tmp:
-        socket = os.path.join(tmp, "aquad.sock")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", AQUA_SOCKET=socket)
-        daemon = PrivateDaemon(socket, ["--host-devices", f"3x{device_bytes}",
-                                        "--log-level", "warning"])
-        procs: list[subprocess.Popen] = []
-        try:
-            try:
-                daemon.start()
-            except DaemonNotRunning as exc:
-                raise SystemExit(f"aqua-demo: {exc}") from None
-            lender = spawn("aqua_demo.elastic", "lender", {"lend_bytes": lend_bytes}, env)
-            procs.append(lender)
-            lent = expect(lender, "LENT")
-            print(f"   [lender] computes on device {LENDER_DEVICE} and lends "
-                  f"{human_bytes(lent['lent_bytes'])} of it: capacity "
-                  f"{human_bytes(lent['capacity_bytes'])}", flush=True)
-            borrowers = [spawn("aqua_demo.elastic", "borrower", {"name": n, "leases": leases,
-                                                               "lease_bytes": lease_mib << 20,
-                                                               "corrupt": corrupt and i == 0}, env)
-                         for i, n in enumerate(BORROWERS)]
-            procs += borrowers
-            for name, proc in zip(BORROWERS, borrowers):
-                held = expect(proc, "HOLDING")
-                print(f"   [{name}] computes on device {BORROWER_DEVICE}; offloaded "
-                      f"{human_bytes(held['nbytes'])} into leases on device(s) "
-                      f"{sorted(set(held['devices']))}; serving from them", flush=True)
-            print(f"   [lender] a burst: reclaims all of device {LENDER_DEVICE} "
-                  f"(deadline {DEADLINE_MS} ms)", flush=True)
-            tell(lender, "burst")
-            burst = expect(lender, "RECLAIMED")
-            results = []
-            for proc in borrowers:
-                tell(proc, "stop")
-                results.append(expect(proc, "RESULT"))
-            codes = [proc.wait(timeout=60) for proc in procs]
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-            daemon.stop()
-        left = daemon.files()
+    with aquad_for_tenants("aqua-demo-elastic-", "--host-devices", f"3x{device_bytes}",
+                           "--log-level", "warning") as (daemon, env, procs):
+        lender = spawn("lender", {"lend_bytes": lend_bytes}, env)
+        procs.append(lender)
+        lent = expect(lender, "LENT")
+        print(f"   [lender] computes on device {LENDER_DEVICE} and lends "
+              f"{human_bytes(lent['lent_bytes'])} of it: capacity "
+              f"{human_bytes(lent['capacity_bytes'])}", flush=True)
+        borrowers = [spawn("borrower", {"name": n, "leases": leases,
+                                        "lease_bytes": lease_mib << 20,
+                                        "corrupt": corrupt and i == 0}, env)
+                     for i, n in enumerate(BORROWERS)]
+        procs += borrowers
+        for name, proc in zip(BORROWERS, borrowers):
+            held = expect(proc, "HOLDING")
+            print(f"   [{name}] computes on device {BORROWER_DEVICE}; offloaded "
+                  f"{human_bytes(held['nbytes'])} into leases on device(s) "
+                  f"{sorted(set(held['devices']))}; serving from them", flush=True)
+        print(f"   [lender] a burst: reclaims all of device {LENDER_DEVICE} "
+              f"(deadline {DEADLINE_MS} ms)", flush=True)
+        tell(lender, "burst")
+        burst = expect(lender, "RECLAIMED")
+        results = []
+        for proc in borrowers:
+            tell(proc, "stop")
+            results.append(expect(proc, "RESULT"))
+        codes = [proc.wait(timeout=60) for proc in procs]
+    left = daemon.files()
     report = burst["report"]
-    print("\n" + elastic_table(burst, results), flush=True)
+    moved = sorted((mv for r in results for mv in r["moves"]), key=lambda mv: mv["t"])
+    print("\n" + elastic_table(burst, moved), flush=True)
     checks = [(t, ok) for r in results for t, ok in r["checks"]]
     bad = sum(not ok for _, ok in checks)
-    moved = [mv for r in results for mv in r["moves"]]
     fenced = report["fenced_count"] + sum(r["fenced"] for r in results)
-    path = os.path.abspath(plot_moves(lent, burst, results, plot))
+    path = os.path.abspath(plot_moves(burst, results, moved, plot))
     print(f"\n== the move timeline: {path}", flush=True)
     ok = (bad == 0 and fenced == 0 and not any(codes) and not left
           and report["state"] == "done" and len(moved) == len(BORROWERS) * leases
@@ -212,87 +219,64 @@ def run_elastic(leases: int, lease_mib: int, plot: str, *, corrupt: bool = False
     return 0 if ok else 1
 
 
-def elastic_table(burst: dict[str, Any], results: list[dict[str, Any]]) -> str:
-    """What moved where and when, then the reclaim's totals."""
-    t0 = burst["t0"]
-    rows = sorted((mv for r in results for mv in r["moves"]), key=lambda mv: mv["t"])
-    lines = [f"{'tenant':12} {'lease':>9} {'bytes':>10} {'from':>6} {'to':>4} {'tier':>6} "
-             f"{'moved at':>10}",
-             f"{'-' * 12} {'-' * 9} {'-' * 10} {'-' * 6} {'-' * 4} {'-' * 6} {'-' * 10}"]
-    for mv in rows:
-        lines.append(f"{mv['tenant']:12} {mv['lease'][:9]:>9} {human_bytes(mv['nbytes']):>10} "
-                     f"{'dev ' + str(mv['from']):>6} {mv['to']:>4} {mv['tier']:>6} "
-                     f"{(mv['t'] - t0) * 1e3:8.1f}ms")
-    rep = burst["report"]
-    lines.append(f"reclaim {rep['reclaim']} of device {rep['device']}: {rep['state']}; "
-                 f"taken {human_bytes(rep['taken_bytes'])}, moved {rep['moved_count']} "
-                 f"leases ({human_bytes(rep['moved_bytes'])}), released "
-                 f"{rep['released_count']}, fenced = {rep['fenced_count']}; "
-                 f"{rep['elapsed_s'] * 1e3:.1f} ms in aquad, "
-                 f"{(burst['t1'] - t0) * 1e3:.1f} ms for the lender's call")
-    return "\n".join(lines)
+def elastic_table(burst: dict[str, Any], moves: list[dict[str, Any]]) -> str:
+    """What moved where and when (`moves` in time order), then the reclaim's totals."""
+    t0, rep = burst["t0"], burst["report"]
+    rows = [(mv["tenant"], mv["lease"][:9], human_bytes(mv["nbytes"]), f"dev {mv['from']}",
+             mv["to"], mv["tier"], f"{(mv['t'] - t0) * 1e3:.1f}ms") for mv in moves]
+    return (table(("tenant", "lease", "bytes", "from", "to", "tier", "moved at"), rows)
+            + f"\nreclaim {rep['reclaim']} of device {rep['device']}: {rep['state']}; "
+            f"taken {human_bytes(rep['taken_bytes'])}, moved {rep['moved_count']} "
+            f"leases ({human_bytes(rep['moved_bytes'])}), released "
+            f"{rep['released_count']}, fenced = {rep['fenced_count']}; "
+            f"{rep['elapsed_s'] * 1e3:.1f} ms in aquad, "
+            f"{(burst['t1'] - t0) * 1e3:.1f} ms for the lender's call")
 
 
-def plot_moves(lent: dict[str, Any], burst: dict[str, Any], results: list[dict[str, Any]],
-               path: str) -> str:
+def plot_moves(burst: dict[str, Any], results: list[dict[str, Any]],
+               moves: list[dict[str, Any]], path: str) -> str:
     """A PNG: borrowed bytes per device over time (top), and each tenant's
-    timeline (bottom): serving checks, moves, the lender's reclaim."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    timeline (bottom): serving checks, `moves` (in time order), the lender's
+    reclaim."""
     t0 = burst["t0"]
-    moves = sorted((mv for r in results for mv in r["moves"]), key=lambda mv: mv["t"])
     ms = lambda t: (t - t0) * 1e3  # noqa: E731
     start = min(ms(t) for r in results for t, _ in r["checks"])
     end = max(ms(t) for r in results for t, _ in r["checks"])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.6), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
-    on: dict[int, int] = {LENDER_DEVICE: sum(mv["nbytes"] for mv in moves)}
-    series: dict[int, list[tuple[float, int]]] = {LENDER_DEVICE: [(start, on[LENDER_DEVICE])]}
-    for mv in moves:
-        for dev, delta in ((mv["from"], -mv["nbytes"]), (mv["to"], mv["nbytes"])):
-            on[dev] = on.get(dev, 0) + delta
-            series.setdefault(dev, [(start, 0)]).append((ms(mv["t"]), on[dev]))
-    for dev, points in sorted(series.items()):
-        points.append((end, points[-1][1]))
-        label = "lender's device" if dev == LENDER_DEVICE else "the next best place"
-        top.step([x for x, _ in points], [y / 2**20 for _, y in points], where="post",
-                 linewidth=2, label=f"device {dev} ({label})")
-    top.axvspan(0, ms(burst["t1"]), color="#f5b041", alpha=0.25, label="lender's reclaim")
-    top.set_ylabel("borrowed bytes (MiB)")
-    top.legend(loc="center right", fontsize=8)
-    top.grid(True, alpha=0.3)
-    top.set_title("A lender takes its memory back; the borrowers' leases move")
-    lanes = ["lender", *[r["tenant"] for r in results]]
-    bottom.broken_barh([(0, ms(burst["t1"]))], (-0.3, 0.6), color="#f5b041")
-    for y, r in enumerate(results, start=1):
-        ok = [ms(t) for t, good in r["checks"] if good]
-        bad = [ms(t) for t, good in r["checks"] if not good]
-        bottom.plot(ok, [y] * len(ok), "|", color="#27ae60", markersize=9,
-                    label="served bit-exact" if y == 1 else None)
-        if bad:
-            bottom.plot(bad, [y] * len(bad), "x", color="#c0392b", markersize=9,
-                        label="MISMATCH")
-        xs = [ms(mv["t"]) for mv in r["moves"]]
-        bottom.plot(xs, [y] * len(xs), "v", color="#2471a3", markersize=7,
-                    label="lease moved" if y == 1 else None)
-    bottom.set_yticks(range(len(lanes)), lanes)
-    bottom.set_ylim(-0.7, len(lanes) - 0.3)
-    bottom.set_xlabel("ms after the lender's burst began")
-    bottom.legend(loc="upper right", fontsize=8, ncol=3)
-    bottom.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 2, 1, figsize=(8, 5.6), dpi=110, sharex=True,
+                gridspec_kw={"height_ratios": [3, 2]}) as (_, (top, bottom)):
+        on: dict[int, int] = {LENDER_DEVICE: sum(mv["nbytes"] for mv in moves)}
+        series: dict[int, list[tuple[float, int]]] = {LENDER_DEVICE: [(start, on[LENDER_DEVICE])]}
+        for mv in moves:
+            for dev, delta in ((mv["from"], -mv["nbytes"]), (mv["to"], mv["nbytes"])):
+                on[dev] = on.get(dev, 0) + delta
+                series.setdefault(dev, [(start, 0)]).append((ms(mv["t"]), on[dev]))
+        for dev, points in sorted(series.items()):
+            points.append((end, points[-1][1]))
+            label = "lender's device" if dev == LENDER_DEVICE else "the next best place"
+            top.step([x for x, _ in points], [y / 2**20 for _, y in points], where="post",
+                     linewidth=2, label=f"device {dev} ({label})")
+        top.axvspan(0, ms(burst["t1"]), color="#f5b041", alpha=0.25, label="lender's reclaim")
+        top.set_ylabel("borrowed bytes (MiB)")
+        top.legend(loc="center right", fontsize=8)
+        top.grid(True, alpha=0.3)
+        top.set_title("A lender takes its memory back; the borrowers' leases move")
+        lanes = ["lender", *[r["tenant"] for r in results]]
+        bottom.broken_barh([(0, ms(burst["t1"]))], (-0.3, 0.6), color="#f5b041")
+        for y, r in enumerate(results, start=1):
+            ok = [ms(t) for t, good in r["checks"] if good]
+            bad = [ms(t) for t, good in r["checks"] if not good]
+            bottom.plot(ok, [y] * len(ok), "|", color="#27ae60", markersize=9,
+                        label="served bit-exact" if y == 1 else None)
+            if bad:
+                bottom.plot(bad, [y] * len(bad), "x", color="#c0392b", markersize=9,
+                            label="MISMATCH")
+            xs = [ms(mv["t"]) for mv in r["moves"]]
+            bottom.plot(xs, [y] * len(xs), "v", color="#2471a3", markersize=7,
+                        label="lease moved" if y == 1 else None)
+        bottom.set_yticks(range(len(lanes)), lanes)
+        bottom.set_ylim(-0.7, len(lanes) - 0.3)
+        bottom.set_xlabel("ms after the lender's burst began")
+        bottom.legend(loc="upper right", fontsize=8, ncol=3)
+        bottom.grid(True, axis="x", alpha=0.3)
     return path
 
-
-def main(argv: list[str]) -> int:
-    role, job = argv[0], json.loads(argv[1])
-    return lender_main(job) if role == "lender" else borrower_main(job)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

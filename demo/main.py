@@ -25,15 +25,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 
 from aqua.ctl import human_bytes
 from aqua.errors import DaemonNotRunning
-from aqua.testing import PrivateDaemon
 
-from .elastic import expect, run_elastic, say, spawn, tell
+from . import elastic, replay
+from .elastic import aquad_for_tenants, expect, run_elastic, say, spawn, tell
+from .report import plot_ttft_cdf, table
 from .scrape import figures, free_port, scrape
 
 TENANTS = (("llama-2-7b", 0), ("mistral-7b", 1))
@@ -79,63 +79,47 @@ def _aquactl(socket: str) -> str:
 
 
 def run_demo(layers: int, layer_mib: int, devices: str) -> int:
-    with tempfile.TemporaryDirectory(prefix="aqua-demo-") as tmp:
-        socket = os.path.join(tmp, "aquad.sock")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", AQUA_SOCKET=socket)
-        url = f"http://127.0.0.1:{free_port()}/metrics"
-        print(f"== starting aquad (host backend, {devices}) on {socket}", flush=True)
+    url = f"http://127.0.0.1:{free_port()}/metrics"
+    with aquad_for_tenants("aqua-demo-", "--host-devices", devices, "--log-level", "warning",
+                           "--metrics", url.split("/")[2]) as (daemon, env, tenants):
+        print(f"== aquad (host backend, {devices}) on {daemon.socket}", flush=True)
         print(f"   its Prometheus metrics: {url}", flush=True)
-        daemon = PrivateDaemon(socket, ["--host-devices", devices, "--log-level", "warning",
-                                        "--metrics", url.split("/")[2]])
-        tenants: list[subprocess.Popen] = []
-        try:
-            try:
-                daemon.start()
-            except DaemonNotRunning as exc:
-                raise SystemExit(f"aqua-demo: {exc}") from None
-            print(f"== starting {len(TENANTS)} tenant processes", flush=True)
-            for name, device in TENANTS:
-                tenants.append(spawn("aqua_demo.main", "tenant", {
-                    "name": name, "device": device, "layers": layers, "layer_mib": layer_mib}, env))
-            for proc in tenants:
-                expect(proc, "HOLDING")
-            print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
-            print(_aquactl(socket), flush=True)
-            print(f"== the same, from aquad's metrics ({url})\n", flush=True)
-            print(figures(scrape(url, since=time.time())) + "\n", flush=True)
-            print("== tenants restore and verify", flush=True)
-            for proc in tenants:
-                tell(proc, "go")
-            failures = 0
-            for proc in tenants:
-                out, _ = proc.communicate(timeout=120)
-                for line in out.splitlines():
-                    print("   " + line, flush=True)
-                failures += proc.returncode != 0
-            print("\n== aquactl status, after the tenants left\n", flush=True)
-            print(_aquactl(socket), flush=True)
-        finally:
-            for proc in tenants:
-                if proc.poll() is None:
-                    proc.kill()
-            code = daemon.stop()
-        left = daemon.files()
-        print(f"== aquad stopped (exit {code}); shared-memory segments left "
-              f"behind: {len(left)}", flush=True)
-        ok = failures == 0 and code == 0 and not left
-        print("== demo " + ("passed" if ok else "FAILED"), flush=True)
-        return 0 if ok else 1
+        print(f"== starting {len(TENANTS)} tenant processes", flush=True)
+        for name, device in TENANTS:
+            tenants.append(spawn("tenant", {
+                "name": name, "device": device, "layers": layers, "layer_mib": layer_mib}, env))
+        for proc in tenants:
+            expect(proc, "HOLDING")
+        print("\n== aquactl status, while the tenants hold their leases\n", flush=True)
+        print(_aquactl(daemon.socket), flush=True)
+        print(f"== the same, from aquad's metrics ({url})\n", flush=True)
+        print(figures(scrape(url, since=time.time())) + "\n", flush=True)
+        print("== tenants restore and verify", flush=True)
+        for proc in tenants:
+            tell(proc, "go")
+        failures = 0
+        for proc in tenants:
+            out, _ = proc.communicate(timeout=120)
+            for line in out.splitlines():
+                print("   " + line, flush=True)
+            failures += proc.returncode != 0
+        print("\n== aquactl status, after the tenants left\n", flush=True)
+        print(_aquactl(daemon.socket), flush=True)
+    code = daemon.stop()  # stopped already: its exit code
+    left = daemon.files()
+    print(f"== aquad stopped (exit {code}); shared-memory segments left "
+          f"behind: {len(left)}", flush=True)
+    ok = failures == 0 and code == 0 and not left
+    print("== demo " + ("passed" if ok else "FAILED"), flush=True)
+    return 0 if ok else 1
 
 
 def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
-    from aqua_demo.replay import compare, default_tenants  # noqa: PLC0415
-    from aqua_demo.report import plot_ttft_cdf, table  # noqa: PLC0415
-
-    tenants = default_tenants(requests, burst, seed)
+    tenants = replay.default_tenants(requests, burst, seed)
     print(f"\n== a burst: {len(tenants)} tenant processes "
           f"({', '.join(t.name for t in tenants)}), {requests} requests each, {burst} of "
           f"them at once; baseline first, then aqua", flush=True)
-    result = compare(tenants, seed=seed, progress=True, metrics=True)
+    result = replay.compare(tenants, seed=seed, progress=True, metrics=True)
     print("\n" + table(result), flush=True)
     daemon = result["aqua"].get("daemon")
     if daemon:
@@ -148,41 +132,43 @@ def run_burst(requests: int, burst: int, seed: int, plot: str) -> int:
     return 0 if ok else 1
 
 
+ROLES = {"tenant": tenant_main, "lender": elastic.lender_main,
+         "borrower": elastic.borrower_main, "replay": replay.tenant_main}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["tenant"]:  # the tenant role, run by the demo itself in child processes
-        return tenant_main(json.loads(argv[1]))
+    if argv[:1] and argv[0] in ROLES:  # a tenant process the demo itself started (spawn)
+        return ROLES[argv[0]](json.loads(argv[1]))
     parser = argparse.ArgumentParser(prog="aqua-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "leases", "burst", "elastic"), default="all")
-    parser.add_argument("--layers", type=int, default=8, help="leases per tenant (default 8)")
-    parser.add_argument("--layer-mib", type=int, default=32,
-                        help="MiB per layer of fake KV cache (default 32)")
-    parser.add_argument("--host-devices", default="4x512MiB",
-                        help="aquad's virtual devices (default 4x512MiB)")
-    parser.add_argument("--requests", type=int, default=26,
-                        help="burst part: requests per tenant (default 26)")
-    parser.add_argument("--burst", type=int, default=18,
-                        help="burst part: of those, arriving together (default 18)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="aqua-demo-ttft.png",
-                        help="where the TTFT plot goes (default ./aqua-demo-ttft.png)")
-    parser.add_argument("--elastic-leases", type=int, default=4,
-                        help="elastic part: leases per borrower (default 4)")
-    parser.add_argument("--elastic-lease-mib", type=int, default=8,
-                        help="elastic part: MiB per lease (default 8)")
-    parser.add_argument("--elastic-plot", default="aqua-demo-reclaim.png",
-                        help="where the move timeline goes (default ./aqua-demo-reclaim.png)")
+    for flag, default, what in (("--layers", 8, "leases per tenant"),
+                                ("--layer-mib", 32, "MiB per layer of fake KV cache"),
+                                ("--host-devices", "4x512MiB", "aquad's virtual devices"),
+                                ("--requests", 26, "burst part: requests per tenant"),
+                                ("--burst", 18, "burst part: of those, arriving together"),
+                                ("--seed", 0, "burst part: the arrivals' seed"),
+                                ("--plot", "aqua-demo-ttft.png", "where the TTFT plot goes"),
+                                ("--elastic-leases", 4, "elastic part: leases per borrower"),
+                                ("--elastic-lease-mib", 8, "elastic part: MiB per lease"),
+                                ("--elastic-plot", "aqua-demo-reclaim.png",
+                                 "where the move timeline goes")):
+        parser.add_argument(flag, type=type(default), default=default,
+                            help=f"{what} (default {default})")
     # Flips a byte of a moved lease: shows that the demo catches it.
     parser.add_argument("--elastic-corrupt", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     code = 0
-    if args.part in ("all", "leases"):
-        code = run_demo(args.layers, args.layer_mib, args.host_devices)
-    if code == 0 and args.part in ("all", "elastic"):
-        code = run_elastic(args.elastic_leases, args.elastic_lease_mib, args.elastic_plot,
-                           corrupt=args.elastic_corrupt)
-    if code == 0 and args.part in ("all", "burst"):
-        code = run_burst(args.requests, args.burst, args.seed, args.plot)
+    try:
+        if args.part in ("all", "leases"):
+            code = run_demo(args.layers, args.layer_mib, args.host_devices)
+        if code == 0 and args.part in ("all", "elastic"):
+            code = run_elastic(args.elastic_leases, args.elastic_lease_mib, args.elastic_plot,
+                               corrupt=args.elastic_corrupt)
+        if code == 0 and args.part in ("all", "burst"):
+            code = run_burst(args.requests, args.burst, args.seed, args.plot)
+    except DaemonNotRunning as exc:
+        raise SystemExit(f"aqua-demo: {exc}") from None
     return code
 
 

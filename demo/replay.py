@@ -14,15 +14,16 @@ modes share the engine code path:
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from .elastic import aquad_for_tenants, spawn, tell
+from .scrape import free_port, scrape
 from .stats import jain, service_summary, token_rate
 from .trace import read_trace
 
@@ -51,42 +52,48 @@ class ReplayTenant:
     slice_tokens: int = 5
 
 
-def bursty(n: int, burst: int, seed: int, *, spread: float = 4.0, max_new: int = 24,
-           prompt: tuple[int, int] = (16, 96)) -> list[ReplayArrival]:
-    """`n - burst` requests spread over `spread` seconds, plus `burst`
+SPREAD_S = 4.0  # the synthetic workload's arrivals spread over this long
+MAX_PROMPT = 96  # tokens: the longest prompt of either workload
+
+
+def bursty(n: int, burst: int, seed: int, *, max_new: int) -> list[ReplayArrival]:
+    """`n - burst` requests spread over SPREAD_S seconds, plus `burst`
     requests arriving together a third of the way in."""
     rng = random.Random(seed)
-    times = sorted(rng.uniform(0, spread) for _ in range(n - burst))
-    times += [spread / 3 + rng.uniform(0, 0.02) for _ in range(burst)]
-    return sorted((ReplayArrival(t, rng.randint(*prompt), max_new) for t in times),
+    times = sorted(rng.uniform(0, SPREAD_S) for _ in range(n - burst))
+    times += [SPREAD_S / 3 + rng.uniform(0, 0.02) for _ in range(burst)]
+    return sorted((ReplayArrival(t, rng.randint(16, MAX_PROMPT), max_new) for t in times),
                   key=lambda a: a.t)
 
 
+def _tenants(arrivals: list[list[ReplayArrival]], max_new: int,
+             concurrency: int) -> list[ReplayTenant]:
+    """One tenant per model size, whose KV budget holds about `concurrency`
+    requests at their largest."""
+    return [ReplayTenant(f"llama-{size}", size, each, concurrency * (MAX_PROMPT + max_new))
+            for size, each in zip(MODEL_SIZES, arrivals)]
+
+
 def default_tenants(requests: int = 26, burst: int = 18, seed: int = 0, *,
-                    max_new: int = 40, concurrency: int = 3, spread: float = 4.0,
-                    sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[ReplayTenant]:
-    """The demo's workload: one tenant per model size, each with `requests`
-    requests of which `burst` arrive together; each tenant's KV budget holds
-    about `concurrency` requests at their largest."""
-    return [ReplayTenant(f"llama-{size}", size,
-                       bursty(requests, burst, seed + i, spread=spread, max_new=max_new),
-                       kv_budget=concurrency * (96 + max_new))
-            for i, size in enumerate(sizes)]
+                    max_new: int = 40, concurrency: int = 3) -> list[ReplayTenant]:
+    """The demo's workload: each tenant has `requests` requests of which
+    `burst` arrive together."""
+    return _tenants([bursty(requests, burst, seed + i, max_new=max_new)
+                     for i in range(len(MODEL_SIZES))], max_new, concurrency)
 
 
 def trace_tenants(path: str, requests: int, *, time_scale: float, seed: int = 0,
-                  max_new: int = 32, concurrency: int = 3,
-                  sizes: tuple[str, ...] = ("small", "medium", "large")) -> list[ReplayTenant]:
+                  max_new: int = 32, concurrency: int = 3) -> list[ReplayTenant]:
     """Tenants replaying a real trace: consecutive requests dealt round-robin
     to the tenants, arrival times divided by `time_scale`, prompt lengths
     /10 and output lengths /8 (clamped to what the small models serve)."""
-    arrivals: list[list[ReplayArrival]] = [[] for _ in sizes]
-    for i, (t, context, generated) in enumerate(read_trace(path, requests * len(sizes))):
-        prompt = min(96, max(4, context // 10))
+    n = len(MODEL_SIZES)
+    arrivals: list[list[ReplayArrival]] = [[] for _ in range(n)]
+    for i, (t, context, generated) in enumerate(read_trace(path, requests * n)):
+        prompt = min(MAX_PROMPT, max(4, context // 10))
         new = min(max_new, max(1, generated // 8))
-        arrivals[i % len(sizes)].append(ReplayArrival(t / time_scale, prompt, new))
-    return [ReplayTenant(f"llama-{size}", size, arrivals[i], concurrency * (96 + max_new))
-            for i, size in enumerate(sizes)]
+        arrivals[i % n].append(ReplayArrival(t / time_scale, prompt, new))
+    return _tenants(arrivals, max_new, concurrency)
 
 
 def build_model(size: str, seed: int):
@@ -102,22 +109,20 @@ def build_model(size: str, seed: int):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def tenant_main(spec_json: str) -> int:
+def tenant_main(job: dict) -> int:
     """One tenant process: replay its arrivals, print one JSON line of results."""
     import torch  # noqa: PLC0415
 
     import aqua  # noqa: PLC0415
     from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
 
-    job = json.loads(spec_json)
     spec = ReplayTenant(**{**job["tenant"], "arrivals": [ReplayArrival(**a) for a in
                                                       job["tenant"]["arrivals"]]})
     mode = job["mode"]
     torch.set_num_threads(1)
     model = build_model(spec.size, job["seed"])
     rng = random.Random(job["seed"] + 1)
-    client = (aqua.connect(spec.name, job["device"], socket=job["socket"]) if mode == "aqua"
-              else None)
+    client = aqua.connect(spec.name, job["device"]) if mode == "aqua" else None
     policy = "fair" if mode == "aqua" else "fcfs"
     engine = Engine(model, PromptScheduler(policy, spec.kv_budget, spec.slice_tokens), client)
     pending = list(spec.arrivals)
@@ -137,10 +142,7 @@ def tenant_main(spec_json: str) -> int:
     start = float(sys.stdin.readline())
     while time.monotonic() < start:
         time.sleep(0.001)
-    turn = client.turn() if client is not None else None
-    if turn is not None:
-        turn.__enter__()
-    try:
+    with client.turn() if client is not None else contextlib.nullcontext():
         while pending or engine.scheduler.pending:
             admit()
             if client is not None:
@@ -148,9 +150,6 @@ def tenant_main(spec_json: str) -> int:
             if not engine.step():
                 if pending:
                     time.sleep(max(0.0, min(0.005, start + pending[0].t - time.monotonic())))
-    finally:
-        if turn is not None:
-            turn.__exit__(None, None, None)
     paged = engine.bytes_paged
     engine.close()
     if client is not None:
@@ -168,51 +167,33 @@ def run_mode(mode: str, tenants: list[ReplayTenant], *, seed: int,
     """Run one mode end to end; returns each tenant's result document.
     `daemon_figures`: filled with aquad's own figures, scraped from its
     metrics endpoint once the tenants are done."""
-    from aqua.testing import PrivateDaemon  # noqa: PLC0415
-
-    from .scrape import free_port, scrape  # noqa: PLC0415
-
-    with tempfile.TemporaryDirectory(prefix="aqua-replay-") as tmp:
-        socket = os.path.join(tmp, "aquad.sock")
-        metrics = [] if daemon_figures is None else ["--metrics", f"127.0.0.1:{free_port()}"]
-        # The CPU models page host tensors: the host backend even on a GPU host.
-        daemon = PrivateDaemon(socket, ["--host-devices", f"{max(2, len(tenants))}x512MiB",
-                                        "--quantum-ms", "20", "--log-level", "warning",
-                                        *metrics])
-        procs = []
-        try:
-            daemon.start()
-            for i, spec in enumerate(tenants):
-                job = {"mode": mode, "seed": seed + i, "socket": socket,
-                       "device": i, "tenant": asdict(spec)}
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "aqua_demo.replay", json.dumps(job)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-            for proc in procs:
-                if proc.stdout.readline().strip() != "ready":
-                    raise RuntimeError(f"a {mode} tenant failed to start")
-            start = time.monotonic() + 0.2  # all are ready: their imports are done
-            for proc in procs:
-                proc.stdin.write(f"{start!r}\n")
-                proc.stdin.flush()
-            if progress:
-                expected = max(a.t for spec in tenants for a in spec.arrivals) + 2.0
-                _progress(mode, procs, start, expected)
-            results = []
-            for proc in procs:
-                out, _ = proc.communicate(timeout=600)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"a {mode} tenant exited {proc.returncode}")
-                results.append(json.loads(out.strip().splitlines()[-1]))
-            if daemon_figures is not None:
-                url = f"http://{metrics[1]}/metrics"
-                daemon_figures.update(url=url, figures=scrape(url, since=time.time()))
-            return results
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-            daemon.stop()
+    metrics = [] if daemon_figures is None else ["--metrics", f"127.0.0.1:{free_port()}"]
+    # The CPU models page host tensors: the host backend even on a GPU host.
+    with aquad_for_tenants("aqua-replay-", "--host-devices", f"{max(2, len(tenants))}x512MiB",
+                           "--quantum-ms", "20", "--log-level", "warning",
+                           *metrics) as (_, env, procs):
+        for i, spec in enumerate(tenants):
+            procs.append(spawn("replay", {"mode": mode, "seed": seed + i, "device": i,
+                                          "tenant": asdict(spec)}, env))
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {mode} tenant failed to start")
+        start = time.monotonic() + 0.2  # all are ready: their imports are done
+        for proc in procs:
+            tell(proc, repr(start))
+        if progress:
+            expected = max(a.t for spec in tenants for a in spec.arrivals) + 2.0
+            _progress(mode, procs, start, expected)
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"a {mode} tenant exited {proc.returncode}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        if daemon_figures is not None:
+            url = f"http://{metrics[1]}/metrics"
+            daemon_figures.update(url=url, figures=scrape(url, since=time.time()))
+        return results
 
 
 def _progress(mode: str, procs: list[subprocess.Popen], start: float, expected: float) -> None:
@@ -269,6 +250,3 @@ def summarize(results: list[dict]) -> dict:
                              for doc in results},
         "preemptions": sum(r["preemptions"] for r in reqs),
     }
-
-if __name__ == "__main__":
-    sys.exit(tenant_main(sys.argv[1]))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 ROWS = (
     # key, label, unit scale, better when lower (None: a count, no gain shown)
     ("ttft_p50_s", "TTFT p50 (ms)", 1e3, True),
@@ -31,27 +35,38 @@ def table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_ttft_cdf(summary: dict[str, dict], path: str) -> str:
-    """Write a PNG with the TTFT CDF of each mode; returns its path."""
+@contextlib.contextmanager
+def figure(path: str, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """A matplotlib figure and its axes (plt.subplots' arguments), laid out
+    and written to `path` as a PNG when the block ends. matplotlib is
+    imported only here: only a run that asks for a plot needs it."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for mode, color in (("baseline", "#c0392b"), ("aqua", "#2471a3")):
-        xs = [t * 1e3 for t in summary[mode]["ttft_s"]]
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        ax.step(xs, ys, where="post", color=color, linewidth=2,
-                label=f"{mode}: p99 {summary[mode]['ttft_p99_s'] * 1e3:.0f} ms")
-    ax.set_xscale("log")
-    ax.set_xlabel("time to first token (ms, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title("Time to first token under a burst")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig, axes = plt.subplots(*args, **kwargs)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def plot_ttft_cdf(summary: dict[str, dict], path: str) -> str:
+    """Write a PNG with the TTFT CDF of each mode; returns its path."""
+    with figure(path, figsize=(7, 4.2), dpi=110) as (_, ax):
+        for mode, color in (("baseline", "#c0392b"), ("aqua", "#2471a3")):
+            xs = [t * 1e3 for t in summary[mode]["ttft_s"]]
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", color=color, linewidth=2,
+                    label=f"{mode}: p99 {summary[mode]['ttft_p99_s'] * 1e3:.0f} ms")
+        ax.set_xscale("log")
+        ax.set_xlabel("time to first token (ms, log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_ylim(0, 1.01)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right")
+        ax.set_title("Time to first token under a burst")
     return path

@@ -19,16 +19,16 @@ from collections.abc import Callable
 from aquad.core.topology import Tier
 
 from .hardware import ServerSpec
+from .workload import Costs
 
 Port = tuple[str, int, str]  # (link kind, device, "in" | "out")
 
 
 class Fabric:
-    def __init__(self, server: ServerSpec, *, clock: Callable[[], float] = lambda: 0.0,
-                 hbm_efficiency: float = 0.8) -> None:
+    def __init__(self, server: ServerSpec, *, clock: Callable[[], float] = lambda: 0.0) -> None:
         self.server = server
         self._clock = clock  # bookings that end before it can be forgotten
-        self._hbm = server.gpu.hbm_bw * hbm_efficiency
+        self._hbm = server.gpu.hbm_bw * Costs.hbm_efficiency  # what the roofline assumes
         # Per port: sorted, disjoint busy intervals as parallel start/end lists.
         self._starts: dict[Port, list[float]] = defaultdict(list)
         self._ends: dict[Port, list[float]] = defaultdict(list)

@@ -8,6 +8,7 @@ rated link a bulk copy achieves. A server can also be read from a TOML file
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,12 +106,7 @@ class ServerSpec:
         them are spread over the islands (consumers next to producers)."""
         groups = [list(i) for i in self.nvlink_islands or ()]
         groups += [[g] for g in range(self.gpus) if self.island(g) is None]
-        order: list[int] = []
-        while any(groups):
-            for group in groups:
-                if group:
-                    order.append(group.pop(0))
-        return order
+        return [g for turn in itertools.zip_longest(*groups) for g in turn if g is not None]
 
     def topology(self, spare: dict[int, int], extra_host_bytes: int = 0) -> Topology:
         """The Topology aquad's cuda backend builds for this server, by its own

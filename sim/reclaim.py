@@ -23,6 +23,8 @@ from aqua_demo.stats import percentile, service_summary
 from aqua_protocol import messages as m
 from aquad.core.tenants import Peer
 
+from .hardware import GB
+
 if TYPE_CHECKING:
     from .simulator import Scenario, Simulation
 
@@ -88,12 +90,11 @@ def window(sim: Simulation, since: float, until: float = math.inf) -> dict:
     """TTFT and TBT of what happened in [since, until): requests that arrived
     then (TTFT), and gaps between tokens emitted then (TBT)."""
     reqs = [r for e in sim.engines for r in e.requests]
-    arrived = service_summary((r.arrival, r.token_times) for r in reqs
-                              if since <= r.arrival < until)
+    arrived = [(r.arrival, r.token_times) for r in reqs if since <= r.arrival < until]
     gaps = sorted(b - a for r in reqs for a, b in zip(r.token_times, r.token_times[1:])
                   if since <= b < until)
-    return {"requests": sum(1 for r in reqs if since <= r.arrival < until),
-            "ttft_p99_s": arrived["ttft_p99_s"], "tbt_p99_s": percentile(gaps, 0.99)}
+    return {"requests": len(arrived), "ttft_p99_s": service_summary(arrived)["ttft_p99_s"],
+            "tbt_p99_s": percentile(gaps, 0.99)}
 
 
 WINDOW_S = 10.0  # latency is compared over this long before and after the step
@@ -133,8 +134,6 @@ def reclaim_cost(scenario: Scenario, step: LoadStep, policy: str = "aqua", *,
 def reclaim_table(cost: dict) -> str:
     """The reclaim's figures, then TTFT/TBT p99 before the step and after it
     (without the step, and with it)."""
-    from .hardware import GB  # noqa: PLC0415
-
     c = cost
     tiers = ", ".join(f"{n / GB:.1f} GB to {tier}" for tier, n in
                       sorted(c["copied_by_tier"].items())) or "nothing"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from aqua.ctl import table as ctl_table
+from aqua_demo.report import figure
 
 from .hardware import GB
 
@@ -52,29 +53,21 @@ def long_prompt_table(lp: dict) -> str:
 
 def plot(results: dict[str, dict], path: str, title: str) -> None:
     """TTFT and time-between-tokens CDFs, one line per policy."""
-    import matplotlib  # noqa: PLC0415 - only when a plot is asked for
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        for ax, key in zip(axes, ("ttft_s", "tbt_s")):
-            values = sorted(r.get(key, []))
-            if not values:
-                continue
-            # At most ~2000 points per line: the shape, not every sample.
-            step = max(1, len(values) // 2000)
-            xs = values[::step]
-            ys = [(i * step + 1) / len(values) for i in range(len(xs))]
-            ax.plot(xs, ys, label=name)
-    for ax, label in zip(axes, ("time to first token (s)", "time between tokens (s)")):
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("fraction of requests" if "first" in label else "fraction of tokens")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 4), dpi=110) as (fig, axes):
+        for name, r in results.items():
+            for ax, key in zip(axes, ("ttft_s", "tbt_s")):
+                values = sorted(r.get(key, []))
+                if not values:
+                    continue
+                # At most ~2000 points per line: the shape, not every sample.
+                step = max(1, len(values) // 2000)
+                xs = values[::step]
+                ys = [(i * step + 1) / len(values) for i in range(len(xs))]
+                ax.plot(xs, ys, label=name)
+        for ax, label in zip(axes, ("time to first token (s)", "time between tokens (s)")):
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("fraction of requests" if "first" in label else "fraction of tokens")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(title)

@@ -7,12 +7,6 @@ from .simulator import Scenario, SimTenant
 from .workload import MODELS, Arrival, bursty, from_trace
 
 
-def producer_spare(server: ServerSpec, footprint: float, headroom: float = 4 * GB) -> int:
-    """Spare HBM of a GPU whose own model needs `footprint` bytes at its peak
-    useful batch (what the paper's profiler measures), less headroom."""
-    return max(0, int(server.gpu.hbm_bytes - footprint - headroom))
-
-
 def paper_scenario(server: ServerSpec, rows: list[tuple[float, int, int]], *,
                    requests: int, consumers: int = 4, model: str = "llama-2-13b",
                    producer_footprint: float = 20 * GB, time_scale: float | None = None,
@@ -31,7 +25,10 @@ def paper_scenario(server: ServerSpec, rows: list[tuple[float, int, int]], *,
     spec = MODELS[model]
     order = server.spread()  # consumers spread over NVLink islands
     tenants = tuple(SimTenant(f"{model}@gpu{g}", model, g) for g in sorted(order[:consumers]))
-    spare = {g: producer_spare(server, producer_footprint) for g in order[consumers:]}
+    # A producer GPU's spare HBM: what its own model does not need at its peak
+    # useful batch (what the paper's profiler measures), less 4 GB of headroom.
+    spare = {g: max(0, int(server.gpu.hbm_bytes - producer_footprint - 4 * GB))
+             for g in order[consumers:]}
     arrivals: list[Arrival]
     if burst is not None:
         rate, size, every = burst
