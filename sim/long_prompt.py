@@ -27,7 +27,7 @@ def long_prompt(server: ServerSpec, *, model: str = "opt-30b", prompt: int = 819
     out: dict = {"model": spec.name, "prompt_tokens": prompt, "kv_bytes": kv,
                  "offloaded_bytes": remote}
     compute = costs.decode(1, prompt)  # weights + the whole KV streamed once
-    peer = 1 if server.link(0, 1) is not None else None
+    peer = 1 if server.gpus > 1 else None  # a one-GPU server has no peer to lend
     places = {"gpu_only": None, "host": server.host_device}
     if peer is not None:
         places["aqua"] = peer

@@ -491,3 +491,11 @@ def test_paper_sim_reclaim_flags(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--policies", "fcfs", "--reclaim-at", "1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "needs the aqua policy" in bad.stderr
+
+
+def test_long_prompt_on_one_gpu_has_no_peer_row():
+    """One GPU: there is no peer to hold the KV, so no "aqua" figure (it used
+    to be computed against a GPU 1 that does not exist)."""
+    lp = long_prompt(ServerSpec(H100, gpus=1))
+    assert "host_tok_s" in lp and "gpu_only_tok_s" in lp
+    assert not [key for key in lp if key.startswith("aqua")]
