@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import grp
+import math
 import pwd
 import re
 import tomllib
@@ -137,17 +138,16 @@ def _quota_tenants(value: object, where: str) -> int | Share:
     return share if share is not None else _count(value, where)
 
 
+_QUOTA_KEYS: dict[str, Callable[[object, str], int | Share]] = {
+    "bytes": _quota_bytes, "leases": _count, "tenants": _quota_tenants}
+
+
 def _quota(table: object, name: str, base: Quota) -> Quota:
     """One [quota.*] table; what it leaves out comes from `base`."""
     table = _table(table, f"[{name}]")
-    _only(table, ("bytes", "leases", "tenants"), f"[{name}]")
-    given = {}
-    if "bytes" in table:
-        given["bytes"] = _quota_bytes(table["bytes"], f"{name}.bytes")
-    if "leases" in table:
-        given["leases"] = _count(table["leases"], f"{name}.leases")
-    if "tenants" in table:
-        given["tenants"] = _quota_tenants(table["tenants"], f"{name}.tenants")
+    _only(table, tuple(_QUOTA_KEYS), f"[{name}]")
+    given = {key: parse(table[key], f"{name}.{key}")
+             for key, parse in _QUOTA_KEYS.items() if key in table}
     return dataclasses.replace(base, name=name, **given)
 
 
@@ -229,6 +229,12 @@ def parse_weights(table: dict) -> WeightPolicy:
     return WeightPolicy(default, uids, tenants)
 
 
+# Numeric settings and the bounds validate() holds them to.
+_RANGES = {"heartbeat_timeout_s": (0.1, 3600), "quantum_ms": (1, 60_000),
+           "grace_ms": (0, 600_000), "adopt_grace_s": (0, 3600),
+           "max_tenants": (1, math.inf), "max_leases_per_tenant": (1, math.inf)}
+
+
 @dataclass
 class Config:
     socket: str = ""
@@ -270,17 +276,10 @@ class Config:
         parse_gpu_reserve(self.gpu_reserve)
         parse_amount(self.gpu_headroom, "gpu_headroom")
         parse_amount(self.host_pinned, "host_pinned")
-        if not 0.1 <= self.heartbeat_timeout_s <= 3600:
-            raise ConfigError("heartbeat_timeout_s must be within 0.1..3600 seconds")
-        if not 1 <= self.quantum_ms <= 60_000:
-            raise ConfigError(f"quantum_ms must be within 1..60000, got {self.quantum_ms:g}")
-        if not 0 <= self.grace_ms <= 600_000:
-            raise ConfigError(f"grace_ms must be within 0..600000, got {self.grace_ms:g}")
-        if not 0 <= self.adopt_grace_s <= 3600:
-            raise ConfigError(f"adopt_grace_s must be within 0..3600 seconds, got "
-                              f"{self.adopt_grace_s:g}")
-        if self.max_tenants < 1 or self.max_leases_per_tenant < 1:
-            raise ConfigError("max_tenants and max_leases_per_tenant must be >= 1")
+        for key, (low, high) in _RANGES.items():
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise ConfigError(f"{key} must be within {low:g}..{high:g}, got {value:g}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         if self.metrics:

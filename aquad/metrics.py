@@ -280,10 +280,6 @@ def parse_target(text: str) -> Target:
     return Target("tcp", (host, number))
 
 
-class _TCPServer(socketserver.TCPServer):
-    allow_reuse_address = True
-
-
 class Exporter:
     def __init__(self, target: Target) -> None:
         from prometheus_client import CollectorRegistry
@@ -306,7 +302,8 @@ class Exporter:
         kind, address = self.target.kind, self.target.address
         if kind == "tcp":
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-            server_cls = type("_Server", (_TCPServer,), {"address_family": family})
+            server_cls = type("_Server", (socketserver.TCPServer,),
+                              {"address_family": family, "allow_reuse_address": True})
             self._server = server_cls(address, self._handler)
             run = self._serve
         elif kind == "unix":

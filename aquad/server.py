@@ -75,7 +75,7 @@ class Server:
         self.startup: dict[str, object] = {}  # facts build() adds to the `started` line
         self.timers = Timers(arbiter, reap_s=heartbeat_check_s)
         self.transport = Transport(ConnLimits.for_tenants(arbiter.limits.max_tenants),
-                                   on_message=self._on_frames, on_closed=self._on_closed)
+                                   on_message=self._on_message, on_closed=self._on_closed)
         self.status_budget = TimeBudget(clock=time.monotonic)
         self._open = False
         self._lock = SocketLock(socket_path)
@@ -210,19 +210,16 @@ class Server:
         if self._wake is not None:
             self._wake.cancel()
 
-    def _on_frames(self, conn: Conn, frames: list[bytes]) -> None:
+    def _on_message(self, conn: Conn, frames: list[bytes]) -> None:
         if len(frames) != 1:
             self.transport.send(conn.id, m.encode_error(ProtocolError(
                 ErrorCode.BAD_REQUEST, "a request is exactly one frame")))
-        else:
-            self._on_message(conn, frames[0])
-
-    def _on_message(self, conn: Conn, payload: bytes) -> None:
+            return
         started = time.perf_counter()
         op = "invalid"
         rid = None
         try:
-            request = m.decode_request(payload)
+            request = m.decode_request(frames[0])
             rid, op = request.id, request.op
             if request.args.budgeted:
                 reply = self._budgeted(conn, request)

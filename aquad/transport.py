@@ -336,7 +336,10 @@ class Transport:
             inbox.clear()
             self._enqueue(conn, zmtp.frame(m.encode_error(
                 ProtocolError(ErrorCode.LIMIT_EXCEEDED, conn.refusal))))
-            self._close_when_flushed(conn)
+            if conn.out:
+                conn.closing = True  # closed by _write once the answer is out
+            else:  # (a no-op if the answer's send already closed it)
+                self._close(conn, conn.refusal)
             return
         for _ in range(BATCH):
             if not inbox or conn.out or conn.id not in self.conns:
@@ -384,14 +387,6 @@ class Transport:
             self._want(conn, _IN)
             if conn.inbox:
                 self._backlog.append(conn)
-
-    def _close_when_flushed(self, conn: Conn) -> None:
-        if conn.id not in self.conns:
-            return
-        if conn.out:
-            conn.closing = True
-        else:
-            self._close(conn, conn.refusal)
 
     def _want(self, conn: Conn, mask: int) -> None:
         if conn.mask != mask:

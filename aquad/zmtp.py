@@ -32,11 +32,16 @@ def _greeting() -> bytes:
     return b"\xff" + bytes(8) + b"\x7f" + bytes((3, 1)) + mechanism + b"\x00" + bytes(31)
 
 
+def frame(payload: bytes, flags: int = 0) -> bytes:
+    """One frame, encoded for the wire: by default a single-frame message."""
+    n = len(payload)
+    if n < 256:
+        return bytes((flags, n)) + payload
+    return bytes((flags | _LONG,)) + n.to_bytes(8, "big") + payload
+
+
 def _command(name: bytes, body: bytes = b"") -> bytes:
-    payload = bytes((len(name),)) + name + body
-    if len(payload) < 256:
-        return bytes((_COMMAND, len(payload))) + payload
-    return bytes((_COMMAND | _LONG,)) + len(payload).to_bytes(8, "big") + payload
+    return frame(bytes((len(name),)) + name + body, _COMMAND)
 
 
 def _ready(socket_type: bytes) -> bytes:
@@ -58,14 +63,6 @@ class State(Enum):
     GREETING = "greeting"
     HANDSHAKE = "handshake"  # greeting read, the peer's READY not yet
     READY = "ready"
-
-
-def frame(payload: bytes) -> bytes:
-    """One single-frame message, encoded for the wire."""
-    n = len(payload)
-    if n < 256:
-        return bytes((0, n)) + payload
-    return b"\x02" + n.to_bytes(8, "big") + payload
 
 
 def parse_metadata(body: bytes) -> dict[bytes, bytes]:

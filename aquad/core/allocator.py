@@ -68,8 +68,7 @@ class GranuleAllocator:
     def set_capacity(self, capacity: int) -> None:
         """Take capacity back even below what is in use (a reclaim): the
         excess (`over`) is what leases must move away before it is done."""
-        capacity = max(0, capacity - capacity % self.granule)
-        self.capacity = capacity
+        self.capacity = max(0, capacity - capacity % self.granule)
 
     @property
     def over(self) -> int:

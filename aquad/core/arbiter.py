@@ -413,8 +413,7 @@ class Arbiter:
         return {"released_bytes": lease.nbytes}
 
     def _lease_info(self, caller: Caller, args: m.LeaseInfo) -> dict[str, Any]:
-        tenant = caller.registered
-        return self.lease_reply(self._owned(args.lease, tenant))
+        return self.lease_reply(self._owned(args.lease, caller.registered))
 
     def _status(self, caller: Caller, args: m.Status) -> dict[str, Any]:
         if not args.leases:
