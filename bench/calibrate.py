@@ -20,6 +20,11 @@ Three kinds of cost, each measured on this machine with the real code:
 - **copies**: the engine's own page-out and page-in (`LeaseKV.save` / `load`,
   a real KV cache into a lease's shared memory and back), fitted to
   `latency + bytes / bandwidth`.
+- **scatter**: steps do not all cost their mean. Per model, phase and number
+  of processes computing, quantiles of each timed step's cost over what the
+  fit (times the slowdown, with others computing) says it costs, every step
+  counted, descheduled ones too: the simulator resamples them
+  (Scenario.scatter) where it runs with a seed.
 
     python bench/calibrate.py [--seconds 15] [--out bench/profiles/cpu-llama.json]
 
@@ -258,6 +263,23 @@ def _slowdown(fit: dict, decode: list) -> float:
     return sum(t for *_, t in decode) / predicted if predicted > 0 else float("nan")
 
 
+QUANTILES = 41  # points of each scatter distribution kept (0, 2.5, ..., 100 %)
+
+
+TERMS = {"prefill": ("step_s", "per_prompt_s", "per_token_s"),
+         "decode": ("step_s", "per_request_s", "per_kv_token_s")}
+
+
+def _scatter(fit: dict, phase: str, steps: list, slowdown: float) -> list[float]:
+    """Quantiles of measured over predicted cost (the fit for `phase`,
+    times `slowdown`) over `steps` ((count, tokens, seconds) each)."""
+    import numpy as np  # noqa: PLC0415
+
+    step, per, third = (fit[phase][t] for t in TERMS[phase])
+    ratios = [t / (slowdown * (step + per * k + third * n)) for k, n, t in steps]
+    return [float(x) for x in np.quantile(ratios, np.linspace(0, 1, QUANTILES))]
+
+
 def child_main(size: str, seconds: float, seed: int) -> int:
     print(json.dumps(time_model(size, seconds, seed)), flush=True)
     return 0
@@ -286,15 +308,28 @@ def main() -> int:
     for i, size in enumerate(sizes):
         solo.update(_time_children([size], args.seconds, args.seed + i))
     models = {f"llama-{size}": fit_model(solo[size]) for size in sizes}
-    pairs: dict[str, list] = {size: [] for size in sizes}
+    pairs: dict[str, dict] = {size: {"prefill": [], "decode": []} for size in sizes}
     for i in range(len(sizes)):
         pair = [sizes[i], sizes[(i + 1) % len(sizes)]]
         for size, got in _time_children(pair, args.seconds / 3, args.seed + 10 + i).items():
-            pairs[size] += got["decode"]
+            for phase in ("prefill", "decode"):
+                pairs[size][phase] += got[phase]
     together = _time_children(list(sizes), args.seconds / 2, args.seed + 20)
-    slowdown = {f"llama-{size}": [1.0, _slowdown(models[f"llama-{size}"], pairs[size]),
+    slowdown = {f"llama-{size}": [1.0, _slowdown(models[f"llama-{size}"], pairs[size]["decode"]),
                                   _slowdown(models[f"llama-{size}"], together[size]["decode"])]
                 for size in sizes}
+    for size in sizes:
+        fit, slow = models[f"llama-{size}"], slowdown[f"llama-{size}"]
+        runs = (solo[size], pairs[size], together[size])  # 1, 2, 3 processes computing
+        fit["scatter"] = {}
+        for phase in ("prefill", "decode"):
+            tables = []
+            for i, got in enumerate(runs):
+                # A short timing may catch no prefill with others computing:
+                # the table for fewer processes stands in.
+                tables.append(_scatter(fit, phase, got[phase], slow[i]) if got[phase]
+                              else tables[-1])
+            fit["scatter"][phase] = tables
     rest = time_control_and_copies(args.seed)
     profile = {
         "command": "python bench/calibrate.py " + " ".join(sys.argv[1:]),

@@ -6,9 +6,13 @@ replays the same workload with the CPU profile's costs (aqua_sim.cpu) and a
 table compares TTFT p50/p99 per mode (bound 20 %), preemptions and KV bytes
 paged (bound 10 %), and the baseline/aqua TTFT ratios (within the repeats'
 spread where a workload was measured more than once, else 20 %). Repeats of
-a workload (same flags) are averaged.
+a workload (same flags) are averaged, and so are the simulator's draws
+(`--draws`, each forward's cost scattered as calibration measured; 0: one
+run at the mean costs). The table gives the measured mean's standard error
+beside the prediction's error.
 
-    python bench/sim_validate.py [--profile bench/profiles/cpu-llama.json] [FILE.json ...]
+    python bench/sim_validate.py [--profile bench/profiles/cpu-llama.json] [--draws N]
+                                 [FILE.json ...]
     python bench/sim_validate.py --fit FILE.json [FILE.json ...]
 
 `--fit` fits the one free parameter, the load factor (how much dearer compute
@@ -46,7 +50,7 @@ def group(paths: list[str]) -> dict[str, list[dict]]:
     return out
 
 
-def fit_load_factor(profile, paths: list[str]) -> tuple[float, float]:
+def fit_load_factor(profile, paths: list[str], draws: int) -> tuple[float, float]:
     """The load factor (0.5-4, log grid) that minimises the mean |log|
     error of the TTFT figures on `paths`; and that error."""
     groups = [(workload_tenants(json.loads(k))[0], docs) for k, docs in group(paths).items()]
@@ -54,8 +58,8 @@ def fit_load_factor(profile, paths: list[str]) -> tuple[float, float]:
     for i in range(61):
         factor = 0.5 * 8 ** (i / 60)
         trial = dataclasses.replace(profile, load_factor=factor)
-        errs = [abs(math.log(r.predicted / r.measured))
-                for tenants, docs in groups for r in compare(docs, predict(tenants, trial))
+        errs = [abs(math.log(r.predicted / r.measured)) for tenants, docs in groups
+                for r in compare(docs, predict(tenants, trial, draws=draws))
                 if r.figure.startswith("TTFT") and r.spread is None
                 and r.measured > 0 and r.predicted > 0]
         best = min(best, (sum(errs) / len(errs), factor))
@@ -66,15 +70,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
     parser.add_argument("--fit", nargs="+", metavar="FILE")
+    parser.add_argument("--draws", type=int, default=0,
+                        help="simulator draws with scattered step costs, averaged (default 0: "
+                             "one run at the mean costs; 30 was tried, docs/simulator.md)")
     parser.add_argument("files", nargs="*")
     args = parser.parse_args()
     profile = load_profile(args.profile)
     if args.fit:
-        factor, err = fit_load_factor(dataclasses.replace(profile, load_factor=1.0), args.fit)
+        factor, err = fit_load_factor(dataclasses.replace(profile, load_factor=1.0), args.fit,
+                                      args.draws)
         doc = dict(profile.doc)
         doc["fit"] = {"load_factor": factor, "mean_abs_log_error": err,
-                      "files": [os.path.basename(p) for p in args.fit],
-                      "command": "python bench/sim_validate.py --fit "
+                      "files": [os.path.basename(p) for p in args.fit], "draws": args.draws,
+                      "command": f"python bench/sim_validate.py --draws {args.draws} --fit "
                                  + " ".join(os.path.relpath(p) for p in args.fit)}
         with open(args.profile, "w") as f:
             json.dump(doc, f, indent=2)
@@ -89,12 +97,14 @@ def main() -> int:
     fitted = profile.doc.get("fit", {}).get("files", [])
     print(f"profile {os.path.relpath(args.profile)} ({profile.doc['date']}, "
           f"load {profile.doc['machine']['loadavg_before'][0]:.1f}); load factor "
-          f"{profile.load_factor:.3f}" + (f" fitted on {', '.join(fitted)}" if fitted else ""))
+          f"{profile.load_factor:.3f}" + (f" fitted on {', '.join(fitted)}" if fitted else "")
+          + (f"; mean of {args.draws} simulator draws" if args.draws > 0
+             else "; one simulator run at the mean costs"))
     misses = wide = 0
     for key, docs in group(paths).items():
         w = json.loads(key)
         tenants, what = workload_tenants(w)
-        rows = compare(docs, predict(tenants, profile))
+        rows = compare(docs, predict(tenants, profile, draws=args.draws))
         loads = ", ".join(f"{d['loadavg_before'][0]:.1f}" for d in docs)
         shares = [other_work(d) for d in docs]
         others = ", ".join("?" if x is None else f"{x:.0%}" for x in shares)
@@ -102,8 +112,9 @@ def main() -> int:
         print(f"\n### {what}, seed {w['seed']} ({role}): {len(docs)} run(s) "
               f"({', '.join(d['file'] for d in docs)}; load average {loads}; "
               f"other work {others} of the CPU)\n")
-        print("| figure | measured (mean) | runs' spread | predicted | error | bound | ok |")
-        print("|---|---:|---:|---:|---:|---|---|")
+        print("| figure | measured (mean) | mean's s.e. | runs' spread | predicted | error "
+              "| bound | ok |")
+        print("|---|---:|---:|---:|---:|---:|---|---|")
         for r in rows:
             judged = r.spread is not None and r.spread[1] > r.spread[0]
             bound = (f"spread {r.spread[0]:.2f}-{r.spread[1]:.2f}" if judged
@@ -113,7 +124,8 @@ def main() -> int:
             over = not judged and len(r.runs) > 1 and r.run_spread > (r.bound or 0.2)
             spread = f"{r.run_spread:.0%}" + (" (> bound)" if over else "") \
                 if len(r.runs) > 1 else "1 run"
-            print(f"| {r.figure} | {r.measured:.2f} | {spread} | {r.predicted:.2f} | "
+            sem = f"{r.sem:.0%}" if len(r.runs) > 1 else "-"
+            print(f"| {r.figure} | {r.measured:.2f} | {sem} | {spread} | {r.predicted:.2f} | "
                   f"{r.error:+.0%} | {bound} | {'yes' if r.ok else '**no**'} |")
             misses += not r.ok
             wide += over

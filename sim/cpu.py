@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +87,12 @@ class Profile:
     # with its contention folded in.
     contention: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
+    # Per model, (prefill, decode): per number of processes computing, the
+    # quantiles of a timed step's cost over the fit's (Scenario.scatter);
+    # empty for a profile calibrated before they were kept.
+    scatter: dict[str, tuple[tuple[tuple[float, ...], ...], ...]] = dataclasses.field(
+        default_factory=dict)
+
     def step_costs(self, key: str) -> StepCosts:
         return self.models[key].scaled(self.load_factor)
 
@@ -115,21 +123,30 @@ def profile_from_dict(doc: dict[str, Any]) -> Profile:
         kv[key] = int(m["kv_bytes_per_token"])
     contention = {k: tuple(float(x) for x in v)
                   for k, v in doc.get("contention", {}).get("slowdown", {}).items()}
+    scatter = {key: tuple(tuple(tuple(float(x) for x in q) for q in m["scatter"][phase])
+                          for phase in ("prefill", "decode"))
+               for key, m in doc["models"].items() if "scatter" in m}
     return Profile(models, kv, float(doc["control"]["lease_rtt_s"]), respond,
                    float(doc["copy"]["latency_s"]), float(doc["copy"]["bandwidth_bps"]), doc,
                    float(doc.get("fit", {}).get("load_factor", 1.0)),
-                   contention)
+                   contention, scatter)
 
 
-def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: str) -> Scenario:
+def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: str,
+                            seed: int | None = None) -> Scenario:
     """bench/responsiveness.py's setup for `mode` ("baseline" or "aqua"):
     one tenant per aqua_demo.replay.ReplayTenant, each on its own device
     (the replay gives tenant i device i), its own KV budget and slice, the
     scheduler's defaults (no slice stretching, the engine's fcfs limits),
     whole-cache copies into a lease kept per request (LeaseKV), and every
-    aqua step paying respond()."""
+    aqua step paying respond(). `seed`: each forward's cost scattered as
+    the calibration timed it (Profile.scatter), drawn from that seed; None:
+    every forward costs what the fit says."""
     if mode not in ("baseline", "aqua"):
         raise ValueError("mode is baseline or aqua")
+    if seed is not None and set(profile.scatter) != set(profile.models):
+        raise ValueError("the profile has no step scatter for every model (calibrated before "
+                         "bench/calibrate.py kept it): predict at the mean costs (draws=0)")
     sim_tenants, arrivals = [], []
     for i, t in enumerate(tenants):
         key = f"llama-{t.size}"
@@ -148,22 +165,27 @@ def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: s
                     slice_tokens=slices.pop(), max_overhead=None, incremental="whole",
                     quantum_s=REPLAY_QUANTUM_S,
                     costs=costs, engine_limits=(256, 8192), control_latency_s=profile.lease_rtt_s,
-                    contention=profile.contention or None)
+                    contention=profile.contention or None,
+                    scatter=None if seed is None else profile.scatter, seed=seed or 0)
 
 
 MODE_POLICY = {"baseline": "fcfs", "aqua": "aqua"}
 REPLAY_QUANTUM_S = 0.020  # demo/replay.py runs its aquad with --quantum-ms 20
 
 
-def predict(tenants: Sequence[Any], profile: Profile,
-            policy: dict[str, str] = MODE_POLICY) -> dict[str, dict]:
-    """The simulator's figures for both of bench/responsiveness.py's modes
-    (`policy`: the simulator's policy per mode; tests get one wrong)."""
+def predict(tenants: Sequence[Any], profile: Profile, policy: dict[str, str] = MODE_POLICY,
+            draws: int = 0) -> list[dict[str, dict]]:
+    """The simulator's figures for both of bench/responsiveness.py's modes,
+    one {mode: results} per draw: `draws` runs with scattered step costs
+    (seeds 0 .. draws-1, the same in both modes), or with draws=0 one run
+    at the mean costs. `policy`: the simulator's policy per mode (tests get
+    one wrong)."""
     from .simulator import Simulation  # noqa: PLC0415
 
-    return {mode: Simulation(responsiveness_scenario(tenants, profile, mode=mode),
-                             policy[mode]).run()
-            for mode in ("baseline", "aqua")}
+    seeds = list(range(draws)) if draws > 0 else [None]
+    return [{mode: Simulation(responsiveness_scenario(tenants, profile, mode=mode, seed=seed),
+                              policy[mode]).run()
+             for mode in ("baseline", "aqua")} for seed in seeds]
 
 
 def other_work(doc: dict) -> float | None:
@@ -200,6 +222,15 @@ class Row:
     bound: float | None  # relative; None: judged against the spread instead
     spread: tuple[float, float] | None = None  # measured min, max over repeats
     runs: tuple[float, ...] = ()  # each repeat's measured value
+    draws: tuple[float, ...] = ()  # each simulator draw's value
+
+    @property
+    def sem(self) -> float:
+        """The measured mean's standard error, relative to it (0 for one
+        run): how far another set of as many repeats could put the mean."""
+        if len(self.runs) < 2 or self.measured == 0:
+            return 0.0
+        return statistics.stdev(self.runs) / math.sqrt(len(self.runs)) / abs(self.measured)
 
     @property
     def run_spread(self) -> float:
@@ -232,19 +263,22 @@ def ratio(doc: dict, key: str) -> float:
     return doc["baseline"][key] / doc["aqua"][key] if doc["aqua"][key] else float("inf")
 
 
-def compare(measured: Sequence[dict], predicted: dict[str, dict]) -> list[Row]:
+def compare(measured: Sequence[dict], predicted: Sequence[dict]) -> list[Row]:
     """Rows for one workload: `measured` are its repeats (bench/responsiveness.py
-    JSON); each figure's measured value is their mean, the baseline/aqua
-    TTFT ratios are judged against the repeats' spread."""
+    JSON), `predicted` the simulator's draws (predict()); each figure is
+    the mean over either, the baseline/aqua TTFT ratios are judged against
+    the repeats' spread."""
     rows = []
     for name, mode, key, scale, bound in FIGURES:
         values = [scale * doc[mode][key] for doc in measured]
-        rows.append(Row(name, sum(values) / len(values),
-                        scale * predicted[mode][key], bound, runs=tuple(values)))
+        sims = [scale * doc[mode][key] for doc in predicted]
+        rows.append(Row(name, statistics.fmean(values), statistics.fmean(sims), bound,
+                        runs=tuple(values), draws=tuple(sims)))
     for q in ("p50", "p99"):
         key = f"ttft_{q}_s"
         values = [ratio(doc, key) for doc in measured]
-        rows.append(Row(f"TTFT {q} baseline/aqua", sum(values) / len(values),
-                        ratio(predicted, key), None, (min(values), max(values)),
-                        runs=tuple(values)))
+        sims = [ratio(doc, key) for doc in predicted]
+        rows.append(Row(f"TTFT {q} baseline/aqua", statistics.fmean(values),
+                        statistics.fmean(sims), None, (min(values), max(values)),
+                        runs=tuple(values), draws=tuple(sims)))
     return rows

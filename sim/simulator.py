@@ -39,6 +39,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,16 @@ class Scenario:
     # 1, 2, ... engines have work (measured; the first entry is 1). None:
     # every device computes on its own (GPUs).
     contention: Mapping[str, tuple[float, ...]] | None = None
+    # Step-cost scatter: the CPU engine's forwards do not all cost their
+    # mean (its fit misses single steps by 20-30 % RMS, and the OS
+    # deschedules some). Per workload.MODELS key, (prefill, decode): per
+    # number of engines with work (1, 2, ...; the last for more), quantiles
+    # (0 .. 100 %, evenly spaced) of a forward's cost over its modelled
+    # one, as timed; each forward draws a factor from them (inverse CDF,
+    # random.Random(seed)). None: every forward costs its model, and a run
+    # is deterministic.
+    scatter: Mapping[str, tuple[tuple[tuple[float, ...], ...], ...]] | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.tenants:
@@ -127,6 +138,12 @@ class Scenario:
         for key, table in (self.contention or {}).items():
             if not table or min(table) <= 0:
                 raise ValueError(f"contention for {key}: positive factors, one per busy count")
+        for key, phases in (self.scatter or {}).items():
+            if len(phases) != 2 or not all(phases) or any(
+                    len(q) < 2 or min(q) <= 0 or list(q) != sorted(q)
+                    for tables in phases for q in tables):
+                raise ValueError(f"scatter for {key}: (prefill, decode), each per busy count "
+                                 "at least two positive quantiles in order")
         for t in self.tenants:
             if t.model not in MODELS:
                 raise ValueError(f"tenant {t.name}: unknown model {t.model!r}; "
@@ -366,13 +383,15 @@ class SimEngine:
                 fresh.append(r)
         self.paging_stall_s += in_end - now
         self.recomputed_tokens += recomputed
-        slow = self._slowdown()
-        recompute_s = slow * self.costs.prefill(recomputed, n_recomputed)
-        prefill_end = in_end + slow * self.costs.prefill(prefill, len(fresh))
+        busy = sum(1 for e in self.sim.engines if e.sched.pending)
+        slow = self._slowdown(busy)
+        pre_slow, dec_slow = slow * self._scatter(0, busy), slow * self._scatter(1, busy)
+        recompute_s = pre_slow * self.costs.prefill(recomputed, n_recomputed)
+        prefill_end = in_end + pre_slow * self.costs.prefill(prefill, len(fresh))
         fresh_ids = {r.id for r in fresh}
         decode = [r for r in plan.run if r.id not in fresh_ids]
         kv_tokens = sum(self._context(r) for r in decode)
-        decode_end = prefill_end + slow * self.costs.decode(len(decode), kv_tokens)
+        decode_end = prefill_end + dec_slow * self.costs.decode(len(decode), kv_tokens)
         # Switching costs what the step waited for copies, or what it spent
         # recomputing dropped caches.
         self.sched.record_step(in_end - now + recompute_s, decode_end - in_end - recompute_s)
@@ -381,10 +400,25 @@ class SimEngine:
         firsts, done_tokens = [], 0
         for i, r in enumerate(fresh):
             done_tokens += self._context(r)
-            firsts.append(in_end + slow * self.costs.prefill(done_tokens, i + 1))
+            firsts.append(in_end + pre_slow * self.costs.prefill(done_tokens, i + 1))
         sim.at(decode_end, self._step_done, (fresh, firsts, decode, decode_end, releases))
 
-    def _slowdown(self) -> float:
+    def _scatter(self, phase: int, busy: int) -> float:
+        """This forward's cost over its model (phase 0: prefill, 1: decode)
+        with `busy` engines computing: drawn from the measured quantiles
+        (Scenario.scatter), for both phases every step whether or not the
+        phase runs, so the stream of draws does not depend on the plan; 1
+        without scatter."""
+        phases = (self.sim.scenario.scatter or {}).get(self.spec.model)
+        if not phases:
+            return 1.0
+        tables = phases[phase]
+        q = tables[min(busy, len(tables)) - 1]
+        u = self.sim.rng.random() * (len(q) - 1)
+        i = int(u)
+        return q[i] + (u - i) * (q[min(i + 1, len(q) - 1)] - q[i])
+
+    def _slowdown(self, busy: int) -> float:
         """How much slower this step computes: with the engines that have
         work (an engine with nothing pending sleeps, as the replay's tenants
         do) sharing the cores, as measured (Scenario.contention); beyond the
@@ -393,7 +427,6 @@ class SimEngine:
         table = (self.sim.scenario.contention or {}).get(self.spec.model)
         if not table:
             return 1.0
-        busy = sum(1 for e in self.sim.engines if e.sched.pending)
         n = len(table)
         return table[min(busy, n) - 1] * max(1.0, busy / n)
 
@@ -480,6 +513,7 @@ class Simulation:
         self.server = scenario.server
         self.policy = policy
         self.now = 0.0
+        self.rng = random.Random(scenario.seed)  # step-cost scatter's draws
         spare = scenario.spare if policy == "aqua" else {}
         # host_swap gets what aqua leases from peers as host memory instead.
         extra_host = sum(scenario.spare.values()) if policy == "host_swap" else 0

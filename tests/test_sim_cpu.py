@@ -144,6 +144,83 @@ def test_engines_with_work_share_the_cores_as_measured():
         Scenario(server, tenants, (), contention={"llama-small": ()})
 
 
+def _decode_gaps(scatter, seed, *, tenants=1, new=41):
+    """Token gaps of tenant 0's one request (decode steps of 2 ms, one
+    request per tenant arriving at once) under `scatter`."""
+    costs = StepCosts(0.0, 0.004, 0.0, 0.0, 0.002, 0.0)
+    ts = tuple(SimTenant(f"t{i}", "llama-small", i, kv_budget=1000) for i in range(tenants))
+    sc = Scenario(load_profile(DEFAULT_PROFILE).server(tenants), ts,
+                  tuple(Arrival(1.0, 10, new, i) for i in range(tenants)), max_overhead=None,
+                  costs={"llama-small": costs}, engine_limits=(256, 8192),
+                  scatter=None if scatter is None else {"llama-small": scatter}, seed=seed)
+    sim = Simulation(sc, "fcfs")
+    sim.run()
+    times = sim.engines[0].requests[0].token_times
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_step_costs_scatter_as_the_quantiles_say():
+    """Scenario.scatter: each forward's cost is its model's times a draw
+    from the measured quantiles (inverse CDF: uniform between neighbours),
+    per number of engines with work; a seed repeats its draws; without
+    scatter every step costs its model, whatever the seed."""
+    flat = ((1.0, 1.0),)
+    uniform = ((1.0, 3.0),)  # 1-3x, mean 2x
+    gaps = _decode_gaps((flat, uniform), seed=7, new=401)
+    assert all(0.002 - 1e-12 <= g <= 0.006 + 1e-12 for g in gaps)
+    assert sum(gaps) / len(gaps) == pytest.approx(0.004, rel=0.1)
+    assert len({round(g, 12) for g in gaps}) > len(gaps) // 2  # drawn, not one value
+    assert _decode_gaps((flat, uniform), seed=7, new=401) == gaps
+    assert _decode_gaps((flat, uniform), seed=8, new=401) != gaps
+    assert _decode_gaps(None, seed=7) == pytest.approx([0.002] * 40)
+    # The table for the number of engines computing: alone 1x, two at once 3x.
+    by_busy = ((1.0, 1.0), (3.0, 3.0))
+    assert _decode_gaps((flat, by_busy), seed=0) == pytest.approx([0.002] * 40)
+    assert _decode_gaps((flat, by_busy), seed=0, tenants=2) == pytest.approx([0.006] * 40)
+    server = load_profile(DEFAULT_PROFILE).server(1)
+    for bad in (((1.0,),), ((2.0, 1.0),), ((0.0, 1.0),)):
+        with pytest.raises(ValueError, match="scatter"):
+            Scenario(server, (SimTenant("t", "llama-small", 0),), (),
+                     scatter={"llama-small": (flat, bad)})
+
+
+def test_predictions_average_the_draws_and_mean_costs_stay_available(profile):
+    """predict(): `draws` seeded runs with scattered costs, compared by
+    their mean; draws=0 is one run at the fitted mean costs (no scatter).
+    A profile calibrated before scatter was kept predicts only that way."""
+    resp = _responsiveness()
+    tenants, _ = resp.workload_tenants({"requests": 30, "burst": 18, "max_new": 40,
+                                        "concurrency": 3, "seed": 0, "trace": "conv",
+                                        "time_scale": 4.0})
+    mean_costs = predict(tenants, profile, draws=0)
+    assert len(mean_costs) == 1
+    sc = responsiveness_scenario(tenants, profile, mode="aqua")
+    assert sc.scatter is None
+    assert Simulation(sc, "aqua").run()["ttft_p99_s"] == mean_costs[0]["aqua"]["ttft_p99_s"]
+    drawn = predict(tenants, profile, draws=4)
+    p99s = [d["aqua"]["ttft_p99_s"] for d in drawn]
+    assert len(set(p99s)) == 4  # each draw its own seed
+    assert predict(tenants, profile, draws=4)[2]["aqua"]["ttft_p99_s"] == p99s[2]
+    row = next(r for r in compare([mean_costs[0]], drawn) if r.figure == "TTFT p99 (ms), aqua")
+    assert row.predicted == pytest.approx(1e3 * sum(p99s) / 4)
+    assert row.draws == pytest.approx(tuple(1e3 * x for x in p99s))
+    doc = json.loads(json.dumps(profile.doc))
+    for m in doc["models"].values():
+        del m["scatter"]
+    old = profile_from_dict(doc)
+    assert predict(tenants, old, draws=0)
+    with pytest.raises(ValueError, match="scatter"):
+        predict(tenants, old, draws=1)
+
+
+def test_the_measured_means_standard_error_is_reported():
+    from aqua_sim.cpu import Row
+
+    assert Row("f", 10.0, 10.0, 0.2, runs=(10.0,)).sem == 0.0
+    # stdev of (8, 12) is 2.83; over sqrt(2) runs, over the mean 10: 20 %.
+    assert Row("f", 10.0, 10.0, 0.2, runs=(8.0, 12.0)).sem == pytest.approx(0.2)
+
+
 def test_page_copies_cost_the_measured_latency_and_bandwidth(profile):
     from aqua_sim.fabric import Fabric
 
@@ -201,13 +278,12 @@ def misses(rows_by_workload: dict[str, list]) -> set[tuple[str, str]]:
 # the docs) with the measurements.
 KNOWN_MISSES = {
     ("burst seed 0", "TTFT p50 (ms), baseline"),
-    ("burst seed 0", "TTFT p99 baseline/aqua"),
-    ("burst seed 1", "TTFT p99 (ms), aqua"),
-    ("burst seed 2", "TTFT p50 (ms), aqua"),
+    ("burst seed 0", "TTFT p99 (ms), aqua"),
+    ("burst seed 2", "TTFT p50 (ms), baseline"),
     ("burst seed 2", "TTFT p99 (ms), aqua"),
+    ("conv 30x4 seed 0", "TTFT p50 (ms), baseline"),
     ("conv 30x4 seed 0", "TTFT p99 (ms), baseline"),
     ("conv 30x4 seed 0", "TTFT p99 (ms), aqua"),
-    ("conv 60x8 seed 0", "TTFT p99 (ms), aqua"),
 }
 
 
@@ -215,19 +291,21 @@ def test_the_calibrated_simulator_reproduces_the_measurements(validation):
     rows = {key: r for key, (_, _, r) in validation.items()}
     assert misses(rows) == KNOWN_MISSES
     # What validates, said plainly: on every workload both modes'
-    # preemptions and aqua's bytes paged are within 10 %; on the held-out
-    # ones (burst seed 2, both conversation traces), the baseline's TTFT p50
-    # within 20 %, and on the traces aqua's too; and the conversation trace
-    # that preempts is one of them.
+    # preemptions and aqua's bytes paged are within 10 %, and the TTFT
+    # ratios inside the runs' spread; on the held-out ones (burst seed 2,
+    # both conversation traces) aqua's TTFT p50 within 20 %; on the held-out
+    # trace that preempts every TTFT figure.
     held_out = {"burst seed 2", "conv 30x4 seed 0", "conv 60x8 seed 0"}
     assert held_out <= {label(key) for key in rows}
     for key, r in rows.items():
         by = {row.figure: row for row in r}
-        figures = ["preemptions, aqua", "preemptions, baseline", "KV MiB paged, aqua"]
+        figures = ["preemptions, aqua", "preemptions, baseline", "KV MiB paged, aqua",
+                   "TTFT p50 baseline/aqua", "TTFT p99 baseline/aqua"]
         if label(key) in held_out:
-            figures.append("TTFT p50 (ms), baseline")
-        if label(key).startswith("conv"):
             figures.append("TTFT p50 (ms), aqua")
+        if label(key) == "conv 60x8 seed 0":
+            figures += [f"TTFT {q} (ms), {mode}" for q in ("p50", "p99")
+                        for mode in ("baseline", "aqua")]
         for figure in figures:
             assert by[figure].ok, (label(key), figure)
     preempting = {row.figure: row.measured for row in rows[next(
@@ -275,8 +353,12 @@ def test_a_wrong_profile_misses_more(profile, validation, wrong):
             for key in profile.models:
                 mp.setitem(MODELS, key, dataclasses.replace(
                     MODELS[key], kv_bytes_per_token=2 * MODELS[key].kv_bytes_per_token))
+        # Workload by workload, until one misses where the profile did not
+        # (each is 60 simulator runs).
         for key, (tenants, docs, _) in validation.items():
             rows[key] = compare(docs, predict(tenants, bad, policy))
+            if misses(rows) - KNOWN_MISSES:
+                break
     assert misses(rows) - KNOWN_MISSES
 
 
