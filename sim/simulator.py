@@ -383,9 +383,12 @@ class SimEngine:
                 fresh.append(r)
         self.paging_stall_s += in_end - now
         self.recomputed_tokens += recomputed
-        busy = sum(1 for e in self.sim.engines if e.sched.pending)
-        slow = self._slowdown(busy)
-        pre_slow, dec_slow = slow * self._scatter(0, busy), slow * self._scatter(1, busy)
+        pre_slow = dec_slow = 1.0
+        scenario = self.sim.scenario
+        if scenario.contention or scenario.scatter:  # the CPU engine: count who computes
+            busy = sum(1 for e in self.sim.engines if e.sched.pending)
+            slow = self._slowdown(busy)
+            pre_slow, dec_slow = slow * self._scatter(0, busy), slow * self._scatter(1, busy)
         recompute_s = pre_slow * self.costs.prefill(recomputed, n_recomputed)
         prefill_end = in_end + pre_slow * self.costs.prefill(prefill, len(fresh))
         fresh_ids = {r.id for r in fresh}

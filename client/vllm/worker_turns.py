@@ -180,10 +180,12 @@ class TurnKeeper:
             turn.__exit__(None, None, None)  # turn_done
 
     def _sync_stats(self) -> None:
-        for source, names in ((self.client._turn, ("waits", "revocations")),
-                              (self.pager, ("bytes_out", "bytes_in", "bytes_discarded"))):
-            for name in names:
-                setattr(self.stats, name, getattr(source, name))
+        st, pager = self.client._turn, self.pager
+        self.stats.waits = st.waits
+        self.stats.revocations = st.revocations
+        self.stats.bytes_out = pager.bytes_out
+        self.stats.bytes_in = pager.bytes_in
+        self.stats.bytes_discarded = pager.bytes_discarded
 
     def _lost(self, exc: AquaError) -> None:
         """aquad went away (or refused us): serve on without turns."""
