@@ -14,17 +14,19 @@ modes share the engine code path:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from .elastic import aquad_for_tenants, spawn, tell
 from .scrape import free_port, scrape
-from .stats import jain, service_summary, token_rate
+from .stats import cost_sums, jain, service_summary, token_rate
 from .trace import read_trace
 
 MODEL_SIZES = {
@@ -115,6 +117,7 @@ def tenant_main(job: dict) -> int:
 
     import aqua  # noqa: PLC0415
     from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
+    from aqua.engine.runner import StepTimes  # noqa: PLC0415
 
     spec = ReplayTenant(**{**job["tenant"], "arrivals": [ReplayArrival(**a) for a in
                                                       job["tenant"]["arrivals"]]})
@@ -125,6 +128,7 @@ def tenant_main(job: dict) -> int:
     client = aqua.connect(spec.name, job["device"]) if mode == "aqua" else None
     policy = "fair" if mode == "aqua" else "fcfs"
     engine = Engine(model, PromptScheduler(policy, spec.kv_budget, spec.slice_tokens), client)
+    engine.times = StepTimes()  # what the steps cost here: the simulator's calibration
     pending = list(spec.arrivals)
     submitted = []
 
@@ -158,6 +162,7 @@ def tenant_main(job: dict) -> int:
         "tenant": spec.name, "size": spec.size, "bytes_paged": paged,
         "requests": [{"arrival": r.arrival, "times": r.token_times,
                       "preemptions": r.preemptions} for r in submitted],
+        "forwards": engine.times.forwards, "steps": engine.times.steps,
     }), flush=True)
     return 0
 
@@ -181,12 +186,11 @@ def run_mode(mode: str, tenants: list[ReplayTenant], *, seed: int,
         start = time.monotonic() + 0.2  # all are ready: their imports are done
         for proc in procs:
             tell(proc, repr(start))
-        if progress:
-            expected = max(a.t for spec in tenants for a in spec.arrivals) + 2.0
-            _progress(mode, procs, start, expected)
+        expected = max(a.t for spec in tenants for a in spec.arrivals) + 2.0
+        outputs = read_all(procs, lambda: _progress(mode, procs, start, expected)
+                           if progress else None)
         results = []
-        for proc in procs:
-            out, _ = proc.communicate(timeout=600)
+        for proc, out in zip(procs, outputs):
             if proc.returncode != 0:
                 raise RuntimeError(f"a {mode} tenant exited {proc.returncode}")
             results.append(json.loads(out.strip().splitlines()[-1]))
@@ -194,6 +198,19 @@ def run_mode(mode: str, tenants: list[ReplayTenant], *, seed: int,
             url = f"http://{metrics[1]}/metrics"
             daemon_figures.update(url=url, figures=scrape(url, since=time.time()))
         return results
+
+
+def read_all(procs: list[subprocess.Popen], meanwhile: Callable[[], None],
+             timeout: float = 600) -> list[str]:
+    """Each process's output to its end, read while they run, with
+    `meanwhile()` called in the meantime (the progress bar, which waits for
+    them to exit). Read as they run because a tenant's result line (its
+    step times) outgrows a pipe's buffer: a tenant blocked writing it never
+    exits, and a wait for its exit would never end."""
+    with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+        outputs = [pool.submit(proc.communicate, timeout=timeout) for proc in procs]
+        meanwhile()
+        return [output.result()[0] for output in outputs]
 
 
 def _progress(mode: str, procs: list[subprocess.Popen], start: float, expected: float) -> None:
@@ -244,9 +261,14 @@ def summarize(results: list[dict]) -> dict:
         **service_summary((r["arrival"], r["times"]) for r in reqs),
         "jain_tenants": jain(per_tenant),
         "bytes_paged": sum(doc["bytes_paged"] for doc in results),
-        # Each tenant's first-token times (sorted): which tenant makes a tail.
-        "ttft_by_tenant_s": {doc["tenant"]: sorted(r["times"][0] - r["arrival"]
-                                                   for r in doc["requests"] if r["times"])
-                             for doc in results},
+        # Each tenant's first-token times in its arrivals' order (None: no
+        # token): which tenant makes a tail, and which request, for a
+        # request-by-request comparison with the simulator. (Files written
+        # before 2026-12-02 have them sorted, as "ttft_by_tenant_s".)
+        "ttft_in_arrival_order_s": {doc["tenant"]: [r["times"][0] - r["arrival"]
+                                                    if r["times"] else None
+                                                    for r in doc["requests"]]
+                                    for doc in results},
         "preemptions": sum(r["preemptions"] for r in reqs),
+        "cost_sums": cost_sums(results),
     }

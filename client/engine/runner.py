@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ class LeaseKV:
         self._meta: dict[int, tuple[list[tuple[torch.Size, torch.dtype]], torch.device]] = {}
         self.bytes_out = 0
         self.bytes_in = 0
+        self.copies = 0  # page-outs and page-ins
 
     def save(self, rid: int, cache: Any) -> None:
         tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -43,6 +45,7 @@ class LeaseKV:
             lease = self.client.lease(total, reuse=True)  # OutOfMemory, LimitExceeded: nothing held
             self._leases[rid] = lease
         self.bytes_out += pack(lease, tensors)
+        self.copies += 1
         self._meta[rid] = ([(t.shape, t.dtype) for t in tensors], tensors[0].device)
 
     def load(self, rid: int, make_cache: Callable[[], Any]) -> Any:
@@ -52,6 +55,7 @@ class LeaseKV:
         for i in range(len(tensors) // 2):
             cache.update(tensors[2 * i], tensors[2 * i + 1], i)
         self.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
+        self.copies += 1
         return cache
 
     def drop(self, rid: int) -> None:
@@ -63,6 +67,20 @@ class LeaseKV:
     def close(self) -> None:
         for rid in list(self._leases):
             self.drop(rid)
+
+
+@dataclass
+class StepTimes:
+    """A real run's costs, as the engine's clock read them."""
+
+    # (start, end, tokens in, tokens cached before) of every model call:
+    # a prefill (or a dropped cache's recompute) has none cached, a decode
+    # one token in.
+    forwards: list[tuple[float, float, int, int]] = field(default_factory=list)
+    # (start, end, seconds in model calls, pages copied, bytes copied) of
+    # every step that ran something: what is not a model call is the step's
+    # own cost (planning, copies).
+    steps: list[tuple[float, float, float, int, int]] = field(default_factory=list)
 
 
 class Engine:
@@ -77,6 +95,10 @@ class Engine:
         self._held: dict[int, Any] = {}  # paused, cache kept here (no daemon)
         self.recomputed_tokens = 0
         self._next_id = 0
+        # What a run's steps cost, kept where this is set (a StepTimes): the
+        # simulator's cost model is checked against them (bench/sim_validate.py).
+        self.times: StepTimes | None = None
+        self._forward_s = 0.0  # this step's model calls so far
 
     def submit(self, prompt: list[int], max_new_tokens: int, *,
                arrival: float | None = None, tenant: str = "") -> Request:
@@ -94,6 +116,11 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """Plan and run one step. False when nothing was resident to run."""
+        times = self.times
+        if times is not None:
+            t0, self._forward_s = self.clock(), 0.0
+            copies0 = self.kv.copies if self.kv is not None else 0
+            paged0 = self.bytes_paged
         plan: Plan = self.scheduler.plan()
         for r in plan.drop:  # preempted by recompute (vLLM's way)
             del self._caches[r.id]
@@ -135,6 +162,10 @@ class Engine:
         for r in plan.run:
             if r.id not in fresh and r.state == "resident":
                 self._decode(r)
+        if times is not None and plan.run:
+            copies = (self.kv.copies if self.kv is not None else 0) - copies0
+            times.steps.append((t0, self.clock(), self._forward_s, copies,
+                                self.bytes_paged - paged0))
         return bool(plan.run)
 
     def _emit(self, r: Request, logits: torch.Tensor) -> None:
@@ -149,7 +180,14 @@ class Engine:
     def _forward(self, r: Request, tokens: list[int], cache: Any) -> torch.Tensor:
         """Run `tokens` through the model on `cache`, which becomes r's; the logits."""
         ids = torch.tensor([tokens], device=self.model.device)
-        out = self.model(ids, past_key_values=cache, use_cache=True)
+        if self.times is None:
+            out = self.model(ids, past_key_values=cache, use_cache=True)
+        else:
+            cached, t0 = cache.get_seq_length(), self.clock()
+            out = self.model(ids, past_key_values=cache, use_cache=True)
+            t1 = self.clock()
+            self.times.forwards.append((t0, t1, len(tokens), cached))
+            self._forward_s += t1 - t0
         self._caches[r.id] = out.past_key_values
         return out.logits
 
