@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,10 +87,12 @@ def _rel_rms(rows: list[list[float]], ys: list[float], coef: list[float]) -> flo
     return (sum(e * e for e in err) / len(err)) ** 0.5
 
 
-def time_model(size: str, seconds: float, seed: int) -> dict:
+def time_model(size: str, seconds: float, seed: int,
+               ready: Callable[[], None] | None = None) -> dict:
     """Time Engine.step() on one model for `seconds`: random batches of
     prompts (4-96 tokens, as the replay draws them), each prefilled in one
-    step, then decoded for a random number of steps."""
+    step, then decoded for a random number of steps. `ready`: called once
+    the model is built, returning when the timing is to start."""
     import torch  # noqa: PLC0415
 
     from aqua.engine import Engine, PromptScheduler  # noqa: PLC0415
@@ -101,6 +104,8 @@ def time_model(size: str, seconds: float, seed: int) -> dict:
     prefill: list[tuple[int, int, float]] = []  # (prompts, tokens, seconds)
     decode: list[tuple[int, int, float]] = []  # (batch, kv tokens, seconds)
     kv_per_token = 0
+    if ready is not None:
+        ready()
     end = time.monotonic() + seconds
     first = True
     while time.monotonic() < end:
@@ -241,10 +246,22 @@ def time_control_and_copies(seed: int, rounds: int = 200) -> dict:
 
 
 def _time_children(sizes: list[str], seconds: float, seed: int) -> dict[str, dict]:
-    """time_model() for each of `sizes`, one process each, all at once."""
+    """time_model() for each of `sizes`, one process each, all at once: the
+    timing starts in all of them at the same instant, once every one has
+    built its model (the imports take seconds, and differently long: started
+    unaligned, processes meant to compute together overlapped for only part
+    of their timing)."""
     procs = [subprocess.Popen([sys.executable, __file__, "--child", size, str(seconds),
-                               str(seed + i)], stdout=subprocess.PIPE, text=True)
+                               str(seed + i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
              for i, size in enumerate(sizes)]
+    for size, proc in zip(sizes, procs):
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"timing {size} failed to start")
+    start = time.monotonic() + 0.1  # CLOCK_MONOTONIC: one clock for all processes
+    for proc in procs:
+        proc.stdin.write(f"{start!r}\n")
+        proc.stdin.flush()
     samples = {}
     for size, proc in zip(sizes, procs):
         out, _ = proc.communicate()
@@ -281,7 +298,12 @@ def _scatter(fit: dict, phase: str, steps: list, slowdown: float) -> list[float]
 
 
 def child_main(size: str, seconds: float, seed: int) -> int:
-    print(json.dumps(time_model(size, seconds, seed)), flush=True)
+    def ready() -> None:  # then wait for the start all the processes share
+        print("ready", flush=True)
+        start = float(sys.stdin.readline())
+        time.sleep(max(0.0, start - time.monotonic()))
+
+    print(json.dumps(time_model(size, seconds, seed, ready)), flush=True)
     return 0
 
 
