@@ -15,11 +15,14 @@ beside the prediction's error.
                                  [FILE.json ...]
     python bench/sim_validate.py --fit FILE.json [FILE.json ...]
 
-`--fit` fits the one free parameter, the load factor (how much dearer compute
-was in the measured runs than when bench/calibrate.py timed it: the shared
-machine's load moves), on the named runs only, by TTFT p50/p99 of both
-modes, and writes it into the profile with the files it came from; the
-other measurements are held out.
+`--fit` takes two things from the named runs only, and writes them into the
+profile with the files they came from (the other measurements are held out):
+what a page copy cost inside them (aqua_sim.cpu.copy_cost, from the engines'
+own timing of their steps: timed alone, a copy and a lease round trip cost
+a fraction of what they cost while three tenants and aquad share the cores),
+and then the one free parameter, the load factor (how much dearer compute
+was in the measured runs than when bench/calibrate.py timed it), by TTFT
+p50/p99 of both modes.
 """
 
 from __future__ import annotations
@@ -34,7 +37,16 @@ import sys
 
 from responsiveness import workload_tenants
 
-from aqua_sim.cpu import DEFAULT_PROFILE, PROFILES, compare, load_profile, other_work, predict
+from aqua_sim.cpu import (
+    DEFAULT_PROFILE,
+    PROFILES,
+    call_costs,
+    compare,
+    copy_cost,
+    load_profile,
+    other_work,
+    predict,
+)
 
 MEASURED = os.path.join(PROFILES, "measured")
 
@@ -77,17 +89,27 @@ def main() -> int:
     args = parser.parse_args()
     profile = load_profile(args.profile)
     if args.fit:
-        factor, err = fit_load_factor(dataclasses.replace(profile, load_factor=1.0), args.fit,
-                                      args.draws)
+        runs = [doc for docs in group(args.fit).values() for doc in docs]
+        try:
+            copy_s, copies = copy_cost(runs)
+        except ValueError as exc:
+            print(f"--fit: {exc}", file=sys.stderr)
+            return 2
+        factor, err = fit_load_factor(dataclasses.replace(profile, load_factor=1.0,
+                                                          run_copy_s=copy_s),
+                                      args.fit, args.draws)
         doc = dict(profile.doc)
         doc["fit"] = {"load_factor": factor, "mean_abs_log_error": err,
+                      "copy_s": copy_s, "copies": copies,
                       "files": [os.path.basename(p) for p in args.fit], "draws": args.draws,
                       "command": f"python bench/sim_validate.py --draws {args.draws} --fit "
                                  + " ".join(os.path.relpath(p) for p in args.fit)}
         with open(args.profile, "w") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
-        print(f"load factor {factor:.3f} (mean |log error| {err:.3f}) on "
+        print(f"a page copy in those runs: {copy_s * 1e3:.2f} ms ({copies} copies; timed alone "
+              f"{profile.copy_latency_s * 1e3:.2f} ms + a {profile.lease_rtt_s * 1e3:.2f} ms "
+              f"lease round trip); load factor {factor:.3f} (mean |log error| {err:.3f}) on "
               f"{', '.join(doc['fit']['files'])}: written to {args.profile}")
         profile = load_profile(args.profile)
     paths = args.files or sorted(glob.glob(os.path.join(MEASURED, "*.json")))
@@ -98,6 +120,8 @@ def main() -> int:
     print(f"profile {os.path.relpath(args.profile)} ({profile.doc['date']}, "
           f"load {profile.doc['machine']['loadavg_before'][0]:.1f}); load factor "
           f"{profile.load_factor:.3f}" + (f" fitted on {', '.join(fitted)}" if fitted else "")
+          + ("" if profile.run_copy_s is None
+             else f"; a page copy {profile.run_copy_s * 1e3:.2f} ms, as those runs paid it")
           + (f"; mean of {args.draws} simulator draws" if args.draws > 0
              else "; one simulator run at the mean costs"))
     misses = wide = 0
@@ -129,6 +153,18 @@ def main() -> int:
                   f"{r.error:+.0%} | {bound} | {'yes' if r.ok else '**no**'} |")
             misses += not r.ok
             wide += over
+        timed = sum("cost_sums" in d["baseline"] for d in docs)
+        if timed:
+            # The cost model itself, against the engines' own timing of
+            # every model call in these runs.
+            print(f"\nModel calls ({timed} of the runs timed them), measured over what the "
+                  "simulator charges, by tenants with work:")
+            for mode in ("baseline", "aqua"):
+                by_busy = call_costs(profile, docs, mode)
+                n, s, m = (sum(v[i] for v in by_busy.values()) for i in range(3))
+                print(f"- {mode}: " + ", ".join(f"{b}: {sb / mb:.2f}x ({nb} calls)"
+                                                for b, (nb, sb, mb) in by_busy.items())
+                      + f"; all: {s / m:.2f}x")
     print(f"\n{misses} figure(s) outside their bound; {wide} figure(s) whose repeats alone "
           "spread wider than the bound")
     return 0

@@ -92,6 +92,10 @@ class Profile:
     # empty for a profile calibrated before they were kept.
     scatter: dict[str, tuple[tuple[tuple[float, ...], ...], ...]] = dataclasses.field(
         default_factory=dict)
+    # What a page copy cost inside the runs the "fit" names (copy_cost():
+    # timed by their engines, lease round trips included), which replaces
+    # the copy latency and lease round trip timed alone; None without one.
+    run_copy_s: float | None = None
 
     def step_costs(self, key: str) -> StepCosts:
         return self.models[key].scaled(self.load_factor)
@@ -102,7 +106,8 @@ class Profile:
         cpu = GpuSpec("cpu (calibrated)", hbm_bytes=64 * GB, hbm_bw=10 * GB, peak_flops=1e11,
                       nvlink_bw=self.copy_bandwidth, pcie_bw=self.copy_bandwidth)
         return ServerSpec(cpu, gpus=devices, nvlink_islands=(), pcie_efficiency=1.0,
-                          copy_latency_s=self.copy_latency_s, host_pool_bytes=8 * GiB)
+                          copy_latency_s=self.copy_latency_s if self.run_copy_s is None
+                          else self.run_copy_s, host_pool_bytes=8 * GiB)
 
 
 def load_profile(path: str = DEFAULT_PROFILE) -> Profile:
@@ -129,7 +134,32 @@ def profile_from_dict(doc: dict[str, Any]) -> Profile:
     return Profile(models, kv, float(doc["control"]["lease_rtt_s"]), respond,
                    float(doc["copy"]["latency_s"]), float(doc["copy"]["bandwidth_bps"]), doc,
                    float(doc.get("fit", {}).get("load_factor", 1.0)),
-                   contention, scatter)
+                   contention, scatter, doc.get("fit", {}).get("copy_s"))
+
+
+def copy_cost(runs: Sequence[dict]) -> tuple[float, int]:
+    """What a page copy costs inside real runs, and from how many copies:
+    the aqua steps' time outside model calls (their "cost_sums", timed by
+    the engine) beyond what the baseline's steps, which copy nothing,
+    paid there per model call, over the copies made. Lease round trips
+    and the copies' waits for the cores are in it; runs measured before
+    the engine timed its steps are refused."""
+    sums = {"baseline": [0.0, 0.0, 0.0], "aqua": [0.0, 0.0, 0.0]}  # calls, copies, seconds
+    for doc in runs:
+        for mode, acc in sums.items():
+            if "cost_sums" not in doc[mode]:
+                raise ValueError(f"{doc.get('file', 'a run')}: no cost_sums (measured before "
+                                 "the engine timed its steps)")
+            for by_phase in doc[mode]["cost_sums"].values():
+                for busy, (_, copies, _, seconds) in by_phase["steps"].items():
+                    acc[0] += sum(by_phase[p].get(busy, [0.0])[0]
+                                  for p in ("prefill", "decode"))
+                    acc[1] += copies
+                    acc[2] += seconds
+    (base_calls, _, base_s), (calls, copies, seconds) = sums["baseline"], sums["aqua"]
+    if not copies or not base_calls:
+        raise ValueError("the runs made no page copies to time")
+    return max(0.0, seconds - base_s / base_calls * calls) / copies, int(copies)
 
 
 def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: str,
@@ -164,7 +194,9 @@ def responsiveness_scenario(tenants: Sequence[Any], profile: Profile, *, mode: s
     return Scenario(profile.server(len(sim_tenants)), tuple(sim_tenants), tuple(arrivals),
                     slice_tokens=slices.pop(), max_overhead=None, incremental="whole",
                     quantum_s=REPLAY_QUANTUM_S,
-                    costs=costs, engine_limits=(256, 8192), control_latency_s=profile.lease_rtt_s,
+                    costs=costs, engine_limits=(256, 8192),
+                    # A copy's cost from the runs has the round trip in it.
+                    control_latency_s=profile.lease_rtt_s if profile.run_copy_s is None else 0.0,
                     contention=profile.contention or None,
                     scatter=None if seed is None else profile.scatter, seed=seed or 0)
 
@@ -186,6 +218,33 @@ def predict(tenants: Sequence[Any], profile: Profile, policy: dict[str, str] = M
     return [{mode: Simulation(responsiveness_scenario(tenants, profile, mode=mode, seed=seed),
                               policy[mode]).run()
              for mode in ("baseline", "aqua")} for seed in seeds]
+
+
+def call_costs(profile: Profile, runs: Sequence[dict],
+               mode: str) -> dict[int, tuple[int, float, float]]:
+    """The model calls of real runs of `mode` against what the profile
+    charges for them: per number of tenants with work when a call began,
+    (calls, seconds they took, seconds the simulator charges: the fit's
+    per-call cost, times the load factor and the contention for that
+    count; the steps' own cost is not in it). From each run's "cost_sums"
+    (every forward its engines made, timed by the engine); runs measured
+    before the engine timed its calls are skipped."""
+    out: dict[int, list[float]] = {}
+    for doc in runs:
+        for key, by_phase in doc[mode].get("cost_sums", {}).items():
+            c = profile.step_costs(key)
+            table = profile.contention.get(key) or (1.0,)
+            for phase, per_call, per_x in (("prefill", c.per_prompt_s, c.per_token_s),
+                                           ("decode", c.per_request_s, c.per_kv_token_s)):
+                for busy, (n, x_sum, _, seconds, _) in by_phase[phase].items():
+                    b = int(busy)
+                    # As SimEngine._slowdown scales beyond the measured counts.
+                    slow = table[min(b, len(table)) - 1] * max(1.0, b / len(table))
+                    acc = out.setdefault(b, [0.0, 0.0, 0.0])
+                    acc[0] += n
+                    acc[1] += seconds
+                    acc[2] += slow * (per_call * n + per_x * x_sum)
+    return {b: (int(n), s, m) for b, (n, s, m) in sorted(out.items())}
 
 
 def other_work(doc: dict) -> float | None:

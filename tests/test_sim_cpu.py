@@ -213,6 +213,62 @@ def test_predictions_average_the_draws_and_mean_costs_stay_available(profile):
         predict(tenants, old, draws=1)
 
 
+def test_real_runs_model_calls_are_held_to_what_the_simulator_charges(profile):
+    """call_costs(): a run's timed model calls (cost_sums) against the
+    fit's per-call cost times the load factor and the contention for the
+    count of tenants with work (beyond the table: proportionally more)."""
+    from aqua_sim.cpu import call_costs
+
+    costs = StepCosts(0.5, 0.002, 1e-5, 0.25, 0.001, 1e-6)  # step costs: not per call
+    prof = dataclasses.replace(profile, models={"llama-small": costs}, load_factor=2.0,
+                               contention={"llama-small": (1.0, 1.5)})
+    # 3 prefills of 100 tokens in all alone; 10 decodes reading 500 cached
+    # tokens in all with 2 busy, 4 reading 40 with 3 busy.
+    sums = {"llama-small": {"prefill": {"1": [3, 100, 0, 0.03, 0]},
+                            "decode": {"2": [10, 500, 0, 0.06, 0], "3": [4, 40, 0, 0.02, 0]}}}
+    runs = [{"baseline": {"cost_sums": sums}}, {"baseline": {}}]  # the second: not timed
+    got = call_costs(prof, runs, "baseline")
+    assert list(got) == [1, 2, 3]
+    assert got[1] == (3, pytest.approx(0.03), pytest.approx(2 * (3 * 0.002 + 100 * 1e-5)))
+    assert got[2] == (10, pytest.approx(0.06), pytest.approx(2 * 1.5 * (10 * 0.001 + 500e-6)))
+    assert got[3][2] == pytest.approx(2 * 1.5 * 1.5 * (4 * 0.001 + 40e-6))
+
+
+def test_a_page_copy_costs_what_the_runs_paid_beyond_their_model_calls(profile):
+    """copy_cost(): the aqua steps' time outside model calls, less what the
+    baseline's steps (no copies) paid there per call, over the copies; a
+    profile fitted with it charges that per copy, the lease round trip in
+    it, instead of the copy latency and round trip timed alone."""
+    from aqua_sim.cpu import copy_cost
+
+    def run(base, aqua):
+        return {mode: {"cost_sums": {"llama-small": {
+            "prefill": {"3": [calls / 2, 0, 0, 0, 0]}, "decode": {"3": [calls / 2, 0, 0, 0, 0]},
+            "steps": {"3": [calls, copies, 0, seconds]}}}}
+            for mode, (calls, copies, seconds) in (("baseline", base), ("aqua", aqua))}
+
+    # Baseline: 0.2 ms per call outside calls; aqua: 1.2 s over 1000 calls
+    # and 500 copies, so (1.2 - 0.2) / 500 = 2 ms a copy.
+    runs = [run((600, 0, 0.12), (600, 300, 0.72)), run((400, 0, 0.08), (400, 200, 0.48))]
+    copy_s, copies = copy_cost(runs)
+    assert copy_s == pytest.approx(0.002) and copies == 500
+    with pytest.raises(ValueError, match="cost_sums"):
+        copy_cost([*runs, {"baseline": {}, "aqua": {}}])
+    with pytest.raises(ValueError, match="no page copies"):
+        copy_cost([run((600, 0, 0.12), (600, 0, 0.12))])
+    fitted = dataclasses.replace(profile, run_copy_s=copy_s)
+    resp = _responsiveness()
+    tenants, _ = resp.workload_tenants({"requests": 26, "burst": 18, "max_new": 40,
+                                        "concurrency": 3, "seed": 0, "trace": None,
+                                        "time_scale": 4.0})
+    sc = responsiveness_scenario(tenants, fitted, mode="aqua")
+    assert sc.server.copy_latency_s == 0.002 and sc.control_latency_s == 0.0
+    timed = responsiveness_scenario(tenants, dataclasses.replace(profile, run_copy_s=None),
+                                    mode="aqua")
+    assert timed.server.copy_latency_s == profile.copy_latency_s
+    assert timed.control_latency_s == profile.lease_rtt_s
+
+
 def test_the_measured_means_standard_error_is_reported():
     from aqua_sim.cpu import Row
 
@@ -224,10 +280,15 @@ def test_the_measured_means_standard_error_is_reported():
 def test_page_copies_cost_the_measured_latency_and_bandwidth(profile):
     from aqua_sim.fabric import Fabric
 
-    server = profile.server(2)
     nbytes = 1 << 20
-    end = Fabric(server).copy(0, server.host_device, nbytes, 0.0)
-    assert end == pytest.approx(profile.copy_latency_s + nbytes / profile.copy_bandwidth)
+    # The shipped profile's copies cost what its fit runs paid; timed alone,
+    # the latency the calibration measured.
+    assert profile.run_copy_s is not None
+    for prof, latency in ((profile, profile.run_copy_s),
+                          (dataclasses.replace(profile, run_copy_s=None), profile.copy_latency_s)):
+        server = prof.server(2)
+        end = Fabric(server).copy(0, server.host_device, nbytes, 0.0)
+        assert end == pytest.approx(latency + nbytes / profile.copy_bandwidth)
 
 
 def test_a_profile_naming_an_unknown_model_is_refused(profile):
@@ -277,35 +338,40 @@ def misses(rows_by_workload: dict[str, list]) -> set[tuple[str, str]]:
 # miss fails, and so does one of these turning good: update the list (and
 # the docs) with the measurements.
 KNOWN_MISSES = {
-    ("burst seed 0", "TTFT p50 (ms), baseline"),
-    ("burst seed 0", "TTFT p99 (ms), aqua"),
-    ("burst seed 2", "TTFT p50 (ms), baseline"),
-    ("burst seed 2", "TTFT p99 (ms), aqua"),
-    ("conv 30x4 seed 0", "TTFT p50 (ms), baseline"),
+    ("burst seed 1", "TTFT p50 (ms), aqua"),
+    ("code 30x4 seed 0", "TTFT p99 (ms), baseline"),
+    ("code 30x4 seed 0", "TTFT p99 (ms), aqua"),
     ("conv 30x4 seed 0", "TTFT p99 (ms), baseline"),
+    ("conv 30x4 seed 0", "TTFT p50 (ms), aqua"),
     ("conv 30x4 seed 0", "TTFT p99 (ms), aqua"),
+    ("conv 30x4 seed 0", "TTFT p99 baseline/aqua"),
+    ("conv 60x8 seed 0", "TTFT p50 (ms), baseline"),
+    ("conv 60x8 seed 0", "preemptions, baseline"),
 }
 
 
 def test_the_calibrated_simulator_reproduces_the_measurements(validation):
     rows = {key: r for key, (_, _, r) in validation.items()}
     assert misses(rows) == KNOWN_MISSES
-    # What validates, said plainly: on every workload both modes'
-    # preemptions and aqua's bytes paged are within 10 %, and the TTFT
-    # ratios inside the runs' spread; on the held-out ones (burst seed 2,
-    # both conversation traces) aqua's TTFT p50 within 20 %; on the held-out
-    # trace that preempts every TTFT figure.
-    held_out = {"burst seed 2", "conv 30x4 seed 0", "conv 60x8 seed 0"}
+    # What validates, said plainly: on every workload aqua's preemptions
+    # and bytes paged within 10 % and the TTFT p50 ratio inside the runs'
+    # spread; on every burst every count and both ratios; on the held-out
+    # seed (burst seed 2) every figure; on the held-out trace that preempts
+    # all of aqua's TTFTs; on the held-out idle traces both modes' p50 but
+    # one (conv's aqua p50, -20 %, at the edge).
+    held_out = {"burst seed 2", "code 30x4 seed 0", "conv 30x4 seed 0", "conv 60x8 seed 0"}
     assert held_out <= {label(key) for key in rows}
     for key, r in rows.items():
         by = {row.figure: row for row in r}
-        figures = ["preemptions, aqua", "preemptions, baseline", "KV MiB paged, aqua",
-                   "TTFT p50 baseline/aqua", "TTFT p99 baseline/aqua"]
-        if label(key) in held_out:
-            figures.append("TTFT p50 (ms), aqua")
+        figures = ["preemptions, aqua", "KV MiB paged, aqua", "TTFT p50 baseline/aqua"]
+        if not json.loads(key)["trace"]:
+            figures += ["preemptions, baseline", "TTFT p99 baseline/aqua"]
+        if label(key) == "burst seed 2":
+            figures = list(by)
         if label(key) == "conv 60x8 seed 0":
-            figures += [f"TTFT {q} (ms), {mode}" for q in ("p50", "p99")
-                        for mode in ("baseline", "aqua")]
+            figures += ["TTFT p50 (ms), aqua", "TTFT p99 (ms), aqua"]
+        if label(key) == "code 30x4 seed 0":
+            figures += ["TTFT p50 (ms), baseline", "TTFT p50 (ms), aqua"]
         for figure in figures:
             assert by[figure].ok, (label(key), figure)
     preempting = {row.figure: row.measured for row in rows[next(
@@ -336,7 +402,9 @@ def test_a_wrong_profile_misses_more(profile, validation, wrong):
         bad = dataclasses.replace(profile, models=models)
     elif wrong == "copies ten times slower":
         bad = dataclasses.replace(profile, copy_bandwidth=profile.copy_bandwidth / 10,
-                                  copy_latency_s=10 * profile.copy_latency_s)
+                                  copy_latency_s=10 * profile.copy_latency_s,
+                                  run_copy_s=None if profile.run_copy_s is None
+                                  else 10 * profile.run_copy_s)
     elif wrong == "copy bandwidth a hundredth":
         bad = dataclasses.replace(profile, copy_bandwidth=profile.copy_bandwidth / 100)
     elif wrong == "load factor doubled":
