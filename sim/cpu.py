@@ -7,8 +7,11 @@ every step costs what the profile fitted from timed steps of the real engine:
     prefill: step + per_prompt x prompts + per_token x prompt tokens
     decode:  step + per_request x batch + per_kv_token x KV tokens
 
-and a page-out or page-in costs the engine's measured copy latency plus
-bytes over its measured shared-memory bandwidth. `responsiveness_scenario`
+and a page-out or page-in costs a fixed part plus bytes over the engine's
+measured shared-memory bandwidth: the fixed part as the fit runs' own
+engines timed it (copy_cost(): lease round trips and waits for the shared
+cores in it), or, without a fit, the copy latency and lease round trip
+timed with the machine to itself. `responsiveness_scenario`
 mirrors bench/responsiveness.py (its tenants, models, arrivals, KV budgets,
 slices; the engine's scheduler limits; one device each, host leases; the
 machine's cores, which the tenant processes share) so the simulator
