@@ -127,10 +127,15 @@ class PrivateDaemon:
 @contextlib.contextmanager
 def private_daemon(directory: str, *args: str, name: str = "aquad.sock",
                    **kwargs: Any) -> Iterator[PrivateDaemon]:
-    """A running aquad on `directory`/`name`, stopped on exit (see PrivateDaemon
-    for the keyword arguments)."""
+    """A running aquad on `directory`/`name`, stopped on exit, and whatever
+    files it left removed (one that was killed leaves its segments and spare
+    files for a successor on the same socket, and there will be none). See
+    PrivateDaemon for the keyword arguments."""
     daemon = PrivateDaemon(os.path.join(directory, name), args, **kwargs).start()
     try:
         yield daemon
     finally:
         daemon.stop()
+        for path in daemon._paths():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

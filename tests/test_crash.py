@@ -157,3 +157,16 @@ def test_an_idle_tenant_notices_within_a_heartbeat(daemon):
     assert wait_until(lambda: not client.connected, PROMPT_S)
     client.close()
     daemon.restart()
+
+
+def test_a_killed_private_daemon_leaves_no_files_once_its_context_ends(tmp_path):
+    """aqua.testing.private_daemon: a killed aquad leaves its spare files
+    and segments for a successor on its socket; the context it ran in, with
+    none coming, removes them (runs of the suite left them in /dev/shm)."""
+    from aqua.testing import private_daemon
+
+    with private_daemon(str(tmp_path), "--host-devices", "1x64MiB") as daemon:
+        assert wait_until(lambda: len(daemon.files()) > 0, 10.0)
+        daemon.kill()
+        assert daemon.files()  # nothing could clean up after a SIGKILL
+    assert daemon.files() == []
