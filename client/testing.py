@@ -88,6 +88,13 @@ class PrivateDaemon:
         dirs = [d for d in dict.fromkeys((SHM_DIR, self.shm_dir)) if os.path.isdir(d)]
         return [os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.startswith(prefix)]
 
+    def remove_files(self) -> None:
+        """Delete every file of this daemon: what a killed one left for a
+        successor on its socket, when none is coming."""
+        for path in self._paths():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     def segments(self) -> list[str]:
         """Lease segments that hold pages. The daemon keeps spare files ready
         for grants, sparse until a tenant maps one (the client populates its
@@ -136,6 +143,4 @@ def private_daemon(directory: str, *args: str, name: str = "aquad.sock",
         yield daemon
     finally:
         daemon.stop()
-        for path in daemon._paths():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        daemon.remove_files()

@@ -38,15 +38,23 @@ MARK = "@aqua-tenant "
 DAEMON_ARGS = ["--backend", "host", "--host-devices", "2x64MiB", "--heartbeat-timeout", "2"]
 
 
+_STARTED: list[Daemon] = []
+
+
 @pytest.fixture(scope="module")
 def sockdir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="aqua-vllm-")
     yield path
+    for daemon in _STARTED:  # the ones tests killed left their spare files
+        daemon.stop()
+        daemon.remove_files()
     subprocess.run(["rm", "-rf", path], check=False)
 
 
 def start_aquad(sockdir: str, name: str, *args: str) -> Daemon:
-    return Daemon(os.path.join(sockdir, name), [*DAEMON_ARGS, *args]).start()
+    daemon = Daemon(os.path.join(sockdir, name), [*DAEMON_ARGS, *args]).start()
+    _STARTED.append(daemon)
+    return daemon
 
 
 # --- the in-place pager and the turn keeper, without vLLM ----------------------
