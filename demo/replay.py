@@ -128,7 +128,7 @@ def tenant_main(job: dict) -> int:
     client = aqua.connect(spec.name, job["device"]) if mode == "aqua" else None
     policy = "fair" if mode == "aqua" else "fcfs"
     engine = Engine(model, PromptScheduler(policy, spec.kv_budget, spec.slice_tokens), client)
-    engine.times = StepTimes()  # what the steps cost here: the simulator's calibration
+    engine.times = StepTimes()  # what the steps cost here (the simulator is held to it)
     pending = list(spec.arrivals)
     submitted = []
 
