@@ -95,7 +95,7 @@ def cost_sums(tenants: Sequence[dict]) -> dict[str, dict[str, dict[str, list[flo
         return str(n)
 
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for doc in tenants:
+    for doc, (span_starts, _) in zip(tenants, spans):
         sums: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}, "steps": {}}
         for t0, t1, tokens, cached in doc["forwards"]:
             x, y = tokens if cached == 0 else cached, t1 - t0
@@ -112,7 +112,7 @@ def cost_sums(tenants: Sequence[dict]) -> dict[str, dict[str, dict[str, list[flo
         sums["idle_arrivals"] = {}
         step_starts = [s[0] for s in doc["steps"]]
         call_starts = [f[0] for f in doc["forwards"]]
-        for a in spans[tenants.index(doc)][0]:
+        for a in span_starts:
             i, j = bisect.bisect_left(step_starts, a), bisect.bisect_left(call_starts, a)
             if i == len(step_starts) or j == len(call_starts):
                 continue

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .hardware import GB, GiB, GpuSpec, ServerSpec
-from .simulator import Scenario, SimTenant
+from .simulator import Scenario, SimTenant, contention_factor
 from .workload import MODELS, Arrival
 
 PROFILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -236,13 +236,11 @@ def call_costs(profile: Profile, runs: Sequence[dict],
     for doc in runs:
         for key, by_phase in doc[mode].get("cost_sums", {}).items():
             c = profile.step_costs(key)
-            table = profile.contention.get(key) or (1.0,)
             for phase, per_call, per_x in (("prefill", c.per_prompt_s, c.per_token_s),
                                            ("decode", c.per_request_s, c.per_kv_token_s)):
                 for busy, (n, x_sum, _, seconds, _) in by_phase[phase].items():
                     b = int(busy)
-                    # As SimEngine._slowdown scales beyond the measured counts.
-                    slow = table[min(b, len(table)) - 1] * max(1.0, b / len(table))
+                    slow = contention_factor(profile.contention.get(key), b)
                     acc = out.setdefault(b, [0.0, 0.0, 0.0])
                     acc[0] += n
                     acc[1] += seconds

@@ -427,11 +427,8 @@ class SimEngine:
         do) sharing the cores, as measured (Scenario.contention); beyond the
         measured counts, proportionally more. Sampled when a step starts: a
         step is short against how long the set of busy engines lasts."""
-        table = (self.sim.scenario.contention or {}).get(self.spec.model)
-        if not table:
-            return 1.0
-        n = len(table)
-        return table[min(busy, n) - 1] * max(1.0, busy / n)
+        return contention_factor((self.sim.scenario.contention or {}).get(self.spec.model),
+                                 busy)
 
     def _keeps(self, tier: str) -> bool:
         """Does a resumed request keep a lease on this tier (incremental
@@ -636,6 +633,16 @@ class Simulation:
             "fenced_seen": sum(e.fenced for e in self.engines),
             "dropped": sum(e.move_drops for e in self.engines),
         }
+
+
+def contention_factor(table: tuple[float, ...] | None, busy: int) -> float:
+    """A model's slowdown with `busy` engines computing, from its measured
+    table (Scenario.contention: one factor per count from 1); beyond the
+    measured counts, proportionally more; 1 without a table."""
+    if not table:
+        return 1.0
+    n = len(table)
+    return table[min(busy, n) - 1] * max(1.0, busy / n)
 
 
 def _dev(d: int, host: int) -> str:
