@@ -160,11 +160,16 @@ def main() -> int:
             print(f"\nModel calls ({timed} of the runs timed them), measured over what the "
                   "simulator charges, by tenants with work:")
             for mode in ("baseline", "aqua"):
-                by_busy = call_costs(profile, docs, mode)
-                n, s, m = (sum(v[i] for v in by_busy.values()) for i in range(3))
-                print(f"- {mode}: " + ", ".join(f"{b}: {sb / mb:.2f}x ({nb} calls)"
-                                                for b, (nb, sb, mb) in by_busy.items())
-                      + f"; all: {s / m:.2f}x")
+                # All models, then each: one load factor for all of them
+                # cannot be right where they slow down differently.
+                for model in (None, *profile.models):
+                    by_busy = call_costs(profile, docs, mode, model)
+                    n, s, m = (sum(v[i] for v in by_busy.values()) for i in range(3))
+                    print(("- " if model is None else "  - ") + f"{mode}"
+                          + ("" if model is None else f", {model}") + ": "
+                          + ", ".join(f"{b}: {sb / mb:.2f}x ({nb} calls)"
+                                      for b, (nb, sb, mb) in by_busy.items())
+                          + f"; all: {s / m:.2f}x")
     print(f"\n{misses} figure(s) outside their bound; {wide} figure(s) whose repeats alone "
           "spread wider than the bound")
     return 0

@@ -223,18 +223,20 @@ def predict(tenants: Sequence[Any], profile: Profile, policy: dict[str, str] = M
              for mode in ("baseline", "aqua")} for seed in seeds]
 
 
-def call_costs(profile: Profile, runs: Sequence[dict],
-               mode: str) -> dict[int, tuple[int, float, float]]:
-    """The model calls of real runs of `mode` against what the profile
-    charges for them: per number of tenants with work when a call began,
-    (calls, seconds they took, seconds the simulator charges: the fit's
-    per-call cost, times the load factor and the contention for that
-    count; the steps' own cost is not in it). From each run's "cost_sums"
-    (every forward its engines made, timed by the engine); runs measured
-    before the engine timed its calls are skipped."""
+def call_costs(profile: Profile, runs: Sequence[dict], mode: str,
+               model: str | None = None) -> dict[int, tuple[int, float, float]]:
+    """The model calls of real runs of `mode` (of `model` only, if given)
+    against what the profile charges for them: per number of tenants with
+    work when a call began, (calls, seconds they took, seconds the
+    simulator charges: the fit's per-call cost, times the load factor and
+    the contention for that count; the steps' own cost is not in it). From
+    each run's "cost_sums" (every forward its engines made, timed by the
+    engine); runs measured before the engine timed its calls are skipped."""
     out: dict[int, list[float]] = {}
     for doc in runs:
         for key, by_phase in doc[mode].get("cost_sums", {}).items():
+            if model is not None and key != model:
+                continue
             c = profile.step_costs(key)
             for phase, per_call, per_x in (("prefill", c.per_prompt_s, c.per_token_s),
                                            ("decode", c.per_request_s, c.per_kv_token_s)):

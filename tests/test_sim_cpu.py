@@ -232,6 +232,9 @@ def test_real_runs_model_calls_are_held_to_what_the_simulator_charges(profile):
     assert got[1] == (3, pytest.approx(0.03), pytest.approx(2 * (3 * 0.002 + 100 * 1e-5)))
     assert got[2] == (10, pytest.approx(0.06), pytest.approx(2 * 1.5 * (10 * 0.001 + 500e-6)))
     assert got[3][2] == pytest.approx(2 * 1.5 * 1.5 * (4 * 0.001 + 40e-6))
+    # One model's calls only (sim_validate prints each model's too).
+    assert call_costs(prof, runs, "baseline", "llama-small") == got
+    assert call_costs(prof, runs, "baseline", "llama-medium") == {}
 
 
 def test_a_page_copy_costs_what_the_runs_paid_beyond_their_model_calls(profile):
@@ -451,3 +454,34 @@ def test_the_scenario_mirrors_the_benchmarks_setup(profile):
             (a.t, a.prompt_len, a.max_new) for t in tenants for a in t.arrivals)
     with pytest.raises(ValueError, match="baseline or aqua"):
         responsiveness_scenario(tenants, profile, mode="fcfs")
+
+
+def test_step_timeline_sums_each_window_of_a_run_against_the_fit(profile, monkeypatch):
+    """bench/step_timeline.py: the engines' timed calls and steps, summed by
+    model and window of the run (before the burst, its first 150 ms, to
+    500 ms, after), each call beside what the alone fit says it costs."""
+    monkeypatch.syspath_prepend(BENCH)
+    timeline = importlib.import_module("step_timeline")
+    assert timeline.burst_start([0.1, 0.9, 2.0, 2.01, 2.05, 3.0], burst=3) == 2.0
+    with pytest.raises(ValueError, match="no 4 arrivals"):
+        timeline.burst_start([0.1, 0.9, 2.0, 2.01, 2.05, 3.0], burst=4)
+    burst_t, start = 1.0, 100.0  # the tenant's clock reads 100 s at the run's start
+    doc = {"size": "small", "start": start,
+           "forwards": [(start + 0.5, start + 0.503, 20, 0),  # a prefill before the burst
+                        (start + 1.01, start + 1.012, 1, 40),  # decodes in its first 150 ms
+                        (start + 1.02, start + 1.023, 1, 41),
+                        (start + 1.3, start + 1.301, 1, 50)],  # one at 300 ms
+           "steps": [(start + 0.5, start + 0.504, 0.003, 0, 0),  # 1 ms outside the call
+                     (start + 1.009, start + 1.016, 0.002, 2, 4096),  # 2 copies, 5 ms
+                     (start + 2.0, start + 2.001, 0.0, 0, 0)]}
+    got = timeline.tally(profile, [[doc]], burst_t)
+    fit = profile.models["llama-small"]
+    before = got["llama-small", "before the burst"]
+    assert before["P"] == pytest.approx([1, 0.003, fit.per_prompt_s + 20 * fit.per_token_s])
+    assert before["plain"] == pytest.approx([1, 0.001])
+    first = got["llama-small", "burst, first 150 ms"]
+    assert first["d"] == pytest.approx(
+        [2, 0.005, 2 * fit.per_request_s + 81 * fit.per_kv_token_s])
+    assert first["copying"] == pytest.approx([1, 2, 0.005])
+    assert got["llama-small", "burst, 150-500 ms"]["d"][0] == 1
+    assert got["llama-small", "after"]["plain"] == pytest.approx([1, 0.001])
