@@ -164,6 +164,8 @@ def main() -> int:
                 # cannot be right where they slow down differently.
                 for model in (None, *profile.models):
                     by_busy = call_costs(profile, docs, mode, model)
+                    if not by_busy:  # a model these runs did not run
+                        continue
                     n, s, m = (sum(v[i] for v in by_busy.values()) for i in range(3))
                     print(("- " if model is None else "  - ") + f"{mode}"
                           + ("" if model is None else f", {model}") + ": "
