@@ -23,7 +23,10 @@ from aqua_demo.replay import compare, default_tenants, trace_tenants
 from aqua_demo.report import plot_ttft_cdf, table
 
 TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces")
-WORKLOAD_KEYS = ("requests", "burst", "max_new", "concurrency", "seed", "trace", "time_scale")
+# The flags that make a workload, and their defaults (the burst).
+WORKLOAD_DEFAULTS = {"requests": 26, "burst": 18, "max_new": 40, "concurrency": 3, "seed": 0,
+                     "trace": None, "time_scale": 4.0}
+WORKLOAD_KEYS = tuple(WORKLOAD_DEFAULTS)
 
 
 def cpu_ticks() -> dict[str, int]:
@@ -69,15 +72,18 @@ def workload_tenants(w: dict) -> tuple[list, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=26, help="per tenant (load)")
-    parser.add_argument("--burst", type=int, default=18, help="of those, arriving together")
-    parser.add_argument("--max-new", type=int, default=40, help="tokens generated per request")
-    parser.add_argument("--concurrency", type=int, default=3,
+    d = WORKLOAD_DEFAULTS
+    parser.add_argument("--requests", type=int, default=d["requests"], help="per tenant (load)")
+    parser.add_argument("--burst", type=int, default=d["burst"],
+                        help="of those, arriving together")
+    parser.add_argument("--max-new", type=int, default=d["max_new"],
+                        help="tokens generated per request")
+    parser.add_argument("--concurrency", type=int, default=d["concurrency"],
                         help="requests a tenant's KV budget holds at once")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--trace", choices=("conv", "code"),
                         help="replay an Azure 2023 trace instead of a synthetic burst")
-    parser.add_argument("--time-scale", type=float, default=4.0,
+    parser.add_argument("--time-scale", type=float, default=d["time_scale"],
                         help="with --trace: arrivals this many times faster than recorded")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--plot", metavar="PNG", default="ttft-cdf.png")

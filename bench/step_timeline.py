@@ -19,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from responsiveness import workload_tenants
+from responsiveness import WORKLOAD_DEFAULTS, workload_tenants
 
 from aqua_sim.cpu import DEFAULT_PROFILE, Profile, load_profile
 
@@ -61,13 +61,12 @@ def tally(profile: Profile, runs: Sequence[list[dict]], burst_t: float) -> dict:
             start = doc["start"]
             for t0, t1, tokens, cached in doc["forwards"]:
                 acc = out.setdefault((key, window(t0 - start, burst_t)), {})
-                phase = "P" if cached == 0 else "d"
-                modelled = (fit.per_prompt_s + fit.per_token_s * tokens if phase == "P"
-                            else fit.per_request_s + fit.per_kv_token_s * cached)
-                row = acc.setdefault(phase, [0.0, 0.0, 0.0])
+                prefill = cached == 0
+                row = acc.setdefault("P" if prefill else "d", [0.0, 0.0, 0.0])
                 row[0] += 1
                 row[1] += t1 - t0
-                row[2] += modelled
+                row[2] += (fit.calls("prefill", 1, tokens) if prefill
+                           else fit.calls("decode", 1, cached))
             for t0, t1, in_calls, copies, _ in doc["steps"]:
                 acc = out.setdefault((key, window(t0 - start, burst_t)), {})
                 if copies:
@@ -92,8 +91,7 @@ def main() -> int:
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
     parser.add_argument("--save", metavar="FILE", help="the runs' timelines, as JSON")
     args = parser.parse_args()
-    w = {"trace": None, "requests": 26, "burst": 18, "seed": args.seed, "max_new": 40,
-         "concurrency": 3, "time_scale": 4.0}
+    w = {**WORKLOAD_DEFAULTS, "seed": args.seed}  # responsiveness.py's burst
     tenants, what = workload_tenants(w)
     burst_t = burst_start([a.t for t in tenants for a in t.arrivals], w["burst"])
     runs = []

@@ -65,6 +65,14 @@ class StepCosts:
         return max(0.0, self.decode_step_s + self.per_request_s * batch
                    + self.per_kv_token_s * kv_tokens)
 
+    def calls(self, phase: str, n: float, x: float) -> float:
+        """What `n` model calls of `phase` cost, `x` summed over them (a
+        prefill's prompt tokens, a decode's cached ones): the per-call
+        terms, without the step's own."""
+        if phase == "prefill":
+            return self.per_prompt_s * n + self.per_token_s * x
+        return self.per_request_s * n + self.per_kv_token_s * x
+
     def scaled(self, factor: float) -> StepCosts:
         """Compute `factor` times as dear (a busier machine: less CPU each)."""
         return StepCosts(*(factor * getattr(self, f) for f in
@@ -238,15 +246,14 @@ def call_costs(profile: Profile, runs: Sequence[dict], mode: str,
             if model is not None and key != model:
                 continue
             c = profile.step_costs(key)
-            for phase, per_call, per_x in (("prefill", c.per_prompt_s, c.per_token_s),
-                                           ("decode", c.per_request_s, c.per_kv_token_s)):
+            for phase in ("prefill", "decode"):
                 for busy, (n, x_sum, _, seconds, _) in by_phase[phase].items():
                     b = int(busy)
                     slow = contention_factor(profile.contention.get(key), b)
                     acc = out.setdefault(b, [0.0, 0.0, 0.0])
                     acc[0] += n
                     acc[1] += seconds
-                    acc[2] += slow * (per_call * n + per_x * x_sum)
+                    acc[2] += slow * c.calls(phase, n, x_sum)
     return {b: (int(n), s, m) for b, (n, s, m) in sorted(out.items())}
 
 
