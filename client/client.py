@@ -58,6 +58,7 @@ DEFAULT_TIMEOUT_S = 10.0
 # connection: a live daemon answers well within it, so the common round trip
 # costs exactly one poll, and a dead one is noticed within one such window.
 REPLY_FIRST_MS = 50
+REPORTS_KEPT = 64  # reclaim reports a connection keeps (Connection.reports)
 # Connection events that mean the daemon is gone: its end closed (it died or
 # stopped), or a connect to its socket was refused.
 _LINK_LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -245,7 +246,11 @@ class Connection:
         self._ids = itertools.count(1)
         self.gone: str | None = None  # why the daemon is unusable, once it is
         self.on_event: Callable[[r.Event], None] | None = None
-        self.reports: dict[int, r.ReclaimReport] = {}  # reclaim id: its report, as it comes
+        # Reclaim id: its report, as it comes (for reclaim(); on_event gets it
+        # too). The newest REPORTS_KEPT only: a report nobody waits for (a
+        # reclaim sent with request(), or one whose wait timed out) would
+        # otherwise stay for the connection's life.
+        self.reports: collections.OrderedDict[int, r.ReclaimReport] = collections.OrderedDict()
         self.keepalive_s = 1.0
         self._last_sent = time.monotonic()
 
@@ -318,6 +323,8 @@ class Connection:
             raise ShuttingDown(self.gone)
         if isinstance(event, r.ReclaimReport):
             self.reports[event.reclaim] = event  # for reclaim(), and passed on
+            while len(self.reports) > REPORTS_KEPT:
+                self.reports.popitem(last=False)
         if isinstance(event, r.UnknownEvent):
             log.debug("ignoring event %r, unknown to this client", event.wire_name)
         elif self.on_event is not None:

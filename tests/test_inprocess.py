@@ -6,6 +6,7 @@ client's event thread; and what a bad daemon does to it must not break it."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import msgspec
@@ -128,3 +129,32 @@ def test_a_closed_connection_loses_its_tenant_and_a_closed_daemon_says_so(start_
         stays.lease(MiB)
     stays.close()
     gone.close()
+
+
+def test_reports_nobody_waits_for_do_not_pile_up(inprocess):
+    """An operator's connection that starts reclaims with request() and
+    reads their reports from on_event (as a controller would) keeps only
+    the newest REPORTS_KEPT of them, and reclaim() still gets its own."""
+    from aqua.client import REPORTS_KEPT
+    from aqua.inprocess import InProcessConnection
+
+    with inprocess.connect("borrower", 0) as c, \
+            contextlib.closing(InProcessConnection(inprocess)) as conn:
+        lease = c.lease(MiB)
+        seen: list[r.ReclaimReport] = []
+        conn.on_event = lambda ev: seen.append(ev) if isinstance(ev, r.ReclaimReport) else None
+        for i in range(REPORTS_KEPT + 16):
+            # Drain where the lease is: it must move (a pending reclaim, whose
+            # report comes as an event), then give the device back.
+            device = lease.device
+            started = conn.request(p.Drain(device=device, deadline_ms=10_000))
+            assert started.state == "pending"
+            assert conn.wait_for(lambda n=i + 1: len(seen) == n, 10)
+            assert seen[-1].state == "done" and lease.device == 1 - device
+            conn.request(p.Undrain(device=device))
+        assert len(conn.reports) == REPORTS_KEPT
+        assert list(conn.reports) == [x.reclaim for x in seen[-REPORTS_KEPT:]]
+        report = conn.reclaim(p.Drain(device=lease.device, deadline_ms=10_000))
+        assert report.state == "done" and report.moved_count == 1
+        assert report.reclaim not in conn.reports and len(conn.reports) == REPORTS_KEPT - 1
+        lease.release()
