@@ -33,6 +33,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 from responsiveness import workload_tenants
@@ -49,6 +50,11 @@ from aqua_sim.cpu import (
 )
 
 MEASURED = os.path.join(PROFILES, "measured")
+
+
+def natural(path: str) -> list:
+    """A sort key that puts run i9 before i10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
 def group(paths: list[str]) -> dict[str, list[dict]]:
@@ -112,7 +118,7 @@ def main() -> int:
               f"lease round trip); load factor {factor:.3f} (mean |log error| {err:.3f}) on "
               f"{', '.join(doc['fit']['files'])}: written to {args.profile}")
         profile = load_profile(args.profile)
-    paths = args.files or sorted(glob.glob(os.path.join(MEASURED, "*.json")))
+    paths = args.files or sorted(glob.glob(os.path.join(MEASURED, "*.json")), key=natural)
     if not paths:
         print(f"no measurements in {MEASURED}", file=sys.stderr)
         return 2

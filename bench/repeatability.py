@@ -1,0 +1,138 @@
+"""How well bench/responsiveness.py's measurements repeat: two sets of the
+same workloads, measured apart in time with the same code, side by side.
+
+For every workload both sets measured, each figure sim_validate.py holds
+the simulator to (TTFT p50/p99 per mode, preemptions, KV bytes paged, the
+baseline/aqua TTFT ratios): each set's mean and its standard error, the
+second over the first, and that difference in standard errors. Where the
+two means are further apart than a bound allows (for a 20 % bound: the
+larger over the smaller above 1.2 / 0.8 = 1.5), no prediction whatever can
+be within the bound of both: the machine, not the model, is the limit.
+
+    python bench/repeatability.py --first FILE.json ... --second FILE.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+
+from sim_validate import group
+
+from aqua_sim.cpu import FIGURES, TIME_BOUND, ratio
+
+
+def figures(docs: list[dict]) -> dict[str, tuple[list[float], float]]:
+    """Per figure: each run's value and the bound sim_validate holds its
+    mean to (the ratios: the time bound, as for a single run)."""
+    out = {name: ([scale * d[mode][key] for d in docs], bound)
+           for name, mode, key, scale, bound in FIGURES}
+    for q in ("p50", "p99"):
+        out[f"TTFT {q} baseline/aqua"] = ([ratio(d, f"ttft_{q}_s") for d in docs], TIME_BOUND)
+    return out
+
+
+def sem(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def one_value_fits(a: float, b: float, bound: float) -> bool:
+    """Whether some prediction p is within `bound` (relative) of both means:
+    |p - m| <= bound * m for m = a and b, which holds for some p iff the
+    larger times (1 - bound) is at most the smaller times (1 + bound)."""
+    lo, hi = sorted((a, b))
+    if hi == 0:
+        return True  # both zero: a zero prediction
+    return lo > 0 and hi * (1 - bound) <= lo * (1 + bound)
+
+
+@dataclass(frozen=True)
+class SetRow:
+    figure: str
+    first: list[float]
+    second: list[float]
+    bound: float
+
+    @property
+    def means(self) -> tuple[float, float]:
+        return statistics.fmean(self.first), statistics.fmean(self.second)
+
+    @property
+    def apart_se(self) -> float:
+        """The second mean less the first, in their combined standard error."""
+        (a, b), se = self.means, math.hypot(sem(self.first), sem(self.second))
+        return (b - a) / se if se > 0 else (0.0 if a == b else math.copysign(math.inf, b - a))
+
+    @property
+    def fits(self) -> bool:
+        return one_value_fits(*self.means, self.bound)
+
+    @property
+    def predicts(self) -> bool:
+        """Whether the first set's mean, taken as the prediction, is within
+        the bound of the second's, as sim_validate.py judges a prediction:
+        what a model that reproduced the first set exactly would score."""
+        a, b = self.means
+        return a == b if b == 0 else abs(a - b) <= self.bound * b
+
+
+def compare_sets(first: list[dict], second: list[dict]) -> list[SetRow]:
+    """Both sets' runs of one workload, figure by figure."""
+    fa, fb = figures(first), figures(second)
+    return [SetRow(name, va, fb[name][0], bound) for name, (va, bound) in fa.items()]
+
+
+def span(docs: list[dict]) -> str:
+    """When a set's runs began: first to last (ISO dates, UTC)."""
+    dates = sorted(d["date"] for d in docs)
+    return f"{dates[0][:10]} {dates[0][11:16]} to {dates[-1][11:16]} UTC"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first", nargs="+", required=True, metavar="FILE")
+    parser.add_argument("--second", nargs="+", required=True, metavar="FILE")
+    args = parser.parse_args()
+    first, second = group(args.first), group(args.second)
+    both = [k for k in first if k in second]
+    if not both:
+        print("the two sets measured no workload in common", file=sys.stderr)
+        return 2
+    apart = unmet = compared = 0
+    for key in both:
+        a, b = first[key], second[key]
+        w = json.loads(key)
+        what = (f"{w['trace']} trace, {w['requests']} requests x{w['time_scale']:g}" if w["trace"]
+                else f"burst, {w['requests']} requests, a burst of {w['burst']}")
+        print(f"\n### {what}, seed {w['seed']}: {len(a)} runs ({span(a)}) and {len(b)} runs "
+              f"({span(b)})\n")
+        print("| figure | first: mean (s.e.) | second: mean (s.e.) | second / first "
+              "| apart, in s.e. | first within the bound of second | one value within the "
+              "bound of both |")
+        print("|---|---:|---:|---:|---:|---|---|")
+        for row in compare_sets(a, b):
+            ma, mb = row.means
+            apart += not row.fits
+            unmet += not row.predicts
+            compared += 1
+            if ma == 0 and mb == 0:
+                print(f"| {row.figure} | 0 | 0 | - | - | yes | yes |")
+                continue
+            rel = [f"{sem(v) / m:.0%}" if m else "-" for v, m in ((row.first, ma),
+                                                                  (row.second, mb))]
+            print(f"| {row.figure} | {ma:.2f} ({rel[0]}) | {mb:.2f} ({rel[1]}) | "
+                  + (f"{mb / ma:.2f}" if ma else "-") + f" | {row.apart_se:+.1f} | "
+                  f"{'yes' if row.predicts else '**no**'} ({row.bound:.0%}) | "
+                  f"{'yes' if row.fits else '**no**'} |")
+    print(f"\n{unmet} of {compared} figures: the first set's mean, taken as a prediction, "
+          f"outside the bound of the second's; {apart}: the two means further apart than the "
+          "bound allows any one prediction")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
