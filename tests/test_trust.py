@@ -299,7 +299,7 @@ def aquad_refuses(socket: str) -> str:
                              "--backend", "host", "--host-devices", "1x16MiB"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=60)  # its imports, on a loaded machine
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
