@@ -251,6 +251,7 @@ class Connection:
         # reclaim sent with request(), or one whose wait timed out) would
         # otherwise stay for the connection's life.
         self.reports: collections.OrderedDict[int, r.ReclaimReport] = collections.OrderedDict()
+        self._awaited: set[int] = set()  # reclaim ids a reclaim() call waits for
         self.keepalive_s = 1.0
         self._last_sent = time.monotonic()
 
@@ -323,8 +324,11 @@ class Connection:
             raise ShuttingDown(self.gone)
         if isinstance(event, r.ReclaimReport):
             self.reports[event.reclaim] = event  # for reclaim(), and passed on
-            while len(self.reports) > REPORTS_KEPT:
-                self.reports.popitem(last=False)
+            if len(self.reports) > REPORTS_KEPT:
+                # The oldest that no reclaim() waits for.
+                old = next((k for k in self.reports if k not in self._awaited), None)
+                if old is not None:
+                    del self.reports[old]
         if isinstance(event, r.UnknownEvent):
             log.debug("ignoring event %r, unknown to this client", event.wire_name)
         elif self.on_event is not None:
@@ -362,9 +366,22 @@ class Connection:
             return reply.report
         rid = reply.reclaim
         limit = timeout if timeout is not None else reply.deadline_s + self.timeout
-        if not self.wait_for(lambda: rid in self.reports, limit):
-            raise DaemonNotResponding(f"reclaim {rid} did not end within {limit:g} s")
-        return self.reports.pop(rid)
+        got: list[r.ReclaimReport] = []
+
+        def arrived() -> bool:  # called with the lock held: taken before any eviction
+            if rid in self.reports:
+                got.append(self.reports.pop(rid))
+            return bool(got)
+
+        with self._lock:
+            self._awaited.add(rid)  # kept whatever else arrives (REPORTS_KEPT)
+        try:
+            if not self.wait_for(arrived, limit):
+                raise DaemonNotResponding(f"reclaim {rid} did not end within {limit:g} s")
+        finally:
+            with self._lock:
+                self._awaited.discard(rid)
+        return got[0]
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Read events until predicate() holds (True) or timeout passes (False).

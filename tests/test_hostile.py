@@ -224,11 +224,11 @@ def test_flooders_that_never_read_cannot_bloat_or_stall_aquad(start_daemon, tmp_
                   f"honest heartbeat p99 {before_p99 * 1e3:.1f} ms before, "
                   f"{during_p99 * 1e3:.1f} ms during")
             assert grown_mib < 100
-            # Against what it was before, 20 ms at least: a loaded machine
-            # slows the heartbeats before and during alike (a fixed 20 ms
-            # failed there), where a daemon stalled by the flooders slows
-            # only those during.
-            limit = max(0.02, 4 * before_p99)
+            # Against what it was before, 20 ms at least and 250 ms at most: a
+            # loaded machine slows the heartbeats before and during alike (a
+            # fixed 20 ms failed there), where a daemon stalled by the
+            # flooders slows only those during.
+            limit = min(max(0.02, 4 * before_p99), 0.25)
             assert during_p99 < limit
             # Once the flooders are gone the daemon answers at once again.
             assert _heartbeat_p99(honest, 50) < limit

@@ -154,7 +154,13 @@ def test_reports_nobody_waits_for_do_not_pile_up(inprocess):
             conn.request(p.Undrain(device=device))
         assert len(conn.reports) == REPORTS_KEPT
         assert list(conn.reports) == [x.reclaim for x in seen[-REPORTS_KEPT:]]
+        # A report some reclaim() waits for is never the one dropped.
+        oldest, second = list(conn.reports)[:2]
+        with conn._lock:
+            conn._awaited.add(oldest)
         report = conn.reclaim(p.Drain(device=lease.device, deadline_ms=10_000))
         assert report.state == "done" and report.moved_count == 1
         assert report.reclaim not in conn.reports and len(conn.reports) == REPORTS_KEPT - 1
+        assert oldest in conn.reports and second not in conn.reports
+        assert conn._awaited == {oldest}  # reclaim() forgot its own id
         lease.release()

@@ -486,29 +486,62 @@ def test_step_timeline_sums_each_window_of_a_run_against_the_fit(profile, monkey
     assert got["llama-small", "after"]["plain"] == pytest.approx([1, 0.001])
 
 
-def test_repeatability_says_what_even_the_first_sets_mean_would_score(monkeypatch):
+def test_repeatability_says_what_even_the_first_sets_mean_would_score(monkeypatch, tmp_path,
+                                                                    capsys):
     """bench/repeatability.py: two sets of the same workload, figure by
-    figure; the first set's mean judged as a prediction of the second's,
-    and whether any one prediction could be within the bound of both."""
+    figure; the first set's mean judged as a prediction of the second by
+    sim_validate's rule (the second's mean is the measured one; a ratio
+    must fall inside the second's spread), and whether any one prediction
+    could pass against both."""
     monkeypatch.syspath_prepend(BENCH)
     rep = importlib.import_module("repeatability")
 
-    def run(p50: float, p99: float, pre: int) -> dict:
+    def run(p50: float, p99: float, pre: int, base_p99: float | None = None) -> dict:
         mode = {"ttft_p50_s": p50, "ttft_p99_s": p99, "preemptions": pre, "bytes_paged": 0}
-        return {"baseline": dict(mode, ttft_p50_s=10 * p50), "aqua": mode}
+        return {"baseline": dict(mode, ttft_p50_s=10 * p50,
+                                 ttft_p99_s=10 * p99 if base_p99 is None else base_p99),
+                "aqua": mode}
 
-    first = [run(1.0, 4.0, 100), run(1.2, 4.4, 100)]
-    second = [run(1.7, 4.6, 95), run(1.9, 4.8, 95)]
+    first = [run(1.0, 1.0, 100, 10.0), run(1.2, 1.0, 100, 10.0)]
+    second = [run(1.7, 1.24, 95, 11 * 1.24), run(1.9, 1.24, 95, 13 * 1.24)]
     rows = {r.figure: r for r in rep.compare_sets(first, second)}
     p50 = rows["TTFT p50 (ms), aqua"]  # 1.1 s, then 1.8 s: 1.64x
     assert p50.means == pytest.approx((1100, 1800))
     assert not p50.predicts and not p50.fits
     assert p50.apart_se == pytest.approx(700 / math.hypot(100, 100))  # s.e. 100 ms each
-    p99 = rows["TTFT p99 (ms), aqua"]  # 4.2 s, then 4.7 s: the first within 20 %
-    assert p99.predicts and p99.fits
+    # 1.0 s against 1.24 s: within 20 % of the second (the measured) mean,
+    # though the second is not within 20 % of the first.
+    p99 = rows["TTFT p99 (ms), aqua"]
+    assert p99.predicts and p99.fits and p99.apart_se == math.inf
     pre = rows["preemptions, aqua"]  # 100, then 95: within 10 %
     assert pre.predicts and pre.apart_se == -math.inf
     assert rows["KV MiB paged, aqua"].predicts  # both zero
+    # A ratio is judged against the second set's spread: 10 is outside 11-13
+    # (within 20 % of their mean though), and the first set's agreeing 10
+    # accepts 8-12, which meets 11-13.
+    ratio = rows["TTFT p99 baseline/aqua"]
+    assert ratio.means == pytest.approx((10, 12))
+    assert not ratio.predicts and ratio.fits
     # The bound's edge: 1.5x apart is the widest one value can straddle at 20 %.
     assert rep.one_value_fits(1.0, 1.49, 0.2) and not rep.one_value_fits(1.0, 1.51, 0.2)
     assert rep.one_value_fits(0.0, 0.0, 0.2) and not rep.one_value_fits(0.0, 1.0, 0.2)
+    # The script end to end, on files as responsiveness.py writes them.
+    paths = {"first": [], "second": []}
+    for which, docs in (("first", first), ("second", second)):
+        for i, doc in enumerate(docs):
+            path = tmp_path / f"{which}-{i}.json"
+            path.write_text(json.dumps({**doc, "workload": {"seed": 0, "trace": None,
+                                                           "requests": 26, "burst": 18},
+                                        "date": f"2026-12-02T0{i}:00:00+00:00"}))
+            paths[which].append(str(path))
+    monkeypatch.setattr("sys.argv", ["repeatability.py", "--first", *paths["first"],
+                                     "--second", *paths["second"]])
+    assert rep.main() == 0
+    out = capsys.readouterr().out
+    assert "2 runs (2026-12-02 00:00 to 01:00 UTC)" in out
+    assert "| TTFT p50 (ms), aqua | 1100.00 (9%) | 1800.00 (6%) | 1.64 | +4.9 | **no** (20%) | " \
+           "**no** |" in out
+    assert "| KV MiB paged, aqua | 0 | 0 | - | - | yes | yes |" in out
+    assert out.rstrip().endswith("4 of 9 figures: the first set's mean, taken as the prediction, "
+                                 "fails against the second set; 2: no one prediction could "
+                                 "pass against both")

@@ -294,7 +294,8 @@ def test_a_hard_linked_segment_is_refused():
 
 
 def aquad_refuses(socket: str) -> str:
-    """Run aquad on `socket`; it must exit 1 at once. Its stderr."""
+    """Run aquad on `socket`; it must exit 1 before it serves (at once; the
+    60 s allow for its imports on a loaded machine). Its stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "aquad", "--socket", socket,
                              "--backend", "host", "--host-devices", "1x16MiB"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
