@@ -29,18 +29,7 @@ from dataclasses import dataclass
 
 from sim_validate import group
 
-from aqua_sim.cpu import FIGURES, TIME_BOUND, Row, ratio
-
-
-def figures(docs: list[dict]) -> dict[str, tuple[list[float], float | None]]:
-    """Per figure: each run's value and the bound sim_validate holds its
-    mean to (None for the ratios, judged against the runs' spread)."""
-    out: dict[str, tuple[list[float], float | None]] = {
-        name: ([scale * d[mode][key] for d in docs], bound)
-        for name, mode, key, scale, bound in FIGURES}
-    for q in ("p50", "p99"):
-        out[f"TTFT {q} baseline/aqua"] = ([ratio(d, f"ttft_{q}_s") for d in docs], None)
-    return out
+from aqua_sim.cpu import TIME_BOUND, Row, compare
 
 
 def sem(values: list[float]) -> float:
@@ -69,10 +58,26 @@ def accepted(values: list[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class SetRow:
-    figure: str
-    first: list[float]
-    second: list[float]
-    bound: float | None  # relative; None: judged against the second set's spread
+    # sim_validate's own row with the second set as the measurement and the
+    # first set's runs in the place of the simulator's draws (compare_sets).
+    row: Row
+
+    @property
+    def figure(self) -> str:
+        return self.row.figure
+
+    @property
+    def first(self) -> list[float]:
+        return list(self.row.draws)
+
+    @property
+    def second(self) -> list[float]:
+        return list(self.row.runs)
+
+    @property
+    def bound(self) -> float | None:
+        """Relative; None: judged against the second set's spread."""
+        return self.row.bound
 
     @property
     def means(self) -> tuple[float, float]:
@@ -104,9 +109,10 @@ class SetRow:
 
 
 def compare_sets(first: list[dict], second: list[dict]) -> list[SetRow]:
-    """Both sets' runs of one workload, figure by figure."""
-    fa, fb = figures(first), figures(second)
-    return [SetRow(name, va, fb[name][0], bound) for name, (va, bound) in fa.items()]
+    """Both sets' runs of one workload, figure by figure: sim_validate's
+    comparison (aqua_sim.cpu.compare) with the first set's runs as the
+    prediction of the second's."""
+    return [SetRow(row) for row in compare(second, first)]
 
 
 def span(docs: list[dict]) -> str:
